@@ -1,0 +1,36 @@
+"""Pick the device once, and the matching autocast context once."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from functools import partial
+from typing import Callable, ContextManager
+
+import torch
+
+from simimg.errors import SimimgError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """'auto' means CUDA when present; asking for CUDA without one is a user error, not a silent fallback."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise SimimgError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+    if spec not in ("cpu",) and not spec.startswith("cuda"):
+        raise SimimgError(f"unknown device {spec!r}: use auto, cpu or cuda")
+    return torch.device(spec)
+
+
+def autocast_for(device: torch.device) -> Callable[[], ContextManager]:
+    """bf16 autocast on CUDA; float32 on the CPU, where bf16 is slower on most cores."""
+    if device.type == "cuda":
+        return partial(torch.autocast, device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def memory_format_for(device: torch.device) -> torch.memory_format:
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format

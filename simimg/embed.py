@@ -1,0 +1,105 @@
+"""Images to L2-normalised float32 embeddings, in batches, with every unreadable file reported, never fatal."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from simimg.device import autocast_for, memory_format_for
+from simimg.errors import BadImageError
+from simimg.images import decode_image, read_bytes
+from simimg.model import Net
+from simimg.preprocess import Preprocess
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbedSettings:
+    """How to run the model over many files; the model and preprocessing come from the bundle."""
+
+    device: torch.device
+    batch_size: int = 64
+    workers: int = 2
+
+
+@dataclass(frozen=True)
+class EmbeddedBatch:
+    """One batch's results: positions into the input list, their vectors and content hashes, and failures."""
+
+    positions: list[int]
+    vectors: np.ndarray
+    hashes: list[str]
+    failures: list[tuple[int, str]]
+
+
+class FileDataset(Dataset):
+    """Reads each file once: its bytes give both the content hash and the decoded image."""
+
+    def __init__(self, paths: Sequence[Path], preprocess: Preprocess) -> None:
+        self.paths = list(paths)
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+        """(position, CHW uint8 tensor or None, sha256 hex or the failure reason)."""
+        try:
+            data = read_bytes(self.paths[i])
+            image = decode_image(data, draft_size=self.preprocess.resize_size)
+            return i, self.preprocess.to_uint8(image), hashlib.sha256(data).hexdigest()
+        except BadImageError as err:
+            return i, None, err.reason
+        except Exception as err:  # noqa: BLE001 - one odd file must never stop a batch
+            log.exception("unexpected failure reading %s", self.paths[i])
+            return i, None, f"unexpected error: {type(err).__name__}: {err}"
+
+
+def collate(items: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int], torch.Tensor, list[str], list[tuple[int, str]]]:
+    """Stack the good images; pass the failures through beside them."""
+    good = [(i, t, h) for i, t, h in items if t is not None]
+    failures = [(i, reason) for i, t, reason in items if t is None]
+    batch = torch.stack([t for _, t, _ in good]) if good else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
+    return [i for i, _, _ in good], batch, [h for _, _, h in good], failures
+
+
+@torch.inference_mode()
+def infer(net: Net, batch: torch.Tensor, preprocess: Preprocess, device: torch.device,
+          with_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """uint8 NCHW (any device) to L2-normalised float32 embeddings on `device`, and the head's logits if asked."""
+    x = preprocess.normalize(batch.to(device, non_blocking=True)).contiguous(memory_format=memory_format_for(device))
+    with autocast_for(device)():
+        features = net.embed(x)
+        logits = net.head(features) if with_logits and net.head is not None else None
+    embeddings = torch.nn.functional.normalize(features.float(), dim=1)
+    return embeddings, None if logits is None else logits.float()
+
+
+def embed_tensor(net: Net, batch: torch.Tensor, preprocess: Preprocess, device: torch.device) -> torch.Tensor:
+    return infer(net, batch, preprocess, device)[0]
+
+
+def embed_files(net: Net, paths: Sequence[Path], preprocess: Preprocess, settings: EmbedSettings) -> Iterator[EmbeddedBatch]:
+    """Yield a batch at a time, so callers can checkpoint and report progress as they go."""
+    device = settings.device
+    net.eval().to(device, memory_format=memory_format_for(device))
+    loader = DataLoader(
+        FileDataset(paths, preprocess),
+        batch_size=settings.batch_size,
+        num_workers=settings.workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if settings.workers > 0 else None,
+    )
+    for positions, batch, hashes, failures in loader:
+        vectors = embed_tensor(net, batch, preprocess, device).cpu().numpy() if positions else np.empty((0, net.dim), np.float32)
+        yield EmbeddedBatch(positions, vectors, hashes, failures)

@@ -1,0 +1,94 @@
+"""Turn any file a user has into an upright 8-bit RGB image, or say exactly why it cannot be."""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from simimg.errors import BadImageError
+
+log = logging.getLogger(__name__)
+
+# Pillow's own guard stays on: it raises for more than twice this many pixels.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """Read a whole file, turning OS errors into a reason a user understands."""
+    try:
+        return Path(path).read_bytes()
+    except PermissionError:
+        raise BadImageError("permission denied: the file cannot be read") from None
+    except FileNotFoundError:
+        raise BadImageError("file not found (deleted, or a broken link)") from None
+    except IsADirectoryError:
+        raise BadImageError("a folder, not a file") from None
+    except OSError as err:
+        raise BadImageError(f"cannot read the file: {err.strerror or err}") from None
+
+
+def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
+    """Decode bytes to an upright RGB image; `draft_size` lets JPEGs decode at a reduced scale.
+
+    Every mode becomes RGB: transparency is flattened onto white, 16-bit and float data are scaled to 8 bits.
+    """
+    if not data:
+        raise BadImageError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if draft_size and image.format == "JPEG":
+                image.draft("RGB", (draft_size, draft_size))
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as err:
+        raise BadImageError(f"decompression bomb refused: {err}") from None
+    except UnidentifiedImageError:
+        raise BadImageError(_unrecognised_reason(data)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise BadImageError(f"truncated or corrupt image data: {err}") from None
+    return to_rgb(image)
+
+
+def load_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
+    """Read and decode one file; raises BadImageError with a short reason."""
+    return decode_image(read_bytes(path), draft_size)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB, so the model always sees three 0-255 channels."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        image = Image.fromarray(_to_uint8(np.asarray(image), image.mode), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
+    """Scale 16/32-bit integer or float pixels to 0-255."""
+    array = array.astype(np.float64)
+    if mode == "F":
+        high = 1.0 if array.max(initial=0) <= 1.0 else 255.0
+    else:
+        high = 65535.0 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+    return np.clip(array * (255.0 / high), 0, 255).round().astype(np.uint8)
+
+
+def _unrecognised_reason(data: bytes) -> str:
+    head = data[:512]
+    printable = sum(32 <= b < 127 or b in b"\t\r\n" for b in head)
+    if printable >= 0.95 * len(head):
+        return "not an image: the file holds text"
+    return "not an image: unrecognised data (wrong extension or random bytes)"

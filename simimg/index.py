@@ -1,0 +1,156 @@
+"""FAISS indexes over normalised vectors (inner product = cosine): build, update, save, load, search.
+
+Exact Flat search for small collections, IVF above FLAT_LIMIT vectors; GPU search when faiss has GPUs,
+otherwise torch's matmul + top-k on CUDA, otherwise faiss on the CPU. The choice is made in `make_searcher`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Protocol
+
+import faiss
+import numpy as np
+import torch
+
+from simimg.errors import SimimgError
+
+log = logging.getLogger(__name__)
+
+FLAT_LIMIT = 200_000
+IVF_TRAIN_SAMPLES_PER_LIST = 40
+IVF_NPROBE_FRACTION = 1 / 64
+
+
+class Searcher(Protocol):
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids), each n x k, best first; id -1 pads when fewer than k match."""
+        ...
+
+
+def index_kind_for(n: int) -> str:
+    return "flat" if n < FLAT_LIMIT else "ivf"
+
+
+def build_index(ids: np.ndarray, vectors: np.ndarray, dim: int, kind: str | None = None) -> faiss.Index:
+    """A fresh index over `vectors` (float32, N x dim, unit length) carrying the catalog's `ids`."""
+    kind = kind or index_kind_for(len(ids))
+    if kind == "flat":
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    elif kind == "ivf":
+        nlist = ivf_lists_for(len(ids))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.nprobe = max(1, math.ceil(nlist * IVF_NPROBE_FRACTION))
+        sample = vectors[np.random.default_rng(0).permutation(len(vectors))[: nlist * IVF_TRAIN_SAMPLES_PER_LIST]]
+        index.train(np.ascontiguousarray(sample))
+    else:
+        raise ValueError(f"unknown index kind {kind!r}")
+    if len(ids):
+        index.add_with_ids(np.ascontiguousarray(vectors, np.float32), ids.astype(np.int64))
+    log.info("built %s index of %d vectors", kind, index.ntotal)
+    return index
+
+
+def ivf_lists_for(n: int) -> int:
+    """About 4 sqrt(N) inverted lists: the usual balance of coarse and fine search cost."""
+    return max(16, int(4 * math.sqrt(n)))
+
+
+def update_index(index: faiss.Index, add_ids: np.ndarray, add_vectors: np.ndarray, remove_ids: np.ndarray) -> faiss.Index:
+    """Apply one version's changes in memory; the file on disk is replaced only by `save_index`."""
+    if len(remove_ids):
+        index.remove_ids(faiss.IDSelectorBatch(remove_ids.astype(np.int64)))
+    if len(add_ids):
+        index.add_with_ids(np.ascontiguousarray(add_vectors, np.float32), add_ids.astype(np.int64))
+    return index
+
+
+def save_index(index: faiss.Index, path: str | Path) -> None:
+    """Write beside the target, then rename: readers never see a partial file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    faiss.write_index(index, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_index(path: str | Path) -> faiss.Index:
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as err:
+        raise SimimgError(f"FAISS index {path} is unreadable ({str(err).splitlines()[0]}); "
+                          "re-run `simimg index` to rebuild it") from None
+
+
+def make_searcher(index: faiss.Index, device: torch.device) -> Searcher:
+    """One place decides where search runs: faiss GPU, else torch on CUDA for Flat, else faiss CPU."""
+    if device.type == "cuda" and faiss.get_num_gpus() > 0:
+        log.info("searching on the GPU with faiss")
+        return FaissSearcher(faiss.index_cpu_to_all_gpus(index))
+    if device.type == "cuda" and isinstance(index, faiss.IndexIDMap2):
+        log.info("faiss has no GPU support here: exact search with torch on %s", device)
+        return TorchFlatSearcher.from_index(index, device)
+    return FaissSearcher(index)
+
+
+class FaissSearcher:
+    def __init__(self, index: faiss.Index) -> None:
+        self.index = index
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.ascontiguousarray(queries, np.float32)
+        k = max(1, min(k, self.index.ntotal)) if self.index.ntotal else 1
+        params = None
+        if allowed is not None:
+            selector = faiss.IDSelectorBatch(allowed.astype(np.int64))
+            params = (faiss.SearchParametersIVF(sel=selector, nprobe=faiss.extract_index_ivf(self.index).nprobe)
+                      if _is_ivf(self.index) else faiss.SearchParameters(sel=selector))
+        scores, ids = self.index.search(queries, k, params=params)
+        return scores, ids
+
+
+class TorchFlatSearcher:
+    """Exact inner-product search as one fp16 matmul and top-k on the GPU; agrees with IndexFlatIP."""
+
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray, device: torch.device) -> None:
+        self.ids = torch.from_numpy(ids.astype(np.int64)).to(device)
+        self.vectors = torch.from_numpy(np.ascontiguousarray(vectors, np.float32)).to(device, torch.float16)
+        self.device = device
+
+    @classmethod
+    def from_index(cls, index: faiss.IndexIDMap2, device: torch.device) -> "TorchFlatSearcher":
+        ids, vectors = flat_contents(index)
+        return cls(ids, vectors, device)
+
+    @torch.inference_mode()
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        q = torch.from_numpy(np.ascontiguousarray(queries, np.float32)).to(self.device, torch.float16)
+        scores = (q @ self.vectors.T).float()
+        if allowed is not None:
+            mask = torch.isin(self.ids, torch.from_numpy(allowed.astype(np.int64)).to(self.device))
+            scores[:, ~mask] = -torch.inf
+        k = max(1, min(k, len(self.ids)))
+        top, pos = scores.topk(k, dim=1)
+        ids = self.ids[pos]
+        ids[torch.isinf(top)] = -1
+        return top.cpu().numpy(), ids.cpu().numpy()
+
+
+def flat_contents(index: faiss.IndexIDMap2) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) stored in an IDMap2-over-Flat index, without copying through reconstruct()."""
+    ids = faiss.vector_to_array(index.id_map).astype(np.int64)
+    inner = faiss.downcast_index(index.index)
+    vectors = faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * inner.d).reshape(inner.ntotal, inner.d).copy()
+    return ids, vectors
+
+
+def _is_ivf(index: faiss.Index) -> bool:
+    try:
+        faiss.extract_index_ivf(index)
+        return True
+    except RuntimeError:
+        return False
