@@ -92,12 +92,15 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data_dir", metavar="DATA_DIR", help="folder of images, root/<class>/<image>")
     add_home(p, name_required=False)
     add_model_options(p)
+    p.add_argument("--chunk-size", type=int, default=512,
+                   help="commit embeddings every this many images, so an interrupted run resumes (default 512)")
 
 
 def _run_index(args: argparse.Namespace) -> int:
     job = IndexJob(data_dir=args.data_dir, name=args.name or Path(args.data_dir).resolve().name,
                    home=str(resolve_home(args.home)), arch=args.arch, weights=args.weights,
-                   image_size=args.image_size, device=args.device, batch_size=args.batch_size, workers=args.workers)
+                   image_size=args.image_size, device=args.device, batch_size=args.batch_size, workers=args.workers,
+                   chunk_size=args.chunk_size)
     bar = ProgressBar(f"index {job.name}")
     try:
         report = run_index(job, progress=bar)
