@@ -14,6 +14,8 @@ from typing import Iterator
 
 from simimg.errors import SimimgError
 
+_held: set[int] = set()
+
 
 @contextmanager
 def writer_lock(path: Path, what: str) -> Iterator[None]:
@@ -29,9 +31,21 @@ def writer_lock(path: Path, what: str) -> Iterator[None]:
                   "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
+        _held.add(fd)
         yield
     finally:
+        _held.discard(fd)
         os.close(fd)
+
+
+def _close_in_child() -> None:
+    """A forked child (a DataLoader worker) shares the lock; it must not keep it alive after its parent is killed."""
+    for fd in _held:
+        os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 def _holder(fd: int) -> str:

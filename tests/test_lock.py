@@ -1,0 +1,87 @@
+"""The one-writer lock: a second writer fails at once naming the holder, and a killed holder frees it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_class_images, run_cli
+from simimg.errors import SimimgError
+from simimg.layout import IndexPaths
+from simimg.lock import writer_lock
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Holds the lock until killed; with 'fork' it first forks a sleeping child, as DataLoader workers are forked.
+HOLDER = """
+import os, sys, time
+from pathlib import Path
+from simimg.lock import writer_lock
+with writer_lock(Path(sys.argv[1]), "index 'x'"):
+    if sys.argv[2] == "fork" and os.fork() == 0:
+        time.sleep(60)
+        os._exit(0)
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def hold_lock(lock: Path, mode: str = "plain") -> subprocess.Popen:
+    """A real process that holds `lock` until killed; returns once it says it holds it."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock), mode], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_second_index_fails_at_once_naming_the_holder(tmp_path: Path) -> None:
+    data = make_class_images(tmp_path / "data", {"a": 2}, size=32)
+    holder = hold_lock(IndexPaths.of(tmp_path / "home", "busy").lock)
+    try:
+        proc = run_cli("index", str(data), "--home", str(tmp_path / "home"), "--name", "busy", "--weights", "none",
+                       "--image-size", "32", check=False)
+    finally:
+        kill(holder)
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert "busy" in line and f"process {holder.pid}" in line and "-c" in line
+
+
+def test_lock_is_freed_when_the_holder_is_killed_even_with_forked_children(tmp_path: Path) -> None:
+    """DataLoader workers are forked children: a SIGKILLed writer's children must not keep its lock."""
+    lock = tmp_path / "writer.lock"
+    holder = hold_lock(lock, "fork")
+    with pytest.raises(SimimgError, match=f"process {holder.pid}"):
+        with writer_lock(lock, "index 'x'"):
+            pass
+    kill(holder)
+    with writer_lock(lock, "index 'x'"):
+        assert str(os.getpid()) in lock.read_text()
+
+
+def test_same_process_cannot_take_the_lock_twice(tmp_path: Path) -> None:
+    """The app runs jobs in threads of one process: a second job on the same index must still be refused."""
+    lock = tmp_path / "writer.lock"
+    with writer_lock(lock, "index 'x'"):
+        with pytest.raises(SimimgError, match="is busy"):
+            with writer_lock(lock, "training 'x'"):
+                pass
+    with writer_lock(lock, "index 'x'"):
+        pass
+
+
+def test_a_stale_holder_record_does_not_block(tmp_path: Path) -> None:
+    lock = tmp_path / "writer.lock"
+    lock.write_text('{"pid": 999999, "host": "gone", "command": "simimg index", "started": "long ago"}')
+    with writer_lock(lock, "index 'x'"):
+        assert '"pid": %d' % os.getpid() in lock.read_text()
