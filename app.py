@@ -1,0 +1,15 @@
+"""simimg's web app: `streamlit run app.py`. Search is the landing page; Train, Index and Inspect sit beside it."""
+
+import streamlit as st
+
+from simimg import ui
+
+st.set_page_config(page_title="simimg", page_icon=":material/image_search:", layout="wide")
+navigation = st.navigation([
+    st.Page("pages/search.py", title="Search", icon=":material/image_search:", default=True),
+    st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
+    st.Page("pages/index.py", title="Index", icon=":material/library_add:"),
+    st.Page("pages/inspect.py", title="Inspect", icon=":material/insights:"),
+])
+ui.sidebar()
+navigation.run()

@@ -1,0 +1,74 @@
+"""Index: build or update the similarity index of a folder, then see what went in and what was skipped."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import streamlit as st
+
+from simimg import ui
+from simimg.indexer import IndexJob, IndexReport, run_index
+from simimg.model import ARCHITECTURES, DEFAULT_ARCH
+
+JOB_KEY = "index"
+
+
+def main() -> None:
+    st.title("Index", anchor=False)
+    st.caption("Embed every image of a folder so it can be searched. Re-running only embeds new or changed files.")
+    job = ui.get_job(JOB_KEY)
+    if job is not None and job.running:
+        ui.watch(job, progress_ui)
+        return
+    with ui.friendly_errors():
+        form_ui()
+    if job is not None:
+        result_ui(job)
+
+
+def form_ui() -> None:
+    with st.form("index-form", border=True):
+        folder = ui.folder_input("index")
+        name = st.text_input("Index name", value=ui.current_index() or "",
+                             help="A new name builds a new index; an existing one is updated with its own model.")
+        with st.expander("Model for a new index"):
+            arch = st.selectbox("Backbone", sorted(ARCHITECTURES), index=sorted(ARCHITECTURES).index(DEFAULT_ARCH))
+            weights = st.radio("Weights", ["imagenet", "none"], horizontal=True,
+                               help="imagenet: pretrained features (downloaded once). none: random, for a quick try.")
+            image_size = st.select_slider("Image size", [64, 96, 128, 160, 192, 224], value=224)
+        if not st.form_submit_button("Build or update", type="primary", icon=":material/play_arrow:"):
+            return
+    folder = ui.resolve_folder(folder)
+    fresh = name.strip() not in ui.index_names()
+    job = IndexJob(data_dir=str(folder), name=name.strip() or folder.name, home=str(ui.home()),
+                   arch=arch if fresh else None, weights=weights if fresh else None,
+                   image_size=image_size if fresh else None)
+    ui.start_job(JOB_KEY, lambda j: run_index(job, progress=j.progress))
+    st.session_state[ui.INDEX_KEY] = job.name
+    st.rerun()
+
+
+def progress_ui(job: ui.Job) -> None:
+    text = f"Embedded {job.done:,} of {job.total:,} images" if job.total else "Scanning the folder…"
+    st.progress(job.fraction(), text=text)
+    st.caption(f"{job.seconds():.0f} s so far; the page stays usable meanwhile.")
+
+
+def result_ui(job: ui.Job) -> None:
+    if job.error:
+        st.error(job.error, icon=":material/error:")
+        return
+    report: IndexReport = job.result
+    st.success(f"Index **{report.name}** is at version {report.version}: {report.total:,} images.",
+               icon=":material/check_circle:")
+    cols = st.columns(5)
+    for col, (label, value) in zip(cols, [("Embedded", report.indexed), ("Removed", report.removed),
+                                          ("In the index", report.total), ("Skipped", len(report.skipped)),
+                                          ("Seconds", f"{report.seconds:.1f}")]):
+        col.metric(label, value)
+    if report.rebuilt:
+        st.info("The model changed since the last run, so every image was embedded again.")
+    ui.skipped_table([asdict(s) for s in report.skipped])
+
+
+main()

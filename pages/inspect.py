@@ -1,0 +1,163 @@
+"""Inspect: how good the model is, what the collection looks like as a map, and which images are near-duplicates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from simimg import ui
+from simimg.catalog import Catalog
+from simimg.evaluate import run_evaluation
+from simimg.explore import PROJECTIONS, confusion_cell, near_duplicates, project_2d, sample_positions
+from simimg.layout import IndexPaths
+
+MAP_LIMIT = 3000
+DUPLICATE_LIMIT = 20000
+PAIRS_SHOWN = 12
+
+
+def main() -> None:
+    name = ui.current_index()
+    if name is None:
+        ui.first_run_guide()
+        return
+    st.title("Inspect", anchor=False)
+    with ui.friendly_errors():
+        service = ui.search_service(name)
+        st.caption(ui.describe_index(service.info()))
+        evaluation, embedding_map, duplicates = st.tabs(["Evaluation", "Embedding map", "Near-duplicates"])
+        with evaluation:
+            evaluation_ui(name, service.info()["classifier"])
+        with embedding_map:
+            map_ui(name, service.snapshot.version, service.data_root)
+        with duplicates:
+            duplicates_ui(name, service.snapshot.version, service.data_root)
+
+
+# --- evaluation ----------------------------------------------------------------------------------------
+def evaluation_ui(name: str, has_classifier: bool) -> None:
+    if not has_classifier:
+        st.info("This index has no classifier: train one on the **Train** page, then evaluate it here.",
+                icon=":material/school:")
+        return
+    key = f"evaluate:{name}"
+    job = ui.get_job(key)
+    if job is not None and job.running:
+        ui.watch(job, lambda j: st.progress(j.fraction(), text=f"Evaluating: {j.done} of {j.total} images"))
+        return
+    if st.button("Evaluate on the validation images", type="primary", icon=":material/fact_check:"):
+        ui.start_job(key, lambda j: run_evaluation(name, str(ui.home()), progress=j.progress))
+        st.rerun()
+    if job is None:
+        return
+    if job.error:
+        st.error(job.error, icon=":material/error:")
+        return
+    metrics_ui(job.result)
+    confusion_ui(job.result)
+
+
+def metrics_ui(result: dict) -> None:
+    retrieval = result.get("retrieval") or {}
+    values = [("Accuracy", result["accuracy"]), ("Macro F1", result["macro_f1"]),
+              ("Precision@1", retrieval.get("p_at_1")), ("Precision@10", retrieval.get("p_at_10")),
+              ("mAP", retrieval.get("map"))]
+    for col, (label, value) in zip(st.columns(len(values)), values):
+        col.metric(label, "–" if value is None else f"{value:.1%}")
+    per_class = pd.DataFrame(result["per_class"]).T
+    st.dataframe(per_class, width="stretch", column_config={
+        c: st.column_config.ProgressColumn(c, min_value=0.0, max_value=1.0, format="percent")
+        for c in ("precision", "recall", "f1")})
+
+
+def confusion_ui(result: dict) -> None:
+    """The confusion matrix; choosing a cell lists the evaluated images behind it."""
+    classes = list(result.get("classes") or result["per_class"])
+    matrix = pd.DataFrame(result["confusion_matrix"], index=classes, columns=classes)
+    st.subheader("Confusion matrix", anchor=False)
+    st.caption("Rows are the true classes, columns the predictions. Choose a cell to see its images.")
+    event = st.dataframe(matrix.style.background_gradient(cmap="Reds", axis=None), key="confusion",
+                         on_select="rerun", selection_mode="single-cell")
+    cells = event.selection.cells if event else []
+    if not cells:
+        return
+    row, column = cells[0]
+    true_label, predicted = classes[row], str(column)
+    items = confusion_cell(result.get("predictions") or result.get("most_confused", []), true_label, predicted)
+    st.markdown(f"**{matrix.loc[true_label, predicted]}** images of **{true_label}** predicted as **{predicted}**")
+    if not items:
+        st.caption("The evaluation lists images for its most confident mistakes only; none fall in this cell.")
+    root = Path(result.get("data_dir", "."))
+    ui.image_strip([(ui.gallery_path(root, it["path"]), f"{it['probability']:.0%} · {it['path']}") for it in items])
+
+
+# --- embedding map -------------------------------------------------------------------------------------
+def map_ui(name: str, version: int, data_root: Path) -> None:
+    left, right = st.columns([1, 3])
+    method = left.radio("Projection", PROJECTIONS, format_func={"pca": "PCA (fast)", "tsne": "t-SNE"}.get)
+    limit = left.select_slider("Points", [500, 1000, 2000, MAP_LIMIT], value=1000)
+    points = embedding_map(str(ui.home()), name, version, method, limit)
+    pick = alt.selection_point(name="pick", fields=["path"], on="click")
+    chart = alt.Chart(points).mark_circle(size=70, opacity=0.8).encode(
+        x=alt.X("x:Q", axis=None), y=alt.Y("y:Q", axis=None), color=alt.Color("label:N", title="label"),
+        tooltip=["label:N", "path:N"]).add_params(pick).properties(height=520)
+    with right:
+        event = st.altair_chart(chart, width="stretch", key="map", on_select="rerun")
+    chosen = (event.selection.get("pick") or [{}])[0].get("path") if event else None
+    with left:
+        if chosen:
+            ui.image_strip([(data_root / chosen, chosen)], columns=1)
+        else:
+            st.caption("Hover a point to see its file; click it to see the image.")
+
+
+@st.cache_data(max_entries=16, show_spinner="Projecting the embeddings…")
+def embedding_map(home: str, name: str, version: int, method: str, limit: int) -> pd.DataFrame:
+    """x, y, label and path of up to `limit` images of one published version (a fixed sample when larger)."""
+    paths, labels, vectors = _published_vectors(home, name, version)
+    keep = sample_positions(len(paths), limit)
+    xy = project_2d(vectors[keep], method)
+    return pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "label": [labels[i] or "(none)" for i in keep],
+                         "path": [paths[i] for i in keep]})
+
+
+def _published_vectors(home: str, name: str, version: int) -> tuple[list[str], list[str | None], np.ndarray]:
+    catalog = Catalog(IndexPaths.of(home, name).catalog, readonly=True)
+    try:
+        rows = list(catalog.iter_rows(version))
+        _, vectors = catalog.vectors(version)
+    finally:
+        catalog.close()
+    return [r.path for r in rows], [r.label for r in rows], vectors
+
+
+# --- near-duplicates -----------------------------------------------------------------------------------
+def duplicates_ui(name: str, version: int, data_root: Path) -> None:
+    threshold = st.slider("Similarity threshold", 0.80, 1.0, 0.98, 0.005,
+                          help="Pairs at least this similar (cosine). 1.0 means identical embeddings.")
+    pairs = duplicate_pairs(str(ui.home()), name, version, threshold)
+    if pairs.empty:
+        st.success("No pairs above this threshold.", icon=":material/check_circle:")
+        return
+    st.markdown(f"**{len(pairs)}** pairs at or above {threshold:.3f}" + (" (the first 500)" if len(pairs) >= 500 else ""))
+    for row in pairs.head(PAIRS_SHOWN).itertuples():
+        with st.container(border=True):
+            ui.image_strip([(data_root / row.a, row.a), (data_root / row.b, row.b)], columns=4,
+                           header=f":orange-badge[score {row.score:.4f}]")
+    st.dataframe(pairs, hide_index=True, width="stretch")
+
+
+@st.cache_data(max_entries=32, show_spinner="Looking for near-duplicates…")
+def duplicate_pairs(home: str, name: str, version: int, threshold: float) -> pd.DataFrame:
+    paths, _, vectors = _published_vectors(home, name, version)
+    keep = sample_positions(len(paths), DUPLICATE_LIMIT)
+    pairs = near_duplicates(vectors[keep], threshold)
+    return pd.DataFrame({"score": [p.score for p in pairs], "a": [paths[keep[p.a]] for p in pairs],
+                         "b": [paths[keep[p.b]] for p in pairs]})
+
+
+main()

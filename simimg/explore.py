@@ -1,0 +1,77 @@
+"""Looking at a collection as a whole: a 2-D map of its embeddings, its near-duplicate pairs, confusion cells.
+
+Arrays in, arrays out: the Inspect page reads the catalog and draws; these functions only compute.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+from sklearn.decomposition import PCA
+from sklearn.manifold import TSNE
+
+log = logging.getLogger(__name__)
+
+PROJECTIONS = ("pca", "tsne")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two catalog rows (positions in the arrays given) and their cosine similarity."""
+
+    a: int
+    b: int
+    score: float
+
+
+def sample_positions(n: int, limit: int, seed: int = 0) -> np.ndarray:
+    """At most `limit` of range(n), sorted, the same ones every time for the same seed."""
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+
+
+def project_2d(vectors: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
+    """N x 2 coordinates that keep similar images close: PCA (fast, linear) or t-SNE (slower, local structure)."""
+    vectors = np.asarray(vectors, np.float32)
+    n = len(vectors)
+    if method not in PROJECTIONS:
+        raise ValueError(f"unknown projection {method!r}; use one of {PROJECTIONS}")
+    if n < 3:
+        return np.zeros((n, 2), np.float32)
+    if method == "pca":
+        return PCA(n_components=2, random_state=seed).fit_transform(vectors).astype(np.float32)
+    reduced = PCA(n_components=min(50, n - 1, vectors.shape[1]), random_state=seed).fit_transform(vectors)
+    perplexity = float(min(30, max(2, (n - 1) // 3)))
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
+    return tsne.fit_transform(reduced).astype(np.float32)
+
+
+def near_duplicates(vectors: np.ndarray, threshold: float, limit: int = 500, neighbors: int = 10) -> list[Pair]:
+    """Pairs of distinct rows with cosine similarity >= threshold, most similar first, at most `limit`.
+
+    Vectors must be unit length (as the catalog stores them), so inner product is cosine. Each row looks at its
+    `neighbors` nearest only, so memory stays N x neighbors even when a low threshold matches nearly everything.
+    """
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    if len(vectors) < 2:
+        return []
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    scores, found = index.search(vectors, min(neighbors + 1, len(vectors)))
+    best: dict[tuple[int, int], float] = {}
+    for a, (row_scores, row_found) in enumerate(zip(scores.tolist(), found.tolist())):
+        for score, b in zip(row_scores, row_found):
+            if b >= 0 and b != a and score >= threshold:
+                best[(min(a, b), max(a, b))] = score
+    pairs = sorted((Pair(a, b, s) for (a, b), s in best.items()), key=lambda p: (-p.score, p.a, p.b))
+    return pairs[:limit]
+
+
+def confusion_cell(items: list[dict], true_label: str, predicted: str) -> list[dict]:
+    """The evaluated images whose label is `true_label` and whose prediction is `predicted`, surest first."""
+    chosen = [it for it in items if it.get("label") == true_label and it.get("predicted") == predicted]
+    return sorted(chosen, key=lambda it: -float(it.get("probability", 0.0)))

@@ -1,0 +1,241 @@
+"""The Streamlit app, driven in-process by AppTest: every page, the first run, queries, bad uploads, jobs."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import pytest
+import streamlit as st
+from PIL import Image
+from streamlit import config as st_config
+from streamlit.testing.v1 import AppTest
+
+from conftest import ROOT, make_class_images, run_cli
+
+APP = str(ROOT / "app.py")
+CLASSES = {"circles": 6, "squares": 6, "triangles": 6}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny indexed collection: tmp/data/shapes (3 classes x 6) in tmp/indexes/shapes."""
+    base = tmp_path_factory.mktemp("app")
+    make_class_images(base / "data" / "shapes", CLASSES, size=48)
+    run_cli("index", str(base / "data" / "shapes"), "--home", str(base / "indexes"), "--weights", "none",
+            "--image-size", "32", "--workers", "0")
+    return base
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Run the app from an empty folder of its own: ./data and ./indexes are the test's."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SIMIMG_HOME", str(tmp_path / "indexes"))
+    monkeypatch.setenv("SIMIMG_OFFLINE", "1")
+    monkeypatch.delenv("SIMIMG_DATA_ROOTS", raising=False)
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    return tmp_path
+
+
+@pytest.fixture
+def indexed(workdir: Path, built: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("SIMIMG_HOME", str(built / "indexes"))
+    monkeypatch.setenv("SIMIMG_DATA_ROOTS", str(built / "data"))
+    return built
+
+
+def open_app(page: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    if page:
+        at.switch_page(page).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def png_bytes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def upload(at: AppTest, name: str, data: bytes, mime: str = "image/png") -> AppTest:
+    at.file_uploader(key="upload").set_value((name, data, mime)).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def run_until(at: AppTest, done, timeout: float = 180) -> AppTest:
+    """Rerun the page (as the browser's polling would) until `done(at)` or the timeout."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        at.run()
+        assert not at.exception, at.exception
+        if done(at):
+            return at
+        time.sleep(0.3)
+    raise AssertionError("the background job did not finish in time")
+
+
+# --- first run -------------------------------------------------------------------------------------------
+def test_first_run_shows_the_guide_and_builds_the_demo(workdir: Path):
+    at = open_app()
+    assert "Put class folders under `data/`" in at.markdown[0].value
+    at.button[0].click().run()
+    assert not at.exception and not at.error
+    assert sorted(p.name for p in (workdir / "data" / "demo").iterdir()) == ["forests", "oceans", "sunsets"]
+    at.run()
+    assert at.file_uploader(key="upload") is not None
+    assert "**36** images" in at.caption[0].value
+
+
+@pytest.mark.parametrize("page", ["pages/inspect.py"])
+def test_other_pages_offer_the_guide_without_an_index(workdir: Path, page: str):
+    at = open_app(page)
+    assert any("Put class folders" in m.value for m in at.markdown)
+    assert not at.error
+
+
+# --- search --------------------------------------------------------------------------------------------
+def test_query_shows_the_image_and_a_result_grid(indexed: Path):
+    at = open_app()
+    at.slider[0].set_value(5).run()
+    query = indexed / "data" / "shapes" / "squares" / "squares_002.png"
+    upload(at, "query.png", png_bytes(query))
+    assert not at.error
+    cards = [m.value for m in at.markdown if m.value.startswith("**#")]
+    assert len(cards) == 5
+    assert "score 1.000" in cards[0] and "squares" in cards[0]  # the query itself is in the gallery
+    assert at.caption[1].value == "squares/squares_002.png"
+    assert len(at.image) == 6  # the query and five thumbnails
+    assert any("no classifier" in i.value for i in at.info)
+
+
+def test_find_similar_requeries_with_the_gallery_image(indexed: Path):
+    at = open_app()
+    upload(at, "query.png", png_bytes(indexed / "data" / "shapes" / "circles" / "circles_000.png"))
+    second = at.caption[2].value
+    at.button(key=f"similar-2-{second}").click().run()
+    assert not at.exception
+    assert at.image[0].captions == [Path(second).name]
+    assert at.caption[1].value == second
+
+
+def test_label_filter_and_min_score(indexed: Path):
+    at = open_app()
+    at.selectbox[1].set_value("triangles").run()
+    upload(at, "query.png", png_bytes(indexed / "data" / "shapes" / "circles" / "circles_000.png"))
+    cards = [m.value for m in at.markdown if m.value.startswith("**#")]
+    assert cards and all("triangles" in c for c in cards)
+    at.slider[1].set_value(1.0).run()
+    assert not [m for m in at.markdown if m.value.startswith("**#")]
+    assert "Nothing matches" in at.warning[0].value
+
+
+def test_a_warm_query_reloads_nothing(indexed: Path, monkeypatch: pytest.MonkeyPatch):
+    import simimg.search
+
+    loads = []
+    real = simimg.search.load_bundle
+    monkeypatch.setattr(simimg.search, "load_bundle", lambda *a, **kw: loads.append(a) or real(*a, **kw))
+    at = open_app()
+    upload(at, "a.png", png_bytes(indexed / "data" / "shapes" / "circles" / "circles_001.png"))
+    upload(at, "b.png", png_bytes(indexed / "data" / "shapes" / "squares" / "squares_001.png"))
+    assert len(loads) == 1
+
+
+def _bomb() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("1", (20_000, 20_000)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _truncated(path: Path) -> bytes:
+    data = path.read_bytes()
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("text", "not an image"), ("truncated", "truncated"), ("bomb", "decompression bomb"), ("empty", "empty file")])
+def test_bad_uploads_show_an_error_and_the_app_keeps_working(indexed: Path, kind: str, expected: str):
+    good = indexed / "data" / "shapes" / "circles" / "circles_003.png"
+    data = {"text": b"just some words, not pixels\n" * 20, "truncated": _truncated(good), "bomb": _bomb(),
+            "empty": b""}[kind]
+    at = open_app()
+    upload(at, f"{kind}.png", data)
+    assert len(at.error) == 1 and expected in at.error[0].value
+    upload(at, "good.png", png_bytes(good))
+    assert not at.error and [m for m in at.markdown if m.value.startswith("**#")]
+
+
+def test_an_upload_over_the_size_cap_is_refused(indexed: Path):
+    st_config.set_option("server.maxUploadSize", 1)
+    try:
+        at = open_app()
+        upload(at, "big.png", b"\x89PNG" + bytes(1024 * 1024 + 10))
+    finally:
+        st_config.set_option("server.maxUploadSize", 20)
+    assert len(at.error) == 1 and "the limit is 1 MB" in at.error[0].value
+
+
+# --- index ---------------------------------------------------------------------------------------------
+def test_index_page_builds_and_lists_skipped_files(workdir: Path):
+    folder = make_class_images(workdir / "data" / "mixed", {"red": 4, "green": 4}, size=40)
+    (folder / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    (folder / "green" / "notes.jpg").write_text("a text file with an image's name")
+    at = open_app("pages/index.py")
+    at.text_input(key="index-folder").set_value("data/mixed")
+    at.text_input[1].set_value("mixed")
+    at.radio[0].set_value("none")
+    at.select_slider[0].set_value(64)
+    at.button[0].click().run()
+    assert not at.exception and not at.error
+    run_until(at, lambda a: bool(a.success))
+    assert "Index **mixed** is at version 1: 8 images" in at.success[0].value
+    skipped = at.dataframe[0].value
+    assert sorted(skipped["path"]) == ["green/notes.jpg", "red/broken.png"]
+    assert all(skipped["reason"].str.len() > 5)
+
+
+def test_index_page_refuses_folders_outside_the_data_roots(workdir: Path, tmp_path_factory):
+    outside = make_class_images(tmp_path_factory.mktemp("elsewhere"), {"a": 2}, size=32)
+    at = open_app("pages/index.py")
+    for typed in (str(outside), "data/../../", "/etc"):
+        at.text_input(key="index-folder").set_value(typed)
+        at.button[0].click().run()
+        assert not at.exception
+        assert "not a folder under the allowed data roots" in at.error[0].value
+    assert not (workdir / "indexes").exists()
+
+
+# --- train and inspect (their modules arrive separately) ----------------------------------------------------
+def test_train_page_trains_then_indexes(workdir: Path):
+    pytest.importorskip("simimg.train")
+    make_class_images(workdir / "data" / "toys", {"red": 8, "blue": 8}, size=40)
+    at = open_app("pages/train.py")
+    at.text_input[1].set_value("toys")
+    at.radio[0].set_value("none")
+    at.number_input[0].set_value(1)
+    at.select_slider[0].set_value(64)
+    at.button[0].click().run()
+    assert not at.exception and not at.error
+    run_until(at, lambda a: bool(a.success) or bool(a.error))
+    assert not at.error, at.error[0].value
+    assert "best validation accuracy" in at.success[0].value
+    at.switch_page("pages/search.py").run()
+    upload(at, "q.png", png_bytes(workdir / "data" / "toys" / "red" / "red_000.png"))
+    assert at.metric[0].label == "Predicted class"
+
+
+def test_inspect_page_map_and_duplicates(indexed: Path):
+    pytest.importorskip("simimg.evaluate")
+    at = open_app("pages/inspect.py")
+    assert any("no classifier" in i.value for i in at.info)
+    assert not at.error
+    at.slider[-1].set_value(0.8).run()
+    assert not at.exception
+    pairs = at.dataframe[-1].value
+    assert len(pairs) > 0 and (pairs["score"] >= 0.8).all()
+    at.radio[0].set_value("tsne").run()
+    assert not at.exception
