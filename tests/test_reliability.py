@@ -1,0 +1,201 @@
+"""Reliability through the real CLI: SIGKILL at random points then resume, readers during re-indexes, bad input.
+
+Every index here is tiny (32 px crops, random-init weights, batches of 4, chunks of 4) so a run has many
+commit points to be killed between, and the whole file stays fast on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, cli_json, make_class_images, synthetic_image
+from simimg.catalog import Catalog
+from simimg.index import flat_contents
+from simimg.indexer import IndexJob, run_index
+from simimg.layout import IndexPaths
+from simimg.model import BUNDLE_JSON, BUNDLE_WEIGHTS, build_model, describe, read_bundle, save_bundle
+
+CLASSES = {"circles": 12, "squares": 12, "triangles": 12}
+N_IMAGES = sum(CLASSES.values())
+FLAGS = ("--weights", "none", "--image-size", "32", "--batch-size", "4", "--chunk-size", "4", "--workers", "1")
+KILL_SEED = 6
+Rows = dict[str, tuple[str | None, np.ndarray]]
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+def index_args(data: Path, home: Path, name: str) -> list[str]:
+    return ["index", str(data), "--home", str(home), "--name", name, *FLAGS]
+
+
+def reference_index(data: Path, home: Path, name: str) -> Rows:
+    """An uninterrupted run, in-process, of the same job the CLI runs."""
+    run_index(IndexJob(str(data), name, str(home), weights="none", image_size=32, batch_size=4, workers=0, chunk_size=4))
+    return consistent_state(home, name)
+
+
+def consistent_state(home: Path, name: str) -> Rows:
+    """The published rows, after checking that catalog, FAISS file and bundle all tell the same story."""
+    paths = IndexPaths.of(home, name)
+    catalog = Catalog(paths.catalog, readonly=True)
+    try:
+        snap = catalog.snapshot()
+        ids, vectors = catalog.vectors(snap.version)
+        live_dupes = catalog.db.execute("SELECT path FROM images WHERE removed IS NULL GROUP BY path "
+                                        "HAVING COUNT(*) > 1").fetchall()
+        count = catalog.version_info(snap.version)[1]
+    finally:
+        catalog.close()
+    assert live_dupes == []
+    assert len(set(snap.ids.tolist())) == len(snap.ids) and len(set(snap.paths)) == len(snap.paths)
+    assert np.array_equal(ids, snap.ids) and count == len(ids)
+    assert snap.fingerprint == read_bundle(paths.root).fingerprint
+    index = faiss.read_index(str(paths.faiss(snap.version)))
+    assert index.ntotal == len(ids)
+    faiss_ids, faiss_vectors = flat_contents(index)
+    order = np.argsort(faiss_ids)
+    assert np.array_equal(faiss_ids[order], ids)
+    assert np.allclose(faiss_vectors[order], vectors, atol=1e-6)
+    return {p: (label, v) for p, label, v in zip(snap.paths, snap.labels, vectors)}
+
+
+def assert_same_rows(got: Rows, want: Rows) -> None:
+    assert sorted((p, label) for p, (label, _) in got.items()) == sorted((p, label) for p, (label, _) in want.items())
+    for path, (_, vector) in want.items():
+        assert np.allclose(got[path][1], vector, atol=1e-5), path
+
+
+def catalog_progress(catalog: Path) -> tuple[int, int]:
+    """(published version, rows committed for the pending one), read like any outside reader would."""
+    try:
+        db = sqlite3.connect(f"file:{catalog}?mode=ro", uri=True, timeout=30)
+    except sqlite3.Error:
+        return 0, 0
+    try:
+        version = db.execute("SELECT COALESCE(MAX(version), 0) FROM versions").fetchone()[0]
+        return version, db.execute("SELECT COUNT(*) FROM images WHERE added > ?", (version,)).fetchone()[0]
+    except sqlite3.Error:
+        return 0, 0
+    finally:
+        db.close()
+
+
+def kill_during_index(data: Path, home: Path, name: str, after_rows: int) -> tuple[bool, int]:
+    """Start `simimg index`, SIGKILL it once `after_rows` pending embeddings are committed (0: as soon as it writes).
+
+    Returns (whether it published before the kill landed, pending rows committed when it died).
+    """
+    catalog = IndexPaths.of(home, name).catalog
+    before, _ = catalog_progress(catalog)
+    proc = subprocess.Popen([sys.executable, "-m", "simimg.cli", *index_args(data, home, name)], cwd=ROOT,
+                            env={**os.environ, "SIMIMG_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    while proc.poll() is None:
+        if catalog.exists() and catalog_progress(catalog)[1] >= after_rows:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    version, committed = catalog_progress(catalog)
+    return version > before, committed
+
+
+def resume_after_kill(data: Path, home: Path, name: str, after_rows: int, to_embed: int) -> dict:
+    """Kill a run, re-run the same command, and check that committed embeddings were not computed again."""
+    finished, committed = kill_during_index(data, home, name, after_rows)
+    report = cli_json(*index_args(data, home, name))
+    assert report["indexed"] == (0 if finished else to_embed - committed)
+    return report
+
+
+def kill_points(n: int, count: int) -> list[int]:
+    """Seeded random commit counts to kill at, plus 'as soon as it writes' and 'everything committed'."""
+    rng = np.random.default_rng(KILL_SEED)
+    return [0, *sorted(int(k) for k in rng.integers(1, n, count)), n]
+
+
+def copy_index(src: Path, home: Path, name: str) -> None:
+    shutil.copytree(src, IndexPaths.of(home, name).root)
+
+
+# --- shared data: the folder, its edited copy, a second model, and their uninterrupted indexes -----------------
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    base = tmp_path_factory.mktemp("reliability")
+    data = make_class_images(base / "data", CLASSES, size=40)
+    edited = base / "edited"
+    shutil.copytree(data, edited)
+    for gone in ("circles/circles_000.png", "circles/circles_001.png", "squares/squares_005.png"):
+        (edited / gone).unlink()
+    make_class_images(edited, {"stars": 5}, size=40, seed=1)
+    rng = np.random.default_rng(2)
+    for i in range(3):
+        synthetic_image(0, rng, 40).save(edited / "circles" / f"circles_new_{i}.png")
+    synthetic_image(1, rng, 40).save(edited / "squares" / "squares_003.png")  # same name, new content
+    model2 = base / "model2"
+    net, bundle = build_model(None, "none", 32)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for p in net.trunk.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    save_bundle(model2, net, describe(net, bundle.arch, (), bundle.preprocess, "random-init:seed=1+noise", weights="none"))
+    home = base / "refs"
+    first = reference_index(data, home, "first")
+    second = reference_index(edited, home, "edited")
+    IndexPaths.of(home, "model2").root.mkdir(parents=True)
+    install_bundle(model2, IndexPaths.of(home, "model2").root)
+    third = reference_index(data, home, "model2")
+    return {"data": data, "edited": edited, "model2": model2, "home": home, "first": first, "edited_rows": second,
+            "model2_rows": third}
+
+
+def install_bundle(src: Path, index_dir: Path) -> None:
+    """What `simimg train` does to an index folder: a new model.json + model.safetensors."""
+    for name in (BUNDLE_WEIGHTS, BUNDLE_JSON):
+        shutil.copy(src / name, index_dir / name)
+
+
+# --- crash safety -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("after_rows", kill_points(N_IMAGES, 1))
+def test_killed_initial_index_resumes_to_the_uninterrupted_result(world: dict, tmp_path: Path, after_rows: int) -> None:
+    report = resume_after_kill(world["data"], tmp_path, "photos", after_rows, N_IMAGES)
+    assert report["total"] == N_IMAGES and report["skipped"] == []
+    assert_same_rows(consistent_state(tmp_path, "photos"), world["first"])
+
+
+@pytest.mark.parametrize("after_rows", kill_points(9, 1)[1:])
+def test_killed_incremental_update_resumes_to_the_uninterrupted_result(world: dict, tmp_path: Path,
+                                                                      after_rows: int) -> None:
+    """5 stars and 3 circles added, 3 files deleted, 1 rewritten: 9 to embed."""
+    copy_index(world["home"] / "first", tmp_path, "photos")
+    resume_after_kill(world["edited"], tmp_path, "photos", after_rows, 9)
+    assert_same_rows(consistent_state(tmp_path, "photos"), world["edited_rows"])
+
+
+def test_killed_rebuild_after_a_model_change_never_mixes_models(world: dict, tmp_path: Path) -> None:
+    copy_index(world["home"] / "first", tmp_path, "photos")
+    install_bundle(world["model2"], IndexPaths.of(tmp_path, "photos").root)
+    after = kill_points(N_IMAGES, 1)[1]
+    report = resume_after_kill(world["data"], tmp_path, "photos", after, N_IMAGES)
+    assert report["rebuilt"]
+    assert_same_rows(consistent_state(tmp_path, "photos"), world["model2_rows"])
+
+
+def test_model_change_after_a_kill_discards_the_old_models_pending_work(world: dict, tmp_path: Path) -> None:
+    finished, committed = kill_during_index(world["data"], tmp_path, "photos", N_IMAGES // 2)
+    assert not finished and committed >= N_IMAGES // 2
+    install_bundle(world["model2"], IndexPaths.of(tmp_path, "photos").root)
+    report = cli_json(*index_args(world["data"], tmp_path, "photos"))
+    assert report["indexed"] == N_IMAGES
+    assert_same_rows(consistent_state(tmp_path, "photos"), world["model2_rows"])
