@@ -98,7 +98,8 @@ def _subfolders_to_walk(parent: Path, names: list[str], real_root: Path) -> list
 
 
 def _is_split_root(root: Path) -> bool:
-    subdirs = {p.name for p in root.iterdir() if p.is_dir()}
+    """train/ and val/ (and maybe test/) beside nothing but hidden folders such as .ipynb_checkpoints."""
+    subdirs = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
     return {"train", "val"} <= subdirs and subdirs <= SPLIT_NAMES
 
 
