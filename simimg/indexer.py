@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import faiss
 import numpy as np
 
 from simimg.catalog import Catalog, NewImage, Row
@@ -117,6 +118,9 @@ def _model_for(job: IndexJob, paths: IndexPaths) -> LoadedModel:
         loaded = load_bundle(paths.root)
         _check_request_matches(job, loaded)
         return loaded
+    if paths.catalog.exists():
+        raise SimimgError(f"index '{job.name}' has lost its model ({paths.root / BUNDLE_JSON} is missing); restore "
+                          "model.json and model.safetensors from a backup, or delete the folder to start over")
     loaded = build_model(job.arch, job.weights or "imagenet", job.image_size or 224)
     save_bundle(paths.root, loaded.net, loaded.bundle)
     log.info("new index '%s': %s (%s), fingerprint %s", job.name, loaded.bundle.arch, loaded.bundle.source,
@@ -220,14 +224,15 @@ def _publish(catalog: Catalog, paths: IndexPaths, pending: int, model: LoadedMod
     current = catalog.version
     published = catalog.version_info(current)
     added, removed = catalog.pending_changes(pending)
-    if published and published[0] == fp and not added and not removed and paths.faiss(current).exists():
+    previous = _reusable_index(paths, current, published, fp)
+    if previous is not None and not added and not removed:
         return current, published[1]
     total = catalog.count(pending)
     kind = index_kind_for(total)
     index = None
-    if published and published[0] == fp and published[2] == kind and paths.faiss(current).exists():
+    if previous is not None and published[2] == kind:
         new_ids, new_vectors = catalog.vectors(pending, where="added = :v")
-        index = update_index(load_index(paths.faiss(current)), new_ids, new_vectors, catalog.removed_ids(pending))
+        index = update_index(previous, new_ids, new_vectors, catalog.removed_ids(pending))
         if index.ntotal != total:
             log.warning("FAISS file of version %d disagreed with the catalog; rebuilding it", current)
             index = None
@@ -242,6 +247,23 @@ def _publish(catalog: Catalog, paths: IndexPaths, pending: int, model: LoadedMod
             old.unlink(missing_ok=True)
     log.info("published version %d of '%s': %d vectors (+%d, -%d)", pending, paths.name, total, added, removed)
     return pending, total
+
+
+def _reusable_index(paths: IndexPaths, version: int, published: tuple[str, int, str] | None,
+                    fingerprint: str) -> faiss.Index | None:
+    """The published FAISS index when it is intact and of this model; None means: rebuild it from the catalog."""
+    if published is None or published[0] != fingerprint:
+        return None
+    try:
+        index = load_index(paths.faiss(version))
+    except SimimgError as err:
+        log.warning("%s: rebuilding it from the catalog", err)
+        return None
+    if index.ntotal != published[1]:
+        log.warning("FAISS file of version %d holds %d vectors, the catalog %d: rebuilding it", version,
+                    index.ntotal, published[1])
+        return None
+    return index
 
 
 def _sha256_file(path: Path) -> str | None:

@@ -121,15 +121,18 @@ class SearchService:
                 raise SimimgError(f"index '{self.paths.name}' was built with another model than the one in its folder "
                                   f"(index {snapshot.fingerprint}, model {self.model.bundle.fingerprint}); "
                                   f"re-run `simimg index` on it to rebuild it")
-            path = self.paths.faiss(snapshot.version)
-            if path.exists():
-                index = load_index(path)
-                if index.ntotal != len(snapshot.ids):
-                    raise SimimgError(f"index '{self.paths.name}' is inconsistent (FAISS {index.ntotal} vectors, "
-                                      f"catalog {len(snapshot.ids)}); re-run `simimg index` to repair it")
-                labels = np.array(snapshot.labels, dtype=object)
-                label_ids = {lab: snapshot.ids[labels == lab] for lab in set(snapshot.labels)}
-                return _Loaded(snapshot, make_searcher(index, self.device), label_ids)
+            try:
+                index = load_index(self.paths.faiss(snapshot.version))
+            except SimimgError:
+                if self.catalog.version == snapshot.version:
+                    raise
+                continue
+            if index.ntotal != len(snapshot.ids):
+                raise SimimgError(f"index '{self.paths.name}' is inconsistent (FAISS {index.ntotal} vectors, "
+                                  f"catalog {len(snapshot.ids)}); re-run `simimg index` to repair it")
+            labels = np.array(snapshot.labels, dtype=object)
+            label_ids = {lab: snapshot.ids[labels == lab] for lab in set(snapshot.labels)}
+            return _Loaded(snapshot, make_searcher(index, self.device), label_ids)
         raise SimimgError(f"index '{self.paths.name}' kept changing while loading; try again")
 
     def query_file(self, path: str | Path, k: int = 10, label: str | None = None,

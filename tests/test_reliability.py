@@ -20,12 +20,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, cli_json, make_class_images, synthetic_image
+from conftest import ROOT, cli_json, make_class_images, run_cli, synthetic_image
 from simimg.catalog import Catalog
+from simimg.errors import SimimgError
 from simimg.index import flat_contents
 from simimg.indexer import IndexJob, run_index
 from simimg.layout import IndexPaths
 from simimg.model import BUNDLE_JSON, BUNDLE_WEIGHTS, build_model, describe, read_bundle, save_bundle
+from simimg.search import SearchService
 
 CLASSES = {"circles": 12, "squares": 12, "triangles": 12}
 N_IMAGES = sum(CLASSES.values())
@@ -198,4 +200,80 @@ def test_model_change_after_a_kill_discards_the_old_models_pending_work(world: d
     install_bundle(world["model2"], IndexPaths.of(tmp_path, "photos").root)
     report = cli_json(*index_args(world["data"], tmp_path, "photos"))
     assert report["indexed"] == N_IMAGES
+    assert_same_rows(consistent_state(tmp_path, "photos"), world["model2_rows"])
+
+
+# --- broken models and indexes: a clear error, or a clean repair by the next `simimg index` -----------------
+def in_process_index(data: Path, home: Path, name: str) -> None:
+    run_index(IndexJob(str(data), name, str(home), batch_size=4, workers=0, chunk_size=4))
+
+
+def flip_byte(path: Path, offset_from_end: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+FAISS_DAMAGE = {
+    "missing": lambda p: p.unlink(),
+    "empty": lambda p: p.write_bytes(b""),
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+    "garbage": lambda p: p.write_bytes(np.random.default_rng(0).bytes(p.stat().st_size)),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(FAISS_DAMAGE))
+def test_a_damaged_faiss_file_is_an_error_for_readers_and_rebuilt_by_the_next_index(world: dict, tmp_path: Path,
+                                                                                   damage: str) -> None:
+    copy_index(world["home"] / "first", tmp_path, "photos")
+    paths = IndexPaths.of(tmp_path, "photos")
+    FAISS_DAMAGE[damage](paths.faiss(1))
+    with pytest.raises(SimimgError, match="re-run `simimg index`"):
+        SearchService(tmp_path, "photos", "cpu")
+    in_process_index(world["data"], tmp_path, "photos")
+    assert_same_rows(consistent_state(tmp_path, "photos"), world["first"])
+    query = world["data"] / "circles" / "circles_004.png"
+    assert SearchService(tmp_path, "photos", "cpu").query_file(query, k=1).neighbors[0].path == "circles/circles_004.png"
+
+
+def test_a_leftover_faiss_file_of_an_unpublished_version_is_replaced(world: dict, tmp_path: Path) -> None:
+    """A crash after save_index and before publish leaves index-(V+1).faiss that no catalog version vouches for."""
+    copy_index(world["home"] / "first", tmp_path, "photos")
+    IndexPaths.of(tmp_path, "photos").faiss(2).write_bytes(b"half a file")
+    in_process_index(world["edited"], tmp_path, "photos")
+    assert_same_rows(consistent_state(tmp_path, "photos"), world["edited_rows"])
+
+
+BUNDLE_DAMAGE = {
+    "weights missing": (BUNDLE_WEIGHTS, lambda p: p.unlink(), "unreadable weights"),
+    "weights truncated": (BUNDLE_WEIGHTS, lambda p: p.write_bytes(p.read_bytes()[:5000]), "unreadable weights"),
+    "weights bit-flipped": (BUNDLE_WEIGHTS, lambda p: flip_byte(p, 1000), "is corrupted: its weights' fingerprint"),
+    "model.json missing": (BUNDLE_JSON, lambda p: p.unlink(), "model.json is missing"),
+    "model.json corrupt": (BUNDLE_JSON, lambda p: p.write_text(p.read_text()[:40]), "is corrupt"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(BUNDLE_DAMAGE))
+def test_a_damaged_bundle_is_a_clear_error_for_readers_and_writers(world: dict, tmp_path: Path, damage: str) -> None:
+    """Never a silent answer from another model, and `simimg index` never quietly replaces a model it cannot read."""
+    copy_index(world["home"] / "first", tmp_path, "photos")
+    paths = IndexPaths.of(tmp_path, "photos")
+    file, spoil, message = BUNDLE_DAMAGE[damage]
+    spoil(paths.root / file)
+    with pytest.raises(SimimgError, match=message):
+        SearchService(tmp_path, "photos", "cpu")
+    with pytest.raises(SimimgError, match=message if damage != "model.json missing" else "has lost its model"):
+        in_process_index(world["data"], tmp_path, "photos")
+    assert catalog_progress(paths.catalog) == (1, 0)
+
+
+def test_a_bundle_that_does_not_match_the_index_is_refused_then_rebuilt(world: dict, tmp_path: Path) -> None:
+    copy_index(world["home"] / "first", tmp_path, "photos")
+    install_bundle(world["model2"], IndexPaths.of(tmp_path, "photos").root)
+    proc = run_cli("query", str(world["data"] / "circles" / "circles_004.png"), "--home", str(tmp_path),
+                   "--name", "photos", check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("simimg: error: ") and proc.stderr.count("\n") == 1
+    assert "another model" in proc.stderr and "re-run `simimg index`" in proc.stderr
+    in_process_index(world["data"], tmp_path, "photos")
     assert_same_rows(consistent_state(tmp_path, "photos"), world["model2_rows"])
