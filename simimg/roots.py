@@ -34,18 +34,22 @@ def resolve_data_dir(text: str, roots: list[Path]) -> Path:
     candidates = [typed] if typed.is_absolute() else [Path.cwd() / typed, *(root / typed for root in roots)]
     for candidate in candidates:
         real = candidate.resolve()
-        if any(real == root or real.is_relative_to(root) for root in roots):
-            if real.is_dir():
-                return real
+        if _under(real, roots) and real.is_dir():
+            return real
     allowed = ", ".join(str(r) for r in roots)
     raise SimimgError(f"{text!r} is not a folder under the allowed data roots ({allowed}): put your class "
                       f"folders under one of them, or add a root to ${ROOTS_ENV}")
 
 
 def list_collections(roots: list[Path]) -> list[Path]:
-    """Every non-hidden folder directly under a root: the collections a user can pick from."""
+    """Every non-hidden folder directly under a root, links that leave the roots excepted: what a user can pick."""
     found = []
     for root in roots:
         if root.is_dir():
-            found += sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            found += sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                            and _under(p.resolve(), roots))
     return found
+
+
+def _under(path: Path, roots: list[Path]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)

@@ -210,7 +210,7 @@ def test_index_page_refuses_folders_outside_the_data_roots(workdir: Path, tmp_pa
 
 
 # --- train and inspect (their modules arrive separately) ----------------------------------------------------
-def test_train_page_trains_then_indexes(workdir: Path):
+def test_train_then_search_then_evaluate(workdir: Path):
     pytest.importorskip("simimg.train")
     make_class_images(workdir / "data" / "toys", {"red": 8, "blue": 8}, size=40)
     at = open_app("pages/train.py")
@@ -226,6 +226,19 @@ def test_train_page_trains_then_indexes(workdir: Path):
     at.switch_page("pages/search.py").run()
     upload(at, "q.png", png_bytes(workdir / "data" / "toys" / "red" / "red_000.png"))
     assert at.metric[0].label == "Predicted class"
+    assert at.metric[0].value in ("red", "blue")
+
+    pytest.importorskip("simimg.evaluate")
+    at.switch_page("pages/inspect.py").run()
+    at.button[0].click().run()
+    run_until(at, lambda a: any(m.label == "Accuracy" for m in a.metric))
+    assert [m.label for m in at.metric][:2] == ["Accuracy", "Macro F1"]
+    matrix = at.dataframe[1].value
+    assert list(matrix.columns) == ["blue", "red"] and int(matrix.values.sum()) > 0
+    at.session_state["confusion"] = {"selection": {"rows": [], "columns": [], "cells": [(0, "red")]}}
+    at.run()
+    assert not at.exception
+    assert any("images of **blue** predicted as **red**" in m.value for m in at.markdown)
 
 
 def test_inspect_page_map_and_duplicates(indexed: Path):

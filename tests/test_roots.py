@@ -1,0 +1,42 @@
+"""roots: folder inputs are accepted only under ./data and $SIMIMG_DATA_ROOTS."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from simimg.errors import SimimgError
+from simimg.roots import data_roots, list_collections, resolve_data_dir
+
+
+@pytest.fixture
+def layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    for folder in ("data/pets/cats", "data/.hidden", "extra/birds/owls", "secret/keys"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "data" / "escape").symlink_to(tmp_path / "secret")
+    return tmp_path
+
+
+def test_roots_are_data_then_the_environment(layout: Path):
+    assert data_roots("") == [layout / "data"]
+    roots = data_roots(os.pathsep.join([str(layout / "extra"), "", "data"]))
+    assert roots == [layout / "data", layout / "extra"]
+
+
+def test_folders_under_a_root_resolve(layout: Path):
+    roots = data_roots(str(layout / "extra"))
+    assert resolve_data_dir("data/pets", roots) == layout / "data" / "pets"
+    assert resolve_data_dir("pets", roots) == layout / "data" / "pets"
+    assert resolve_data_dir("birds", roots) == layout / "extra" / "birds"
+    assert resolve_data_dir(str(layout / "extra" / "birds"), roots) == layout / "extra" / "birds"
+    assert list_collections(roots) == [layout / "data" / "pets", layout / "extra" / "birds"]
+
+
+@pytest.mark.parametrize("typed", ["secret", "data/../secret", "data/pets/../../secret", "data/escape", "/etc",
+                                   "data/missing", "  "])
+def test_anything_else_is_refused_with_what_to_do(layout: Path, typed: str):
+    with pytest.raises(SimimgError, match="data roots|choose a folder"):
+        resolve_data_dir(typed, data_roots(""))
