@@ -1,0 +1,211 @@
+"""`simimg evaluate`: how well a trained model classifies its validation images, and how well it retrieves them.
+
+Retrieval is measured on the model's own embeddings: each validation image queries the index of NAME when that
+index was built with this model from the same folder (the query itself left out), else the training images.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from torch.utils.data import DataLoader
+
+from simimg.catalog import Catalog
+from simimg.data import Split, make_loader, split_dataset
+from simimg.device import memory_format_for, resolve_device
+from simimg.embed import infer
+from simimg.errors import SimimgError
+from simimg.indexer import default_workers
+from simimg.layout import IndexPaths
+from simimg.model import LoadedModel, Net, load_bundle
+from simimg.preprocess import Preprocess
+from simimg.scan import Record
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+MOST_CONFUSED = 20
+QUERY_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Model outputs for the files a loader read, in its order; `positions` index the loader's file list."""
+
+    positions: np.ndarray
+    embeddings: np.ndarray
+    logits: torch.Tensor
+    failures: list[tuple[int, str]]
+
+
+def run_evaluation(name: str, home: str | None, data_dir: str | None = None, device: str = "auto",
+                   progress: Progress | None = None, batch_size: int = 64, workers: int | None = None) -> dict:
+    """The `simimg evaluate --json` object for the trained model of index NAME."""
+    paths = IndexPaths.of(home, name)
+    model = load_bundle(paths.root)
+    if not model.bundle.has_classifier:
+        raise SimimgError(f"the model of '{name}' has no trained classifier: run `simimg train DATA_DIR --name {name}`")
+    split = evaluation_split(model, data_dir)
+    dev = resolve_device(device)
+    model.net.to(dev, memory_format=memory_format_for(dev))
+    workers = default_workers() if workers is None else workers
+
+    def predict(records: Sequence[Record], report: Progress | None) -> Predictions:
+        loader = make_loader(split.files(records), model.bundle.preprocess, batch_size, workers, dev)
+        return predict_loader(model.net, loader, model.bundle.preprocess, dev, report)
+
+    val = predict(split.val, progress)
+    labels = split.labels(split.val)[val.positions]
+    probs = torch.softmax(val.logits, dim=1).numpy()
+    result = {"name": name, "data_dir": str(split.root), "images": len(val.positions),
+              **classification_metrics(labels, probs, split.classes),
+              "retrieval": _retrieval(paths, model, split, val, labels, lambda: predict(split.train, None)),
+              "most_confused": most_confused([split.val[p].path for p in val.positions], labels, probs, split.classes),
+              "skipped": [{"path": split.val[i].path, "reason": why} for i, why in val.failures]}
+    return result
+
+
+def evaluation_split(model: LoadedModel, data_dir: str | None) -> Split:
+    """DATA_DIR/val when it exists, else the validation images the bundle recorded when it was trained."""
+    recorded = model.bundle.info.get("training", {}).get("split", {})
+    root = data_dir or recorded.get("data_dir")
+    if not root:
+        raise SimimgError("this model records no training folder: give DATA_DIR (with train/ and val/ folders)")
+    split = split_dataset(root)
+    if split.kind == "seeded":
+        val_paths = set(recorded.get("val_paths", ()))
+        everything = split.train + split.val
+        val = tuple(r for r in everything if r.path in val_paths)
+        if not val:
+            raise SimimgError(f"none of the validation images this model recorded are in {split.root}; "
+                              "evaluate on the folder it was trained on, or on one with train/ and val/ folders")
+        split = Split(split.root, split.classes, tuple(r for r in everything if r.path not in val_paths), val,
+                      "recorded", split.skipped)
+    unknown = sorted(set(split.classes) - set(model.bundle.classes))
+    if unknown:
+        raise SimimgError(f"{split.root} has classes the model was not trained on ({', '.join(unknown)}); "
+                          f"it knows {', '.join(model.bundle.classes)}")
+    return Split(split.root, model.bundle.classes, split.train, split.val, split.kind, split.skipped)
+
+
+def predict_loader(net: Net, loader: DataLoader, preprocess: Preprocess, device: torch.device,
+                   progress: Progress | None = None) -> Predictions:
+    """Embeddings and logits (CPU float32) for every readable file of `loader`; failures are listed, not raised."""
+    net.eval()
+    positions: list[int] = []
+    embeddings: list[torch.Tensor] = []
+    logits: list[torch.Tensor] = []
+    failures: list[tuple[int, str]] = []
+    total, done = len(loader.dataset), 0
+    for batch_positions, batch, _, batch_failures in loader:
+        if batch_positions:
+            emb, out = infer(net, batch, preprocess, device, with_logits=net.head is not None)
+            positions += batch_positions
+            embeddings.append(emb.cpu())
+            logits.append(out.cpu() if out is not None else torch.empty(len(batch_positions), 0))
+        failures += batch_failures
+        done += len(batch_positions) + len(batch_failures)
+        if progress:
+            progress(done, total)
+    if not positions:
+        raise SimimgError("none of the images could be read; see the skipped files")
+    return Predictions(np.array(positions), torch.cat(embeddings).numpy(), torch.cat(logits), failures)
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix (rows: true class)."""
+    predicted = probs.argmax(axis=1)
+    every = list(range(len(classes)))
+    precision, recall, f1, support = precision_recall_fscore_support(labels, predicted, labels=every, zero_division=0)
+    present = support > 0
+    return {
+        "classes": list(classes),
+        "accuracy": float((predicted == labels).mean()),
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                          "support": int(support[i])} for i, c in enumerate(classes)},
+        "confusion_matrix": confusion_matrix(labels, predicted, labels=every).tolist(),
+    }
+
+
+def most_confused(paths: Sequence[str], labels: np.ndarray, probs: np.ndarray, classes: Sequence[str],
+                  limit: int = MOST_CONFUSED) -> list[dict]:
+    """Misclassified images, the most confidently wrong first."""
+    predicted = probs.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    wrong = wrong[np.argsort(-probs[wrong, predicted[wrong]], kind="stable")][:limit]
+    return [{"path": paths[i], "label": classes[labels[i]], "predicted": classes[predicted[i]],
+             "probability": round(float(probs[i, predicted[i]]), 6)} for i in wrong]
+
+
+def retrieval_metrics(queries: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray, gallery_labels: np.ndarray,
+                      exclude: np.ndarray | None = None, k: int = 10) -> dict:
+    """P@1, P@k and mAP of cosine neighbours; a neighbour is relevant when its label matches.
+
+    `exclude[i]` is the gallery position of query i itself (or -1), which is never counted as its neighbour.
+    """
+    exclude = np.full(len(queries), -1) if exclude is None else exclude
+    g = torch.from_numpy(np.ascontiguousarray(gallery, np.float32))
+    g_labels = torch.from_numpy(np.asarray(gallery_labels))
+    p1, pk, ap = [], [], []
+    for start in range(0, len(queries), QUERY_CHUNK):
+        q = torch.from_numpy(np.ascontiguousarray(queries[start:start + QUERY_CHUNK], np.float32))
+        scores = q @ g.T
+        own = torch.from_numpy(exclude[start:start + QUERY_CHUNK])
+        rows = torch.nonzero(own >= 0).flatten()
+        scores[rows, own[rows]] = -torch.inf
+        order = scores.argsort(dim=1, descending=True, stable=True)
+        relevant = (g_labels[order] == torch.from_numpy(query_labels[start:start + QUERY_CHUNK])[:, None]).float()
+        relevant[rows, -1] = 0.0  # the excluded self sorts last
+        hits = relevant.cumsum(dim=1)
+        ranks = torch.arange(1, relevant.shape[1] + 1)
+        p1.append(relevant[:, 0])
+        pk.append(relevant[:, :k].sum(dim=1) / min(k, relevant.shape[1]))
+        ap.append((hits / ranks * relevant).sum(dim=1) / relevant.sum(dim=1).clamp(min=1))
+    return {"p_at_1": float(torch.cat(p1).mean()), f"p_at_{k}": float(torch.cat(pk).mean()),
+            "map": float(torch.cat(ap).mean())}
+
+
+def _retrieval(paths: IndexPaths, model: LoadedModel, split: Split, val: Predictions, labels: np.ndarray,
+               train_embeddings: Callable[[], Predictions]) -> dict:
+    """Against the index when it holds this model's vectors of this folder, else against the training images."""
+    gallery = _index_gallery(paths, model, split)
+    queries = [split.val[p].path for p in val.positions]
+    if gallery is not None:
+        vectors, gallery_paths, gallery_labels = gallery
+        where = {p: i for i, p in enumerate(gallery_paths)}
+        exclude = np.array([where.get(p, -1) for p in queries])
+        source = "index"
+    else:
+        train = train_embeddings()
+        vectors, gallery_labels = train.embeddings, split.labels(split.train)[train.positions]
+        exclude, source = None, "train split"
+    metrics = retrieval_metrics(val.embeddings, labels, vectors, gallery_labels, exclude)
+    return {**metrics, "gallery": source, "gallery_size": int(len(vectors))}
+
+
+def _index_gallery(paths: IndexPaths, model: LoadedModel, split: Split) -> tuple[np.ndarray, list[str], np.ndarray] | None:
+    """(vectors, paths, label ids) of the published index, if it was built by this model from `split.root`."""
+    if not paths.catalog.exists():
+        return None
+    catalog = Catalog(paths.catalog, readonly=True)
+    try:
+        snapshot = catalog.snapshot()
+        same_root = Path(catalog.get_meta("data_root", "")).resolve() == split.root.resolve()
+        if snapshot is None or snapshot.fingerprint != model.bundle.fingerprint or not same_root:
+            log.info("index '%s' is not built with this model from %s: retrieval uses the training images",
+                     paths.name, split.root)
+            return None
+        _, vectors = catalog.vectors(snapshot.version)
+    finally:
+        catalog.close()
+    index = {c: i for i, c in enumerate(split.classes)}
+    keep = np.array([label in index for label in snapshot.labels], dtype=bool)
+    labels = np.array([index.get(label, -1) for label in snapshot.labels], dtype=np.int64)
+    return vectors[keep], [p for p, k in zip(snapshot.paths, keep) if k], labels[keep]

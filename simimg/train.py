@@ -1,0 +1,440 @@
+"""`simimg train`: fine-tune (or train from scratch) a backbone on class folders into a model bundle.
+
+Pretrained starts warm up the head with the backbone frozen, then unfreeze it at a lower learning rate; random
+starts train everything at once with a longer schedule. Both use AdamW with warmup then cosine decay, label
+smoothing, augmentation, class-weighted loss when classes are imbalanced, early stopping on validation loss
+(keeping the best epoch), and a checkpoint every epoch that `resume` continues from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from simimg.data import Split, TrainAugment, class_weights, make_loader, split_dataset
+from simimg.device import autocast_for, memory_format_for, resolve_device
+from simimg.errors import SimimgError
+from simimg.evaluate import classification_metrics, predict_loader
+from simimg.fsutil import atomic_write_bytes
+from simimg.indexer import default_workers
+from simimg.layout import IndexPaths
+from simimg.lock import writer_lock
+from simimg.model import LoadedModel, Net, build_model, describe, save_bundle, with_classes
+from simimg.plots import plot_confusion, plot_curves
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "train_checkpoint.pt"
+MIN_IMPROVEMENT = 1e-4
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one `simimg train` run was asked to do; saved as train_job.json beside the bundle."""
+
+    data_dir: str
+    name: str
+    home: str
+    arch: str | None = None
+    weights: str = "imagenet"
+    epochs: int | None = None
+    batch_size: int = 32
+    lr: float | None = None
+    image_size: int = 224
+    val_split: float = 0.2
+    freeze_epochs: int | None = None
+    patience: int | None = None
+    device: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    workers: int = field(default_factory=default_workers)
+    memory_efficient: bool = False
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    epoch: int
+    phase: str
+    train_loss: float
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    lr: float
+    images_per_s: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    name: str
+    best_epoch: int
+    val_accuracy: float
+    history: list[EpochStats]
+    seconds: float
+    device: str
+    stopped_early: bool
+    cancelled: bool
+    skipped: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The schedule and regularisation a run uses; defaults depend on whether the start is pretrained."""
+
+    epochs: int
+    lr: float
+    freeze_epochs: int
+    patience: int
+    backbone_lr_factor: float
+    warmup_fraction: float
+    crop_scale: tuple[float, float]
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    jitter: float = 0.2
+
+
+PRETRAINED_RECIPE = Recipe(epochs=15, lr=1e-3, freeze_epochs=3, patience=5, backbone_lr_factor=0.1,
+                           warmup_fraction=0.05, crop_scale=(0.35, 1.0))
+SCRATCH_RECIPE = Recipe(epochs=80, lr=2e-3, freeze_epochs=0, patience=20, backbone_lr_factor=1.0,
+                        warmup_fraction=0.15, crop_scale=(0.25, 1.0))
+
+
+def recipe_for(config: TrainConfig) -> Recipe:
+    """The mode's defaults, with whatever the config sets explicitly."""
+    base = SCRATCH_RECIPE if config.weights == "none" else PRETRAINED_RECIPE
+    overrides = {"epochs": config.epochs, "lr": config.lr, "freeze_epochs": config.freeze_epochs,
+                 "patience": config.patience}
+    recipe = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    if recipe.epochs < 1 or recipe.lr <= 0 or recipe.patience < 1 or recipe.freeze_epochs < 0:
+        raise SimimgError("--epochs and --patience must be at least 1, --lr above 0 and --freeze-epochs 0 or more")
+    return recipe
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """One cycle: a linear warmup from 4% to the peak, then cosine decay towards zero."""
+    if step < warmup:
+        return 0.04 + 0.96 * step / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+@dataclass
+class _State:
+    """What a checkpoint carries from one epoch to the next, and from an interrupted run to its resume."""
+
+    epoch: int = 0
+    history: list[EpochStats] = field(default_factory=list)
+    best_epoch: int = 0
+    best_loss: float = math.inf
+    best_confusion: list[list[int]] = field(default_factory=list)
+    stale: int = 0
+    stopped_early: bool = False
+
+
+@dataclass
+class _Run:
+    """One training run's moving parts, wired once by `_open_run`."""
+
+    config: TrainConfig
+    recipe: Recipe
+    split: Split
+    paths: IndexPaths
+    device: torch.device
+    model: LoadedModel
+    source: str
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module
+    train_loader: DataLoader
+    val_loader: DataLoader
+    state: _State
+    best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.paths.root / CHECKPOINT
+
+
+def run_training(config: TrainConfig, on_epoch: Callable[[EpochStats], None] | None = None,
+                 progress: Callable[[int, int], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> TrainReport:
+    """Train the named model; the one entry point for the CLI and the app. Holds the index's writer lock."""
+    started = time.perf_counter()
+    paths = IndexPaths.of(config.home, config.name)
+    split = split_dataset(config.data_dir, config.val_split, config.seed)
+    device = resolve_device(config.device)
+    with writer_lock(paths.lock, f"index '{config.name}'"):
+        run = _open_run(config, split, paths, device)
+        cancelled = False
+        while run.state.epoch < run.recipe.epochs and not run.state.stopped_early and not cancelled:
+            stats = _run_epoch(run, progress, should_stop or (lambda: False))
+            cancelled = stats is None
+            if stats is not None and on_epoch:
+                on_epoch(stats)
+        _finish(run)
+    state = run.state
+    best = state.history[state.best_epoch - 1] if state.best_epoch else None
+    skipped = [{"path": s.path, "reason": s.reason} for s in split.skipped]
+    skipped += [{"path": p, "reason": r} for p, r in sorted(run.skipped.items())]
+    return TrainReport(config.name, state.best_epoch, best.val_accuracy if best else 0.0, list(state.history),
+                       round(time.perf_counter() - started, 3), str(device), state.stopped_early, cancelled, skipped)
+
+
+def _open_run(config: TrainConfig, split: Split, paths: IndexPaths, device: torch.device) -> _Run:
+    """Build (or, with resume, restore) the model, optimizer and loaders."""
+    recipe = recipe_for(config)
+    torch.manual_seed(config.seed)
+    checkpoint = _read_checkpoint(paths, split, config) if config.resume else None
+    if checkpoint is None:
+        base = build_model(config.arch, config.weights, config.image_size)
+        source = base.bundle.source
+    else:
+        base = build_model(checkpoint["meta"]["arch"], "none", config.image_size)
+        source = checkpoint["meta"]["source"]
+    model = with_classes(base, split.classes)
+    _set_memory_efficient(model.net, config.memory_efficient)
+    model.net.to(device, memory_format=memory_format_for(device))
+    optimizer = _optimizer(model.net, recipe)
+    labels = split.labels(split.train)
+    weights = class_weights(labels, len(split.classes))
+    if weights is not None:
+        log.info("classes are imbalanced: weighting the loss by %s", np.round(weights.numpy(), 3).tolist())
+    criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=recipe.label_smoothing).to(device)
+    augment = TrainAugment(config.image_size, recipe.crop_scale, recipe.jitter)
+    train_loader = make_loader(split.files(split.train), augment, config.batch_size, config.workers, device,
+                               shuffle=True, seed=config.seed, drop_last=len(split.train) > config.batch_size)
+    val_loader = make_loader(split.files(split.val), model.bundle.preprocess, config.batch_size, config.workers, device)
+    run = _Run(config, recipe, split, paths, device, model, source, optimizer, criterion, train_loader, val_loader,
+               _State())
+    if checkpoint is not None:
+        _restore(run, checkpoint)
+    return run
+
+
+def _optimizer(net: Net, recipe: Recipe) -> torch.optim.Optimizer:
+    """AdamW with the backbone and the head in their own groups; `base_lr` is each group's peak."""
+    groups = [{"params": list(net.trunk.parameters()), "base_lr": recipe.lr * recipe.backbone_lr_factor},
+              {"params": list(net.head.parameters()), "base_lr": recipe.lr}]
+    return torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
+def _set_memory_efficient(net: Net, enabled: bool) -> None:
+    """DenseNet's checkpointed concatenation: less activation memory for some recompute; a no-op elsewhere."""
+    for module in net.modules():
+        if hasattr(module, "memory_efficient"):
+            module.memory_efficient = enabled
+
+
+def _phase(run: _Run, epoch: int) -> str:
+    if run.config.weights == "none" and run.recipe.freeze_epochs == 0:
+        return "scratch"
+    return "frozen" if epoch <= run.recipe.freeze_epochs else "finetune"
+
+
+def _run_epoch(run: _Run, progress: Callable[[int, int], None] | None,
+               should_stop: Callable[[], bool]) -> EpochStats | None:
+    """Train one epoch, validate, keep the best weights and write a checkpoint; None when cancelled."""
+    epoch = run.state.epoch + 1
+    phase = _phase(run, epoch)
+    started = time.perf_counter()
+    trained = _train_epoch(run, epoch, phase, progress, should_stop)
+    if trained is None:
+        return None
+    train_loss, train_accuracy, images = trained
+    train_seconds = time.perf_counter() - started
+    val = predict_loader(run.model.net, run.val_loader, run.model.bundle.preprocess, run.device)
+    run.skipped.update({run.split.val[i].path: why for i, why in val.failures})
+    labels = run.split.labels(run.split.val)[val.positions]
+    with torch.no_grad():
+        val_loss = float(run.criterion(val.logits.to(run.device), torch.from_numpy(labels).to(run.device)))
+    metrics = classification_metrics(labels, torch.softmax(val.logits, 1).numpy(), run.split.classes)
+    stats = EpochStats(epoch, phase, round(train_loss, 6), round(train_accuracy, 6), round(val_loss, 6),
+                       round(metrics["accuracy"], 6), max(g["lr"] for g in run.optimizer.param_groups),
+                       round(images / train_seconds, 2), round(time.perf_counter() - started, 3))
+    _record(run, stats, metrics["confusion_matrix"])
+    log.info("epoch %d (%s): train loss %.4f acc %.3f, val loss %.4f acc %.3f, lr %.2e, %.1f img/s", epoch, phase,
+             stats.train_loss, stats.train_accuracy, stats.val_loss, stats.val_accuracy, stats.lr, stats.images_per_s)
+    return stats
+
+
+def _train_epoch(run: _Run, epoch: int, phase: str, progress: Callable[[int, int], None] | None,
+                 should_stop: Callable[[], bool]) -> tuple[float, float, int] | None:
+    """(mean loss, accuracy, images) over one pass of the training images; None when should_stop() said so."""
+    net, device, preprocess = run.model.net, run.device, run.model.bundle.preprocess
+    net.train()
+    net.trunk.requires_grad_(phase != "frozen")
+    if phase == "frozen":
+        net.trunk.eval()  # a frozen backbone keeps its batch-norm statistics too
+    autocast = autocast_for(device)
+    labels = torch.from_numpy(run.split.labels(run.split.train))
+    total = len(run.train_loader)
+    steps_per_epoch, step = total, (epoch - 1) * total
+    warmup = round(run.recipe.warmup_fraction * run.recipe.epochs * steps_per_epoch)
+    loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    run.train_loader.generator.manual_seed(run.config.seed * 100_003 + epoch)
+    for done, (positions, batch, _, failures) in enumerate(run.train_loader, 1):
+        run.skipped.update({run.split.train[i].path: why for i, why in failures})
+        if len(positions) > 1:  # batch norm needs two samples
+            _set_lr(run.optimizer, lr_factor(step, run.recipe.epochs * steps_per_epoch, warmup))
+            y = labels[positions].to(device, non_blocking=True)
+            x = preprocess.normalize(batch.to(device, non_blocking=True)).contiguous(memory_format=memory_format_for(device))
+            with autocast():
+                logits = net(x)
+            loss = run.criterion(logits.float(), y)
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            run.optimizer.step()
+            loss_sum += loss.detach() * len(positions)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(positions)
+        step += 1
+        if progress:
+            progress(done, total)
+        if should_stop():
+            log.info("training cancelled during epoch %d", epoch)
+            return None
+    if seen == 0:
+        raise SimimgError("no training image could be read; see the skipped files")
+    return float(loss_sum) / seen, float(correct) / seen, seen
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+
+
+def _record(run: _Run, stats: EpochStats, confusion: list[list[int]]) -> None:
+    """Add the epoch; on a new best, write the bundle at once (so a cancel keeps it); then the checkpoint."""
+    state = run.state
+    state.history.append(stats)
+    state.epoch = stats.epoch
+    if stats.val_loss < state.best_loss - MIN_IMPROVEMENT:
+        state.best_epoch, state.best_loss, state.best_confusion, state.stale = stats.epoch, stats.val_loss, confusion, 0
+        run.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in run.model.net.state_dict().items()}
+        _save_best(run)
+    else:
+        state.stale += 1
+        state.stopped_early = state.stale >= run.recipe.patience and state.epoch < run.recipe.epochs
+        if state.stopped_early:
+            log.info("validation loss has not improved for %d epochs: stopping early", state.stale)
+    _write_checkpoint(run)
+
+
+def _save_best(run: _Run) -> None:
+    """The best weights so far as HOME/NAME's bundle, with the whole training record in model.json."""
+    net = run.model.net
+    current = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    net.load_state_dict(run.best_weights)
+    state, best = run.state, run.state.history[run.state.best_epoch - 1]
+    info = {"weights": run.config.weights, "training": {
+        "config": asdict(run.config), "recipe": asdict(run.recipe), "device": str(run.device),
+        "best_epoch": state.best_epoch, "stopped_early": state.stopped_early,
+        "metrics": {k: getattr(best, k) for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")},
+        "history": [asdict(h) for h in state.history], "split": run.split.describe(),
+        "class_weights": None if run.criterion.weight is None else run.criterion.weight.cpu().tolist()}}
+    bundle = describe(net, run.model.bundle.arch, run.split.classes, run.model.bundle.preprocess,
+                      f"trained from {run.source}", **info)
+    save_bundle(run.paths.root, net, bundle)
+    net.load_state_dict(current)
+
+
+def _finish(run: _Run) -> None:
+    """Rewrite the bundle with the full history, draw the plots and save the job config; nothing if no epoch ended."""
+    state = run.state
+    if not state.best_epoch:
+        return
+    _save_best(run)
+    plot_curves([asdict(h) for h in state.history], run.paths.root / "curves.png", state.best_epoch)
+    plot_confusion(state.best_confusion, run.split.classes, run.paths.root / "confusion.png")
+    atomic_write_bytes(run.paths.train_job, json.dumps(asdict(run.config), indent=2).encode())
+
+
+def _write_checkpoint(run: _Run) -> None:
+    """Model, optimizer, best weights and the run's state, atomically; loadable with weights_only=True."""
+    state = run.state
+    payload = {
+        "model": run.model.net.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "best_model": run.best_weights,
+        "state": {**asdict(state), "history": [asdict(h) for h in state.history]},
+        "meta": {"arch": run.model.bundle.arch, "classes": list(run.split.classes), "source": run.source,
+                 "image_size": run.config.image_size},
+    }
+    tmp = run.checkpoint.with_name(f".{CHECKPOINT}.{os.getpid()}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, run.checkpoint)
+
+
+def _read_checkpoint(paths: IndexPaths, split: Split, config: TrainConfig) -> dict:
+    path = paths.root / CHECKPOINT
+    if not path.is_file():
+        raise SimimgError(f"nothing to resume: no checkpoint at {path}; run without --resume to start training")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint means the same to the user
+        raise SimimgError(f"checkpoint {path} is unreadable ({err}); run without --resume to start again") from None
+    meta = checkpoint["meta"]
+    if tuple(meta["classes"]) != split.classes or meta["image_size"] != config.image_size or \
+            (config.arch and config.arch != meta["arch"]):
+        raise SimimgError(f"cannot resume: the checkpoint is a {meta['arch']} at {meta['image_size']} px for classes "
+                          f"{', '.join(meta['classes'])}; match those, or run without --resume to start again")
+    return checkpoint
+
+
+def _restore(run: _Run, checkpoint: dict) -> None:
+    run.model.net.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.best_weights = checkpoint["best_model"]
+    saved = dict(checkpoint["state"])
+    saved["history"] = [EpochStats(**h) for h in saved["history"]]
+    run.state = _State(**saved)
+    log.info("resuming '%s' after epoch %d (best %d)", run.config.name, run.state.epoch, run.state.best_epoch)
+
+
+def model_info(arch: str, image_size: int = 224, device: str = "auto", batch_size: int = 32,
+               memory_efficient: bool = False) -> dict:
+    """Parameters, GFLOPs per image, embedding size and, on CUDA, peak memory of one training step at `batch_size`.
+
+    FLOPs count a multiply-add as two (torch's FlopCounterMode); `gmacs` is the figure torchvision's docs quote.
+    """
+    dev = resolve_device(device)
+    loaded = with_classes(build_model(arch, "none", image_size), tuple(str(i) for i in range(1000)))
+    net = loaded.net
+    _set_memory_efficient(net, memory_efficient)
+    net.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(torch.zeros(1, 3, image_size, image_size))
+    info = {"arch": arch, "image_size": image_size, "parameters": sum(p.numel() for p in net.parameters()),
+            "trunk_parameters": sum(p.numel() for p in net.trunk.parameters()), "embedding_dim": net.dim,
+            "gflops": round(counter.get_total_flops() / 1e9, 3), "gmacs": round(counter.get_total_flops() / 2e9, 3), "device": str(dev), "batch_size": batch_size,
+            "memory_efficient": memory_efficient, "peak_training_memory_mib": None}
+    if dev.type == "cuda":
+        info["peak_training_memory_mib"] = _peak_training_memory(net, image_size, dev, batch_size)
+    return info
+
+
+def _peak_training_memory(net: Net, image_size: int, device: torch.device, batch_size: int) -> float:
+    """One forward and backward pass under the training settings (bf16 autocast, channels_last)."""
+    net.train().to(device, memory_format=memory_format_for(device))
+    torch.cuda.reset_peak_memory_stats(device)
+    x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format_for(device))
+    with autocast_for(device)():
+        loss = net(x).float().logsumexp(dim=1).mean()
+    loss.backward()
+    torch.cuda.synchronize(device)
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
