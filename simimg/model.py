@@ -120,7 +120,7 @@ def build_model(arch: str | None, weights: str, image_size: int = 224, memory_ef
     builder, enum = _architecture(arch)
     kwargs = {"memory_efficient": memory_efficient} if arch.startswith("densenet") else {}
     if weights == "imagenet":
-        tv_model, source = builder(weights=_cached_or_downloadable(arch, enum), **kwargs), f"torchvision:{enum}"
+        tv_model, source = _imagenet_model(builder, arch, enum, **kwargs), f"torchvision:{enum}"
     elif weights == "none":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
@@ -223,12 +223,24 @@ def _cached_or_downloadable(arch: str, enum: models.WeightsEnum) -> models.Weigh
     if os.environ.get("SIMIMG_OFFLINE") == "1":
         raise SimimgError(_missing_weights_message(arch, enum, target, "SIMIMG_OFFLINE=1 is set"))
     try:
-        torch.hub.download_url_to_file(enum.url, str(target.with_suffix(".part")), progress=False)
         target.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(enum.url, str(target.with_suffix(".part")), progress=False)
         os.replace(target.with_suffix(".part"), target)
     except Exception as err:  # noqa: BLE001 - any network failure means the same thing to the user
         raise SimimgError(_missing_weights_message(arch, enum, target, f"download failed: {err}")) from None
     return enum
+
+
+def _imagenet_model(builder: Callable[..., nn.Module], arch: str, enum: models.WeightsEnum, **kwargs) -> nn.Module:
+    """torchvision's own loader on the cached file; a damaged or wrong file there is the user's to replace."""
+    enum = _cached_or_downloadable(arch, enum)
+    try:
+        return builder(weights=enum, **kwargs)
+    except Exception as err:  # noqa: BLE001 - unpickling and shape errors alike mean a bad file
+        why = " ".join(str(err).split())[:200]
+        raise SimimgError(f"the cached ImageNet weights {weights_file(arch)} cannot be loaded into {arch} "
+                          f"({why}); delete it so it is fetched again, or put "
+                          f"{enum.url} there, or use --weights none") from None
 
 
 def _missing_weights_message(arch: str, enum: models.WeightsEnum, target: Path, why: str) -> str:
