@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -277,3 +278,56 @@ def test_a_bundle_that_does_not_match_the_index_is_refused_then_rebuilt(world: d
     assert "another model" in proc.stderr and "re-run `simimg index`" in proc.stderr
     in_process_index(world["data"], tmp_path, "photos")
     assert_same_rows(consistent_state(tmp_path, "photos"), world["model2_rows"])
+
+
+# --- readers during re-indexes -------------------------------------------------------------------------
+def answer(service: SearchService, query: Path) -> tuple[int, list[str], list[float]]:
+    """(version served, neighbour paths, scores); the one reader thread is the only one that refreshes."""
+    result = service.query_file(query, k=8)
+    return service.snapshot.version, [n.path for n in result.neighbors], [n.score for n in result.neighbors]
+
+
+def test_readers_see_one_whole_version_at_a_time_and_pick_up_new_ones(world: dict, tmp_path: Path) -> None:
+    live = tmp_path / "live"
+    shutil.copytree(world["data"], live)
+    copy_index(world["home"] / "first", tmp_path, "photos")
+    query = live / "circles" / "circles_004.png"
+    edits = [lambda: make_class_images(live, {"stars": 4}, size=40, seed=3),
+             lambda: [(live / "squares" / f"squares_{i:03d}.png").unlink() for i in range(4)],
+             lambda: [(live / "stars" / f"stars_{i:03d}.png").unlink() for i in range(2)]
+             + [make_class_images(live / "circles", {"more": 3}, size=40, seed=4)]]
+    reader = SearchService(tmp_path, "photos", "cpu")
+    answers: list[tuple[int, list[str], list[float]]] = []
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def read_loop() -> None:
+        try:
+            while not stop.is_set():
+                answers.append(answer(reader, query))
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            failures.append(err)
+
+    expected = {1: (answer(SearchService(tmp_path, "photos", "cpu"), query), set(world["first"]))}
+    thread = threading.Thread(target=read_loop)
+    thread.start()
+    try:
+        for edit in edits:
+            edit()
+            cli_json(*index_args(live, tmp_path, "photos"))
+            fresh = SearchService(tmp_path, "photos", "cpu")
+            expected[fresh.snapshot.version] = (answer(fresh, query), set(fresh.snapshot.paths))
+        published_last = len(answers)
+        while len(answers) < published_last + 2 and thread.is_alive():
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join()
+    assert failures == []
+    assert sorted(expected) == [1, 2, 3, 4] and answers[-1][0] == 4
+    assert len({version for version, _, _ in answers}) >= 2
+    for version, paths, scores in answers:
+        (_, want_paths, want_scores), snapshot_paths = expected[version]
+        assert set(paths) <= snapshot_paths
+        assert paths == want_paths and np.allclose(scores, want_scores, atol=1e-5)
+        assert len(paths) == 8 and scores == sorted(scores, reverse=True)
