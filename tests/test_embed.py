@@ -1,0 +1,98 @@
+"""embed.py: files in, L2-normalised float32 embeddings out, in batches, with bad files reported beside them."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_class_images
+from test_images import write_broken
+
+from simimg.embed import EmbedSettings, FileDataset, collate, embed_files, infer
+from simimg.model import LoadedModel, build_model, with_classes
+
+IMAGE_SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def model() -> LoadedModel:
+    return build_model("densenet121", "none", IMAGE_SIZE)
+
+
+@pytest.fixture
+def mixed(tmp_path) -> tuple[list[Path], dict[int, str]]:
+    """Six good images and every broken kind, interleaved; returns the paths and position -> reason phrase."""
+    good = sorted(make_class_images(tmp_path / "good", {"a": 3, "b": 3}, size=40).rglob("*.png"))
+    phrases = write_broken(tmp_path / "bad")
+    bad = [tmp_path / "bad" / name for name in phrases]
+    paths = [p for pair in zip(good, bad) for p in pair]
+    return paths, {i: phrases[p.name] for i, p in enumerate(paths) if p.parent.name == "bad"}
+
+
+def test_dataset_reads_each_file_once_for_hash_and_pixels(model, mixed):
+    paths, bad = mixed
+    dataset = FileDataset(paths, model.bundle.preprocess)
+    for i, path in enumerate(paths):
+        pos, tensor, text = dataset[i]
+        assert pos == i
+        if i in bad:
+            assert tensor is None and bad[i] in text
+        else:
+            assert tensor.dtype == torch.uint8 and tuple(tensor.shape) == (3, IMAGE_SIZE, IMAGE_SIZE)
+            assert text == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_missing_file_is_a_failure_not_an_exception(model, tmp_path):
+    assert FileDataset([tmp_path / "gone.jpg"], model.bundle.preprocess)[0] == (0, None, "file not found (deleted, or a broken link)")
+
+
+def test_collate_stacks_the_good_and_passes_failures_through():
+    image = torch.zeros(3, 4, 4, dtype=torch.uint8)
+    positions, batch, hashes, failures = collate([(0, image, "h0"), (1, None, "bad"), (2, image + 1, "h2")])
+    assert positions == [0, 2] and hashes == ["h0", "h2"] and failures == [(1, "bad")]
+    assert tuple(batch.shape) == (2, 3, 4, 4) and batch[1].max() == 1
+    positions, batch, hashes, failures = collate([(5, None, "x")])
+    assert positions == [] and len(batch) == 0 and failures == [(5, "x")]
+
+
+def test_infer_gives_unit_float32_vectors_and_logits_only_with_a_head(model):
+    batch = torch.randint(0, 256, (3, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
+    device = torch.device("cpu")
+    net = model.net.eval()
+    vectors, logits = infer(net, batch, model.bundle.preprocess, device, with_logits=True)
+    assert vectors.dtype == torch.float32 and tuple(vectors.shape) == (3, 1024) and logits is None
+    torch.testing.assert_close(vectors.norm(dim=1), torch.ones(3))
+    headed = with_classes(build_model("densenet121", "none", IMAGE_SIZE), ("x", "y"))
+    again, logits = infer(headed.net.eval(), batch, model.bundle.preprocess, device, with_logits=True)
+    assert tuple(logits.shape) == (3, 2)
+    torch.testing.assert_close(again, vectors)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_embed_files_covers_every_position_once(model, mixed, workers):
+    paths, bad = mixed
+    settings = EmbedSettings(torch.device("cpu"), batch_size=4, workers=workers)
+    batches = list(embed_files(model.net, paths, model.bundle.preprocess, settings))
+    assert len(batches) == 3
+    positions = [p for b in batches for p in b.positions]
+    failures = dict(f for b in batches for f in b.failures)
+    assert sorted(positions + list(failures)) == list(range(len(paths)))
+    assert set(failures) == set(bad) and all(bad[i] in failures[i] for i in bad)
+    vectors = np.concatenate([b.vectors for b in batches])
+    assert vectors.dtype == np.float32 and vectors.shape == (len(positions), 1024)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, rtol=1e-5)
+
+
+def test_a_vector_does_not_depend_on_its_batch_or_path(model, mixed, tmp_path):
+    paths = [p for p in mixed[0] if p.parent.parent.name == "good"]
+    copy = tmp_path / "copy.png"
+    copy.write_bytes(paths[0].read_bytes())
+    settings = EmbedSettings(torch.device("cpu"), batch_size=8, workers=0)
+    together = next(embed_files(model.net, [*paths, copy], model.bundle.preprocess, settings)).vectors
+    alone = next(embed_files(model.net, paths[:1], model.bundle.preprocess, settings)).vectors
+    np.testing.assert_allclose(together[0], alone[0], atol=1e-5)
+    np.testing.assert_allclose(together[-1], together[0], atol=1e-6)
+    assert np.abs(together[1] - together[0]).max() > 1e-3
