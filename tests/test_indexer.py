@@ -1,0 +1,106 @@
+"""indexer.py: one `simimg index` run, in process: awkward files indexed, broken ones reported, the model respected."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_class_images
+from test_images import write_awkward, write_broken
+from test_model import densenet121_state
+
+from simimg.catalog import Catalog, Snapshot
+from simimg.errors import SimimgError
+from simimg.index import flat_contents, load_index
+from simimg.indexer import IndexJob, run_index
+from simimg.layout import IndexPaths
+from simimg.model import build_model, read_bundle, save_bundle
+
+
+def assert_consistent(home: Path, name: str) -> Snapshot:
+    """FAISS and SQLite agree: the same ids, each once, each path once; the writer's head equals what readers see."""
+    paths = IndexPaths.of(home, name)
+    catalog = Catalog(paths.catalog, readonly=True)
+    try:
+        snap = catalog.snapshot()
+        head = catalog.head()
+        visible = catalog.count(snap.version)
+    finally:
+        catalog.close()
+    index = load_index(paths.faiss(snap.version))
+    faiss_ids, _ = flat_contents(index)
+    assert index.ntotal == len(snap.ids) == visible
+    assert sorted(faiss_ids.tolist()) == snap.ids.tolist()
+    assert len(set(snap.ids.tolist())) == len(snap.ids) and len(set(snap.paths)) == len(snap.paths)
+    assert sorted(head) == sorted(snap.paths)
+    return snap
+
+
+@pytest.fixture
+def job(tmp_path) -> IndexJob:
+    return IndexJob(data_dir=str(tmp_path / "photos"), name="photos", home=str(tmp_path / "home"), weights="none",
+                    image_size=32, batch_size=8, workers=0, chunk_size=4)
+
+
+def test_awkward_files_are_indexed_and_broken_ones_reported_by_path(job):
+    root = Path(job.data_dir)
+    make_class_images(root, {"good": 3}, size=40)
+    awkward = write_awkward(root / "odd")
+    broken = write_broken(root / "bad")
+    seen: list[tuple[int, int]] = []
+    report = run_index(job, progress=lambda done, total: seen.append((done, total)))
+    assert (report.indexed, report.removed, report.total, report.version) == (3 + len(awkward), 0, 3 + len(awkward), 1)
+    reasons = {s.path: s.reason for s in report.skipped}
+    assert set(reasons) == {f"bad/{name}" for name in broken}
+    assert all(phrase in reasons[f"bad/{name}"] for name, phrase in broken.items())
+    assert seen[0] == (0, len(awkward) + len(broken) + 3) and seen[-1] == (seen[0][1], seen[0][1])
+    snap = assert_consistent(Path(job.home), job.name)
+    assert sorted(p for p, lab in zip(snap.paths, snap.labels) if lab == "odd") == [f"odd/{n}" for n in awkward]
+
+    again = run_index(job)
+    assert (again.indexed, again.removed, again.total, again.version) == (0, 0, report.total, 1)
+    assert {s.path for s in again.skipped} == set(reasons)
+
+
+def test_job_is_saved_beside_the_index(job):
+    make_class_images(Path(job.data_dir), {"a": 2}, size=40)
+    run_index(job)
+    saved = json.loads((Path(job.home) / job.name / "index_job.json").read_text())
+    assert saved == asdict(job)
+    assert read_bundle(Path(job.home) / job.name).preprocess.crop_size == 32
+
+
+def test_a_new_model_in_the_folder_rebuilds_every_vector(job, tmp_path):
+    make_class_images(Path(job.data_dir), {"a": 3, "b": 2}, size=40)
+    first = run_index(job)
+    before = assert_consistent(Path(job.home), job.name)
+    torch.save(densenet121_state(seed=1), tmp_path / "other.pth")
+    other = build_model("densenet121", str(tmp_path / "other.pth"), 32)
+    save_bundle(Path(job.home) / job.name, other.net, other.bundle)
+    report = run_index(replace(job, weights=None))
+    assert report.rebuilt and (report.indexed, report.total, report.version) == (first.total, first.total, 2)
+    after = assert_consistent(Path(job.home), job.name)
+    assert after.fingerprint == other.bundle.fingerprint != before.fingerprint
+    assert not set(after.ids.tolist()) & set(before.ids.tolist())
+
+
+@pytest.mark.parametrize("change", [{"image_size": 64}, {"arch": "resnet50"}, {"weights": "imagenet"}])
+def test_flags_that_disagree_with_the_index_model_are_refused(job, change):
+    make_class_images(Path(job.data_dir), {"a": 2}, size=40)
+    run_index(job)
+    with pytest.raises(SimimgError, match="fingerprint mismatch: index 'photos' was built with densenet121"):
+        run_index(replace(job, **change))
+    assert run_index(replace(job, weights=None, image_size=None, arch=None)).indexed == 0
+
+
+def test_missing_or_empty_folders_are_user_errors_and_create_nothing(job):
+    with pytest.raises(SimimgError, match="is not a folder"):
+        run_index(job)
+    (Path(job.data_dir) / "cls").mkdir(parents=True)
+    (Path(job.data_dir) / "cls" / "notes.txt").write_text("no images here")
+    with pytest.raises(SimimgError, match="no images found in"):
+        run_index(job)
+    assert not Path(job.home).exists()
