@@ -1,0 +1,159 @@
+"""Training: a short run learns, the bundle round-trips, cancel and --resume, the recipe, model-info, bad folders."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_class_images, run_cli
+from simimg.errors import SimimgError
+from simimg.layout import IndexPaths
+from simimg.model import load_bundle, read_bundle
+from simimg.train import (CHECKPOINT, EpochStats, TrainConfig, lr_factor, model_info, recipe_for, run_training)
+
+CLASSES = {"circle": 16, "square": 16, "triangle": 16}
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch: pytest.MonkeyPatch):
+    """Two cores shared by many jobs: more than one OpenMP thread each makes every job crawl."""
+    monkeypatch.setenv("SIMIMG_OFFLINE", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def toys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_class_images(tmp_path_factory.mktemp("train") / "toys", CLASSES, size=40)
+
+
+def small(data: Path, home: Path, **changes) -> TrainConfig:
+    config = TrainConfig(str(data), "toys", str(home), weights="none", epochs=5, batch_size=8, image_size=32,
+                         val_split=0.25, workers=0)
+    return replace(config, **changes)
+
+
+@pytest.fixture(scope="module")
+def trained(toys: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    torch.set_num_threads(1)
+    config = small(toys, tmp_path_factory.mktemp("home"))
+    epochs: list[EpochStats] = []
+    batches: list[tuple[int, int]] = []
+    report = run_training(config, on_epoch=epochs.append, progress=lambda done, total: batches.append((done, total)))
+    return {"config": config, "report": report, "epochs": epochs, "batches": batches,
+            "paths": IndexPaths.of(config.home, config.name)}
+
+
+def test_a_short_run_learns_the_synthetic_task(trained: dict) -> None:
+    report = trained["report"]
+    assert report.val_accuracy >= 0.75, report.history  # chance is 1/3
+    assert not report.cancelled and report.device == "cpu"
+    assert report.history == trained["epochs"] and [h.epoch for h in report.history] == [1, 2, 3, 4, 5]
+    assert {h.phase for h in report.history} == {"scratch"}
+    best = min(report.history, key=lambda h: h.val_loss)
+    assert report.best_epoch == best.epoch and report.val_accuracy == best.val_accuracy
+    assert trained["batches"][:4] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_the_bundle_carries_the_training_record(trained: dict) -> None:
+    paths, report = trained["paths"], trained["report"]
+    bundle = read_bundle(paths.root)
+    assert bundle.classes == tuple(CLASSES) and bundle.preprocess.crop_size == 32
+    training = bundle.info["training"]
+    assert training["best_epoch"] == report.best_epoch
+    assert training["metrics"]["val_accuracy"] == report.val_accuracy
+    assert [h["epoch"] for h in training["history"]] == [1, 2, 3, 4, 5]
+    assert len(training["split"]["val_paths"]) == 12 and training["config"]["weights"] == "none"
+    assert json.loads(paths.train_job.read_text()) == asdict(trained["config"])
+    for picture in ("curves.png", "confusion.png"):
+        assert (paths.root / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_bundle_round_trips_to_identical_logits(trained: dict) -> None:
+    paths = trained["paths"]
+    best = torch.load(paths.root / CHECKPOINT, weights_only=True)["best_model"]
+    fresh = load_bundle(paths.root).net
+    again = load_bundle(paths.root).net
+    fresh.load_state_dict(best)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(fresh(x), again(x))
+
+
+def test_cancel_keeps_the_best_bundle_and_resume_continues(toys: Path, tmp_path: Path) -> None:
+    config = small(toys, tmp_path, epochs=3)
+    finished: list[EpochStats] = []
+    first = run_training(config, on_epoch=finished.append, should_stop=lambda: len(finished) == 2)
+    assert first.cancelled and [h.epoch for h in first.history] == [1, 2]
+    kept = read_bundle(IndexPaths.of(tmp_path, "toys").root)
+    assert kept.info["training"]["best_epoch"] == first.best_epoch
+
+    resumed = run_training(replace(config, resume=True))
+    assert not resumed.cancelled and [h.epoch for h in resumed.history] == [1, 2, 3]
+    assert resumed.history[:2] == first.history
+
+
+def test_cancel_before_an_epoch_ends_writes_no_bundle(toys: Path, tmp_path: Path) -> None:
+    report = run_training(small(toys, tmp_path), should_stop=lambda: True)
+    assert report.cancelled and report.best_epoch == 0 and report.history == []
+    assert not (IndexPaths.of(tmp_path, "toys").root / "model.json").exists()
+
+
+def test_resume_without_a_checkpoint_says_so(toys: Path, tmp_path: Path) -> None:
+    with pytest.raises(SimimgError, match="nothing to resume"):
+        run_training(small(toys, tmp_path, resume=True))
+
+
+def test_frozen_warm_up_changes_only_the_head(trained: dict, toys: Path, tmp_path: Path) -> None:
+    """Transfer from an earlier simimg model: one frozen epoch keeps its backbone, so its fingerprint too."""
+    source = trained["paths"].root
+    report = run_training(small(toys, tmp_path, weights=str(source), epochs=1, freeze_epochs=1))
+    assert [h.phase for h in report.history] == ["frozen"]
+    assert read_bundle(IndexPaths.of(tmp_path, "toys").root).fingerprint == read_bundle(source).fingerprint
+
+
+def test_recipe_defaults_depend_on_the_start() -> None:
+    scratch = recipe_for(TrainConfig("d", "n", "h", weights="none"))
+    pretrained = recipe_for(TrainConfig("d", "n", "h"))
+    assert (scratch.epochs, scratch.lr, scratch.freeze_epochs) == (80, 2e-3, 0)
+    assert pretrained.freeze_epochs > 0 and pretrained.backbone_lr_factor < 1
+    assert recipe_for(TrainConfig("d", "n", "h", epochs=7, lr=0.1)).epochs == 7
+    with pytest.raises(SimimgError, match="--epochs"):
+        recipe_for(TrainConfig("d", "n", "h", epochs=0))
+
+
+def test_learning_rate_warms_up_then_decays_to_zero() -> None:
+    factors = [lr_factor(step, 100, 10) for step in range(101)]
+    assert factors[0] == pytest.approx(0.04) and factors[10] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(factors[:10], factors[1:11]))
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:])) and factors[-1] == pytest.approx(0.0)
+
+
+def test_model_info_counts_densenet121() -> None:
+    info = model_info("densenet121", image_size=224, device="cpu")
+    assert info["parameters"] == 7_978_856 and info["embedding_dim"] == 1024  # torchvision's published figures
+    assert info["gmacs"] == pytest.approx(2.83, abs=0.05)
+    assert info["peak_training_memory_mib"] is None
+
+
+def test_cli_rejects_a_bad_data_dir_in_one_line(tmp_path: Path) -> None:
+    """Every kind of bad folder is in test_data; here, that the CLI turns one into a single line and exit 2."""
+    data = make_class_images(tmp_path / "d", {"a": 3, "b": 0}, size=16)
+    proc = run_cli("train", str(data), "--home", str(tmp_path / "home"), "--weights", "none", check=False)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("simimg: error: ") and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.gpu
+def test_cuda_training_step_and_peak_memory(toys: Path, tmp_path: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    report = run_training(small(toys, tmp_path, epochs=1, device="cuda", memory_efficient=True))
+    assert report.device.startswith("cuda") and len(report.history) == 1
+    assert model_info("densenet121", 224, "cuda", batch_size=8)["peak_training_memory_mib"] > 0
