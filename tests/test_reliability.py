@@ -14,12 +14,14 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import ROOT, cli_json, make_class_images, run_cli, synthetic_image
 from simimg.catalog import Catalog
@@ -331,3 +333,96 @@ def test_readers_see_one_whole_version_at_a_time_and_pick_up_new_ones(world: dic
         assert set(paths) <= snapshot_paths
         assert paths == want_paths and np.allclose(scores, want_scores, atol=1e-5)
         assert len(paths) == 8 and scores == sorted(scores, reverse=True)
+
+
+# --- bad files: one batch through the real CLI ------------------------------------------------------------
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims `width` x `height` pixels: the shape of a decompression bomb, in 60 bytes."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def awkward_images(folder: Path) -> list[str]:
+    """Files that are odd but readable: every one must be indexed. Returns their paths relative to the root."""
+    rng = np.random.default_rng(5)
+    rgb = synthetic_image(2, rng, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    makers = {
+        "cmyk.jpg": lambda p: rgb.convert("CMYK").save(p),
+        "deep16.png": lambda p: Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257)).save(p),
+        "rgba.png": lambda p: rgb.convert("RGBA").save(p),
+        "la.png": lambda p: rgb.convert("LA").save(p),
+        "palette.png": lambda p: rgb.convert("P", palette=Image.Palette.ADAPTIVE).save(p, transparency=0),
+        "rotated.jpg": lambda p: rgb.resize((40, 20)).save(p, exif=exif),
+        "one.png": lambda p: rgb.resize((1, 1)).save(p),
+        "eight.png": lambda p: rgb.resize((8, 8)).save(p),
+        "wide.png": lambda p: rgb.resize((4000, 40)).save(p),
+        "png-named.jpg": lambda p: rgb.save(p, format="PNG"),
+        "jpeg-named.PNG": lambda p: rgb.save(p, format="JPEG"),
+        "café ☕ 写真.png": lambda p: rgb.save(p),
+        "  many   spaces  .png": lambda p: rgb.save(p),
+    }
+    folder.mkdir(parents=True)
+    for name, make in makers.items():
+        make(folder / name)
+    return [f"{folder.name}/{name}" for name in makers]
+
+
+def broken_files(folder: Path, elsewhere: Path) -> dict[str, str]:
+    """Files that cannot be indexed, each with the words its skip reason must contain."""
+    folder.mkdir(parents=True)
+    jpeg = folder / "truncated.jpg"
+    synthetic_image(0, np.random.default_rng(6), 64).save(jpeg, quality=95)
+    jpeg.write_bytes(jpeg.read_bytes()[:400])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "noise.png").write_bytes(np.random.default_rng(7).bytes(3000))
+    (folder / "notes.jpg").write_text("shopping list: milk, eggs\n" * 20)
+    (folder / "bomb.png").write_bytes(png_header_only(30_000, 30_000))
+    (folder / "dangling.png").symlink_to(elsewhere / "no-such-file.png")
+    return {"bad/truncated.jpg": "truncated", "bad/empty.png": "empty file", "bad/noise.png": "unrecognised data",
+            "bad/notes.jpg": "holds text", "bad/bomb.png": "decompression bomb", "bad/dangling.png": "broken symbolic link"}
+
+
+def link_loop(root: Path, outside: Path) -> dict[str, str]:
+    """Two folders outside the collection that link to each other, reached through a link from inside it;
+    and a link from the collection back to its own root."""
+    for a, b in (("x", "y"), ("y", "x")):
+        (outside / a).mkdir(parents=True)
+        (outside / a / f"to_{b}").symlink_to(outside / b, target_is_directory=True)
+    synthetic_image(3, np.random.default_rng(8), 40).save(outside / "x" / "linked.png")
+    (root / "linked").symlink_to(outside / "x", target_is_directory=True)
+    (root / "linked_back").symlink_to(root, target_is_directory=True)  # inside: never followed, nothing twice
+    return {"linked/to_y/to_x": "folder link loop"}
+
+
+def test_a_batch_of_bad_files_is_reported_and_everything_else_is_indexed(tmp_path: Path) -> None:
+    data = make_class_images(tmp_path / "data", {"good": 6}, size=40)
+    readable = [f"good/good_{i:03d}.png" for i in range(6)] + awkward_images(data / "awkward") + ["linked/linked.png"]
+    expected_skips = {**broken_files(data / "bad", tmp_path), **link_loop(data, tmp_path / "outside")}
+    report = cli_json(*index_args(data, tmp_path / "home", "messy"))
+    skipped = {s["path"]: s["reason"] for s in report["skipped"]}
+    assert sorted(skipped) == sorted(expected_skips), skipped
+    for path, words in expected_skips.items():
+        assert words in skipped[path], (path, skipped[path])
+    assert report["indexed"] == report["total"] == len(readable)
+    rows = consistent_state(tmp_path / "home", "messy")
+    assert sorted(rows) == sorted(readable)
+    assert all(np.isfinite(v).all() and abs(np.linalg.norm(v) - 1) < 1e-4 for _, v in rows.values())
+
+
+def test_an_unreadable_file_is_skipped_and_the_rest_indexed(tmp_path: Path) -> None:
+    data = make_class_images(tmp_path / "data", {"good": 2}, size=40)
+    locked = data / "good" / "locked.png"
+    synthetic_image(1, np.random.default_rng(9), 40).save(locked)
+    locked.chmod(0)
+    try:
+        if os.access(locked, os.R_OK):
+            pytest.skip("running as root: a file without read permission can still be read")
+        report = cli_json(*index_args(data, tmp_path / "home", "locked"))
+    finally:
+        locked.chmod(0o644)
+    assert [(s["path"], s["reason"]) for s in report["skipped"]] == [("good/locked.png", "permission denied: the file cannot be read")]
+    assert sorted(consistent_state(tmp_path / "home", "locked")) == ["good/good_000.png", "good/good_001.png"]
