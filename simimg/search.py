@@ -137,7 +137,9 @@ class SearchService:
 
     def query_file(self, path: str | Path, k: int = 10, label: str | None = None,
                    min_score: float | None = None) -> QueryResult:
-        return self.query(load_image(path), k, label, min_score, query=str(path))
+        """Decoded exactly as `simimg index` decodes (JPEG draft included), so an indexed file finds itself at 1.0."""
+        image = load_image(path, draft_size=self.model.bundle.preprocess.resize_size)
+        return self.query(image, k, label, min_score, query=str(path))
 
     def query(self, image: Image.Image, k: int = 10, label: str | None = None, min_score: float | None = None,
               query: str = "") -> QueryResult:

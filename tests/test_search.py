@@ -1,0 +1,124 @@
+"""search.py: a warm SearchService answers queries by file or PIL image, with label and score filters and predictions."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_class_images, synthetic_image
+from PIL import Image
+
+from simimg.catalog import Snapshot
+from simimg.errors import SimimgError
+from simimg.indexer import IndexJob, run_index
+from simimg.model import load_bundle, save_bundle, with_classes
+from simimg.search import SearchService, neighbors_from, predict
+
+CLASSES = {"circles": 4, "squares": 4, "triangles": 3}
+
+
+def photo_like_jpeg(path: Path) -> None:
+    """A 512 x 384 JPEG: big enough that decoding uses a reduced-scale draft."""
+    y, x = np.mgrid[0:384, 0:512]
+    pixels = np.stack([x % 256, (2 * y) % 256, ((x + y) // 3) % 256], -1)
+    Image.fromarray(pixels.astype(np.uint8)).save(path, quality=90)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, Path]:
+    """(data root, home) of an index 'shapes': three labelled classes, and an unlabelled PNG and large JPEG."""
+    root = make_class_images(tmp_path_factory.mktemp("data") / "shapes", CLASSES, size=48)
+    synthetic_image(1, np.random.default_rng(5), 48).save(root / "loose.png")
+    photo_like_jpeg(root / "loose.jpg")
+    home = tmp_path_factory.mktemp("home")
+    run_index(IndexJob(str(root), "shapes", str(home), weights="none", image_size=32, workers=0))
+    return root, home
+
+
+@pytest.fixture(scope="module")
+def service(built) -> SearchService:
+    return SearchService(built[1], "shapes", "cpu")
+
+
+def test_every_indexed_image_finds_itself_first(built, service):
+    root, _ = built
+    assert len(service.snapshot.paths) == sum(CLASSES.values()) + 2
+    for path in service.snapshot.paths:
+        top = service.query_file(root / path, k=3).neighbors[0]
+        assert top.path == path and top.score >= 0.999
+
+
+def test_a_large_jpeg_is_decoded_for_queries_as_it_was_for_the_index(built, service):
+    top = service.query_file(built[0] / "loose.jpg", k=1).neighbors[0]
+    assert top.path == "loose.jpg" and top.label is None and top.score >= 0.999999
+
+
+def test_label_filter_returns_only_that_label(built, service):
+    query = built[0] / "circles" / "circles_000.png"
+    result = service.query_file(query, k=50, label="squares")
+    assert [n.label for n in result.neighbors] == ["squares"] * CLASSES["squares"]
+    assert service.query_file(query, k=5, label="no-such-label").neighbors == []
+
+
+def test_k_larger_than_the_index_returns_each_image_once_best_first(built, service):
+    neighbors = service.query_file(built[0] / "squares" / "squares_001.png", k=1000).neighbors
+    assert sorted(n.path for n in neighbors) == sorted(service.snapshot.paths)
+    scores = [n.score for n in neighbors]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_min_score_drops_weaker_neighbors(built, service):
+    query = built[0] / "triangles" / "triangles_002.png"
+    everything = service.query_file(query, k=100).neighbors
+    middle = len(everything) // 2
+    threshold = (everything[middle - 1].score + everything[middle].score) / 2
+    kept = service.query_file(query, k=100, min_score=threshold).neighbors
+    assert kept == [n for n in everything if n.score >= threshold] and 0 < len(kept) < len(everything)
+
+
+def test_a_pil_image_query_equals_the_file_query(built, service):
+    path = built[0] / "squares" / "squares_002.png"
+    by_file = service.query_file(path, k=4)
+    by_image = service.query(Image.open(path), k=4, query=str(path))
+    assert by_image == by_file and by_file.prediction is None
+
+
+def test_info_counts_each_label(service):
+    info = service.info()
+    assert info["labels"] == {**CLASSES, "": 2}
+    assert info["total"] == sum(CLASSES.values()) + 2 and info["dim"] == 1024 and info["arch"] == "densenet121"
+    assert info["fingerprint"] == service.model.bundle.fingerprint and info["classifier"] is False
+
+
+def test_a_model_with_a_classifier_also_predicts(built, tmp_path):
+    home = tmp_path / "home"
+    shutil.copytree(built[1] / "shapes", home / "shapes")
+    net, bundle = with_classes(load_bundle(home / "shapes"), ("circles", "squares", "triangles"))
+    save_bundle(home / "shapes", net, bundle)
+    result = SearchService(home, "shapes", "cpu").query_file(built[0] / "circles" / "circles_001.png", k=2)
+    top = result.prediction.top
+    assert result.prediction.label == top[0]["label"] and {t["label"] for t in top} == set(bundle.classes)
+    assert [t["probability"] for t in top] == sorted((t["probability"] for t in top), reverse=True)
+    assert abs(sum(t["probability"] for t in top) - 1) < 1e-5 and result.neighbors[0].path == "circles/circles_001.png"
+
+
+def test_unknown_or_invalid_names_are_user_errors(built):
+    with pytest.raises(SimimgError, match="no index named 'nope'.*simimg index DATA_DIR --name nope"):
+        SearchService(built[1], "nope", "cpu")
+    with pytest.raises(SimimgError, match="is not allowed"):
+        SearchService(built[1], "../shapes", "cpu")
+
+
+def test_predict_ranks_classes_by_probability():
+    p = predict(torch.tensor([0.0, 2.0, 1.0]), ("a", "b", "c"), top=2)
+    assert p.label == "b" and [t["label"] for t in p.top] == ["b", "c"]
+    assert p.probability == pytest.approx(float(torch.softmax(torch.tensor([0.0, 2.0, 1.0]), 0)[1]))
+
+
+def test_neighbors_from_drops_padding_unknown_ids_and_weak_scores():
+    snap = Snapshot(1, "fp", "flat", np.array([3, 7, 9]), ["a.png", "b.png", "c.png"], ["x", None, "y"])
+    found = neighbors_from(np.array([0.9, 0.8, 0.5, 0.4]), np.array([7, 5, 9, -1]), snap, min_score=0.6)
+    assert [(n.path, n.label, n.score) for n in found] == [("b.png", None, 0.9)]
