@@ -6,10 +6,10 @@ from simimg import ui
 
 st.set_page_config(page_title="simimg", page_icon=":material/image_search:", layout="wide")
 navigation = st.navigation([
-    st.Page("pages/search.py", title="Search", icon=":material/image_search:", default=True),
-    st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
-    st.Page("pages/index.py", title="Index", icon=":material/library_add:"),
-    st.Page("pages/inspect.py", title="Inspect", icon=":material/insights:"),
+    st.Page("app_pages/search.py", title="Search", icon=":material/image_search:", default=True),
+    st.Page("app_pages/train.py", title="Train", icon=":material/model_training:"),
+    st.Page("app_pages/index.py", title="Index", icon=":material/library_add:"),
+    st.Page("app_pages/inspect.py", title="Inspect", icon=":material/insights:"),
 ])
 ui.sidebar()
 navigation.run()

@@ -83,6 +83,18 @@ def _service(home_dir: str, name: str, fingerprint: str) -> SearchService:
     return SearchService(home_dir, name, "auto")
 
 
+def open_index(title: str) -> SearchService | None:
+    """A page's header for the chosen index, or the first-run guide (and None) when there is no index yet."""
+    name = current_index()
+    if name is None:
+        first_run_guide()
+        return None
+    st.title(title, anchor=False)
+    service = search_service(name)
+    st.caption(describe_index(service.info()))
+    return service
+
+
 def describe_index(info: dict) -> str:
     """One line a user reads in the sidebar: size, backbone, classifier."""
     kind = f"classifier over {len(info['classes'])} classes" if info["classifier"] else "no classifier yet"
@@ -241,6 +253,26 @@ def start_job(key: str, work: Callable[[Job], object]) -> Job:
 
     threading.Thread(target=target, name=f"simimg-{key}", daemon=True).start()
     return job
+
+
+def job_page(key: str, form: Callable[[], None], progress: Callable[[Job], None],
+             result: Callable[[Job], None], every: float = 0.5) -> None:
+    """A page around one background job: its live progress while it runs, else the form and the last result."""
+    job = get_job(key)
+    if job is not None and job.running:
+        watch(job, progress, every)
+        return
+    with friendly_errors():
+        form()
+    if job is not None and not job_failed(job):
+        result(job)
+
+
+def job_failed(job: Job) -> bool:
+    """Show a finished job's error, if it had one."""
+    if job.error:
+        st.error(job.error, icon=":material/error:")
+    return job.error is not None
 
 
 def watch(job: Job, render: Callable[[Job], None], every: float = 0.5) -> None:

@@ -90,7 +90,7 @@ def test_first_run_shows_the_guide_and_builds_the_demo(workdir: Path):
     assert "**36** images" in at.caption[0].value
 
 
-@pytest.mark.parametrize("page", ["pages/inspect.py"])
+@pytest.mark.parametrize("page", ["app_pages/inspect.py"])
 def test_other_pages_offer_the_guide_without_an_index(workdir: Path, page: str):
     at = open_app(page)
     assert any("Put class folders" in m.value for m in at.markdown)
@@ -184,7 +184,7 @@ def test_index_page_builds_and_lists_skipped_files(workdir: Path):
     folder = make_class_images(workdir / "data" / "mixed", {"red": 4, "green": 4}, size=40)
     (folder / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     (folder / "green" / "notes.jpg").write_text("a text file with an image's name")
-    at = open_app("pages/index.py")
+    at = open_app("app_pages/index.py")
     at.text_input(key="index-folder").set_value("data/mixed")
     at.text_input[1].set_value("mixed")
     at.radio[0].set_value("none")
@@ -200,7 +200,7 @@ def test_index_page_builds_and_lists_skipped_files(workdir: Path):
 
 def test_index_page_refuses_folders_outside_the_data_roots(workdir: Path, tmp_path_factory):
     outside = make_class_images(tmp_path_factory.mktemp("elsewhere"), {"a": 2}, size=32)
-    at = open_app("pages/index.py")
+    at = open_app("app_pages/index.py")
     for typed in (str(outside), "data/../../", "/etc"):
         at.text_input(key="index-folder").set_value(typed)
         at.button[0].click().run()
@@ -213,7 +213,7 @@ def test_index_page_refuses_folders_outside_the_data_roots(workdir: Path, tmp_pa
 def test_train_then_search_then_evaluate(workdir: Path):
     pytest.importorskip("simimg.train")
     make_class_images(workdir / "data" / "toys", {"red": 8, "blue": 8}, size=40)
-    at = open_app("pages/train.py")
+    at = open_app("app_pages/train.py")
     at.text_input[1].set_value("toys")
     at.radio[0].set_value("none")
     at.number_input[0].set_value(1)
@@ -223,13 +223,13 @@ def test_train_then_search_then_evaluate(workdir: Path):
     run_until(at, lambda a: bool(a.success) or bool(a.error))
     assert not at.error, at.error[0].value
     assert "best validation accuracy" in at.success[0].value
-    at.switch_page("pages/search.py").run()
+    at.switch_page("app_pages/search.py").run()
     upload(at, "q.png", png_bytes(workdir / "data" / "toys" / "red" / "red_000.png"))
     assert at.metric[0].label == "Predicted class"
     assert at.metric[0].value in ("red", "blue")
 
     pytest.importorskip("simimg.evaluate")
-    at.switch_page("pages/inspect.py").run()
+    at.switch_page("app_pages/inspect.py").run()
     at.button[0].click().run()
     run_until(at, lambda a: any(m.label == "Accuracy" for m in a.metric))
     assert [m.label for m in at.metric][:2] == ["Accuracy", "Macro F1"]
@@ -243,7 +243,7 @@ def test_train_then_search_then_evaluate(workdir: Path):
 
 def test_inspect_page_map_and_duplicates(indexed: Path):
     pytest.importorskip("simimg.evaluate")
-    at = open_app("pages/inspect.py")
+    at = open_app("app_pages/inspect.py")
     assert any("no classifier" in i.value for i in at.info)
     assert not at.error
     at.slider[-1].set_value(0.8).run()

@@ -18,14 +18,7 @@ JOB_KEY = "train"
 def main() -> None:
     st.title("Train", anchor=False)
     st.caption("Teach a DenseNet your classes: pick a folder of class folders, and watch it learn.")
-    job = ui.get_job(JOB_KEY)
-    if job is not None and job.running:
-        ui.watch(job, progress_ui, every=1.0)
-        return
-    with ui.friendly_errors():
-        form_ui()
-    if job is not None:
-        result_ui(job)
+    ui.job_page(JOB_KEY, form_ui, progress_ui, result_ui, every=1.0)
 
 
 def form_ui() -> None:
@@ -94,9 +87,6 @@ def curves_ui(events: list) -> None:
 
 
 def result_ui(job: ui.Job) -> None:
-    if job.error:
-        st.error(job.error, icon=":material/error:")
-        return
     report: TrainReport = job.result
     if report.cancelled:
         st.warning(f"Training was cancelled. The best model so far (epoch {report.best_epoch}) is saved; "

@@ -16,14 +16,7 @@ JOB_KEY = "index"
 def main() -> None:
     st.title("Index", anchor=False)
     st.caption("Embed every image of a folder so it can be searched. Re-running only embeds new or changed files.")
-    job = ui.get_job(JOB_KEY)
-    if job is not None and job.running:
-        ui.watch(job, progress_ui)
-        return
-    with ui.friendly_errors():
-        form_ui()
-    if job is not None:
-        result_ui(job)
+    ui.job_page(JOB_KEY, form_ui, progress_ui, result_ui)
 
 
 def form_ui() -> None:
@@ -55,9 +48,6 @@ def progress_ui(job: ui.Job) -> None:
 
 
 def result_ui(job: ui.Job) -> None:
-    if job.error:
-        st.error(job.error, icon=":material/error:")
-        return
     report: IndexReport = job.result
     st.success(f"Index **{report.name}** is at version {report.version}: {report.total:,} images.",
                icon=":material/check_circle:")

@@ -20,19 +20,15 @@ SEEN_UPLOAD_KEY = "upload_seen"
 
 
 def main() -> None:
-    name = ui.current_index()
-    if name is None:
-        ui.first_run_guide()
-        return
-    st.title("Search", anchor=False)
     with ui.friendly_errors():
-        service = ui.search_service(name)
+        service = ui.open_index("Search")
+        if service is None:
+            return
         info = service.info()
-        st.caption(ui.describe_index(info))
         k, label, min_score = controls_ui(info)
         query = query_ui()
         if query is None:
-            st.info("Drop an image above to find the most similar pictures in **" + name + "**.",
+            st.info(f"Drop an image above to find the most similar pictures in **{info['name']}**.",
                     icon=":material/image_search:")
             return
         results_ui(service, *query, k, label, min_score)

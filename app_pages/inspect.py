@@ -21,14 +21,11 @@ PAIRS_SHOWN = 12
 
 
 def main() -> None:
-    name = ui.current_index()
-    if name is None:
-        ui.first_run_guide()
-        return
-    st.title("Inspect", anchor=False)
     with ui.friendly_errors():
-        service = ui.search_service(name)
-        st.caption(ui.describe_index(service.info()))
+        service = ui.open_index("Inspect")
+        if service is None:
+            return
+        name = service.paths.name
         evaluation, embedding_map, duplicates = st.tabs(["Evaluation", "Embedding map", "Near-duplicates"])
         with evaluation:
             evaluation_ui(name, service.info()["classifier"])
@@ -52,10 +49,7 @@ def evaluation_ui(name: str, has_classifier: bool) -> None:
     if st.button("Evaluate on the validation images", type="primary", icon=":material/fact_check:"):
         ui.start_job(key, lambda j: run_evaluation(name, str(ui.home()), progress=j.progress))
         st.rerun()
-    if job is None:
-        return
-    if job.error:
-        st.error(job.error, icon=":material/error:")
+    if job is None or ui.job_failed(job):
         return
     metrics_ui(job.result)
     confusion_ui(job.result)
@@ -103,7 +97,7 @@ def map_ui(name: str, version: int, data_root: Path) -> None:
     points = embedding_map(str(ui.home()), name, version, method, limit)
     pick = alt.selection_point(name="pick", fields=["path"], on="click")
     chart = alt.Chart(points).mark_circle(size=70, opacity=0.8).encode(
-        x=alt.X("x:Q", axis=None), y=alt.Y("y:Q", axis=None), color=alt.Color("label:N", title="label"),
+        x=alt.X("x:Q", axis=None), y=alt.Y("y:Q", axis=None), color=alt.Color("label:N", title="label", scale=alt.Scale(scheme="tableau10")),
         tooltip=["label:N", "path:N"]).add_params(pick).properties(height=520)
     with right:
         event = st.altair_chart(chart, width="stretch", key="map", on_select="rerun")
@@ -144,10 +138,12 @@ def duplicates_ui(name: str, version: int, data_root: Path) -> None:
         st.success("No pairs above this threshold.", icon=":material/check_circle:")
         return
     st.markdown(f"**{len(pairs)}** pairs at or above {threshold:.3f}" + (" (the first 500)" if len(pairs) >= 500 else ""))
-    for row in pairs.head(PAIRS_SHOWN).itertuples():
-        with st.container(border=True):
-            ui.image_strip([(data_root / row.a, row.a), (data_root / row.b, row.b)], columns=4,
-                           header=f":orange-badge[score {row.score:.4f}]")
+    rows = list(pairs.head(PAIRS_SHOWN).itertuples())
+    for start in range(0, len(rows), 2):
+        for column, row in zip(st.columns(2), rows[start:start + 2]):
+            with column.container(border=True):
+                ui.image_strip([(data_root / row.a, row.a), (data_root / row.b, row.b)], columns=2,
+                               header=f":orange-badge[score {row.score:.4f}]")
     st.dataframe(pairs, hide_index=True, width="stretch")
 
 
