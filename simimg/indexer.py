@@ -53,6 +53,7 @@ class IndexJob:
     batch_size: int = 64
     workers: int = field(default_factory=default_workers)
     chunk_size: int = 512
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,8 @@ def run_index(job: IndexJob, progress: Progress | None = None) -> IndexReport:
             pending = catalog.version + 1
             rebuilt = _prepare_pending(catalog, pending, model.bundle.fingerprint, scan.root)
             plan = _plan(catalog.head(), scan.records, scan.root)
-            failures = _apply(catalog, plan, pending, model, scan.root, EmbedSettings(device, job.batch_size, job.workers),
-                              job.chunk_size, progress)
+            settings = EmbedSettings(device, job.batch_size, job.workers, job.compile)
+            failures = _apply(catalog, plan, pending, model, scan.root, settings, job.chunk_size, progress)
             version, total = _publish(catalog, paths, pending, model)
         finally:
             catalog.close()
