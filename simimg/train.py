@@ -186,7 +186,7 @@ def run_training(config: TrainConfig, on_epoch: Callable[[EpochStats], None] | N
             cancelled = stats is None
             if stats is not None and on_epoch:
                 on_epoch(stats)
-        _finish(run)
+        _finish(run, cancelled)
     state = run.state
     best = state.history[state.best_epoch - 1] if state.best_epoch else None
     skipped = [{"path": s.path, "reason": s.reason} for s in split.skipped]
@@ -353,12 +353,17 @@ def _save_best(run: _Run) -> None:
     net.load_state_dict(current)
 
 
-def _finish(run: _Run) -> None:
-    """Rewrite the bundle with the full history, draw the plots and save the job config; nothing if no epoch ended."""
+def _finish(run: _Run, cancelled: bool) -> None:
+    """Rewrite the bundle with the full history, draw the plots and save the job config; nothing if no epoch ended.
+
+    A finished run drops its checkpoint (the size of three models); a cancelled one keeps it for `resume`.
+    """
     state = run.state
     if not state.best_epoch:
         return
     _save_best(run)
+    if not cancelled:
+        run.checkpoint.unlink(missing_ok=True)
     plot_curves([asdict(h) for h in state.history], run.paths.root / "curves.png", state.best_epoch)
     plot_confusion(state.best_confusion, run.split.classes, run.paths.root / "confusion.png")
     atomic_write_bytes(run.paths.train_job, json.dumps(asdict(run.config), indent=2).encode())
@@ -366,12 +371,11 @@ def _finish(run: _Run) -> None:
 
 def _write_checkpoint(run: _Run) -> None:
     """Model, optimizer, best weights and the run's state, atomically; loadable with weights_only=True."""
-    state = run.state
     payload = {
         "model": run.model.net.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "best_model": run.best_weights,
-        "state": {**asdict(state), "history": [asdict(h) for h in state.history]},
+        "state": asdict(run.state),
         "meta": {"arch": run.model.bundle.arch, "classes": list(run.split.classes), "source": run.source,
                  "image_size": run.config.image_size},
     }
