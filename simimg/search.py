@@ -17,7 +17,7 @@ from PIL import Image
 
 from simimg.catalog import Catalog, Snapshot
 from simimg.device import resolve_device
-from simimg.embed import infer
+from simimg.embed import infer, prepare_net
 from simimg.errors import SimimgError
 from simimg.images import load_image
 from simimg.index import Searcher, load_index, make_searcher
@@ -89,7 +89,7 @@ class SearchService:
                               f"`simimg index DATA_DIR --name {name}`")
         self.device = resolve_device(device)
         self.model: LoadedModel = load_bundle(self.paths.root)
-        self.model.net.to(self.device)
+        prepare_net(self.model.net, self.device)
         self.catalog = Catalog(self.paths.catalog, readonly=True)
         self._lock = threading.Lock()
         self._loaded: _Loaded | None = None
