@@ -26,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from simimg.data import Split, TrainAugment, class_weights, make_loader, split_dataset
 from simimg.device import autocast_for, memory_format_for, resolve_device
 from simimg.errors import SimimgError
+from simimg.embed import reuse_freed_memory
 from simimg.evaluate import classification_metrics, predict_loader
 from simimg.fsutil import atomic_write_bytes
 from simimg.indexer import default_workers
@@ -208,6 +209,7 @@ def _open_run(config: TrainConfig, split: Split, paths: IndexPaths, device: torc
         source = checkpoint["meta"]["source"]
     model = with_classes(base, split.classes)
     _set_memory_efficient(model.net, config.memory_efficient)
+    reuse_freed_memory()
     model.net.to(device, memory_format=memory_format_for(device))
     optimizer = _optimizer(model.net, recipe)
     labels = split.labels(split.train)
