@@ -18,7 +18,7 @@ from PIL import Image
 from simimg.catalog import Catalog, Snapshot
 from simimg.device import resolve_device
 from simimg.embed import infer, prepare_net
-from simimg.errors import SimimgError
+from simimg.errors import BadImageError, SimimgError
 from simimg.images import load_image
 from simimg.index import Searcher, load_index, make_searcher
 from simimg.layout import IndexPaths
@@ -138,7 +138,10 @@ class SearchService:
     def query_file(self, path: str | Path, k: int = 10, label: str | None = None,
                    min_score: float | None = None) -> QueryResult:
         """Decoded exactly as `simimg index` decodes (JPEG draft included), so an indexed file finds itself at 1.0."""
-        image = load_image(path, draft_size=self.model.bundle.preprocess.resize_size)
+        try:
+            image = load_image(path, draft_size=self.model.bundle.preprocess.resize_size)
+        except BadImageError as err:
+            raise BadImageError(f"cannot query {path}: {err.reason}") from None
         return self.query(image, k, label, min_score, query=str(path))
 
     def query(self, image: Image.Image, k: int = 10, label: str | None = None, min_score: float | None = None,
