@@ -190,7 +190,8 @@ def _retrieval(paths: IndexPaths, model: LoadedModel, split: Split, val: Predict
     return {**metrics, "gallery": source, "gallery_size": int(len(vectors))}
 
 
-def _index_gallery(paths: IndexPaths, model: LoadedModel, split: Split) -> tuple[np.ndarray, list[str], np.ndarray] | None:
+def _index_gallery(paths: IndexPaths, model: LoadedModel,
+                   split: Split) -> tuple[np.ndarray, list[str], np.ndarray] | None:
     """(vectors, paths, label ids) of the published index, if it was built by this model from `split.root`."""
     if not paths.catalog.exists():
         return None

@@ -265,9 +265,10 @@ def _run_epoch(run: _Run, progress: Callable[[int, int], None] | None,
     with torch.no_grad():
         val_loss = float(run.criterion(val.logits.to(run.device), torch.from_numpy(labels).to(run.device)))
     metrics = classification_metrics(labels, torch.softmax(val.logits, 1).numpy(), run.split.classes)
+    lr = max(g["lr"] for g in run.optimizer.param_groups)
     stats = EpochStats(epoch, phase, round(train_loss, 6), round(train_accuracy, 6), round(val_loss, 6),
-                       round(metrics["accuracy"], 6), max(g["lr"] for g in run.optimizer.param_groups),
-                       round(images / train_seconds, 2), round(time.perf_counter() - started, 3))
+                       round(metrics["accuracy"], 6), float(f"{lr:.6g}"), round(images / train_seconds, 2),
+                       round(time.perf_counter() - started, 3))
     _record(run, stats, metrics["confusion_matrix"])
     log.info("epoch %d (%s): train loss %.4f acc %.3f, val loss %.4f acc %.3f, lr %.2e, %.1f img/s", epoch, phase,
              stats.train_loss, stats.train_accuracy, stats.val_loss, stats.val_accuracy, stats.lr, stats.images_per_s)
@@ -282,7 +283,7 @@ def _train_epoch(run: _Run, epoch: int, phase: str, progress: Callable[[int, int
     net.trunk.requires_grad_(phase != "frozen")
     if phase == "frozen":
         net.trunk.eval()  # a frozen backbone keeps its batch-norm statistics too
-    autocast = autocast_for(device)
+    autocast, layout = autocast_for(device), memory_format_for(device)
     labels = torch.from_numpy(run.split.labels(run.split.train))
     total = len(run.train_loader)
     steps_per_epoch, step = total, (epoch - 1) * total
@@ -294,7 +295,7 @@ def _train_epoch(run: _Run, epoch: int, phase: str, progress: Callable[[int, int
         if len(positions) > 1:  # batch norm needs two samples
             _set_lr(run.optimizer, lr_factor(step, run.recipe.epochs * steps_per_epoch, warmup))
             y = labels[positions].to(device, non_blocking=True)
-            x = preprocess.normalize(batch.to(device, non_blocking=True)).contiguous(memory_format=memory_format_for(device))
+            x = preprocess.normalize(batch.to(device, non_blocking=True)).contiguous(memory_format=layout)
             with autocast():
                 logits = net(x)
             loss = run.criterion(logits.float(), y)
@@ -427,7 +428,8 @@ def model_info(arch: str, image_size: int = 224, device: str = "auto", batch_siz
         net(torch.zeros(1, 3, image_size, image_size))
     info = {"arch": arch, "image_size": image_size, "parameters": sum(p.numel() for p in net.parameters()),
             "trunk_parameters": sum(p.numel() for p in net.trunk.parameters()), "embedding_dim": net.dim,
-            "gflops": round(counter.get_total_flops() / 1e9, 3), "gmacs": round(counter.get_total_flops() / 2e9, 3), "device": str(dev), "batch_size": batch_size,
+            "gflops": round(counter.get_total_flops() / 1e9, 3), "gmacs": round(counter.get_total_flops() / 2e9, 3),
+            "device": str(dev), "batch_size": batch_size,
             "memory_efficient": memory_efficient, "peak_training_memory_mib": None}
     if dev.type == "cuda":
         info["peak_training_memory_mib"] = _peak_training_memory(net, image_size, dev, batch_size)
@@ -438,7 +440,8 @@ def _peak_training_memory(net: Net, image_size: int, device: torch.device, batch
     """One forward and backward pass under the training settings (bf16 autocast, channels_last)."""
     net.train().to(device, memory_format=memory_format_for(device))
     torch.cuda.reset_peak_memory_stats(device)
-    x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format_for(device))
+    x = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    x = x.contiguous(memory_format=memory_format_for(device))
     with autocast_for(device)():
         loss = net(x).float().logsumexp(dim=1).mean()
     loss.backward()

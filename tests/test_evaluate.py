@@ -86,7 +86,8 @@ def test_evaluate_then_index_then_query_then_evaluate_again(trained: dict) -> No
 
     after = json.loads(run_cli("evaluate", "--name", "toys", "--home", home, "--workers", "0", "--json",
                                env=ONE_THREAD).stdout)
-    assert {"classes", "accuracy", "macro_f1", "per_class", "confusion_matrix", "retrieval", "most_confused"} <= set(after)
+    required = {"classes", "accuracy", "macro_f1", "per_class", "confusion_matrix", "retrieval", "most_confused"}
+    assert required <= set(after)
     assert after["classes"] == ["circle", "square", "triangle"] and after["accuracy"] == before["accuracy"]
     assert after["retrieval"]["gallery"] == "index" and after["retrieval"]["gallery_size"] == 42
     assert sum(map(sum, after["confusion_matrix"])) == 12 == sum(c["support"] for c in after["per_class"].values())
