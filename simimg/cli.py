@@ -188,7 +188,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 pretrained, 2e-3 from scratch)")
     p.add_argument("--val-split", type=float, default=0.2, help="validation share when there is no val/ folder")
     p.add_argument("--freeze-epochs", type=int, help="head-only warm-up epochs (default: 3 pretrained, 0 scratch)")
-    p.add_argument("--patience", type=int, help="stop after this many epochs without a better validation loss")
+    p.add_argument("--patience", type=int, help="stop after this many epochs without a better validation loss, "
+                                                 "counted once the learning rate is below half its peak "
+                                                 "(default: 5 pretrained, 20 scratch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--memory-efficient", action="store_true", help="DenseNet checkpointing: less memory, slower")

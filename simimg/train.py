@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "train_checkpoint.pt"
 MIN_IMPROVEMENT = 1e-4
+# Patience counts only epochs whose learning rate is below this share of the peak: at a high one-cycle rate the
+# validation loss is noisy by design (hymenoptera from scratch stopped at epoch 33 of 80, 78% of the peak rate).
+ANNEALED = 0.5
 
 
 @dataclass(frozen=True)
@@ -331,10 +334,10 @@ def _record(run: _Run, stats: EpochStats, confusion: list[list[int]]) -> None:
         run.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in run.model.net.state_dict().items()}
         _save_best(run)
     else:
-        state.stale += 1
+        state.stale += int(stats.lr < ANNEALED * run.recipe.lr)
         state.stopped_early = state.stale >= run.recipe.patience and state.epoch < run.recipe.epochs
         if state.stopped_early:
-            log.info("validation loss has not improved for %d epochs: stopping early", state.stale)
+            log.info("validation loss has not improved for %d annealed epochs: stopping early", state.stale)
     _write_checkpoint(run)
 
 

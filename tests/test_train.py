@@ -116,6 +116,19 @@ def test_frozen_warm_up_changes_only_the_head(trained: dict, toys: Path, tmp_pat
     assert read_bundle(IndexPaths.of(tmp_path, "toys").root).fingerprint == read_bundle(source).fingerprint
 
 
+def test_early_stopping_counts_only_annealed_epochs_and_keeps_the_best(trained: dict, toys: Path,
+                                                                        tmp_path: Path) -> None:
+    """A frozen backbone and a vanishing learning rate: validation loss never improves after epoch 1.
+
+    The learning rate falls below half its peak after epoch 3 of 6, so patience 2 runs out at epoch 5, not 3.
+    """
+    config = small(toys, tmp_path, weights=str(trained["paths"].root), epochs=6, freeze_epochs=6, lr=1e-12, patience=2)
+    report = run_training(config)
+    assert report.stopped_early and [h.epoch for h in report.history] == [1, 2, 3, 4, 5]
+    assert report.best_epoch == 1
+    assert read_bundle(IndexPaths.of(tmp_path, "toys").root).info["training"]["best_epoch"] == 1
+
+
 def test_recipe_defaults_depend_on_the_start() -> None:
     scratch = recipe_for(TrainConfig("d", "n", "h", weights="none"))
     pretrained = recipe_for(TrainConfig("d", "n", "h"))
