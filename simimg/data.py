@@ -20,6 +20,7 @@ from torchvision import transforms
 
 from simimg.embed import FileDataset, collate
 from simimg.errors import SimimgError
+from simimg.preprocess import Preprocess
 from simimg.scan import IMAGE_EXTENSIONS, SPLIT_NAMES, Record, Scan, Skipped, scan_folder
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,8 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor | None:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def make_loader(files: Sequence[Path], transform: object, batch_size: int, workers: int, device: torch.device,
-                shuffle: bool = False, seed: int = 0, drop_last: bool = False) -> DataLoader:
+def make_loader(files: Sequence[Path], transform: Preprocess | TrainAugment, batch_size: int, workers: int,
+                device: torch.device, shuffle: bool = False, seed: int = 0, drop_last: bool = False) -> DataLoader:
     """Batches of (positions, uint8 NCHW, hashes, failures) from embed.collate; unreadable files never raise."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
