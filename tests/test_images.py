@@ -209,6 +209,12 @@ def test_exif_orientation_survives_a_draft_decode():
     assert near(image.getpixel((image.width // 2, 5)), RED)
 
 
+def test_cmyk_jpeg_keeps_its_colours_in_a_draft_decode():
+    image = decode_image(encode(two_halves((800, 600), "CMYK"), "JPEG", quality=95), draft_size=73)
+    assert image.mode == "RGB" and min(image.size) >= 73 and image.width < 800
+    assert near(image.getpixel((5, 5)), RED, 40) and near(image.getpixel((image.width - 5, 5)), BLUE, 40)
+
+
 def test_draft_decode_is_never_smaller_than_asked():
     image = decode_image(encode(_noise(size=512), "JPEG"), draft_size=100)
     assert 100 <= image.width < 512
