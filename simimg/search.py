@@ -19,7 +19,7 @@ from simimg.catalog import Catalog, Snapshot
 from simimg.device import resolve_device
 from simimg.embed import infer, prepare_net
 from simimg.errors import BadImageError, SimimgError
-from simimg.images import load_image
+from simimg.images import load_image, to_rgb
 from simimg.index import Searcher, load_index, make_searcher
 from simimg.layout import IndexPaths
 from simimg.model import LoadedModel, load_bundle
@@ -146,11 +146,12 @@ class SearchService:
 
     def query(self, image: Image.Image, k: int = 10, label: str | None = None, min_score: float | None = None,
               query: str = "") -> QueryResult:
-        """Classify (when the model has a head) and find the k most similar gallery images."""
+        """Classify (when the model has a head) and find the k most similar gallery images; any PIL mode is accepted."""
         self.refresh()
         loaded = self._loaded
         preprocess = self.model.bundle.preprocess
-        embedding, logits = infer(self.model.net, preprocess.to_uint8(image).unsqueeze(0), preprocess, self.device,
+        batch = preprocess.to_uint8(to_rgb(image)).unsqueeze(0)
+        embedding, logits = infer(self.model.net, batch, preprocess, self.device,
                                   with_logits=self.model.bundle.has_classifier)
         allowed = None
         if label is not None:

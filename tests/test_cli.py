@@ -213,7 +213,8 @@ def test_bad_weights_path(cli, photos, tmp_path):
 def test_query_of_an_unreadable_image(cli, photos, tmp_path):
     assert cli("index", str(photos), *TINY)[0] == 0
     (tmp_path / "bad.jpg").write_bytes(b"")
-    assert_one_line_error(*cli("query", str(tmp_path / "bad.jpg"), "--name", "photos"), f"{tmp_path / 'bad.jpg'}: empty file")
+    bad = tmp_path / "bad.jpg"
+    assert_one_line_error(*cli("query", str(bad), "--name", "photos"), f"cannot query {bad}: empty file")
 
 
 # --- the acceptance check on real photos -----------------------------------------------------------------------

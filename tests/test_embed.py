@@ -46,7 +46,8 @@ def test_dataset_reads_each_file_once_for_hash_and_pixels(model, mixed):
 
 
 def test_missing_file_is_a_failure_not_an_exception(model, tmp_path):
-    assert FileDataset([tmp_path / "gone.jpg"], model.bundle.preprocess)[0] == (0, None, "file not found (deleted, or a broken link)")
+    position, tensor, reason = FileDataset([tmp_path / "gone.jpg"], model.bundle.preprocess)[0]
+    assert (position, tensor) == (0, None) and reason.startswith("file not found")
 
 
 def test_collate_stacks_the_good_and_passes_failures_through():

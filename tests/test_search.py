@@ -86,6 +86,13 @@ def test_a_pil_image_query_equals_the_file_query(built, service):
     assert by_image == by_file and by_file.prediction is None
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "L", "P", "CMYK"])
+def test_a_pil_image_in_any_mode_is_queried_as_rgb(built, service, mode):
+    path = built[0] / "squares" / "squares_003.png"
+    as_rgb = service.query(Image.open(path).convert(mode).convert("RGB"), k=3)
+    assert service.query(Image.open(path).convert(mode), k=3) == as_rgb
+
+
 def test_info_counts_each_label(service):
     info = service.info()
     assert info["labels"] == {**CLASSES, "": 2}
