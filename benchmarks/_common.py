@@ -1,0 +1,108 @@
+"""What every benchmark shares: arguments, generated JPEGs, timing, hardware notes, a table and one JSON line.
+
+Every figure is a ratio against a baseline measured in the same run, repeated and interleaved, because the
+machines these run on are often shared: absolute rates move with the load, ratios much less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+PHOTO_SIZE = (500, 375)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; medians are reported")
+    p.add_argument("--json", action="store_true", help="end with one JSON line holding every figure")
+    return p
+
+
+def make_jpegs(folder: Path, count: int, size: tuple[int, int] = PHOTO_SIZE, classes: int = 2, seed: int = 0) -> Path:
+    """`count` photo-like JPEGs (smooth shapes, mild noise, quality 90) in `classes` class folders."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    for i in range(count):
+        fx, fy, phase = rng.uniform(0.005, 0.04, 2).tolist() + [rng.uniform(0, 6.3)]
+        base = 127 + 90 * np.sin(xx * fx + phase)[..., None] * np.cos(yy * fy)[..., None] * rng.uniform(0.3, 1, 3)
+        pixels = np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+        target = folder / f"class{i % classes}"
+        target.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(target / f"img{i:06d}.jpg", quality=90)
+    return folder
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds(fn: Callable[[], object], device: torch.device | None = None) -> float:
+    """Wall time of fn(), with queued GPU work finished before and after."""
+    if device is not None:
+        sync(device)
+    start = time.perf_counter()
+    fn()
+    if device is not None:
+        sync(device)
+    return time.perf_counter() - start
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def hardware(device: torch.device) -> dict:
+    """What ran it, and how busy the machine was (other processes share the cores)."""
+    info = {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_avg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__, "python": platform.python_version()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def finish(title: str, rows: Sequence[dict], summary: dict, as_json: bool) -> None:
+    """Print a table of `rows` (one dict per line, same keys), then the summary as the last line when asked."""
+    print(f"## {title}")
+    if rows:
+        keys = list(rows[0])
+        print(" | ".join(keys))
+        for row in rows:
+            print(" | ".join(_fmt(row.get(k)) for k in keys))
+    if not as_json:
+        for key, value in summary.items():
+            if not isinstance(value, (list, dict)):
+                print(f"{key}: {_fmt(value)}")
+    if as_json:
+        print(json.dumps(summary))
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

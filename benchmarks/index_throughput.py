@@ -1,0 +1,107 @@
+"""`simimg index` end to end, against the model alone and against a seed-style loop, measured in one run.
+
+    python benchmarks/index_throughput.py --device cpu --images 64 --json
+    python benchmarks/index_throughput.py --device cuda --images 4096 --batch-size 256 --json
+
+end_to_end: the real `run_index` (scan, read + hash + decode in workers, forward, catalog, FAISS, publish) on a
+fresh home that already holds the model bundle (random init, `--weights none`), as after a first `simimg index`.
+model_only: `infer` alone on pre-made uint8 batches already on the device: same model, batch size and precision.
+baseline: the seed's loop: torchvision ImageFolder (PIL decode, no draft), fp32 NCHW, batch 32, no workers.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+from _common import finish, hardware, make_jpegs, median, parser, seconds
+from simimg.device import resolve_device
+from simimg.embed import infer, prepare_net
+from simimg.indexer import IndexJob, default_workers, run_index
+from simimg.model import LoadedModel, build_model, load_bundle, save_bundle
+from simimg.scan import scan_folder
+
+NAME = "bench"
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=256, help="JPEGs to generate (500x375) when no --folder is given")
+    p.add_argument("--folder", help="index this folder instead (all of it)")
+    p.add_argument("--arch", default="densenet121")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=64, help="as `simimg index --batch-size` (default 64)")
+    p.add_argument("--workers", type=int, default=default_workers(), help="decode workers (default: all cores)")
+    p.add_argument("--compile", action="store_true", help="torch.compile in both model-only and end-to-end")
+    args = p.parse_args()
+    device = resolve_device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.folder) if args.folder else make_jpegs(Path(tmp) / "photos", args.images)
+        images = len(scan_folder(folder).records)
+        bundle = Path(tmp) / "bundle"
+        save_bundle(bundle, *build_model(args.arch, "none", args.image_size))
+        rows = []
+        model_only = _model_only_timer(load_bundle(bundle), device, images, args.batch_size, args.compile)
+        for r in range(args.repeats):
+            home = Path(tmp) / f"home{r}"
+            shutil.copytree(bundle, home / NAME)
+            job = IndexJob(str(folder), NAME, str(home), device=args.device, batch_size=args.batch_size,
+                           workers=args.workers, compile=args.compile)
+            row = {"repeat": r, "model_only_img_s": images / model_only(),
+                   "end_to_end_img_s": images / seconds(lambda: _index(job, images), device),
+                   "baseline_img_s": images / _baseline_seconds(folder, load_bundle(bundle), device, args.image_size)}
+            row["ratio_model_only"] = row["end_to_end_img_s"] / row["model_only_img_s"]
+            row["ratio_baseline"] = row["end_to_end_img_s"] / row["baseline_img_s"]
+            rows.append(row)
+    summary = {"benchmark": "index_throughput", "device": str(device), "images": images, "arch": args.arch,
+               "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers,
+               "compile": args.compile, "repeats": args.repeats,
+               **{key: median([row[key] for row in rows]) for key in rows[0] if key != "repeat"},
+               "hardware": hardware(device)}
+    finish("simimg index throughput (img/s; ratios are medians of per-repeat ratios)", rows, summary, args.json)
+
+
+def _index(job: IndexJob, images: int) -> None:
+    report = run_index(job)
+    if report.indexed != images:
+        raise SystemExit(f"indexed {report.indexed} of {images} images; skipped: {report.skipped[:3]}")
+
+
+def _model_only_timer(model: LoadedModel, device: torch.device, images: int, batch_size: int, compile: bool):
+    """A function that times the forward alone over `images` images, in full batches plus the remainder."""
+    net, preprocess = model.net, model.bundle.preprocess
+    trunk = prepare_net(net, device, compile)
+    size = preprocess.crop_size
+    full = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)
+    batches = [full] * (images // batch_size) + ([full[: images % batch_size]] if images % batch_size else [])
+    for batch in {b.shape[0]: b for b in batches}.values():  # warm up every shape (and compile, if asked)
+        infer(net, batch, preprocess, device, trunk=trunk)
+
+    def run() -> float:
+        return seconds(lambda: [infer(net, b, preprocess, device, trunk=trunk)[0].cpu() for b in batches], device)
+    return run
+
+
+def _baseline_seconds(folder: Path, model: LoadedModel, device: torch.device, image_size: int) -> float:
+    """The seed's way: ImageFolder + torchvision transforms, PIL decode, fp32 NCHW, batch 32, no workers."""
+    transform = transforms.Compose([
+        transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(image_size), transforms.ToTensor(),
+        transforms.Normalize(model.bundle.preprocess.mean, model.bundle.preprocess.std)])
+    loader = DataLoader(datasets.ImageFolder(str(folder), transform=transform), batch_size=32, num_workers=0)
+    net = model.net.eval().to(device)
+
+    def run() -> None:
+        with torch.no_grad():
+            for x, _ in loader:
+                net.embed(x.to(device)).cpu()
+    return seconds(run, device)
+
+
+if __name__ == "__main__":
+    main()
