@@ -4,7 +4,7 @@ import streamlit as st
 
 from simimg import ui
 
-st.set_page_config(page_title="simimg", page_icon=":material/image_search:", layout="wide")
+st.set_page_config(page_title="simimg", page_icon="🔎", layout="wide")
 navigation = st.navigation([
     st.Page("app_pages/search.py", title="Search", icon=":material/image_search:", default=True),
     st.Page("app_pages/train.py", title="Train", icon=":material/model_training:"),

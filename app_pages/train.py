@@ -18,7 +18,7 @@ JOB_KEY = "train"
 def main() -> None:
     st.title("Train", anchor=False)
     st.caption("Teach a DenseNet your classes: pick a folder of class folders, and watch it learn.")
-    ui.job_page(JOB_KEY, form_ui, progress_ui, result_ui, every=1.0)
+    ui.job_page(JOB_KEY, form_ui, progress_ui, result_ui, live=lambda job: curves_ui(job.events))
 
 
 def form_ui() -> None:
@@ -63,7 +63,6 @@ def progress_ui(job: ui.Job) -> None:
         st.info("Stopping after this batch; the best model so far is kept.")
     elif st.button("Cancel training", icon=":material/stop_circle:"):
         job.stop.set()
-    curves_ui(job.events)
     st.caption(f"{job.seconds():.0f} s elapsed")
 
 

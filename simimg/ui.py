@@ -256,11 +256,17 @@ def start_job(key: str, work: Callable[[Job], object]) -> Job:
 
 
 def job_page(key: str, form: Callable[[], None], progress: Callable[[Job], None],
-             result: Callable[[Job], None], every: float = 0.5) -> None:
-    """A page around one background job: its live progress while it runs, else the form and the last result."""
+             result: Callable[[Job], None], every: float = 0.5, live: Callable[[Job], None] | None = None) -> None:
+    """A page around one background job: its live progress while it runs, else the form and the last result.
+
+    `progress` is redrawn every `every` seconds, so it must stay light; `live` (curves, tables) is drawn once per
+    full run, which `watch` triggers whenever the job reports a new event.
+    """
     job = get_job(key)
     if job is not None and job.running:
         watch(job, progress, every)
+        if live is not None:
+            live(job)
         return
     with friendly_errors():
         form()
@@ -276,13 +282,13 @@ def job_failed(job: Job) -> bool:
 
 
 def watch(job: Job, render: Callable[[Job], None], every: float = 0.5) -> None:
-    """Redraw `render(job)` every `every` seconds while it runs, then rerun the page once to show the result."""
+    """Redraw `render(job)` every `every` seconds; rerun the whole page on a new event and when the job ends."""
+    seen = len(job.events)
 
     @st.fragment(run_every=every)
     def panel() -> None:
         render(job)
-        if not job.running:
+        if not job.running or len(job.events) != seen:
             st.rerun()
 
     panel()
-
