@@ -21,8 +21,8 @@ def main() -> None:
 
 def form_ui() -> None:
     with st.form("index-form", border=True):
-        folder = ui.folder_input("index")
-        name = st.text_input("Index name", value=ui.current_index() or "",
+        typed = ui.folder_input("index")
+        name = st.text_input("Index name", value="", placeholder="the folder's name",
                              help="A new name builds a new index; an existing one is updated with its own model.")
         with st.expander("Model for a new index"):
             arch = st.selectbox("Backbone", sorted(ARCHITECTURES), index=sorted(ARCHITECTURES).index(DEFAULT_ARCH))
@@ -31,9 +31,10 @@ def form_ui() -> None:
             image_size = st.select_slider("Image size", [64, 96, 128, 160, 192, 224], value=224)
         if not st.form_submit_button("Build or update", type="primary", icon=":material/play_arrow:"):
             return
-    folder = ui.resolve_folder(folder)
-    fresh = name.strip() not in ui.index_names()
-    job = IndexJob(data_dir=str(folder), name=name.strip() or folder.name, home=str(ui.home()),
+    folder = ui.resolve_folder(typed)
+    name = name.strip() or folder.name
+    fresh = name not in ui.index_names()
+    job = IndexJob(data_dir=str(folder), name=name, home=str(ui.home()),
                    arch=arch if fresh else None, weights=weights if fresh else None,
                    image_size=image_size if fresh else None)
     ui.start_job(JOB_KEY, lambda j: run_index(job, progress=j.progress))

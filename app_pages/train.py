@@ -23,7 +23,7 @@ def main() -> None:
 
 def form_ui() -> None:
     with st.form("train-form", border=True):
-        folder = ui.folder_input("train")
+        typed = ui.folder_input("train")
         name = st.text_input("Model / index name", value="", placeholder="the folder's name",
                              help="Training replaces this index's model; the folder is then indexed with it.")
         left, right = st.columns(2)
@@ -36,7 +36,7 @@ def form_ui() -> None:
         reindex = st.checkbox("Index the folder with the trained model afterwards", value=True)
         if not st.form_submit_button("Start training", type="primary", icon=":material/play_arrow:"):
             return
-    data_dir = ui.resolve_folder(folder)
+    data_dir = ui.resolve_folder(typed)
     config = TrainConfig(data_dir=str(data_dir), name=name.strip() or data_dir.name, home=str(ui.home()),
                          arch=arch, weights=weights, epochs=epochs, image_size=image_size)
     ui.start_job(JOB_KEY, lambda job: train_then_index(job, config, reindex))
