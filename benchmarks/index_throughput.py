@@ -23,7 +23,7 @@ from torchvision import datasets, transforms
 from _common import finish, hardware, make_jpegs, median, parser, seconds
 from simimg.device import resolve_device
 from simimg.embed import infer, prepare_net
-from simimg.indexer import IndexJob, default_workers, run_index
+from simimg.indexer import IndexJob, index_workers, run_index
 from simimg.model import LoadedModel, build_model, load_bundle, save_bundle
 from simimg.scan import scan_folder
 
@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--arch", default="densenet121")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=64, help="as `simimg index --batch-size` (default 64)")
-    p.add_argument("--workers", type=int, default=default_workers(), help="decode workers (default: all cores)")
+    p.add_argument("--workers", type=int, help="decode workers (default: simimg's: none on the CPU, all cores on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile in both model-only and end-to-end")
     args = p.parse_args()
     device = resolve_device(args.device)
@@ -60,7 +60,8 @@ def main() -> None:
             row["ratio_baseline"] = row["end_to_end_img_s"] / row["baseline_img_s"]
             rows.append(row)
     summary = {"benchmark": "index_throughput", "device": str(device), "images": images, "arch": args.arch,
-               "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers,
+               "image_size": args.image_size, "batch_size": args.batch_size,
+               "workers": index_workers(args.workers, device),
                "compile": args.compile, "repeats": args.repeats,
                **{key: median([row[key] for row in rows]) for key in rows[0] if key != "repeat"},
                "hardware": hardware(device)}

@@ -99,6 +99,7 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data_dir", metavar="DATA_DIR", help="folder of images, root/<class>/<image>")
     add_home(p, name_required=False)
     add_model_options(p)
+    p.set_defaults(workers=None)  # index_workers picks: all cores feeding a GPU, none on the CPU
     p.add_argument("--chunk-size", type=int, default=512,
                    help="commit embeddings every this many images, so an interrupted run resumes (default 512)")
     p.add_argument("--compile", action="store_true",
