@@ -51,6 +51,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --- shared option groups ------------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    """An argparse type: a whole number >= low, so `-k 0` is a usage error rather than a quiet surprise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} is too small (at least {low})")
+    return value
+
+
 def add_home(p: argparse.ArgumentParser, name_required: bool = True) -> None:
     p.add_argument("--name", required=name_required, help="index name (a folder under HOME)")
     p.add_argument("--home", help="where indexes live (default: $SIMIMG_HOME, else ./indexes)")
@@ -61,10 +80,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", choices=sorted(ARCHITECTURES), help="backbone (default densenet121)")
     p.add_argument("--weights", help="imagenet (default, torchvision's weights API), none (random init), "
                                      "or PATH to a state dict or an earlier simimg model folder")
-    p.add_argument("--image-size", type=int, help="crop size in pixels (default 224)")
+    p.add_argument("--image-size", type=positive_int, help="crop size in pixels (default 224)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=default_workers(), help="decode processes (default: all cores)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--workers", type=non_negative_int, default=default_workers(),
+                   help="decode processes (default: all cores; `index` on the CPU decodes inline instead)")
 
 
 def emit(args: argparse.Namespace, payload: object, human: Callable[[], None]) -> None:
@@ -100,7 +120,7 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
     add_home(p, name_required=False)
     add_model_options(p)
     p.set_defaults(workers=None)  # index_workers picks: all cores feeding a GPU, none on the CPU
-    p.add_argument("--chunk-size", type=int, default=512,
+    p.add_argument("--chunk-size", type=positive_int, default=512,
                    help="commit embeddings every this many images, so an interrupted run resumes (default 512)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model first: minutes to start, faster per image on large folders")
@@ -133,7 +153,7 @@ def _run_index(args: argparse.Namespace) -> int:
 def _query_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     add_home(p)
-    p.add_argument("-k", type=int, default=10, help="how many neighbours (default 10)")
+    p.add_argument("-k", type=positive_int, default=10, help="how many neighbours (default 10)")
     p.add_argument("--label", help="only neighbours with this label")
     p.add_argument("--min-score", type=float, help="only neighbours at least this similar (cosine, -1 to 1)")
     p.add_argument("--device", default="auto")
@@ -185,7 +205,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     add_home(p, name_required=False)
     add_model_options(p)
     p.set_defaults(batch_size=32)
-    p.add_argument("--epochs", type=int, help="default: 15 from pretrained weights, 80 from scratch (--weights none)")
+    p.add_argument("--epochs", type=positive_int, help="default: 15 from pretrained weights, 80 from scratch (--weights none)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 pretrained, 2e-3 from scratch)")
     p.add_argument("--val-split", type=float, default=0.2, help="validation share when there is no val/ folder")
     p.add_argument("--freeze-epochs", type=int, help="head-only warm-up epochs (default: 3 pretrained, 0 scratch)")
@@ -236,8 +256,8 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluate on DATA_DIR/val if it exists, else on the validation split the model recorded")
     add_home(p)
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=default_workers())
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--workers", type=non_negative_int, default=default_workers())
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -269,8 +289,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 def _model_info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", choices=sorted(ARCHITECTURES), default="densenet121")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=32, help="batch for the CUDA peak training memory")
+    p.add_argument("--image-size", type=positive_int, default=224)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="batch for the CUDA peak training memory")
     p.add_argument("--device", default="auto")
     p.add_argument("--memory-efficient", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout, nothing else")

@@ -63,10 +63,12 @@ def run_evaluation(name: str, home: str | None, data_dir: str | None = None, dev
     val = predict(split.val, progress)
     labels = split.labels(split.val)[val.positions]
     probs = torch.softmax(val.logits, dim=1).numpy()
+    val_paths = [split.val[p].path for p in val.positions]
     result = {"name": name, "data_dir": str(split.root), "images": len(val.positions),
               **classification_metrics(labels, probs, split.classes),
               "retrieval": _retrieval(paths, model, split, val, labels, lambda: predict(split.train, None)),
-              "most_confused": most_confused([split.val[p].path for p in val.positions], labels, probs, split.classes),
+              "most_confused": most_confused(val_paths, labels, probs, split.classes),
+              "predictions": prediction_rows(val_paths, labels, probs, split.classes),
               "skipped": [{"path": split.val[i].path, "reason": why} for i, why in val.failures]}
     return result
 
@@ -140,8 +142,16 @@ def most_confused(paths: Sequence[str], labels: np.ndarray, probs: np.ndarray, c
     predicted = probs.argmax(axis=1)
     wrong = np.flatnonzero(predicted != labels)
     wrong = wrong[np.argsort(-probs[wrong, predicted[wrong]], kind="stable")][:limit]
+    return prediction_rows(paths, labels, probs, classes, wrong)
+
+
+def prediction_rows(paths: Sequence[str], labels: np.ndarray, probs: np.ndarray, classes: Sequence[str],
+                    rows: Sequence[int] | None = None) -> list[dict]:
+    """One {path, label, predicted, probability} per evaluated image (or per `rows`): what a confusion cell shows."""
+    predicted = probs.argmax(axis=1)
+    rows = range(len(paths)) if rows is None else rows
     return [{"path": paths[i], "label": classes[labels[i]], "predicted": classes[predicted[i]],
-             "probability": round(float(probs[i, predicted[i]]), 6)} for i in wrong]
+             "probability": round(float(probs[i, predicted[i]]), 6)} for i in rows]
 
 
 def retrieval_metrics(queries: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray, gallery_labels: np.ndarray,

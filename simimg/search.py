@@ -66,9 +66,10 @@ def neighbors_from(scores: np.ndarray, ids: np.ndarray, snapshot: Snapshot, min_
     for score, row_id, pos in zip(scores.tolist(), ids.tolist(), position.tolist()):
         if row_id < 0 or pos >= len(snapshot.ids) or snapshot.ids[pos] != row_id:
             continue
+        score = round(float(score), 6)  # compared as shown, so a score a user copies passes its own filter
         if min_score is not None and score < min_score:
             continue
-        found.append(Neighbor(snapshot.paths[pos], snapshot.labels[pos], round(float(score), 6)))
+        found.append(Neighbor(snapshot.paths[pos], snapshot.labels[pos], score))
     return found
 
 

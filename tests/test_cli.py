@@ -233,3 +233,15 @@ def test_hymenoptera_train_indexes_245_images_that_each_find_themselves(shared_d
     for path, result in zip(sample, results, strict=True):
         top = result["neighbors"][0]
         assert top["path"] == path.relative_to(train).as_posix() and top["score"] >= 0.999, result
+
+
+
+@pytest.mark.parametrize("flag", [["-k", "0"], ["-k", "-3"], ["-k", "ten"]])
+def test_k_below_one_is_a_one_line_usage_error(flag: list[str], capsys: pytest.CaptureFixture) -> None:
+    from simimg.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["query", "x.jpg", "--name", "n", *flag])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "-k" in err

@@ -95,6 +95,11 @@ def test_evaluate_then_index_then_query_then_evaluate_again(trained: dict) -> No
     assert all(0.0 <= after["retrieval"][k] <= 1.0 for k in ("p_at_1", "p_at_10", "map"))
     wrong = round((1 - after["accuracy"]) * 12)
     assert len(after["most_confused"]) == wrong
+    classes = after["classes"]
+    cells = [[0] * len(classes) for _ in classes]
+    for row in after["predictions"]:  # every evaluated image, so each confusion cell can show its images
+        cells[classes.index(row["label"])][classes.index(row["predicted"])] += 1
+    assert cells == after["confusion_matrix"]
 
 
 def test_evaluate_needs_a_trained_model(tmp_path: Path) -> None:

@@ -129,3 +129,9 @@ def test_neighbors_from_drops_padding_unknown_ids_and_weak_scores():
     snap = Snapshot(1, "fp", "flat", np.array([3, 7, 9]), ["a.png", "b.png", "c.png"], ["x", None, "y"])
     found = neighbors_from(np.array([0.9, 0.8, 0.5, 0.4]), np.array([7, 5, 9, -1]), snap, min_score=0.6)
     assert [(n.path, n.label, n.score) for n in found] == [("b.png", None, 0.9)]
+
+
+def test_a_shown_score_used_as_min_score_keeps_that_neighbor():
+    snap = Snapshot(1, "fp", "flat", np.array([3]), ["a.png"], ["x"])
+    shown = neighbors_from(np.array([0.87654321]), np.array([3]), snap, min_score=None)[0].score
+    assert [n.path for n in neighbors_from(np.array([0.87654321]), np.array([3]), snap, min_score=shown)] == ["a.png"]
