@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision import models
@@ -151,12 +151,16 @@ def fingerprint(net: Net, arch: str, preprocess: Preprocess) -> str:
 
 
 def save_bundle(directory: str | Path, net: Net, bundle: ModelBundle) -> None:
-    """Write weights then metadata, each atomically; model.json last so a reader never sees half a bundle."""
+    """Write weights then metadata, each atomically.
+
+    The weights file also carries the whole bundle description, so a crash between the two renames leaves a
+    bundle that still loads (as the new model) instead of a stale model.json beside new weights.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
     tmp = directory / f".{BUNDLE_WEIGHTS}.{os.getpid()}.tmp"
-    save_file(state, str(tmp), metadata={"fingerprint": bundle.fingerprint})
+    save_file(state, str(tmp), metadata={"fingerprint": bundle.fingerprint, "bundle": json.dumps(bundle.to_dict())})
     os.replace(tmp, directory / BUNDLE_WEIGHTS)
     atomic_write_bytes(directory / BUNDLE_JSON, json.dumps(bundle.to_dict(), indent=2).encode())
 
@@ -176,11 +180,19 @@ def load_bundle(directory: str | Path) -> LoadedModel:
     """Rebuild the exact model a bundle describes and check its weights against the recorded fingerprint."""
     directory = Path(directory)
     bundle = read_bundle(directory)
-    builder, _ = _architecture(bundle.arch)
     try:
         state = load_file(str(directory / BUNDLE_WEIGHTS))
+        with safe_open(str(directory / BUNDLE_WEIGHTS), "pt") as f:
+            carried = (f.metadata() or {}).get("bundle")
     except (FileNotFoundError, SafetensorError, OSError) as err:
         raise SimimgError(f"model bundle {directory} has unreadable weights ({err}); rebuild it") from None
+    if carried:
+        written_with_weights = ModelBundle.from_dict(json.loads(carried))
+        if written_with_weights.fingerprint != bundle.fingerprint:
+            log.warning("model.json in %s is older than its weights (an interrupted save): using the weights' own "
+                        "description", directory)
+            bundle = written_with_weights
+    builder, _ = _architecture(bundle.arch)
     trunk, dim = _split_last_linear(bundle.arch, builder(weights=None))
     net = Net(trunk, dim, len(bundle.classes))
     try:

@@ -6,6 +6,7 @@ temporary TORCH_HOME with the exact file name torchvision's weights API looks fo
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -172,6 +173,18 @@ def test_bundle_round_trip_rebuilds_the_same_model(tmp_path):
     x = torch.rand(2, 3, 32, 32)
     with torch.inference_mode():
         torch.testing.assert_close(again(x), net.eval()(x))
+
+
+def test_a_save_interrupted_between_its_two_renames_still_loads_as_the_new_model(tmp_path):
+    old_net, old_bundle = build_model("densenet121", "none", 32)
+    save_bundle(tmp_path / "old", old_net, old_bundle)
+    new_net, new_bundle = with_classes(build_model("densenet121", "none", 64), ("a", "b"))
+    save_bundle(tmp_path / "new", new_net, new_bundle)
+    # the crash: the new weights were renamed into place, model.json was not
+    os.replace(tmp_path / "new" / "model.safetensors", tmp_path / "old" / "model.safetensors")
+    loaded_net, loaded_bundle = load_bundle(tmp_path / "old")
+    assert loaded_bundle == new_bundle and loaded_bundle.classes == ("a", "b")
+    assert_trunk_equals(loaded_net.trunk, new_net.trunk.state_dict())
 
 
 def test_weights_path_takes_an_earlier_bundle(tmp_path):
