@@ -86,7 +86,8 @@ def prediction_ui(prediction: Prediction | None) -> None:
         y=alt.Y("label:N", sort="-x", title=None),
         color=alt.condition(alt.datum.label == prediction.label, alt.value("#ff4b4b"), alt.value("#9aa5b1")),
         tooltip=["label", alt.Tooltip("probability:Q", format=".1%")])
-    st.altair_chart(chart.properties(height=34 * len(top) + 20), width="stretch")
+    # The pixel height goes to Streamlit itself: set only on the chart, it was squeezed to a sliver.
+    st.altair_chart(chart.properties(height=alt.Step(30)), width="stretch", height=30 * len(top) + 60)
 
 
 def grid_ui(neighbors: list[Neighbor], data_root: Path) -> None:
