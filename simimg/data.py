@@ -15,12 +15,9 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from simimg.embed import FileDataset, collate
 from simimg.errors import SimimgError
-from simimg.preprocess import Preprocess
 from simimg.scan import IMAGE_EXTENSIONS, SPLIT_NAMES, Record, Scan, Skipped, scan_folder
 
 log = logging.getLogger(__name__)
@@ -107,24 +104,6 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor | None:
         return None
     weights = counts.sum() / (num_classes * counts)
     return torch.tensor(weights, dtype=torch.float32)
-
-
-def make_loader(files: Sequence[Path], transform: Preprocess | TrainAugment, batch_size: int, workers: int,
-                device: torch.device, shuffle: bool = False, seed: int = 0, drop_last: bool = False) -> DataLoader:
-    """Batches of (positions, uint8 NCHW, hashes, failures) from embed.collate; unreadable files never raise."""
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        FileDataset(files, transform),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
-        generator=generator,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
-    )
 
 
 def _is_split(records: Sequence[Record]) -> bool:

@@ -8,10 +8,11 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from simimg.device import autocast_for, memory_format_for
@@ -43,10 +44,18 @@ class EmbeddedBatch:
     failures: list[tuple[int, str]]
 
 
+class ImageTransform(Protocol):
+    """What FileDataset needs of a transform: Preprocess for evaluation, data.TrainAugment for training."""
+
+    resize_size: int
+
+    def to_uint8(self, image: Image.Image) -> torch.Tensor: ...
+
+
 class FileDataset(Dataset):
     """Reads each file once: its bytes give both the content hash and the decoded image."""
 
-    def __init__(self, paths: Sequence[Path], preprocess: Preprocess) -> None:
+    def __init__(self, paths: Sequence[Path], preprocess: ImageTransform) -> None:
         self.paths = list(paths)
         self.preprocess = preprocess
 
@@ -118,19 +127,31 @@ def reuse_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 1 << 31)
 
 
+def make_loader(files: Sequence[Path], transform: ImageTransform, batch_size: int, workers: int,
+                device: torch.device, shuffle: bool = False, seed: int = 0, drop_last: bool = False) -> DataLoader:
+    """Batches of (positions, uint8 NCHW, hashes, failures) from `collate`; unreadable files never raise.
+
+    The one loader for indexing, training and evaluation: pinned memory when it feeds a GPU.
+    """
+    return DataLoader(
+        FileDataset(files, transform),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
 def embed_files(net: Net, paths: Sequence[Path], preprocess: Preprocess, settings: EmbedSettings) -> Iterator[EmbeddedBatch]:
     """Yield a batch at a time, so callers can checkpoint and report progress as they go."""
     device = settings.device
     trunk = prepare_net(net, device, settings.compile)
-    loader = DataLoader(
-        FileDataset(paths, preprocess),
-        batch_size=settings.batch_size,
-        num_workers=settings.workers,
-        collate_fn=collate,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-        prefetch_factor=4 if settings.workers > 0 else None,
-    )
+    loader = make_loader(paths, preprocess, settings.batch_size, settings.workers, device)
     for positions, batch, hashes, failures in loader:
         vectors = (infer(net, batch, preprocess, device, trunk=trunk)[0].cpu().numpy() if positions
                    else np.empty((0, net.dim), np.float32))

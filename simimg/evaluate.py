@@ -17,9 +17,9 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch.utils.data import DataLoader
 
 from simimg.catalog import Catalog
-from simimg.data import Split, make_loader, split_dataset
+from simimg.data import Split, split_dataset
 from simimg.device import memory_format_for, resolve_device
-from simimg.embed import infer
+from simimg.embed import infer, make_loader
 from simimg.errors import SimimgError
 from simimg.indexer import default_workers
 from simimg.layout import IndexPaths

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable
 
 import faiss
-import numpy as np
 import torch
 
 from simimg.catalog import Catalog, NewImage, Row

@@ -23,10 +23,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from simimg.data import Split, TrainAugment, class_weights, make_loader, split_dataset
+from simimg.data import Split, TrainAugment, class_weights, split_dataset
 from simimg.device import autocast_for, memory_format_for, resolve_device
 from simimg.errors import SimimgError
-from simimg.embed import reuse_freed_memory
+from simimg.embed import make_loader, reuse_freed_memory
 from simimg.evaluate import classification_metrics, predict_loader
 from simimg.fsutil import atomic_write_bytes
 from simimg.indexer import default_workers

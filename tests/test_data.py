@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import make_class_images
-from simimg.data import TrainAugment, class_weights, make_loader, split_dataset
+from simimg.data import TrainAugment, class_weights, split_dataset
+from simimg.embed import make_loader
 from simimg.errors import SimimgError
 from simimg.images import load_image
 
