@@ -10,7 +10,6 @@ import streamlit as st
 from PIL import Image
 
 from simimg import ui
-from simimg.images import load_image
 from simimg.search import Neighbor, Prediction, SearchService
 from simimg.uploads import UPLOAD_TYPES, validate_upload
 
@@ -26,7 +25,7 @@ def main() -> None:
             return
         info = service.info()
         k, label, min_score = controls_ui(info)
-        query = query_ui()
+        query = query_ui(service)
         if query is None:
             st.info(f"Drop an image above to find the most similar pictures in **{info['name']}**.",
                     icon=":material/image_search:")
@@ -45,7 +44,7 @@ def controls_ui(info: dict) -> tuple[int, str | None, float | None]:
     return k, None if choice == "any label" else choice, None if minimum <= -1.0 else minimum
 
 
-def query_ui() -> tuple[Image.Image, str] | None:
+def query_ui(service: SearchService) -> tuple[Image.Image, str] | None:
     """The image to search with: a fresh upload, or a gallery image chosen with "Find similar"."""
     upload = st.file_uploader("Drop an image to search with", type=list(UPLOAD_TYPES), key="upload",
                               help="JPEG, PNG, WebP, BMP, GIF or TIFF")
@@ -54,10 +53,11 @@ def query_ui() -> tuple[Image.Image, str] | None:
         st.session_state.pop(SIMILAR_KEY, None)
     if SIMILAR_KEY in st.session_state:
         path = Path(st.session_state[SIMILAR_KEY])
-        return load_image(path), path.name
+        return service.load(path), path.name
     if upload is None:
         return None
-    return validate_upload(upload.name, upload.getvalue(), st.get_option("server.maxUploadSize")), upload.name
+    return (validate_upload(upload.name, upload.getvalue(), st.get_option("server.maxUploadSize"),
+                            draft_size=service.draft_size), upload.name)
 
 
 def results_ui(service: SearchService, image: Image.Image, caption: str, k: int, label: str | None,

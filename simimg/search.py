@@ -138,12 +138,19 @@ class SearchService:
 
     def query_file(self, path: str | Path, k: int = 10, label: str | None = None,
                    min_score: float | None = None) -> QueryResult:
-        """Decoded exactly as `simimg index` decodes (JPEG draft included), so an indexed file finds itself at 1.0."""
         try:
-            image = load_image(path, draft_size=self.model.bundle.preprocess.resize_size)
+            image = self.load(path)
         except BadImageError as err:
             raise BadImageError(f"cannot query {path}: {err.reason}") from None
         return self.query(image, k, label, min_score, query=str(path))
+
+    @property
+    def draft_size(self) -> int:
+        """Decode queries as `simimg index` decoded the gallery (JPEG draft included): an indexed file scores 1.0."""
+        return self.model.bundle.preprocess.resize_size
+
+    def load(self, path: str | Path) -> Image.Image:
+        return load_image(path, draft_size=self.draft_size)
 
     def query(self, image: Image.Image, k: int = 10, label: str | None = None, min_score: float | None = None,
               query: str = "") -> QueryResult:

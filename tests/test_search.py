@@ -56,6 +56,16 @@ def test_a_large_jpeg_is_decoded_for_queries_as_it_was_for_the_index(built, serv
     assert top.path == "loose.jpg" and top.label is None and top.score >= 0.999999
 
 
+def test_an_uploaded_copy_of_an_indexed_jpeg_is_decoded_as_the_index_did(built, service):
+    from simimg.uploads import validate_upload
+
+    data = (built[0] / "loose.jpg").read_bytes()
+    image = validate_upload("loose.jpg", data, draft_size=service.draft_size)
+    assert image.size == service.load(built[0] / "loose.jpg").size
+    top = service.query(image, k=1).neighbors[0]
+    assert top.path == "loose.jpg" and top.score >= 0.999999
+
+
 def test_label_filter_returns_only_that_label(built, service):
     query = built[0] / "circles" / "circles_000.png"
     result = service.query_file(query, k=50, label="squares")
