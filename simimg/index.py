@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Protocol
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from simimg.errors import SimimgError
+from simimg.fsutil import atomic_target
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +78,8 @@ def update_index(index: faiss.Index, add_ids: np.ndarray, add_vectors: np.ndarra
 
 def save_index(index: faiss.Index, path: str | Path) -> None:
     """Write beside the target, then rename: readers never see a partial file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    faiss.write_index(index, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_target(path) as tmp:
+        faiss.write_index(index, str(tmp))
 
 
 def load_index(path: str | Path) -> faiss.Index:

@@ -18,7 +18,7 @@ from torch import nn
 from torchvision import models
 
 from simimg.errors import SimimgError
-from simimg.fsutil import atomic_write_bytes
+from simimg.fsutil import atomic_target, atomic_write_bytes
 from simimg.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -159,9 +159,8 @@ def save_bundle(directory: str | Path, net: Net, bundle: ModelBundle) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    tmp = directory / f".{BUNDLE_WEIGHTS}.{os.getpid()}.tmp"
-    save_file(state, str(tmp), metadata={"fingerprint": bundle.fingerprint, "bundle": json.dumps(bundle.to_dict())})
-    os.replace(tmp, directory / BUNDLE_WEIGHTS)
+    with atomic_target(directory / BUNDLE_WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"fingerprint": bundle.fingerprint, "bundle": json.dumps(bundle.to_dict())})
     atomic_write_bytes(directory / BUNDLE_JSON, json.dumps(bundle.to_dict(), indent=2).encode())
 
 

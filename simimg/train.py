@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,7 +27,7 @@ from simimg.device import autocast_for, memory_format_for, resolve_device
 from simimg.errors import SimimgError
 from simimg.embed import make_loader, reuse_freed_memory
 from simimg.evaluate import classification_metrics, predict_loader
-from simimg.fsutil import atomic_write_bytes
+from simimg.fsutil import atomic_target, atomic_write_bytes
 from simimg.indexer import default_workers
 from simimg.layout import IndexPaths
 from simimg.lock import writer_lock
@@ -385,9 +384,8 @@ def _write_checkpoint(run: _Run) -> None:
         "meta": {"arch": run.model.bundle.arch, "classes": list(run.split.classes), "source": run.source,
                  "image_size": run.config.image_size},
     }
-    tmp = run.checkpoint.with_name(f".{CHECKPOINT}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, run.checkpoint)
+    with atomic_target(run.checkpoint) as tmp:
+        torch.save(payload, tmp)
 
 
 def _read_checkpoint(paths: IndexPaths, split: Split, config: TrainConfig) -> dict:
