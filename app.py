@@ -8,7 +8,7 @@ st.set_page_config(page_title="simimg", page_icon="🔎", layout="wide")
 navigation = st.navigation([
     st.Page("app_pages/search.py", title="Search", icon=":material/image_search:", default=True),
     st.Page("app_pages/train.py", title="Train", icon=":material/model_training:"),
-    st.Page("app_pages/index.py", title="Index", icon=":material/library_add:"),
+    st.Page("app_pages/build.py", title="Build", icon=":material/library_add:"),
     st.Page("app_pages/inspect.py", title="Inspect", icon=":material/insights:"),
 ])
 ui.sidebar()

@@ -13,7 +13,7 @@ from simimg import ui
 from simimg.catalog import Catalog
 from simimg.evaluate import run_evaluation
 from simimg.explore import PROJECTIONS, confusion_cell, near_duplicates, project_2d, sample_positions
-from simimg.layout import IndexPaths
+from simimg.layout import IndexFolder
 
 MAP_LIMIT = 3000
 DUPLICATE_LIMIT = 20000
@@ -120,7 +120,7 @@ def embedding_map(home: str, name: str, version: int, method: str, limit: int) -
 
 
 def _published_vectors(home: str, name: str, version: int) -> tuple[list[str], list[str | None], np.ndarray]:
-    catalog = Catalog(IndexPaths.of(home, name).catalog, readonly=True)
+    catalog = Catalog(IndexFolder.of(home, name).catalog, readonly=True)
     try:
         rows = list(catalog.iter_rows(version))
         _, vectors = catalog.vectors(version)

@@ -8,7 +8,7 @@ import pandas as pd
 import streamlit as st
 
 from simimg import ui
-from simimg.indexer import IndexJob, run_index
+from simimg.indexing import IndexJob, run_index
 from simimg.model import ARCHITECTURES, DEFAULT_ARCH
 from simimg.train import TrainConfig, TrainReport, run_training
 
@@ -89,7 +89,7 @@ def result_ui(job: ui.Job) -> None:
     report: TrainReport = job.result
     if report.cancelled:
         st.warning(f"Training was cancelled. The best model so far (epoch {report.best_epoch}) is saved; "
-                   "update the index on the Index page to search with it.", icon=":material/stop_circle:")
+                   "update the index on the Build page to search with it.", icon=":material/stop_circle:")
     else:
         done = "stopped early" if report.stopped_early else "finished"
         st.success(f"Training {done} in {report.seconds:.0f} s: best validation accuracy "

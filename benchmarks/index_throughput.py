@@ -23,7 +23,7 @@ from torchvision import datasets, transforms
 from _common import finish, hardware, make_jpegs, median, parser, seconds
 from simimg.device import resolve_device
 from simimg.embed import infer, prepare_net
-from simimg.indexer import IndexJob, index_workers, run_index
+from simimg.indexing import IndexJob, index_workers, run_index
 from simimg.model import LoadedModel, build_model, load_bundle, save_bundle
 from simimg.scan import scan_folder
 

@@ -18,7 +18,7 @@ from _common import finish, hardware, make_jpegs, median, parser, percentile, se
 from simimg.device import resolve_device
 from simimg.embed import infer
 from simimg.images import load_image
-from simimg.indexer import IndexJob, run_index
+from simimg.indexing import IndexJob, run_index
 from simimg.search import SearchService
 
 NAME = "bench"

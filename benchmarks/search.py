@@ -20,8 +20,8 @@ import torch
 
 from _common import finish, hardware, median, parser
 from simimg.device import resolve_device
-from simimg.index import FaissSearcher, Searcher, TorchFlatSearcher, build_index, index_kind_for
-from simimg.index import ivf_lists_for, nprobe_for
+from simimg.faiss_index import FaissSearcher, Searcher, TorchFlatSearcher, build_index, index_kind_for
+from simimg.faiss_index import ivf_lists_for, nprobe_for
 
 CHUNK = 50_000
 SUBCLUSTERS = 10

@@ -19,7 +19,7 @@ from torch import nn
 
 from _common import finish, hardware, make_jpegs, median, parser, seconds
 from simimg.device import autocast_for, memory_format_for, resolve_device
-from simimg.indexer import default_workers
+from simimg.indexing import default_workers
 from simimg.model import build_model, with_classes
 from simimg.train import TrainConfig, run_training
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from simimg.errors import SimimgError
-from simimg.indexer import IndexJob, default_workers, run_index
+from simimg.indexing import IndexJob, default_workers, run_index
 from simimg.layout import resolve_home
 from simimg.model import ARCHITECTURES
 

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from simimg.indexer import IndexJob, IndexReport, Progress, run_index
+from simimg.indexing import IndexJob, IndexReport, Progress, run_index
 from simimg.layout import resolve_home
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ from simimg.data import Split, split_dataset
 from simimg.device import memory_format_for, resolve_device
 from simimg.embed import infer, make_loader
 from simimg.errors import SimimgError
-from simimg.indexer import default_workers
-from simimg.layout import IndexPaths
+from simimg.indexing import default_workers
+from simimg.layout import IndexFolder
 from simimg.model import LoadedModel, Net, load_bundle
 from simimg.preprocess import Preprocess
 from simimg.scan import Record
@@ -47,7 +47,7 @@ class Predictions:
 def run_evaluation(name: str, home: str | None, data_dir: str | None = None, device: str = "auto",
                    progress: Progress | None = None, batch_size: int = 64, workers: int | None = None) -> dict:
     """The `simimg evaluate --json` object for the trained model of index NAME."""
-    paths = IndexPaths.of(home, name)
+    paths = IndexFolder.of(home, name)
     model = load_bundle(paths.root)
     if not model.bundle.has_classifier:
         raise SimimgError(f"the model of '{name}' has no trained classifier: run `simimg train DATA_DIR --name {name}`")
@@ -182,7 +182,7 @@ def retrieval_metrics(queries: np.ndarray, query_labels: np.ndarray, gallery: np
             "map": float(torch.cat(ap).mean())}
 
 
-def _retrieval(paths: IndexPaths, model: LoadedModel, split: Split, val: Predictions, labels: np.ndarray,
+def _retrieval(paths: IndexFolder, model: LoadedModel, split: Split, val: Predictions, labels: np.ndarray,
                train_embeddings: Callable[[], Predictions]) -> dict:
     """Against the index when it holds this model's vectors of this folder, else against the training images."""
     gallery = _index_gallery(paths, model, split)
@@ -200,7 +200,7 @@ def _retrieval(paths: IndexPaths, model: LoadedModel, split: Split, val: Predict
     return {**metrics, "gallery": source, "gallery_size": int(len(vectors))}
 
 
-def _index_gallery(paths: IndexPaths, model: LoadedModel,
+def _index_gallery(paths: IndexFolder, model: LoadedModel,
                    split: Split) -> tuple[np.ndarray, list[str], np.ndarray] | None:
     """(vectors, paths, label ids) of the published index, if it was built by this model from `split.root`."""
     if not paths.catalog.exists():

@@ -24,13 +24,13 @@ def check_name(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class IndexPaths:
+class IndexFolder:
     """The files of one named index; the folder doubles as its model bundle folder."""
 
     root: Path
 
     @classmethod
-    def of(cls, home: str | Path | None, name: str) -> "IndexPaths":
+    def of(cls, home: str | Path | None, name: str) -> "IndexFolder":
         return cls(resolve_home(home) / check_name(name))
 
     @property
@@ -60,15 +60,15 @@ class IndexPaths:
         return sorted(self.root.glob("index-*.faiss"))
 
 
-def list_indexes(home: str | Path | None = None) -> list[IndexPaths]:
+def list_indexes(home: str | Path | None = None) -> list[IndexFolder]:
     """Named indexes under HOME that hold a catalog or a model, newest first."""
     home = resolve_home(home)
     if not home.is_dir():
         return []
-    found = [IndexPaths(p) for p in home.iterdir() if p.is_dir() and NAME_PATTERN.match(p.name)
+    found = [IndexFolder(p) for p in home.iterdir() if p.is_dir() and NAME_PATTERN.match(p.name)
              and ((p / "catalog.sqlite").exists() or (p / "model.json").exists())]
     return sorted(found, key=_last_modified, reverse=True)
 
 
-def _last_modified(paths: IndexPaths) -> float:
+def _last_modified(paths: IndexFolder) -> float:
     return max((f.stat().st_mtime for f in paths.root.iterdir() if f.is_file()), default=0.0)

@@ -20,8 +20,8 @@ from simimg.device import resolve_device
 from simimg.embed import infer, prepare_net
 from simimg.errors import BadImageError, SimimgError
 from simimg.images import load_image, to_rgb
-from simimg.index import Searcher, load_index, make_searcher
-from simimg.layout import IndexPaths
+from simimg.faiss_index import Searcher, load_index, make_searcher
+from simimg.layout import IndexFolder
 from simimg.model import LoadedModel, load_bundle
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class SearchService:
     """A warm model and index for one name; safe to share between threads (the app's sessions)."""
 
     def __init__(self, home: str | Path | None, name: str, device: str = "auto") -> None:
-        self.paths = IndexPaths.of(home, name)
+        self.paths = IndexFolder.of(home, name)
         if not self.paths.catalog.exists():
             raise SimimgError(f"no index named '{name}' in {self.paths.root.parent}: build it with "
                               f"`simimg index DATA_DIR --name {name}`")

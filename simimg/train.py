@@ -28,8 +28,8 @@ from simimg.errors import SimimgError
 from simimg.embed import make_loader, reuse_freed_memory
 from simimg.evaluate import classification_metrics, predict_loader
 from simimg.fsutil import atomic_target, atomic_write_bytes
-from simimg.indexer import default_workers
-from simimg.layout import IndexPaths
+from simimg.indexing import default_workers
+from simimg.layout import IndexFolder
 from simimg.lock import writer_lock
 from simimg.model import LoadedModel, Net, build_model, describe, save_bundle, with_classes
 from simimg.plots import plot_confusion, plot_curves
@@ -156,7 +156,7 @@ class _Run:
     config: TrainConfig
     recipe: Recipe
     split: Split
-    paths: IndexPaths
+    paths: IndexFolder
     device: torch.device
     model: LoadedModel
     source: str
@@ -178,7 +178,7 @@ def run_training(config: TrainConfig, on_epoch: Callable[[EpochStats], None] | N
                  should_stop: Callable[[], bool] | None = None) -> TrainReport:
     """Train the named model; the one entry point for the CLI and the app. Holds the index's writer lock."""
     started = time.perf_counter()
-    paths = IndexPaths.of(config.home, config.name)
+    paths = IndexFolder.of(config.home, config.name)
     split = split_dataset(config.data_dir, config.val_split, config.seed)
     device = resolve_device(config.device)
     with writer_lock(paths.lock, f"index '{config.name}'"):
@@ -198,7 +198,7 @@ def run_training(config: TrainConfig, on_epoch: Callable[[EpochStats], None] | N
                        round(time.perf_counter() - started, 3), str(device), state.stopped_early, cancelled, skipped)
 
 
-def _open_run(config: TrainConfig, split: Split, paths: IndexPaths, device: torch.device) -> _Run:
+def _open_run(config: TrainConfig, split: Split, paths: IndexFolder, device: torch.device) -> _Run:
     """Build (or, with resume, restore) the model, optimizer and loaders."""
     recipe = recipe_for(config)
     torch.manual_seed(config.seed)
@@ -388,7 +388,7 @@ def _write_checkpoint(run: _Run) -> None:
         torch.save(payload, tmp)
 
 
-def _read_checkpoint(paths: IndexPaths, split: Split, config: TrainConfig) -> dict:
+def _read_checkpoint(paths: IndexFolder, split: Split, config: TrainConfig) -> dict:
     path = paths.root / CHECKPOINT
     if not path.is_file():
         raise SimimgError(f"nothing to resume: no checkpoint at {path}; run without --resume to start training")

@@ -21,7 +21,7 @@ from PIL import ImageOps
 from simimg.demo import DemoJob, build_demo
 from simimg.errors import BadImageError, SimimgError
 from simimg.images import load_image
-from simimg.layout import IndexPaths, list_indexes, resolve_home
+from simimg.layout import IndexFolder, list_indexes, resolve_home
 from simimg.model import read_bundle
 from simimg.roots import data_roots, list_collections, resolve_data_dir
 from simimg.search import SearchService
@@ -71,9 +71,9 @@ def current_index() -> str | None:
 
 def search_service(name: str) -> SearchService:
     """The warm service for an index; a retrained model (new fingerprint) loads anew, a new version refreshes."""
-    paths = IndexPaths.of(home(), name)
+    paths = IndexFolder.of(home(), name)
     if not paths.catalog.exists():
-        raise SimimgError(f"index '{name}' has no catalog yet: build it on the Index page")
+        raise SimimgError(f"index '{name}' has no catalog yet: build it on the Build page")
     return _service(str(home()), name, read_bundle(paths.root).fingerprint)
 
 
@@ -178,7 +178,7 @@ def first_run_guide() -> None:
     st.markdown(
         "simimg learns your own image folders and finds similar pictures.\n\n"
         "1. **Put class folders under `data/`**: `data/<collection>/<class>/<image>.jpg`.\n"
-        "2. **Train** a classifier on them (Train page), or just **index** them for similarity search (Index page).\n"
+        "2. **Train** a classifier on them (Train page), or just **index** them for similarity search (Build page).\n"
         "3. **Search** by dropping an image here.")
     st.info("No data at hand? Build a small demo collection: 36 generated images in 3 classes, indexed in a few "
             "seconds, with no download.", icon=":material/auto_awesome:")

@@ -184,7 +184,7 @@ def test_index_page_builds_and_lists_skipped_files(workdir: Path):
     folder = make_class_images(workdir / "data" / "mixed", {"red": 4, "green": 4}, size=40)
     (folder / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     (folder / "green" / "notes.jpg").write_text("a text file with an image's name")
-    at = open_app("app_pages/index.py")
+    at = open_app("app_pages/build.py")
     at.text_input(key="index-folder").set_value("data/mixed")
     at.text_input[1].set_value("mixed")
     at.radio[0].set_value("none")
@@ -200,7 +200,7 @@ def test_index_page_builds_and_lists_skipped_files(workdir: Path):
 
 def test_index_page_refuses_folders_outside_the_data_roots(workdir: Path, tmp_path_factory):
     outside = make_class_images(tmp_path_factory.mktemp("elsewhere"), {"a": 2}, size=32)
-    at = open_app("app_pages/index.py")
+    at = open_app("app_pages/build.py")
     for typed in (str(outside), "data/../../", "/etc"):
         at.text_input(key="index-folder").set_value(typed)
         at.button[0].click().run()

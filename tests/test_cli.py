@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from conftest import cli_json, make_class_images, run_cli, synthetic_image
 from test_images import BROKEN, write_broken
-from test_indexer import assert_consistent
+from test_indexing import assert_consistent
 from test_model import DENSENET121_FILE, assert_trunk_equals, write_densenet121_checkpoint
 
 from simimg.catalog import Catalog
 from simimg.cli import main
-from simimg.layout import IndexPaths
+from simimg.layout import IndexFolder
 from simimg.model import load_bundle
 
 INDEX_KEYS = {"name", "indexed", "removed", "total", "skipped", "seconds", "device"}
@@ -107,7 +107,7 @@ def test_the_command_reports_a_user_error_in_one_line(tmp_path):
 
 # --- the incremental cycle ------------------------------------------------------------------------------------
 def live_rows(tmp_path: Path) -> dict:
-    catalog = Catalog(IndexPaths.of(tmp_path / "home", "photos").catalog, readonly=True)
+    catalog = Catalog(IndexFolder.of(tmp_path / "home", "photos").catalog, readonly=True)
     try:
         return catalog.head()
     finally:

@@ -12,7 +12,7 @@ import torch
 from conftest import make_class_images, run_cli
 from simimg.errors import SimimgError
 from simimg.evaluate import classification_metrics, most_confused, retrieval_metrics, run_evaluation
-from simimg.indexer import IndexJob, run_index
+from simimg.indexing import IndexJob, run_index
 from simimg.search import SearchService
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two cores shared by many jobs: oversubscription makes torch crawl

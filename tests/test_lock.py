@@ -12,7 +12,7 @@ import pytest
 
 from conftest import make_class_images, run_cli
 from simimg.errors import SimimgError
-from simimg.layout import IndexPaths
+from simimg.layout import IndexFolder
 from simimg.lock import writer_lock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def kill(proc: subprocess.Popen) -> None:
 
 def test_second_index_fails_at_once_naming_the_holder(tmp_path: Path) -> None:
     data = make_class_images(tmp_path / "data", {"a": 2}, size=32)
-    holder = hold_lock(IndexPaths.of(tmp_path / "home", "busy").lock)
+    holder = hold_lock(IndexFolder.of(tmp_path / "home", "busy").lock)
     try:
         proc = run_cli("index", str(data), "--home", str(tmp_path / "home"), "--name", "busy", "--weights", "none",
                        "--image-size", "32", check=False)

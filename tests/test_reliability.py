@@ -26,9 +26,9 @@ from PIL import Image
 from conftest import ROOT, cli_json, make_class_images, run_cli, synthetic_image
 from simimg.catalog import Catalog
 from simimg.errors import SimimgError
-from simimg.index import flat_contents
-from simimg.indexer import IndexJob, run_index
-from simimg.layout import IndexPaths
+from simimg.faiss_index import flat_contents
+from simimg.indexing import IndexJob, run_index
+from simimg.layout import IndexFolder
 from simimg.model import BUNDLE_JSON, BUNDLE_WEIGHTS, build_model, describe, read_bundle, save_bundle
 from simimg.search import SearchService
 
@@ -52,7 +52,7 @@ def reference_index(data: Path, home: Path, name: str) -> Rows:
 
 def consistent_state(home: Path, name: str) -> Rows:
     """The published rows, after checking that catalog, FAISS file and bundle all tell the same story."""
-    paths = IndexPaths.of(home, name)
+    paths = IndexFolder.of(home, name)
     catalog = Catalog(paths.catalog, readonly=True)
     try:
         snap = catalog.snapshot()
@@ -101,7 +101,7 @@ def kill_during_index(data: Path, home: Path, name: str, after_rows: int) -> tup
 
     Returns (whether it published before the kill landed, pending rows committed when it died).
     """
-    catalog = IndexPaths.of(home, name).catalog
+    catalog = IndexFolder.of(home, name).catalog
     before, _ = catalog_progress(catalog)
     proc = subprocess.Popen([sys.executable, "-m", "simimg.cli", *index_args(data, home, name)], cwd=ROOT,
                             env={**os.environ, "SIMIMG_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
@@ -131,7 +131,7 @@ def kill_points(n: int, count: int) -> list[int]:
 
 
 def copy_index(src: Path, home: Path, name: str) -> None:
-    shutil.copytree(src, IndexPaths.of(home, name).root)
+    shutil.copytree(src, IndexFolder.of(home, name).root)
 
 
 # --- shared data: the folder, its edited copy, a second model, and their uninterrupted indexes -----------------
@@ -158,8 +158,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     home = base / "refs"
     first = reference_index(data, home, "first")
     second = reference_index(edited, home, "edited")
-    IndexPaths.of(home, "model2").root.mkdir(parents=True)
-    install_bundle(model2, IndexPaths.of(home, "model2").root)
+    IndexFolder.of(home, "model2").root.mkdir(parents=True)
+    install_bundle(model2, IndexFolder.of(home, "model2").root)
     third = reference_index(data, home, "model2")
     return {"data": data, "edited": edited, "model2": model2, "home": home, "first": first, "edited_rows": second,
             "model2_rows": third}
@@ -190,7 +190,7 @@ def test_killed_incremental_update_resumes_to_the_uninterrupted_result(world: di
 
 def test_killed_rebuild_after_a_model_change_never_mixes_models(world: dict, tmp_path: Path) -> None:
     copy_index(world["home"] / "first", tmp_path, "photos")
-    install_bundle(world["model2"], IndexPaths.of(tmp_path, "photos").root)
+    install_bundle(world["model2"], IndexFolder.of(tmp_path, "photos").root)
     after = kill_points(N_IMAGES, 1)[1]
     report = resume_after_kill(world["data"], tmp_path, "photos", after, N_IMAGES)
     assert report["rebuilt"]
@@ -200,7 +200,7 @@ def test_killed_rebuild_after_a_model_change_never_mixes_models(world: dict, tmp
 def test_model_change_after_a_kill_discards_the_old_models_pending_work(world: dict, tmp_path: Path) -> None:
     finished, committed = kill_during_index(world["data"], tmp_path, "photos", N_IMAGES // 2)
     assert not finished and committed >= N_IMAGES // 2
-    install_bundle(world["model2"], IndexPaths.of(tmp_path, "photos").root)
+    install_bundle(world["model2"], IndexFolder.of(tmp_path, "photos").root)
     report = cli_json(*index_args(world["data"], tmp_path, "photos"))
     assert report["indexed"] == N_IMAGES
     assert_same_rows(consistent_state(tmp_path, "photos"), world["model2_rows"])
@@ -229,7 +229,7 @@ FAISS_DAMAGE = {
 def test_a_damaged_faiss_file_is_an_error_for_readers_and_rebuilt_by_the_next_index(world: dict, tmp_path: Path,
                                                                                    damage: str) -> None:
     copy_index(world["home"] / "first", tmp_path, "photos")
-    paths = IndexPaths.of(tmp_path, "photos")
+    paths = IndexFolder.of(tmp_path, "photos")
     FAISS_DAMAGE[damage](paths.faiss(1))
     with pytest.raises(SimimgError, match="re-run `simimg index`"):
         SearchService(tmp_path, "photos", "cpu")
@@ -242,7 +242,7 @@ def test_a_damaged_faiss_file_is_an_error_for_readers_and_rebuilt_by_the_next_in
 def test_a_leftover_faiss_file_of_an_unpublished_version_is_replaced(world: dict, tmp_path: Path) -> None:
     """A crash after save_index and before publish leaves index-(V+1).faiss that no catalog version vouches for."""
     copy_index(world["home"] / "first", tmp_path, "photos")
-    IndexPaths.of(tmp_path, "photos").faiss(2).write_bytes(b"half a file")
+    IndexFolder.of(tmp_path, "photos").faiss(2).write_bytes(b"half a file")
     in_process_index(world["edited"], tmp_path, "photos")
     assert_same_rows(consistent_state(tmp_path, "photos"), world["edited_rows"])
 
@@ -260,7 +260,7 @@ BUNDLE_DAMAGE = {
 def test_a_damaged_bundle_is_a_clear_error_for_readers_and_writers(world: dict, tmp_path: Path, damage: str) -> None:
     """Never a silent answer from another model, and `simimg index` never quietly replaces a model it cannot read."""
     copy_index(world["home"] / "first", tmp_path, "photos")
-    paths = IndexPaths.of(tmp_path, "photos")
+    paths = IndexFolder.of(tmp_path, "photos")
     file, spoil, message = BUNDLE_DAMAGE[damage]
     spoil(paths.root / file)
     with pytest.raises(SimimgError, match=message):
@@ -272,7 +272,7 @@ def test_a_damaged_bundle_is_a_clear_error_for_readers_and_writers(world: dict, 
 
 def test_a_bundle_that_does_not_match_the_index_is_refused_then_rebuilt(world: dict, tmp_path: Path) -> None:
     copy_index(world["home"] / "first", tmp_path, "photos")
-    install_bundle(world["model2"], IndexPaths.of(tmp_path, "photos").root)
+    install_bundle(world["model2"], IndexFolder.of(tmp_path, "photos").root)
     proc = run_cli("query", str(world["data"] / "circles" / "circles_004.png"), "--home", str(tmp_path),
                    "--name", "photos", check=False)
     assert proc.returncode == 2 and proc.stdout == ""

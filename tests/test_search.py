@@ -13,7 +13,7 @@ from PIL import Image
 
 from simimg.catalog import Snapshot
 from simimg.errors import SimimgError
-from simimg.indexer import IndexJob, run_index
+from simimg.indexing import IndexJob, run_index
 from simimg.model import load_bundle, save_bundle, with_classes
 from simimg.search import SearchService, neighbors_from, predict
 

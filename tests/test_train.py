@@ -11,7 +11,7 @@ import torch
 
 from conftest import make_class_images, run_cli
 from simimg.errors import SimimgError
-from simimg.layout import IndexPaths
+from simimg.layout import IndexFolder
 from simimg.model import load_bundle, read_bundle
 from simimg.train import (CHECKPOINT, EpochStats, TrainConfig, lr_factor, model_info, recipe_for, run_training)
 
@@ -47,7 +47,7 @@ def trained(toys: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     batches: list[tuple[int, int]] = []
     report = run_training(config, on_epoch=epochs.append, progress=lambda done, total: batches.append((done, total)))
     return {"config": config, "report": report, "epochs": epochs, "batches": batches,
-            "paths": IndexPaths.of(config.home, config.name)}
+            "paths": IndexFolder.of(config.home, config.name)}
 
 
 def test_a_short_run_learns_the_synthetic_task(trained: dict) -> None:
@@ -78,7 +78,7 @@ def test_the_bundle_carries_the_training_record(trained: dict) -> None:
 
 def test_cancel_keeps_the_best_bundle_and_resume_continues(toys: Path, tmp_path: Path) -> None:
     config = small(toys, tmp_path, epochs=3)
-    root = IndexPaths.of(tmp_path, "toys").root
+    root = IndexFolder.of(tmp_path, "toys").root
     finished: list[EpochStats] = []
     first = run_training(config, on_epoch=finished.append, should_stop=lambda: len(finished) == 2)
     assert first.cancelled and [h.epoch for h in first.history] == [1, 2]
@@ -100,7 +100,7 @@ def test_cancel_keeps_the_best_bundle_and_resume_continues(toys: Path, tmp_path:
 def test_cancel_before_an_epoch_ends_writes_no_bundle(toys: Path, tmp_path: Path) -> None:
     report = run_training(small(toys, tmp_path), should_stop=lambda: True)
     assert report.cancelled and report.best_epoch == 0 and report.history == []
-    assert not (IndexPaths.of(tmp_path, "toys").root / "model.json").exists()
+    assert not (IndexFolder.of(tmp_path, "toys").root / "model.json").exists()
 
 
 def test_resume_without_a_checkpoint_says_so(toys: Path, tmp_path: Path) -> None:
@@ -113,7 +113,7 @@ def test_frozen_warm_up_changes_only_the_head(trained: dict, toys: Path, tmp_pat
     source = trained["paths"].root
     report = run_training(small(toys, tmp_path, weights=str(source), epochs=1, freeze_epochs=1))
     assert [h.phase for h in report.history] == ["frozen"]
-    assert read_bundle(IndexPaths.of(tmp_path, "toys").root).fingerprint == read_bundle(source).fingerprint
+    assert read_bundle(IndexFolder.of(tmp_path, "toys").root).fingerprint == read_bundle(source).fingerprint
 
 
 def test_early_stopping_counts_only_annealed_epochs_and_keeps_the_best(trained: dict, toys: Path,
@@ -126,7 +126,7 @@ def test_early_stopping_counts_only_annealed_epochs_and_keeps_the_best(trained: 
     report = run_training(config)
     assert report.stopped_early and [h.epoch for h in report.history] == [1, 2, 3, 4, 5]
     assert report.best_epoch == 1
-    assert read_bundle(IndexPaths.of(tmp_path, "toys").root).info["training"]["best_epoch"] == 1
+    assert read_bundle(IndexFolder.of(tmp_path, "toys").root).info["training"]["best_epoch"] == 1
 
 
 def test_recipe_defaults_depend_on_the_start() -> None:

@@ -1,4 +1,4 @@
-"""indexer.py: one `simimg index` run, in process: awkward files indexed, broken ones reported, the model respected."""
+"""indexing.py: one `simimg index` run, in process: awkward files indexed, broken ones reported, the model respected."""
 
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ from test_model import densenet121_state
 
 from simimg.catalog import Catalog, Snapshot
 from simimg.errors import SimimgError
-from simimg.index import flat_contents, load_index
-from simimg.indexer import IndexJob, run_index
-from simimg.layout import IndexPaths
+from simimg.faiss_index import flat_contents, load_index
+from simimg.indexing import IndexJob, run_index
+from simimg.layout import IndexFolder
 from simimg.model import build_model, read_bundle, save_bundle
 
 
 def assert_consistent(home: Path, name: str) -> Snapshot:
     """FAISS and SQLite agree: the same ids, each once, each path once; the writer's head equals what readers see."""
-    paths = IndexPaths.of(home, name)
+    paths = IndexFolder.of(home, name)
     catalog = Catalog(paths.catalog, readonly=True)
     try:
         snap = catalog.snapshot()

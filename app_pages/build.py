@@ -7,14 +7,14 @@ from dataclasses import asdict
 import streamlit as st
 
 from simimg import ui
-from simimg.indexer import IndexJob, IndexReport, run_index
+from simimg.indexing import IndexJob, IndexReport, run_index
 from simimg.model import ARCHITECTURES, DEFAULT_ARCH
 
 JOB_KEY = "index"
 
 
 def main() -> None:
-    st.title("Index", anchor=False)
+    st.title("Build an index", anchor=False)
     st.caption("Embed every image of a folder so it can be searched. Re-running only embeds new or changed files.")
     ui.job_page(JOB_KEY, form_ui, progress_ui, result_ui)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from simimg.index import (FLAT_LIMIT, FaissSearcher, TorchFlatSearcher, build_index, index_kind_for, ivf_lists_for,
+from simimg.faiss_index import (FLAT_LIMIT, FaissSearcher, TorchFlatSearcher, build_index, index_kind_for, ivf_lists_for,
                           nprobe_for)
 
 

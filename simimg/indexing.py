@@ -24,8 +24,8 @@ from simimg.device import resolve_device
 from simimg.embed import EmbedSettings, embed_files
 from simimg.errors import SimimgError
 from simimg.fsutil import atomic_write_bytes
-from simimg.index import build_index, index_kind_for, load_index, save_index, update_index
-from simimg.layout import IndexPaths
+from simimg.faiss_index import build_index, index_kind_for, load_index, save_index, update_index
+from simimg.layout import IndexFolder
 from simimg.lock import writer_lock
 from simimg.model import BUNDLE_JSON, LoadedModel, build_model, load_bundle, save_bundle
 from simimg.scan import IMAGE_EXTENSIONS, Record, Skipped, scan_folder
@@ -95,7 +95,7 @@ class Plan:
 def run_index(job: IndexJob, progress: Progress | None = None) -> IndexReport:
     """Bring the named index up to date with `job.data_dir`; the one entry point for the CLI and the app."""
     started = time.perf_counter()
-    paths = IndexPaths.of(job.home, job.name)
+    paths = IndexFolder.of(job.home, job.name)
     scan = scan_folder(job.data_dir)
     if not scan.records:
         raise SimimgError(f"no images found in {scan.root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
@@ -121,7 +121,7 @@ def run_index(job: IndexJob, progress: Progress | None = None) -> IndexReport:
                        round(time.perf_counter() - started, 3), str(device), version, rebuilt)
 
 
-def _model_for(job: IndexJob, paths: IndexPaths) -> LoadedModel:
+def _model_for(job: IndexJob, paths: IndexFolder) -> LoadedModel:
     """The index's own bundle if it has one (a trained model, or the backbone of an earlier run), else a new one."""
     if (paths.root / BUNDLE_JSON).exists():
         loaded = load_bundle(paths.root)
@@ -227,7 +227,7 @@ def _commit(catalog: Catalog, buffer: list[NewImage], pending: int) -> None:
         buffer.clear()
 
 
-def _publish(catalog: Catalog, paths: IndexPaths, pending: int, model: LoadedModel) -> tuple[int, int]:
+def _publish(catalog: Catalog, paths: IndexFolder, pending: int, model: LoadedModel) -> tuple[int, int]:
     """Write the FAISS file for the pending version, then make it the published one; (version, total)."""
     fp = model.bundle.fingerprint
     current = catalog.version
@@ -258,7 +258,7 @@ def _publish(catalog: Catalog, paths: IndexPaths, pending: int, model: LoadedMod
     return pending, total
 
 
-def _reusable_index(paths: IndexPaths, version: int, published: tuple[str, int, str] | None,
+def _reusable_index(paths: IndexFolder, version: int, published: tuple[str, int, str] | None,
                     fingerprint: str) -> faiss.Index | None:
     """The published FAISS index when it is intact and of this model; None means: rebuild it from the catalog."""
     if published is None or published[0] != fingerprint:
