@@ -1,9 +1,11 @@
-"""simimg's web app: `streamlit run app.py`. Search is the landing page; Train, Index and Inspect sit beside it."""
+"""simimg's web app: `streamlit run app.py`. Search is the landing page; Train, Build and Inspect sit beside it."""
 
 import streamlit as st
 
 from simimg import ui
+from simimg.embed import reuse_freed_memory
 
+reuse_freed_memory()  # process-wide allocator tuning: the entry point opts in (once per process)
 st.set_page_config(page_title="simimg", page_icon="🔎", layout="wide")
 navigation = st.navigation([
     st.Page("app_pages/search.py", title="Search", icon=":material/image_search:", default=True),

@@ -6,17 +6,17 @@ from dataclasses import asdict
 
 import streamlit as st
 
-from simimg import ui
-from simimg.indexing import IndexJob, IndexReport, run_index
+from simimg import api, ui
+from simimg.indexing import IndexReport
 from simimg.model import ARCHITECTURES, DEFAULT_ARCH
 
-JOB_KEY = "index"
+JOB_KIND = "build"
 
 
 def main() -> None:
     st.title("Build an index", anchor=False)
     st.caption("Embed every image of a folder so it can be searched. Re-running only embeds new or changed files.")
-    ui.job_page(JOB_KEY, form_ui, progress_ui, result_ui)
+    ui.job_page(JOB_KIND, form_ui, progress_ui, result_ui)
 
 
 def form_ui() -> None:
@@ -34,11 +34,10 @@ def form_ui() -> None:
     folder = ui.resolve_folder(typed)
     name = name.strip() or folder.name
     fresh = name not in ui.index_names()
-    job = IndexJob(data_dir=str(folder), name=name, home=str(ui.home()),
-                   arch=arch if fresh else None, weights=weights if fresh else None,
-                   image_size=image_size if fresh else None)
-    ui.start_job(JOB_KEY, lambda j: run_index(job, progress=j.progress))
-    st.session_state[ui.INDEX_KEY] = job.name
+    options = {"arch": arch, "weights": weights, "image_size": image_size} if fresh else {}
+    ui.start_job(name, JOB_KIND, f"Indexing {folder.name} into '{name}'",
+                 lambda j: api.build_index(folder, name, ui.home(), progress=j.progress, **options))
+    st.session_state[ui.INDEX_KEY] = name
     st.rerun()
 
 

@@ -9,9 +9,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from simimg import ui
-from simimg.catalog import Catalog
-from simimg.evaluate import run_evaluation
+from simimg import api, ui
+from simimg.catalog import reading
 from simimg.explore import PROJECTIONS, confusion_cell, near_duplicates, project_2d, sample_positions
 from simimg.layout import IndexFolder
 
@@ -25,10 +24,13 @@ def main() -> None:
         service = ui.open_index("Inspect")
         if service is None:
             return
-        name = service.paths.name
-        evaluation, embedding_map, duplicates = st.tabs(["Evaluation", "Embedding map", "Near-duplicates"])
+        name = service.folder.name
+        evaluation, models, embedding_map, duplicates = st.tabs(["Evaluation", "Models", "Embedding map",
+                                                                 "Near-duplicates"])
         with evaluation:
             evaluation_ui(name, service.info()["classifier"])
+        with models:
+            models_ui(name)
         with embedding_map:
             map_ui(name, service.snapshot.version, service.data_root)
         with duplicates:
@@ -41,13 +43,14 @@ def evaluation_ui(name: str, has_classifier: bool) -> None:
         st.info("This index has no classifier: train one on the **Train** page, then evaluate it here.",
                 icon=":material/school:")
         return
-    key = f"evaluate:{name}"
-    job = ui.get_job(key)
+    job = ui.own_job("evaluate")
+    job = job if job is not None and job.index == name else None
     if job is not None and job.running:
         ui.watch(job, lambda j: st.progress(j.fraction(), text=f"Evaluating: {j.done} of {j.total} images"))
         return
     if st.button("Evaluate on the validation images", type="primary", icon=":material/fact_check:"):
-        ui.start_job(key, lambda j: run_evaluation(name, str(ui.home()), progress=j.progress))
+        ui.start_job(name, "evaluate", f"Evaluation of '{name}'",
+                     lambda j: api.evaluate(None, name, ui.home(), progress=j.progress))
         st.rerun()
     if job is None or ui.job_failed(job):
         return
@@ -89,6 +92,40 @@ def confusion_ui(result: dict) -> None:
     ui.image_strip([(ui.gallery_path(root, it["path"]), f"{it['probability']:.0%} · {it['path']}") for it in items])
 
 
+# --- models --------------------------------------------------------------------------------------------
+def models_ui(name: str) -> None:
+    """Every model the index keeps, newest first; any of them can be served again."""
+    entries = api.list_models(name, ui.home())
+    table = pd.DataFrame([{"serving": "✔" if m.serving else "", "model": m.fingerprint, "kind": m.kind,
+                           "arch": m.arch, "val accuracy": m.val_accuracy, "created": m.created[:19].replace("T", " "),
+                           "source": m.source} for m in entries])
+    st.dataframe(table, hide_index=True, width="stretch", column_config={
+        "val accuracy": st.column_config.ProgressColumn("val accuracy", min_value=0.0, max_value=1.0, format="percent")})
+    job = ui.own_job("use")
+    if job is not None and job.running and job.index == name:
+        ui.watch(job, lambda j: st.progress(j.fraction(), text=f"Embedding with the chosen model: {j.done} of {j.total}"))
+        return
+    choices = [m.fingerprint for m in entries if not m.serving]
+    if not choices:
+        return
+    with st.form("use-model"):
+        chosen = st.selectbox("Model", choices, format_func=lambda fp: _describe_model(fp, entries))
+        if st.form_submit_button("Serve this model", icon=":material/swap_horiz:"):
+            with ui.friendly_errors():
+                ui.start_job(name, "use", f"Switching '{name}' to model {chosen}",
+                             lambda j: api.use_model(chosen, name, ui.home(), progress=j.progress))
+                st.rerun()
+    if job is not None and job.index == name and not ui.job_failed(job):
+        st.success(f"Model {job.result.model} serves **{name}** from version {job.result.version} "
+                   f"({job.result.indexed} images needed embedding).", icon=":material/check_circle:")
+
+
+def _describe_model(fingerprint: str, entries: list) -> str:
+    m = next(e for e in entries if e.fingerprint == fingerprint)
+    accuracy = "" if m.val_accuracy is None else f", val {m.val_accuracy:.1%}"
+    return f"{fingerprint} ({m.kind}{accuracy}, {m.created[:16].replace('T', ' ')})"
+
+
 # --- embedding map -------------------------------------------------------------------------------------
 def map_ui(name: str, version: int, data_root: Path) -> None:
     left, right = st.columns([1, 3])
@@ -120,13 +157,10 @@ def embedding_map(home: str, name: str, version: int, method: str, limit: int) -
 
 
 def _published_vectors(home: str, name: str, version: int) -> tuple[list[str], list[str | None], np.ndarray]:
-    catalog = Catalog(IndexFolder.of(home, name).catalog, readonly=True)
-    try:
-        rows = list(catalog.iter_rows(version))
-        _, vectors = catalog.vectors(version)
-    finally:
-        catalog.close()
-    return [r.path for r in rows], [r.label for r in rows], vectors
+    """Paths, labels and vectors of the published version, read as one snapshot (`version` keys the caches)."""
+    with reading(IndexFolder.of(home, name).catalog) as catalog:
+        snapshot, vectors = catalog.snapshot_with_vectors()
+    return snapshot.paths, snapshot.labels, vectors
 
 
 # --- near-duplicates -----------------------------------------------------------------------------------

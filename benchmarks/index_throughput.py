@@ -3,8 +3,8 @@
     python benchmarks/index_throughput.py --device cpu --images 64 --json
     python benchmarks/index_throughput.py --device cuda --images 4096 --batch-size 256 --json
 
-end_to_end: the real `run_index` (scan, read + hash + decode in workers, forward, catalog, FAISS, publish) on a
-fresh home that already holds the model bundle (random init, `--weights none`), as after a first `simimg index`.
+end_to_end: the real `run_index` (scan, read + hash + decode, forward, catalog and vector shards, FAISS, publish)
+into a fresh home, building and keeping its model (random init, `--weights none`) as a first `simimg index` does.
 model_only: `infer` alone on pre-made uint8 batches already on the device: same model, batch size and precision.
 baseline: the seed's loop: torchvision ImageFolder (PIL decode, no draft), fp32 NCHW, batch 32, no workers.
 """
@@ -12,7 +12,6 @@ baseline: the seed's loop: torchvision ImageFolder (PIL decode, no draft), fp32 
 from __future__ import annotations
 
 import math
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,8 +22,10 @@ from torchvision import datasets, transforms
 from _common import finish, hardware, make_jpegs, median, parser, seconds
 from simimg.device import resolve_device
 from simimg.embed import infer, prepare_net
-from simimg.indexing import IndexJob, index_workers, run_index
-from simimg.model import LoadedModel, build_model, load_bundle, save_bundle
+from simimg.device import loader_workers
+from simimg.embed import reuse_freed_memory
+from simimg.indexing import IndexJob, run_index
+from simimg.model import LoadedModel, build_model
 from simimg.scan import scan_folder
 
 NAME = "bench"
@@ -40,28 +41,28 @@ def main() -> None:
     p.add_argument("--workers", type=int, help="decode workers (default: simimg's: none on the CPU, all cores on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile in both model-only and end-to-end")
     args = p.parse_args()
+    reuse_freed_memory()
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.folder) if args.folder else make_jpegs(Path(tmp) / "photos", args.images)
         images = len(scan_folder(folder).records)
-        bundle = Path(tmp) / "bundle"
-        save_bundle(bundle, *build_model(args.arch, "none", args.image_size))
         rows = []
-        model_only = _model_only_timer(load_bundle(bundle), device, images, args.batch_size, args.compile)
+        model_only = _model_only_timer(build_model(args.arch, "none", args.image_size), device, images,
+                                       args.batch_size, args.compile)
         for r in range(args.repeats):
-            home = Path(tmp) / f"home{r}"
-            shutil.copytree(bundle, home / NAME)
-            job = IndexJob(str(folder), NAME, str(home), device=args.device, batch_size=args.batch_size,
+            job = IndexJob(str(folder), NAME, str(Path(tmp) / f"home{r}"), arch=args.arch, weights="none",
+                           image_size=args.image_size, device=args.device, batch_size=args.batch_size,
                            workers=args.workers, compile=args.compile)
             row = {"repeat": r, "model_only_img_s": images / model_only(),
                    "end_to_end_img_s": images / seconds(lambda: _index(job, images), device),
-                   "baseline_img_s": images / _baseline_seconds(folder, load_bundle(bundle), device, args.image_size)}
+                   "baseline_img_s": images / _baseline_seconds(folder, build_model(args.arch, "none", args.image_size),
+                                                                device, args.image_size)}
             row["ratio_model_only"] = row["end_to_end_img_s"] / row["model_only_img_s"]
             row["ratio_baseline"] = row["end_to_end_img_s"] / row["baseline_img_s"]
             rows.append(row)
     summary = {"benchmark": "index_throughput", "device": str(device), "images": images, "arch": args.arch,
                "image_size": args.image_size, "batch_size": args.batch_size,
-               "workers": index_workers(args.workers, device),
+               "workers": loader_workers(args.workers, device),
                "compile": args.compile, "repeats": args.repeats,
                **{key: median([row[key] for row in rows]) for key in rows[0] if key != "repeat"},
                "hardware": hardware(device)}

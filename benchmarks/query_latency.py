@@ -16,7 +16,7 @@ import torch
 
 from _common import finish, hardware, make_jpegs, median, parser, percentile, seconds
 from simimg.device import resolve_device
-from simimg.embed import infer
+from simimg.embed import infer, reuse_freed_memory
 from simimg.images import load_image
 from simimg.indexing import IndexJob, run_index
 from simimg.search import SearchService
@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--arch", default="densenet121")
     p.add_argument("--image-size", type=int, default=224)
     args = p.parse_args()
+    reuse_freed_memory()
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_jpegs(Path(tmp) / "photos", args.images)

@@ -20,7 +20,7 @@ import torch
 
 from _common import finish, hardware, median, parser
 from simimg.device import resolve_device
-from simimg.faiss_index import FaissSearcher, Searcher, TorchFlatSearcher, build_index, index_kind_for
+from simimg.faiss_index import FaissSearcher, TorchFlatSearcher, VectorSearcher, build_index, index_kind_for
 from simimg.faiss_index import ivf_lists_for, nprobe_for
 
 CHUNK = 50_000
@@ -107,7 +107,7 @@ class _ExactSearcher:
         return faiss.knn(queries, self.gallery, k, metric=faiss.METRIC_INNER_PRODUCT)
 
 
-def _measure(name: str, searcher: Searcher, queries: np.ndarray, truth: np.ndarray, k: int,
+def _measure(name: str, searcher: VectorVectorSearcher, queries: np.ndarray, truth: np.ndarray, k: int,
              limit: int | None = None) -> dict:
     """Median ms per single query, and recall@k against `truth`, over the first `limit` queries."""
     searcher.search(queries[:1], k)

@@ -19,9 +19,9 @@ from torch import nn
 
 from _common import finish, hardware, make_jpegs, median, parser, seconds
 from simimg.device import autocast_for, memory_format_for, resolve_device
-from simimg.indexing import default_workers
+from simimg.embed import reuse_freed_memory
 from simimg.model import build_model, with_classes
-from simimg.train import TrainConfig, run_training
+from simimg.train import Hooks, TrainConfig, run_training
 
 CLASSES = 2
 
@@ -33,8 +33,9 @@ def main() -> None:
     p.add_argument("--arch", default="densenet121")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=default_workers())
+    p.add_argument("--workers", type=int, help="decode workers (default: simimg's: none on the CPU, all cores on CUDA)")
     args = p.parse_args()
+    reuse_freed_memory()
     device = resolve_device(args.device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -42,9 +43,10 @@ def main() -> None:
         for r in range(args.repeats):
             config = TrainConfig(str(folder), "bench", str(Path(tmp) / f"home{r}"), arch=args.arch, weights="none",
                                  epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size,
-                                 freeze_epochs=0, patience=args.epochs, device=args.device, workers=args.workers)
+                                 freeze_epochs=0, patience=args.epochs, device=args.device, workers=args.workers,
+                                 index=False)
             epochs = []
-            run_training(config, on_epoch=epochs.append)
+            run_training(config, Hooks(on_epoch=epochs.append))
             row = {"repeat": r, "train_img_s": epochs[-1].images_per_s,
                    "raw_step_img_s": _raw_step_rate(args, device, steps=max(2, args.images // args.batch_size // 2))}
             row["ratio_raw"] = row["train_img_s"] / row["raw_step_img_s"]

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
+from simimg import api
 from simimg.errors import SimimgError
-from simimg.indexing import IndexJob, default_workers, run_index
-from simimg.layout import resolve_home
 from simimg.model import ARCHITECTURES
+
+if TYPE_CHECKING:
+    from simimg.train import EpochStats
 
 log = logging.getLogger("simimg")
 
@@ -22,6 +25,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    from simimg.embed import reuse_freed_memory
+
+    reuse_freed_memory()  # process-wide allocator tuning: the entry point opts in, the library never does
     try:
         return args.run(args) or 0
     except SimimgError as err:
@@ -83,8 +89,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=positive_int, help="crop size in pixels (default 224)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--workers", type=non_negative_int, default=default_workers(),
-                   help="decode processes (default: all cores; `index` on the CPU decodes inline instead)")
+    p.add_argument("--workers", type=non_negative_int,
+                   help="decode processes (default: all cores feeding a GPU; none on the CPU, which decodes inline)")
 
 
 def emit(args: argparse.Namespace, payload: object, human: Callable[[], None]) -> None:
@@ -119,7 +125,6 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data_dir", metavar="DATA_DIR", help="folder of images, root/<class>/<image>")
     add_home(p, name_required=False)
     add_model_options(p)
-    p.set_defaults(workers=None)  # index_workers picks: all cores feeding a GPU, none on the CPU
     p.add_argument("--chunk-size", type=positive_int, default=512,
                    help="commit embeddings every this many images, so an interrupted run resumes (default 512)")
     p.add_argument("--compile", action="store_true",
@@ -127,26 +132,26 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_index(args: argparse.Namespace) -> int:
-    job = IndexJob(data_dir=args.data_dir, name=args.name or Path(args.data_dir).resolve().name,
-                   home=str(resolve_home(args.home)), arch=args.arch, weights=args.weights,
-                   image_size=args.image_size, device=args.device, batch_size=args.batch_size, workers=args.workers,
-                   chunk_size=args.chunk_size, compile=args.compile)
-    bar = ProgressBar(f"index {job.name}")
+    name = args.name or api.folder_name(args.data_dir)
+    bar = ProgressBar(f"index {name}")
     try:
-        report = run_index(job, progress=bar)
+        report = api.build_index(args.data_dir, name, args.home, progress=bar, arch=args.arch, weights=args.weights,
+                                 image_size=args.image_size, device=args.device, batch_size=args.batch_size,
+                                 workers=args.workers, chunk_size=args.chunk_size, compile=args.compile)
     finally:
         bar.close()
-
-    def human() -> None:
-        print(f"{report.name}: embedded {report.indexed}, removed {report.removed}, {report.total} in the index "
-              f"(version {report.version}, {report.seconds:.1f} s on {report.device})")
-        if report.rebuilt:
-            print("the model changed, so every image was embedded again")
-        for s in report.skipped:
-            print(f"skipped {s.path}: {s.reason}")
-
-    emit(args, report.to_dict(), human)
+    emit(args, report.to_dict(), lambda: print_index_report(report))
     return 0
+
+
+def print_index_report(report: "api.IndexReport") -> None:
+    print(f"{report.name}: embedded {report.indexed}, removed {report.removed}, {report.total} in the index "
+          f"(version {report.version}, model {report.model}, {report.seconds:.1f} s on {report.device})")
+    if report.rebuilt:
+        print(f"the model's embedding changed: the search index was rebuilt from its vectors "
+              f"({report.indexed} images needed one)")
+    for s in report.skipped:
+        print(f"skipped {s.path}: {s.reason}")
 
 
 # --- query ---------------------------------------------------------------------------------------------
@@ -160,14 +165,16 @@ def _query_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_query(args: argparse.Namespace) -> int:
-    from simimg.search import SearchService
-
-    service = SearchService(args.home, args.name, args.device)
-    results = [service.query_file(path, args.k, args.label, args.min_score) for path in args.images]
+    index = api.open_index(args.name, args.home, args.device)
+    images = args.images[0] if len(args.images) == 1 else args.images  # one bad file alone is an error
+    found = index.search(images, args.k, args.label, args.min_score)
+    results = [found] if len(args.images) == 1 else found
 
     def human() -> None:
         for r in results:
             print(r.query)
+            if r.error:
+                print(f"  skipped: {r.error}")
             if r.prediction:
                 top = ", ".join(f"{t['label']} {t['probability']:.1%}" for t in r.prediction.top)
                 print(f"  predicted: {r.prediction.label} ({top})")
@@ -184,9 +191,7 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from simimg.search import SearchService
-
-    info = SearchService(args.home, args.name, "cpu").info()
+    info = api.open_index(args.name, args.home, "cpu").info()
 
     def human() -> None:
         for key, value in info.items():
@@ -215,40 +220,60 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--memory-efficient", action="store_true", help="DenseNet checkpointing: less memory, slower")
+    p.add_argument("--head-only", action="store_true",
+                   help="fit only a classifier on the embeddings the index already stores: seconds, nothing re-embedded")
+    p.add_argument("--no-index", dest="index", action="store_false",
+                   help="stop after training: keep the new model without serving it (`simimg use` serves it later)")
+
+
+class TrainBars:
+    """The train command's stderr: a bar per phase, a line per epoch."""
+
+    def __init__(self) -> None:
+        self.bar = ProgressBar("loading", unit="batch")
+
+    def on_phase(self, phase: str) -> None:
+        self.bar.close()
+        self.bar = ProgressBar(phase, unit="img" if phase == "indexing" else "batch")
+
+    def on_epoch(self, s: "EpochStats") -> None:
+        print(f"\repoch {s.epoch:>3} {s.phase:<8} train loss {s.train_loss:.4f} acc {s.train_accuracy:.3f} | "
+              f"val loss {s.val_loss:.4f} acc {s.val_accuracy:.3f} | lr {s.lr:.2e} | {s.images_per_s:.1f} img/s "
+              f"| {s.seconds:.1f} s", file=sys.stderr)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from simimg.train import EpochStats, TrainConfig, run_training
-
-    config = TrainConfig(data_dir=args.data_dir, name=args.name or Path(args.data_dir).resolve().name,
-                         home=str(resolve_home(args.home)), arch=args.arch, weights=args.weights or "imagenet",
-                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, image_size=args.image_size or 224,
-                         val_split=args.val_split, freeze_epochs=args.freeze_epochs, patience=args.patience,
-                         device=args.device, seed=args.seed, resume=args.resume, workers=args.workers,
-                         memory_efficient=args.memory_efficient)
-    bars = [ProgressBar("epoch 1", unit="batch")]
-
-    def on_epoch(s: EpochStats) -> None:
-        bars[-1].close()
-        print(f"epoch {s.epoch:>3} {s.phase:<8} train loss {s.train_loss:.4f} acc {s.train_accuracy:.3f} | "
-              f"val loss {s.val_loss:.4f} acc {s.val_accuracy:.3f} | lr {s.lr:.2e} | {s.images_per_s:.1f} img/s "
-              f"| {s.seconds:.1f} s", file=sys.stderr)
-        bars.append(ProgressBar(f"epoch {s.epoch + 1}", unit="batch"))
-
+    options = {key: getattr(args, key) for key in ("arch", "epochs", "lr", "freeze_epochs", "patience", "seed",
+                                                   "val_split", "device", "resume", "workers", "memory_efficient",
+                                                   "batch_size", "index")}
+    bars = TrainBars()
+    hooks = api.Hooks(on_epoch=bars.on_epoch, progress=lambda done, total: bars.bar(done, total),
+                      on_phase=bars.on_phase)
     try:
-        report = run_training(config, on_epoch=on_epoch, progress=lambda done, total: bars[-1](done, total))
+        report = api.train(args.data_dir, args.name, args.home, head_only=args.head_only, hooks=hooks,
+                           weights=args.weights or "imagenet", image_size=args.image_size or 224, **options)
     finally:
-        bars[-1].close()
+        bars.bar.close()
+    emit(args, report.to_dict(), lambda: print_train_report(report))
+    return 0
 
-    def human() -> None:
+
+def print_train_report(report: "api.TrainReport") -> None:
+    if report.kind == "head":
+        h = report.head
+        print(f"{report.name}: fitted a classifier on {h['from_catalog']} stored and {h['embedded']} new embeddings "
+              f"in {report.seconds:.1f} s (C={h['C']:g}); val accuracy {report.val_accuracy:.1%}; model {report.model}")
+    else:
         how = "stopped early" if report.stopped_early else "cancelled" if report.cancelled else "finished"
         print(f"{report.name}: {how} after {len(report.history)} epochs in {report.seconds:.1f} s on {report.device}; "
-              f"kept epoch {report.best_epoch} (val accuracy {report.val_accuracy:.1%})")
-        for s in report.skipped:
-            print(f"skipped {s['path']}: {s['reason']}")
-
-    emit(args, report.to_dict(), human)
-    return 0
+              f"kept epoch {report.best_epoch} (val accuracy {report.val_accuracy:.1%}) as model {report.model or '-'}")
+    if report.index is not None:
+        print(f"serving it: version {report.index.version}, {report.index.total} images "
+              f"({report.index.indexed} embedded)")
+    elif report.model:
+        print(f"not serving it yet: `simimg use {report.model} --name {report.name}` serves it")
+    for s in report.skipped:
+        print(f"skipped {s['path']}: {s['reason']}")
 
 
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -257,22 +282,22 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     add_home(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--workers", type=non_negative_int, default=default_workers())
+    p.add_argument("--workers", type=non_negative_int)
+    p.add_argument("--model", help="a kept model's fingerprint (or a unique prefix); default: the one serving")
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from simimg.evaluate import run_evaluation
-
     bar = ProgressBar(f"evaluate {args.name}")
     try:
-        result = run_evaluation(args.name, args.home, args.data_dir, args.device, progress=bar,
-                                batch_size=args.batch_size, workers=args.workers)
+        result = api.evaluate(args.data_dir, args.name, args.home, model=args.model, progress=bar,
+                              device=args.device, batch_size=args.batch_size, workers=args.workers)
     finally:
         bar.close()
 
     def human() -> None:
         r = result["retrieval"]
-        print(f"{result['name']}: {result['images']} validation images from {result['data_dir']}")
+        print(f"{result['name']} (model {result['model']}): {result['images']} validation images from "
+              f"{result['data_dir']}")
         print(f"accuracy {result['accuracy']:.1%}, macro-F1 {result['macro_f1']:.3f}; retrieval against the "
               f"{r['gallery']} ({r['gallery_size']}): P@1 {r['p_at_1']:.3f}, P@10 {r['p_at_10']:.3f}, mAP {r['map']:.3f}")
         for label, m in result["per_class"].items():
@@ -297,7 +322,7 @@ def _model_info_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_model_info(args: argparse.Namespace) -> int:
-    from simimg.train import model_info
+    from simimg.model_info import model_info
 
     info = model_info(args.arch, args.image_size, args.device, args.batch_size, args.memory_efficient)
     def human() -> None:
@@ -305,6 +330,40 @@ def _run_model_info(args: argparse.Namespace) -> int:
             print(f"{key:>24}: {value}")
 
     emit(args, info, human)
+    return 0
+
+
+# --- models, use ----------------------------------------------------------------------------------------
+def _models_arguments(p: argparse.ArgumentParser) -> None:
+    add_home(p)
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    entries = api.list_models(args.name, args.home)
+
+    def human() -> None:
+        for m in entries:
+            accuracy = "-" if m.val_accuracy is None else f"{m.val_accuracy:.1%}"
+            print(f"{'*' if m.serving else ' '} {m.fingerprint}  {m.created}  {m.kind:<10} {m.arch:<12} "
+                  f"val {accuracy:>6}  {m.source}")
+
+    emit(args, [dataclasses.asdict(m) for m in entries], human)
+    return 0
+
+
+def _use_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("fingerprint", metavar="FINGERPRINT", help="a kept model (a unique prefix is enough)")
+    add_home(p)
+    p.add_argument("--device", default="auto")
+
+
+def _run_use(args: argparse.Namespace) -> int:
+    bar = ProgressBar(f"use {args.fingerprint}")
+    try:
+        report = api.use_model(args.fingerprint, args.name, args.home, args.device, progress=bar)
+    finally:
+        bar.close()
+    emit(args, report.to_dict(), lambda: print_index_report(report))
     return 0
 
 
@@ -318,6 +377,8 @@ COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callab
      _train_arguments, _run_train),
     ("evaluate", "accuracy, per-class F1, confusion and retrieval quality of NAME's trained model",
      _evaluate_arguments, _run_evaluate),
+    ("models", "every model NAME keeps, newest first; * marks the one serving", _models_arguments, _run_models),
+    ("use", "serve a kept model (re-embeds only images it has no vectors for)", _use_arguments, _run_use),
     ("model-info", "parameters, GFLOPs per image, embedding size (and peak training memory on CUDA) of a backbone",
      _model_info_arguments, _run_model_info),
 ]

@@ -15,11 +15,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from simimg.device import autocast_for, memory_format_for
+from simimg.device import autocast_for, memory_format_for, resolve_device
 from simimg.errors import BadImageError
-from simimg.images import decode_image, read_bytes
-from simimg.model import Net
+from simimg.images import decode_image, read_bytes, to_rgb
+from simimg.model import LoadedModel, Net, build_model
 from simimg.preprocess import Preprocess
+from simimg.scan import Skipped
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def infer(net: Net, batch: torch.Tensor, preprocess: Preprocess, device: torch.d
     x = preprocess.normalize(batch.to(device, non_blocking=True)).contiguous(memory_format=memory_format_for(device))
     with autocast_for(device)():
         features = (trunk or net.embed)(x)
-        logits = net.head(features) if with_logits and net.head is not None else None
+        logits = net.logits(features) if with_logits and net.head is not None else None
     embeddings = torch.nn.functional.normalize(features.float(), dim=1)
     return embeddings, None if logits is None else logits.float()
 
@@ -105,7 +106,6 @@ def prepare_net(net: Net, device: torch.device, compile: bool = False) -> Callab
     With `compile`, that function is `torch.compile`d (slow to start, faster per batch); `net` itself stays plain,
     so its state dict and fingerprint never change.
     """
-    reuse_freed_memory()
     net.eval().to(device, memory_format=memory_format_for(device))
     return torch.compile(net.embed) if compile else net.embed
 
@@ -116,7 +116,8 @@ def reuse_freed_memory() -> None:
 
     glibc serves large blocks with mmap and unmaps them on free, so each CPU forward page-faults its activations
     in again (zeroed by the kernel): half the CPU time went to the kernel at batch 64. Raising the mmap and trim
-    thresholds once makes the allocator reuse those pages; peak memory is unchanged.
+    thresholds once makes the allocator reuse those pages; peak memory is unchanged. It is process-wide, so the
+    entry points (CLI, app, server, benchmarks) opt in; importing the library never calls it.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -156,3 +157,44 @@ def embed_files(net: Net, paths: Sequence[Path], preprocess: Preprocess, setting
         vectors = (infer(net, batch, preprocess, device, trunk=trunk)[0].cpu().numpy() if positions
                    else np.empty((0, net.dim), np.float32))
         yield EmbeddedBatch(positions, vectors, hashes, failures)
+
+
+class Encoder:
+    """Images to unit-length embeddings with a backbone, outside any index: `Encoder().encode(paths_or_images)`.
+
+    The same decoding, preprocessing and forward pass `simimg index` uses, so its vectors match an index built
+    with the same model.
+    """
+
+    def __init__(self, arch: str = "densenet121", weights: str = "imagenet", image_size: int = 224,
+                 device: str = "auto", batch_size: int = 64, model: LoadedModel | None = None) -> None:
+        self.device = resolve_device(device)
+        self.model = model or build_model(arch, weights, image_size)
+        self.batch_size = batch_size
+        self._trunk = prepare_net(self.model.net, self.device)
+
+    @property
+    def dim(self) -> int:
+        return self.model.net.dim
+
+    def encode(self, images: Sequence[str | Path | Image.Image] | str | Path | Image.Image,
+               ) -> tuple[np.ndarray, list[Skipped]]:
+        """(N x D float32 unit vectors, skipped): a row per readable input, in input order; every unreadable
+        input is listed with its reason instead of raising."""
+        items = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
+        preprocess = self.model.bundle.preprocess
+        vectors, skipped = [np.empty((0, self.dim), np.float32)], []
+        for start in range(0, len(items), self.batch_size):
+            tensors = []
+            for i, item in enumerate(items[start:start + self.batch_size], start):
+                try:
+                    image = to_rgb(item) if isinstance(item, Image.Image) else \
+                        decode_image(read_bytes(item), draft_size=preprocess.resize_size)
+                    tensors.append(preprocess.to_uint8(image))
+                except BadImageError as err:
+                    skipped.append(Skipped(str(item) if not isinstance(item, Image.Image) else f"<image {i}>",
+                                           err.reason))
+            if tensors:
+                embedded, _ = infer(self.model.net, torch.stack(tensors), preprocess, self.device, trunk=self._trunk)
+                vectors.append(embedded.cpu().numpy())
+        return np.concatenate(vectors), skipped

@@ -1,7 +1,8 @@
 """`simimg evaluate`: how well a trained model classifies its validation images, and how well it retrieves them.
 
-Retrieval is measured on the model's own embeddings: each validation image queries the index of NAME when that
-index was built with this model from the same folder (the query itself left out), else the training images.
+The model is the one NAME's published version serves, or any kept model named by its fingerprint. Retrieval is
+measured on the model's own embeddings: each validation image queries the index of NAME when that index holds
+this model's embedding of the same folder (the query itself left out), else the training images.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch.utils.data import DataLoader
 
-from simimg.catalog import Catalog
+from simimg.catalog import reading
 from simimg.data import Split, split_dataset
-from simimg.device import memory_format_for, resolve_device
+from simimg.device import loader_workers, memory_format_for, resolve_device
 from simimg.embed import infer, make_loader
 from simimg.errors import SimimgError
-from simimg.indexing import default_workers
 from simimg.layout import IndexFolder
-from simimg.model import LoadedModel, Net, load_bundle
+from simimg.model import LoadedModel, Net
+from simimg.model_store import load_model, resolve_fingerprint
 from simimg.preprocess import Preprocess
 from simimg.scan import Record
 
@@ -45,16 +46,19 @@ class Predictions:
 
 
 def run_evaluation(name: str, home: str | None, data_dir: str | None = None, device: str = "auto",
-                   progress: Progress | None = None, batch_size: int = 64, workers: int | None = None) -> dict:
-    """The `simimg evaluate --json` object for the trained model of index NAME."""
+                   progress: Progress | None = None, batch_size: int = 64, workers: int | None = None,
+                   model: str | None = None) -> dict:
+    """The `simimg evaluate --json` object for the serving (or the named kept) model of index NAME."""
     paths = IndexFolder.of(home, name)
-    model = load_bundle(paths.root)
+    fingerprint = resolve_fingerprint(paths, model) if model else serving_model(paths)
+    model = load_model(paths, fingerprint)
     if not model.bundle.has_classifier:
-        raise SimimgError(f"the model of '{name}' has no trained classifier: run `simimg train DATA_DIR --name {name}`")
+        raise SimimgError(f"model {fingerprint} of '{name}' has no trained classifier: run "
+                          f"`simimg train DATA_DIR --name {name}` (add --head-only for one in seconds)")
     split = evaluation_split(model, data_dir)
     dev = resolve_device(device)
     model.net.to(dev, memory_format=memory_format_for(dev))
-    workers = default_workers() if workers is None else workers
+    workers = loader_workers(workers, dev)
 
     def predict(records: Sequence[Record], report: Progress | None) -> Predictions:
         loader = make_loader(split.files(records), model.bundle.preprocess, batch_size, workers, dev)
@@ -64,13 +68,27 @@ def run_evaluation(name: str, home: str | None, data_dir: str | None = None, dev
     labels = split.labels(split.val)[val.positions]
     probs = torch.softmax(val.logits, dim=1).numpy()
     val_paths = [split.val[p].path for p in val.positions]
-    result = {"name": name, "data_dir": str(split.root), "images": len(val.positions),
+    result = {"name": name, "model": fingerprint, "data_dir": str(split.root), "images": len(val.positions),
               **classification_metrics(labels, probs, split.classes),
               "retrieval": _retrieval(paths, model, split, val, labels, lambda: predict(split.train, None)),
               "most_confused": most_confused(val_paths, labels, probs, split.classes),
               "predictions": prediction_rows(val_paths, labels, probs, split.classes),
               "skipped": [{"path": split.val[i].path, "reason": why} for i, why in val.failures]}
     return result
+
+
+def serving_model(folder: IndexFolder) -> str:
+    """The fingerprint of the model NAME's published version names."""
+    if not folder.root.is_dir():
+        raise SimimgError(f"no index named '{folder.name}' in {folder.root.parent}")
+    published = None
+    if folder.catalog.exists():
+        with reading(folder.catalog) as catalog:
+            published = catalog.published()
+    if published is None:
+        raise SimimgError(f"index '{folder.name}' has no finished version yet, so no model serves it: run "
+                          f"`simimg index` on it, `simimg use MODEL --name {folder.name}`, or pass --model")
+    return published.model
 
 
 def evaluation_split(model: LoadedModel, data_dir: str | None) -> Split:
@@ -205,17 +223,14 @@ def _index_gallery(paths: IndexFolder, model: LoadedModel,
     """(vectors, paths, label ids) of the published index, if it was built by this model from `split.root`."""
     if not paths.catalog.exists():
         return None
-    catalog = Catalog(paths.catalog, readonly=True)
-    try:
-        snapshot = catalog.snapshot()
+    with reading(paths.catalog) as catalog:
         same_root = Path(catalog.get_meta("data_root", "")).resolve() == split.root.resolve()
-        if snapshot is None or snapshot.fingerprint != model.bundle.fingerprint or not same_root:
-            log.info("index '%s' is not built with this model from %s: retrieval uses the training images",
-                     paths.name, split.root)
-            return None
-        _, vectors = catalog.vectors(snapshot.version)
-    finally:
-        catalog.close()
+        read = catalog.snapshot_with_vectors() if same_root else None
+    if read is None or read[0].embedding != model.bundle.embedding:
+        log.info("index '%s' does not hold this model's embedding of %s: retrieval uses the training images",
+                 paths.name, split.root)
+        return None
+    snapshot, vectors = read
     index = {c: i for i, c in enumerate(split.classes)}
     keep = np.array([label in index for label in snapshot.labels], dtype=bool)
     labels = np.array([index.get(label, -1) for label in snapshot.labels], dtype=np.int64)

@@ -28,7 +28,7 @@ IVF_MIN_NPROBE = 32
 IVF_NPROBE_FRACTION = 1 / 128
 
 
-class Searcher(Protocol):
+class VectorSearcher(Protocol):
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids), each n x k, best first; id -1 pads when fewer than k match."""
         ...
@@ -90,7 +90,7 @@ def load_index(path: str | Path) -> faiss.Index:
                           "re-run `simimg index` to rebuild it") from None
 
 
-def make_searcher(index: faiss.Index, device: torch.device) -> Searcher:
+def make_searcher(index: faiss.Index, device: torch.device) -> VectorSearcher:
     """One place decides where search runs: faiss GPU, else torch on CUDA for Flat, else faiss CPU."""
     if device.type == "cuda" and faiss.get_num_gpus() > 0:
         log.info("searching on the GPU with faiss")

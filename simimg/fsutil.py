@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -28,3 +29,12 @@ def atomic_target(path: str | Path) -> Iterator[Path]:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_target(path) as tmp:
         tmp.write_bytes(data)
+
+
+def atomic_copy(source: str | Path, path: str | Path) -> None:
+    """`path` becomes a copy of `source` in one step: a hard link when the file system allows, else a real copy."""
+    with atomic_target(path) as tmp:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)

@@ -1,8 +1,12 @@
-"""`simimg index`: scan a folder, embed what is new or changed, and publish a new index version.
+"""`simimg index`: scan a folder, embed what is new, changed or missing, and publish a new index version.
 
 Crash-safe by construction: embeddings are committed to the catalog in chunks as a pending version, and a
 version becomes visible only when its FAISS file is written and the catalog says so, in one transaction.
 Re-running after a crash finds the pending rows and embeds only what is still missing.
+
+A version names the model that answers for it. A run embeds with the model the published version names, or with
+the one it is asked to switch to (`model`: the end of `simimg train`, or `simimg use`): vectors are stored per
+(image, embedding), so the new model's vectors are written while readers keep answering from the old ones.
 """
 
 from __future__ import annotations
@@ -12,39 +16,29 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
 import faiss
-import torch
+import numpy as np
 
-from simimg.catalog import Catalog, NewImage, Row
-from simimg.device import resolve_device
+from simimg.catalog import Catalog, NewImage, Published, Row
+from simimg.device import loader_workers, resolve_device
 from simimg.embed import EmbedSettings, embed_files
 from simimg.errors import SimimgError
-from simimg.fsutil import atomic_write_bytes
 from simimg.faiss_index import build_index, index_kind_for, load_index, save_index, update_index
+from simimg.fsutil import atomic_copy, atomic_write_bytes
 from simimg.layout import IndexFolder
 from simimg.lock import writer_lock
-from simimg.model import BUNDLE_JSON, LoadedModel, build_model, load_bundle, save_bundle
+from simimg.model import LoadedModel, build_model
+from simimg.model_store import kept_embeddings, load_model, prune_models, publish_model, read_model, \
+    resolve_fingerprint, resolve_weights
 from simimg.scan import IMAGE_EXTENSIONS, Record, Skipped, scan_folder
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
-
-
-def default_workers() -> int:
-    return min(os.cpu_count() or 1, 16)
-
-
-def index_workers(requested: int | None, device: torch.device) -> int:
-    """Decode processes for indexing: every core when they feed a GPU; none on the CPU, where they would steal
-    cores from the forward (2 workers on 2 cores: 0.37x of model-only; decoding inline: 0.92x; benchmarks/)."""
-    if requested is not None:
-        return requested
-    return default_workers() if device.type == "cuda" else 0
 
 
 @dataclass(frozen=True)
@@ -62,6 +56,8 @@ class IndexJob:
     workers: int | None = None
     chunk_size: int = 512
     compile: bool = False
+    model: str | None = None  # switch to this kept model (a fingerprint or a unique prefix of one)
+    wait: bool = False  # wait for another writer instead of failing at once
 
 
 @dataclass(frozen=True)
@@ -75,6 +71,7 @@ class IndexReport:
     device: str
     version: int
     rebuilt: bool
+    model: str = ""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -93,46 +90,48 @@ class Plan:
 
 
 def run_index(job: IndexJob, progress: Progress | None = None) -> IndexReport:
-    """Bring the named index up to date with `job.data_dir`; the one entry point for the CLI and the app."""
+    """Bring the named index up to date with `job.data_dir`; the one entry point for every caller."""
     started = time.perf_counter()
-    paths = IndexFolder.of(job.home, job.name)
+    folder = IndexFolder.of(job.home, job.name)
     scan = scan_folder(job.data_dir)
     if not scan.records:
         raise SimimgError(f"no images found in {scan.root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
                           "put images in class folders: <folder>/<class>/<image>")
     device = resolve_device(job.device)
-    with writer_lock(paths.lock, f"index '{job.name}'"):
-        model = _model_for(job, paths)
-        catalog = Catalog(paths.catalog)
+    with writer_lock(folder.lock, f"index '{job.name}'", wait=job.wait):
+        catalog = Catalog(folder.catalog)
         try:
+            model = _model_for(job, folder, catalog)
             pending = catalog.version + 1
-            rebuilt = _prepare_pending(catalog, pending, model.bundle.fingerprint, scan.root)
+            rebuilt = _prepare_pending(catalog, model, scan.root)
             plan = _plan(catalog.head(), scan.records, scan.root)
-            settings = EmbedSettings(device, job.batch_size, index_workers(job.workers, device), job.compile)
-            failures = _apply(catalog, plan, pending, model, scan.root, settings, job.chunk_size, progress)
-            version, total = _publish(catalog, paths, pending, model)
+            settings = EmbedSettings(device, job.batch_size, loader_workers(job.workers, device), job.compile)
+            embedded, failures = _apply(catalog, plan, pending, model, scan.root, settings, job.chunk_size, progress)
+            version, total = _publish(catalog, folder, pending, model)
+            _tidy(catalog, folder)
         finally:
             catalog.close()
-        atomic_write_bytes(paths.index_job, json.dumps(asdict(job), indent=2).encode())
+        atomic_write_bytes(folder.index_job, json.dumps(asdict(job), indent=2).encode())
     skipped = list(scan.skipped) + failures
     for s in skipped:
         log.info("skipped %s: %s", s.path, s.reason)
-    return IndexReport(job.name, len(plan.to_embed) - len(failures), plan.deleted, total, skipped,
-                       round(time.perf_counter() - started, 3), str(device), version, rebuilt)
+    return IndexReport(job.name, embedded, plan.deleted, total, skipped, round(time.perf_counter() - started, 3),
+                       str(device), version, rebuilt, model.bundle.fingerprint)
 
 
-def _model_for(job: IndexJob, paths: IndexFolder) -> LoadedModel:
-    """The index's own bundle if it has one (a trained model, or the backbone of an earlier run), else a new one."""
-    if (paths.root / BUNDLE_JSON).exists():
-        loaded = load_bundle(paths.root)
+def _model_for(job: IndexJob, folder: IndexFolder, catalog: Catalog) -> LoadedModel:
+    """The model asked for, else the one the published (or interrupted first) version names, else a new one."""
+    if job.model:
+        return load_model(folder, resolve_fingerprint(folder, job.model))
+    published = catalog.published()
+    current = published.model if published else catalog.get_meta("pending_model")
+    if current is not None and (published is not None or folder.model_dir(current).is_dir()):
+        loaded = load_model(folder, current)
         _check_request_matches(job, loaded)
         return loaded
-    if paths.catalog.exists():
-        raise SimimgError(f"index '{job.name}' has lost its model ({paths.root / BUNDLE_JSON} is missing); restore "
-                          "model.json and model.safetensors from a backup, or delete the folder to start over")
-    loaded = build_model(job.arch, job.weights or "imagenet", job.image_size or 224)
-    save_bundle(paths.root, loaded.net, loaded.bundle)
-    log.info("new index '%s': %s (%s), fingerprint %s", job.name, loaded.bundle.arch, loaded.bundle.source,
+    loaded = build_model(job.arch, resolve_weights(job.weights or "imagenet"), job.image_size or 224)
+    publish_model(folder, loaded.net, loaded.bundle)
+    log.info("new index '%s': %s (%s), model %s", job.name, loaded.bundle.arch, loaded.bundle.source,
              loaded.bundle.fingerprint)
     return loaded
 
@@ -144,22 +143,20 @@ def _check_request_matches(job: IndexJob, loaded: LoadedModel) -> None:
              "--weights": (job.weights, b.info.get("weights", job.weights))}
     wrong = [f"{flag} {want} (it uses {have})" for flag, (want, have) in asked.items() if want is not None and want != have]
     if wrong:
-        raise SimimgError(f"fingerprint mismatch: index '{job.name}' was built with {b.arch} ({b.source}, "
-                          f"fingerprint {b.fingerprint}), not {', '.join(wrong)}. Drop those flags to update it, "
+        raise SimimgError(f"fingerprint mismatch: index '{job.name}' serves {b.arch} ({b.source}, model "
+                          f"{b.fingerprint}), not {', '.join(wrong)}. Drop those flags to update it, "
                           "or pick another --name for a new index.")
 
 
-def _prepare_pending(catalog: Catalog, pending: int, fingerprint: str, root: Path) -> bool:
-    """Resume an interrupted run of the same model; a different model discards it and retires every old row."""
+def _prepare_pending(catalog: Catalog, model: LoadedModel, root: Path) -> bool:
+    """Record what the pending version is for; True when it changes the published version's embedding."""
     with catalog.transaction():
-        if catalog.get_meta("pending_fingerprint") not in (None, fingerprint):
-            log.info("discarding %d embeddings of an interrupted run with another model", catalog.discard_pending(pending))
-        published = catalog.version_info(catalog.version)
-        rebuilt = published is not None and published[0] != fingerprint
+        published = catalog.published()
+        rebuilt = published is not None and published.embedding != model.bundle.embedding
         if rebuilt:
-            log.info("the model changed since version %d: rebuilding the index with the new one", catalog.version)
-            catalog.retire_published(pending)
-        catalog.set_meta(pending_fingerprint=fingerprint, data_root=str(root.resolve()))
+            log.info("the model's embedding differs from version %d's: every image gets a vector of the new one",
+                     published.version)
+        catalog.set_meta(pending_model=model.bundle.fingerprint, data_root=str(root.resolve()))
     return rebuilt
 
 
@@ -188,89 +185,139 @@ def _plan(head: dict[str, Row], records: tuple[Record, ...], root: Path) -> Plan
     return Plan(to_embed, to_remove + gone, to_touch, len(gone))
 
 
+@dataclass
+class _Chunk:
+    """Embedded results waiting to be committed together: new image rows, and vectors for existing rows."""
+
+    images: list[NewImage]
+    image_vectors: list[np.ndarray]
+    row_ids: list[int]
+    row_vectors: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.images) + len(self.row_ids)
+
+
 def _apply(catalog: Catalog, plan: Plan, pending: int, model: LoadedModel, root: Path, settings: EmbedSettings,
-           chunk_size: int, progress: Progress | None) -> list[Skipped]:
-    """Record removals, then embed and commit new vectors chunk by chunk (each chunk survives a crash)."""
+           chunk_size: int, progress: Progress | None) -> tuple[int, list[Skipped]]:
+    """Record removals; embed new files and the rows lacking this embedding, committing chunk by chunk.
+
+    Returns how many images got a vector, and the files passed over with the reason.
+    """
     with catalog.transaction():
         catalog.remove(plan.to_remove, pending)
         for row_id, size, mtime_ns in plan.to_touch:
             catalog.touch(row_id, size, mtime_ns)
-    files = [root / rec.path for rec in plan.to_embed]
+    work: list[Record | Row] = [*plan.to_embed, *catalog.missing_vectors(pending, model.bundle.embedding)]
+    files = [root / item.path for item in work]
     failures: list[Skipped] = []
-    buffer: list[NewImage] = []
+    chunk = _Chunk([], [], [], [])
     done = 0
     if progress:
         progress(0, len(files))
     for batch in embed_files(model.net, files, model.bundle.preprocess, settings) if files else ():
         for pos, vector, sha in zip(batch.positions, batch.vectors, batch.hashes):
-            rec = plan.to_embed[pos]
-            try:
-                st = os.stat(files[pos])
-            except OSError:
-                failures.append(Skipped(rec.path, "the file disappeared while it was being indexed"))
-                continue
-            buffer.append(NewImage(rec.path, rec.label, st.st_size, st.st_mtime_ns, sha, vector))
-        failures += [Skipped(plan.to_embed[pos].path, reason) for pos, reason in batch.failures]
-        if len(buffer) >= chunk_size:
-            _commit(catalog, buffer, pending)
+            failure = _collect(chunk, work[pos], files[pos], vector, sha)
+            failures += [failure] if failure else []
+        failures += [Skipped(work[pos].path, reason) for pos, reason in batch.failures]
+        lost = [work[pos].id for pos, _ in batch.failures if isinstance(work[pos], Row)]
+        if len(chunk) >= chunk_size or lost:
+            _commit(catalog, chunk, lost, pending, model.bundle.embedding)
         done += len(batch.positions) + len(batch.failures)
         if progress:
             progress(done, len(files))
-    _commit(catalog, buffer, pending)
-    return failures
+    _commit(catalog, chunk, [], pending, model.bundle.embedding)
+    return len(work) - len(failures), failures
 
 
-def _commit(catalog: Catalog, buffer: list[NewImage], pending: int) -> None:
-    if buffer:
-        with catalog.transaction():
-            catalog.add(buffer, pending)
-        buffer.clear()
+def _collect(chunk: _Chunk, item: Record | Row, file: Path, vector: np.ndarray, sha: str) -> Skipped | None:
+    """Add one embedded file to the chunk: a new row for a new file, a vector for a row that lacked one."""
+    if isinstance(item, Row):
+        chunk.row_ids.append(item.id)
+        chunk.row_vectors.append(vector)
+        return None
+    try:
+        st = os.stat(file)
+    except OSError:
+        return Skipped(item.path, "the file disappeared while it was being indexed")
+    chunk.images.append(NewImage(item.path, item.label, st.st_size, st.st_mtime_ns, sha))
+    chunk.image_vectors.append(vector)
+    return None
 
 
-def _publish(catalog: Catalog, paths: IndexFolder, pending: int, model: LoadedModel) -> tuple[int, int]:
+def _commit(catalog: Catalog, chunk: _Chunk, lost: list[int], pending: int, embedding: str) -> None:
+    """One transaction: the chunk's rows and vectors, and existing rows that could no longer be read leave."""
+    if not len(chunk) and not lost:
+        return
+    with catalog.transaction():
+        if chunk.images:
+            catalog.add(chunk.images, np.stack(chunk.image_vectors), embedding, pending)
+        if chunk.row_ids:
+            catalog.add_vectors(embedding, chunk.row_ids, np.stack(chunk.row_vectors))
+        catalog.remove(lost, pending)
+    chunk.images.clear(), chunk.image_vectors.clear(), chunk.row_ids.clear(), chunk.row_vectors.clear()
+
+
+def _publish(catalog: Catalog, folder: IndexFolder, pending: int, model: LoadedModel) -> tuple[int, int]:
     """Write the FAISS file for the pending version, then make it the published one; (version, total)."""
-    fp = model.bundle.fingerprint
-    current = catalog.version
-    published = catalog.version_info(current)
+    published = catalog.published()
+    emb = model.bundle.embedding
     added, removed = catalog.pending_changes(pending)
-    previous = _reusable_index(paths, current, published, fp)
-    if previous is not None and not added and not removed:
-        return current, published[1]
+    previous = _reusable_index(folder, published, emb)
+    unchanged = previous is not None and not added and not removed
+    if unchanged and published.model == model.bundle.fingerprint:
+        return published.version, published.count
     total = catalog.count(pending)
     kind = index_kind_for(total)
-    index = None
-    if previous is not None and published[2] == kind:
-        new_ids, new_vectors = catalog.vectors(pending, where="added = :v")
-        index = update_index(previous, new_ids, new_vectors, catalog.removed_ids(pending))
-        if index.ntotal != total:
-            log.warning("FAISS file of version %d disagreed with the catalog; rebuilding it", current)
-            index = None
-    if index is None:
-        ids, vectors = catalog.vectors(pending)
-        index = build_index(ids, vectors, model.net.dim, kind)
-    save_index(index, paths.faiss(pending))
+    if unchanged and published.index_kind == kind:
+        atomic_copy(folder.faiss(published.version), folder.faiss(pending))  # a new head on the same vectors
+    else:
+        index = None
+        if previous is not None and published.index_kind == kind:
+            new_ids, new_vectors = catalog.vectors(pending, emb, where="added = :v")
+            index = update_index(previous, new_ids, new_vectors, catalog.removed_ids(pending))
+            if index.ntotal != total:
+                log.warning("FAISS file of version %d disagreed with the catalog; rebuilding it", published.version)
+                index = None
+        if index is None:
+            ids, vectors = catalog.vectors(pending, emb)
+            index = build_index(ids, vectors, model.bundle.dim, kind)
+        save_index(index, folder.faiss(pending))
     with catalog.transaction():
-        catalog.publish(pending, fp, kind)
-    for old in paths.faiss_files():
-        if old < paths.faiss(pending - 1):
-            old.unlink(missing_ok=True)
-    log.info("published version %d of '%s': %d vectors (+%d, -%d)", pending, paths.name, total, added, removed)
+        catalog.publish(pending, model.bundle.fingerprint, emb, kind)
+    log.info("published version %d of '%s': %d vectors (+%d, -%d), model %s", pending, folder.name, total, added,
+             removed, model.bundle.fingerprint)
     return pending, total
 
 
-def _reusable_index(paths: IndexFolder, version: int, published: tuple[str, int, str] | None,
-                    fingerprint: str) -> faiss.Index | None:
-    """The published FAISS index when it is intact and of this model; None means: rebuild it from the catalog."""
-    if published is None or published[0] != fingerprint:
+def _tidy(catalog: Catalog, folder: IndexFolder) -> None:
+    """After a publish: drop FAISS files, models and vectors that no kept version needs, and sparse shards."""
+    kept = catalog.kept_versions()
+    oldest = min((v.version for v in kept), default=0)
+    for old in folder.faiss_files():
+        if old < folder.faiss(oldest):
+            old.unlink(missing_ok=True)
+    prune_models(folder, {v.model for v in kept})
+    with catalog.transaction():
+        dropped = catalog.drop_embeddings(kept_embeddings(folder) | {v.embedding for v in kept})
+        compacted = catalog.compact()
+    if dropped or compacted:
+        log.info("dropped the vectors of %d unused embeddings, compacted %d shards", len(dropped), compacted)
+    catalog.clean_files()
+
+
+def _reusable_index(folder: IndexFolder, published: Published | None, embedding: str) -> faiss.Index | None:
+    """The published FAISS index when it is intact and of this embedding; None means: build it from the catalog."""
+    if published is None or published.embedding != embedding:
         return None
     try:
-        index = load_index(paths.faiss(version))
+        index = load_index(folder.faiss(published.version))
     except SimimgError as err:
         log.warning("%s: rebuilding it from the catalog", err)
         return None
-    if index.ntotal != published[1]:
-        log.warning("FAISS file of version %d holds %d vectors, the catalog %d: rebuilding it", version,
-                    index.ntotal, published[1])
+    if index.ntotal != published.count:
+        log.warning("FAISS file of version %d holds %d vectors, the catalog %d: rebuilding it", published.version,
+                    index.ntotal, published.count)
         return None
     return index
 
@@ -284,3 +331,33 @@ def _sha256_file(path: Path) -> str | None:
     except OSError:
         return None
     return h.hexdigest()
+
+
+def serve_model(home: str | Path | None, name: str, model: str, data_dir: str | None = None, device: str = "auto",
+                workers: int | None = None, progress: Progress | None = None) -> IndexReport:
+    """Publish a version of NAME answered by its kept `model`, over the index's own collection.
+
+    The collection is the folder the index was last built from (index_job.json), else `data_dir`, else the
+    folder the model was trained on. Only images with no vector of that model's embedding are embedded: none
+    after a head-only run, all after a fine-tune. Waits for another writer rather than failing: it ends long jobs.
+    """
+    folder = IndexFolder.of(home, name)
+    recorded = read_index_job(folder)
+    data_dir = data_dir or read_model(folder, model).info.get("training", {}).get("split", {}).get("data_dir")
+    if recorded is None and data_dir is None:
+        raise SimimgError(f"index '{name}' records no collection folder (index_job.json is missing): "
+                          f"run `simimg index DATA_DIR --name {name}` once")
+    base = recorded or IndexJob(data_dir=str(data_dir), name=name, home=str(folder.root.parent))
+    job = replace(base, name=name, home=str(folder.root.parent), arch=None, weights=None, image_size=None, device=device,
+                  workers=workers, model=model, wait=True)
+    return run_index(job, progress)
+
+
+def read_index_job(folder: IndexFolder) -> IndexJob | None:
+    """The job that last built this index, or None; unknown fields (from another simimg version) are dropped."""
+    try:
+        recorded = json.loads(folder.index_job.read_text())
+    except (OSError, ValueError):
+        return None
+    known = {f.name for f in fields(IndexJob)}
+    return IndexJob(**{k: v for k, v in recorded.items() if k in known})

@@ -1,4 +1,4 @@
-"""Where an index's files live: HOME/NAME/{model.json, model.safetensors, catalog.sqlite, index-V.faiss, ...}."""
+"""Where an index's files live: HOME/NAME/{catalog.sqlite, vectors/, models/<fingerprint>/, index-V.faiss, ...}."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def check_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class IndexFolder:
-    """The files of one named index; the folder doubles as its model bundle folder."""
+    """The files of one named index: its catalog, vectors, FAISS files, every model it keeps, its job records."""
 
     root: Path
 
@@ -42,16 +42,33 @@ class IndexFolder:
         return self.root / "catalog.sqlite"
 
     @property
+    def vectors(self) -> Path:
+        return self.root / "vectors"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    def model_dir(self, fingerprint: str) -> Path:
+        return self.models / fingerprint
+
+    @property
     def lock(self) -> Path:
+        """Held by whoever writes the catalog, vectors or FAISS files (`simimg index`, the end of `simimg train`)."""
         return self.root / "writer.lock"
+
+    @property
+    def train_lock(self) -> Path:
+        """Held for a whole training run: one at a time per index, while readers and index runs go on."""
+        return self.root / "train.lock"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "train_checkpoint.pt"
 
     @property
     def index_job(self) -> Path:
         return self.root / "index_job.json"
-
-    @property
-    def train_job(self) -> Path:
-        return self.root / "train_job.json"
 
     def faiss(self, version: int) -> Path:
         return self.root / f"index-{version:06d}.faiss"
@@ -61,14 +78,21 @@ class IndexFolder:
 
 
 def list_indexes(home: str | Path | None = None) -> list[IndexFolder]:
-    """Named indexes under HOME that hold a catalog or a model, newest first."""
+    """Named indexes under HOME that hold a catalog, newest first; a folder left by a failed first run is not one."""
     home = resolve_home(home)
     if not home.is_dir():
         return []
     found = [IndexFolder(p) for p in home.iterdir() if p.is_dir() and NAME_PATTERN.match(p.name)
-             and ((p / "catalog.sqlite").exists() or (p / "model.json").exists())]
+             and (p / "catalog.sqlite").exists()]
     return sorted(found, key=_last_modified, reverse=True)
 
 
-def _last_modified(paths: IndexFolder) -> float:
-    return max((f.stat().st_mtime for f in paths.root.iterdir() if f.is_file()), default=0.0)
+def _last_modified(folder: IndexFolder) -> float:
+    """When the index last changed: its catalog and FAISS files (a writer's temporary files come and go)."""
+    times = []
+    for path in (folder.catalog, folder.catalog.with_name("catalog.sqlite-wal"), *folder.faiss_files()):
+        try:
+            times.append(path.stat().st_mtime)
+        except OSError:
+            continue
+    return max(times, default=0.0)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
+import logging
 import os
 import socket
 import sys
@@ -14,21 +16,27 @@ from typing import Iterator
 
 from simimg.errors import SimimgError
 
+log = logging.getLogger(__name__)
+
 _held: set[int] = set()
 
 
 @contextmanager
-def writer_lock(path: Path, what: str) -> Iterator[None]:
-    """Hold the lock for the block, or fail at once naming the process that holds it."""
+def writer_lock(path: Path, what: str, wait: bool = False) -> Iterator[None]:
+    """Hold the lock for the block; when another process holds it, fail at once naming it, or with `wait`, wait."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SimimgError(f"{what} is busy: {_holder(fd)} is writing it; wait for it to finish or stop it") from None
+            if not wait:
+                raise SimimgError(f"{what} is busy: {_holder(fd)} is writing it; wait for it to finish or stop it") from None
+            log.warning("%s is busy: waiting for %s to finish", what, _holder(fd))
+            fcntl.flock(fd, fcntl.LOCK_EX)
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                   "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))}
+        _close_in_forked_children()
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         _held.add(fd)
@@ -38,14 +46,17 @@ def writer_lock(path: Path, what: str) -> Iterator[None]:
         os.close(fd)
 
 
+@functools.cache
+def _close_in_forked_children() -> None:
+    """Registered on first use, not at import: a forked child (a DataLoader worker) shares the lock and must not
+    keep it alive after its parent is killed."""
+    os.register_at_fork(after_in_child=_close_in_child)
+
+
 def _close_in_child() -> None:
-    """A forked child (a DataLoader worker) shares the lock; it must not keep it alive after its parent is killed."""
     for fd in _held:
         os.close(fd)
     _held.clear()
-
-
-os.register_at_fork(after_in_child=_close_in_child)
 
 
 def _holder(fd: int) -> str:

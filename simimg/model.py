@@ -7,12 +7,13 @@ import json
 import logging
 import os
 import re
+from datetime import datetime
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision import models
@@ -25,9 +26,11 @@ log = logging.getLogger(__name__)
 
 BUNDLE_JSON = "model.json"
 BUNDLE_WEIGHTS = "model.safetensors"
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2
 DEFAULT_ARCH = "densenet121"
 RANDOM_INIT_SEED = 0
+# What a model is: a backbone as loaded, a fully trained one, or a linear head fitted on stored embeddings.
+KINDS = ("pretrained", "fine-tuned", "head")
 
 ARCHITECTURES: dict[str, tuple[Callable[..., nn.Module], models.WeightsEnum]] = {
     "densenet121": (models.densenet121, models.DenseNet121_Weights.IMAGENET1K_V1),
@@ -43,62 +46,85 @@ _OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12
 
 
 class Net(nn.Module):
-    """A torchvision backbone split at its last linear layer: `trunk` gives the embedding, `head` the logits."""
+    """A torchvision backbone split at its last linear layer: `trunk` gives the embedding, `head` the logits.
 
-    def __init__(self, trunk: nn.Module, dim: int, num_classes: int = 0) -> None:
+    `unit_head` heads read the L2-normalised embedding (a head fitted on the catalog's stored vectors); the others
+    read the raw pooled features, as torchvision's classifier does.
+    """
+
+    def __init__(self, trunk: nn.Module, dim: int, num_classes: int = 0, unit_head: bool = False) -> None:
         super().__init__()
         self.trunk = trunk
         self.dim = dim
         self.head = nn.Linear(dim, num_classes) if num_classes else None
+        self.unit_head = unit_head
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled features that feed the classifier (1024-d for densenet121), not normalised."""
         return self.trunk(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
         if self.head is None:
             raise SimimgError("this model has no trained classifier: run `simimg train` first")
-        return self.head(self.trunk(x))
+        if self.unit_head:
+            features = nn.functional.normalize(features.float(), dim=1)
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.trunk(x))
 
 
 @dataclass(frozen=True)
 class ModelBundle:
-    """Everything needed to rebuild a model and its preprocessing exactly; saved as model.json."""
+    """Everything needed to rebuild a model and its preprocessing exactly; saved as model.json.
+
+    Two identities: `embedding` names the embedding function (architecture, preprocessing, trunk weights), which
+    is what stored vectors depend on; `fingerprint` names the whole model (the embedding plus its head and
+    classes). A head fitted on stored vectors makes a new model with the same embedding.
+    """
 
     arch: str
     classes: tuple[str, ...]
     preprocess: Preprocess
     source: str
     fingerprint: str
+    embedding: str
+    kind: str = "pretrained"
+    created: str = ""
+    unit_head: bool = False
     info: dict = field(default_factory=dict, compare=False)
 
     @property
     def has_classifier(self) -> bool:
         return len(self.classes) > 0
 
+    @property
+    def dim(self) -> int:
+        return int(self.info["embedding_dim"])
+
+    @property
+    def val_accuracy(self) -> float | None:
+        return self.info.get("training", {}).get("metrics", {}).get("val_accuracy")
+
     def to_dict(self) -> dict:
         return {
-            "format": BUNDLE_FORMAT,
-            "arch": self.arch,
-            "classes": list(self.classes),
-            "preprocess": self.preprocess.to_dict(),
-            "source": self.source,
-            "fingerprint": self.fingerprint,
+            "format": BUNDLE_FORMAT, "arch": self.arch, "classes": list(self.classes),
+            "preprocess": self.preprocess.to_dict(), "source": self.source, "fingerprint": self.fingerprint,
+            "embedding": self.embedding, "kind": self.kind, "created": self.created, "unit_head": self.unit_head,
             "embedding_dim": self.info.get("embedding_dim"),
             **{k: v for k, v in self.info.items() if k != "embedding_dim"},
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelBundle":
-        known = {"format", "arch", "classes", "preprocess", "source", "fingerprint"}
-        return cls(
-            arch=d["arch"],
-            classes=tuple(d["classes"]),
-            preprocess=Preprocess.from_dict(d["preprocess"]),
-            source=d["source"],
-            fingerprint=d["fingerprint"],
-            info={k: v for k, v in d.items() if k not in known},
-        )
+        if d.get("format", 1) != BUNDLE_FORMAT:
+            raise ValueError(f"bundle format {d.get('format', 1)}, this simimg reads format {BUNDLE_FORMAT}")
+        known = {"format", "arch", "classes", "preprocess", "source", "fingerprint", "embedding", "kind", "created",
+                 "unit_head"}
+        return cls(arch=d["arch"], classes=tuple(d["classes"]), preprocess=Preprocess.from_dict(d["preprocess"]),
+                   source=d["source"], fingerprint=d["fingerprint"], embedding=d["embedding"], kind=d["kind"],
+                   created=d["created"], unit_head=bool(d["unit_head"]),
+                   info={k: v for k, v in d.items() if k not in known})
 
 
 class LoadedModel(NamedTuple):
@@ -132,36 +158,52 @@ def build_model(arch: str | None, weights: str, image_size: int = 224, memory_ef
         source = f"file:{Path(weights).name}"
     trunk, dim = _split_last_linear(arch, tv_model)
     net = Net(trunk, dim)
-    return LoadedModel(net, describe(net, arch, (), Preprocess.for_image_size(image_size), source, weights=weights))
+    preprocess = Preprocess.for_image_size(image_size)
+    return LoadedModel(net, describe(net, arch, (), preprocess, source, "pretrained", weights=weights))
 
 
-def describe(net: Net, arch: str, classes: tuple[str, ...], preprocess: Preprocess, source: str, **info) -> ModelBundle:
-    """A bundle for `net` as it is now, with a fresh fingerprint."""
-    return ModelBundle(arch, tuple(classes), preprocess, source, fingerprint(net, arch, preprocess),
-                       {"embedding_dim": net.dim, **info})
+def describe(net: Net, arch: str, classes: tuple[str, ...], preprocess: Preprocess, source: str, kind: str,
+             embedding: str | None = None, **info) -> ModelBundle:
+    """A bundle for `net` as it is now, with fresh fingerprints; pass `embedding` when the trunk is known unchanged."""
+    embedding = embedding or embedding_fingerprint(net, arch, preprocess)
+    created = datetime.now().astimezone().isoformat(timespec="milliseconds")
+    return ModelBundle(arch, tuple(classes), preprocess, source, model_fingerprint(embedding, net, classes), embedding,
+                       kind, created, net.unit_head, {"embedding_dim": net.dim, **info})
 
 
-def fingerprint(net: Net, arch: str, preprocess: Preprocess) -> str:
+def embedding_fingerprint(net: Net, arch: str, preprocess: Preprocess) -> str:
     """Identity of the embedding function: architecture, preprocessing and every trunk tensor."""
     h = hashlib.sha256(json.dumps([arch, preprocess.to_dict()], sort_keys=True).encode())
-    for key, tensor in sorted(net.trunk.state_dict().items()):
-        h.update(key.encode())
-        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    _hash_tensors(h, net.trunk.state_dict())
     return h.hexdigest()[:16]
 
 
-def save_bundle(directory: str | Path, net: Net, bundle: ModelBundle) -> None:
-    """Write weights then metadata, each atomically.
+def model_fingerprint(embedding: str, net: Net, classes: tuple[str, ...]) -> str:
+    """Identity of the whole model: its embedding, its classes and its head's tensors."""
+    h = hashlib.sha256(json.dumps([embedding, list(classes), net.unit_head]).encode())
+    if net.head is not None:
+        _hash_tensors(h, net.head.state_dict())
+    return h.hexdigest()[:16]
 
-    The weights file also carries the whole bundle description, so a crash between the two renames leaves a
-    bundle that still loads (as the new model) instead of a stale model.json beside new weights.
+
+def _hash_tensors(h: "hashlib._Hash", state: dict[str, torch.Tensor]) -> None:
+    for key, tensor in sorted(state.items()):
+        h.update(key.encode())
+        h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+
+
+def save_bundle(directory: str | Path, net: Net, bundle: ModelBundle) -> None:
+    """Write the weights (which also carry the bundle's description) and model.json into `directory`.
+
+    Callers publish a model by writing its folder beside the final place and renaming it there (model_store).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    description = json.dumps(bundle.to_dict(), indent=2)
     with atomic_target(directory / BUNDLE_WEIGHTS) as tmp:
-        save_file(state, str(tmp), metadata={"fingerprint": bundle.fingerprint, "bundle": json.dumps(bundle.to_dict())})
-    atomic_write_bytes(directory / BUNDLE_JSON, json.dumps(bundle.to_dict(), indent=2).encode())
+        save_file(state, str(tmp), metadata={"fingerprint": bundle.fingerprint, "bundle": description})
+    atomic_write_bytes(directory / BUNDLE_JSON, description.encode())
 
 
 def read_bundle(directory: str | Path) -> ModelBundle:
@@ -172,45 +214,48 @@ def read_bundle(directory: str | Path) -> ModelBundle:
     except FileNotFoundError:
         raise SimimgError(f"no model bundle at {path.parent} (model.json is missing)") from None
     except (ValueError, KeyError, TypeError) as err:
-        raise SimimgError(f"model bundle {path} is corrupt ({err}); rebuild it with `simimg train` or `simimg index`") from None
+        raise SimimgError(f"model bundle {path} is corrupt ({err}); delete that model folder, or rebuild it "
+                          "with `simimg train` or `simimg index`") from None
 
 
 def load_bundle(directory: str | Path) -> LoadedModel:
-    """Rebuild the exact model a bundle describes and check its weights against the recorded fingerprint."""
+    """Rebuild the exact model a bundle describes and check its weights against both recorded fingerprints."""
     directory = Path(directory)
     bundle = read_bundle(directory)
     try:
         state = load_file(str(directory / BUNDLE_WEIGHTS))
-        with safe_open(str(directory / BUNDLE_WEIGHTS), "pt") as f:
-            carried = (f.metadata() or {}).get("bundle")
     except (FileNotFoundError, SafetensorError, OSError) as err:
         raise SimimgError(f"model bundle {directory} has unreadable weights ({err}); rebuild it") from None
-    if carried:
-        written_with_weights = ModelBundle.from_dict(json.loads(carried))
-        if written_with_weights.fingerprint != bundle.fingerprint:
-            log.warning("model.json in %s is older than its weights (an interrupted save): using the weights' own "
-                        "description", directory)
-            bundle = written_with_weights
     builder, _ = _architecture(bundle.arch)
-    trunk, dim = _split_last_linear(bundle.arch, builder(weights=None))
-    net = Net(trunk, dim, len(bundle.classes))
+    with torch.device("meta"):  # no random init: every tensor comes from the file
+        trunk, dim = _split_last_linear(bundle.arch, builder(weights=None))
+        net = Net(trunk, dim, len(bundle.classes), bundle.unit_head)
     try:
-        net.load_state_dict(state)
+        net.load_state_dict(state, assign=True)
     except RuntimeError as err:
         raise SimimgError(f"model bundle {directory} does not match its model.json: {str(err)[:200]}") from None
-    actual = fingerprint(net, bundle.arch, bundle.preprocess)
-    if actual != bundle.fingerprint:
+    embedding = embedding_fingerprint(net, bundle.arch, bundle.preprocess)
+    actual = model_fingerprint(embedding, net, bundle.classes)
+    if (embedding, actual) != (bundle.embedding, bundle.fingerprint):
         raise SimimgError(f"model bundle {directory} is corrupted: its weights' fingerprint is {actual}, "
-                          f"model.json says {bundle.fingerprint}; rebuild it")
+                          f"model.json says {bundle.fingerprint}; delete that folder or rebuild it")
     net.eval()
     return LoadedModel(net, bundle)
 
 
-def with_classes(loaded: LoadedModel, classes: tuple[str, ...]) -> LoadedModel:
-    """A fresh linear head for `classes` on the same trunk."""
+def with_classes(loaded: LoadedModel, classes: tuple[str, ...], unit_head: bool = False) -> LoadedModel:
+    """A fresh linear head for `classes` on the same trunk (the bundle's fingerprints are renewed by `describe`)."""
     net = loaded.net
     net.head = nn.Linear(net.dim, len(classes)) if classes else None
-    return LoadedModel(net, replace(loaded.bundle, classes=tuple(classes)))
+    net.unit_head = unit_head
+    return LoadedModel(net, replace(loaded.bundle, classes=tuple(classes), unit_head=unit_head))
+
+
+def set_memory_efficient(net: nn.Module, enabled: bool) -> None:
+    """DenseNet's checkpointed concatenation: less activation memory for some recompute; a no-op elsewhere."""
+    for module in net.modules():
+        if hasattr(module, "memory_efficient"):
+            module.memory_efficient = enabled
 
 
 def weights_file(arch: str) -> Path:
@@ -279,9 +324,9 @@ def _transfer_from_bundle(directory: Path, arch: str | None, image_size: int) ->
     net, bundle = load_bundle(directory)
     if arch and arch != bundle.arch:
         raise SimimgError(f"--weights {directory} is a {bundle.arch} model; it cannot start a {arch}")
-    net.head = None
+    net.head, net.unit_head = None, False
     preprocess = Preprocess.for_image_size(image_size)
-    return LoadedModel(net, describe(net, bundle.arch, (), preprocess, f"bundle:{bundle.fingerprint}",
+    return LoadedModel(net, describe(net, bundle.arch, (), preprocess, f"bundle:{bundle.fingerprint}", "pretrained",
                                      weights=str(directory)))
 
 

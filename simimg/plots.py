@@ -1,41 +1,41 @@
-"""The training report's pictures: curves.png (loss and accuracy per epoch) and confusion.png, drawn with Agg."""
+"""The training report's pictures as PNG bytes: curves (loss and accuracy per epoch) and the confusion matrix.
+
+Drawn on matplotlib `Figure` objects, never through pyplot, so no plotting backend is chosen for the process.
+"""
 
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
-import numpy as np  # noqa: E402
-
-from simimg.fsutil import atomic_write_bytes  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
-def plot_curves(history: Sequence[dict], path: str | Path, best_epoch: int | None = None) -> None:
+def curves_png(history: Sequence[dict], best_epoch: int | None = None) -> bytes:
     """Loss and accuracy per epoch, train against validation, with the kept epoch marked."""
     epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("loss", "accuracy")):
+    fig = Figure(figsize=(10, 4))
+    for ax, metric in zip(fig.subplots(1, 2), ("loss", "accuracy")):
         ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", label="train")
         ax.plot(epochs, [h[f"val_{metric}"] for h in history], "o-", label="validation")
         if best_epoch:
             ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch ({best_epoch})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_title(metric)
         ax.grid(alpha=0.3)
         ax.legend()
-    _save(fig, path)
+    return _png(fig)
 
 
-def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], path: str | Path) -> None:
+def confusion_png(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> bytes:
     """Counts, rows the true class and columns the predicted one, in `classes` order."""
     m = np.asarray(matrix)
     side = max(4.0, 0.5 * len(classes) + 2)
-    fig, ax = plt.subplots(figsize=(side, side))
+    fig = Figure(figsize=(side, side))
+    ax = fig.subplots()
     ax.imshow(m, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
@@ -43,13 +43,11 @@ def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], path
     ax.set_ylabel("true")
     for (i, j), n in np.ndenumerate(m):
         ax.text(j, i, str(n), ha="center", va="center", color="white" if n > m.max() / 2 else "black")
-    _save(fig, path)
+    return _png(fig)
 
 
-def _save(fig: plt.Figure, path: str | Path) -> None:
-    """Render to memory, then write atomically, so the app never shows half a PNG."""
+def _png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    return buffer.getvalue()

@@ -1,7 +1,8 @@
-"""Query a built index: an image in, its predicted class and nearest gallery images out.
+"""Query a built index: images in, their predicted class and nearest gallery images out.
 
-`SearchService` loads the model and index once and answers many queries; it notices a newly published index
-version on the next query and switches to it whole, so a reader never sees half of a re-index.
+`SearchService` holds one published version warm: its catalog snapshot, its FAISS index and the model that
+version names. It notices a newly published version on the next query and loads it beside the current one, then
+switches whole; queries meanwhile keep answering from the current version, so none waits or fails.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -19,12 +21,17 @@ from simimg.catalog import Catalog, Snapshot
 from simimg.device import resolve_device
 from simimg.embed import infer, prepare_net
 from simimg.errors import BadImageError, SimimgError
+from simimg.faiss_index import VectorSearcher, load_index, make_searcher
 from simimg.images import load_image, to_rgb
-from simimg.faiss_index import Searcher, load_index, make_searcher
 from simimg.layout import IndexFolder
-from simimg.model import LoadedModel, load_bundle
+from simimg.model import LoadedModel
+from simimg.model_store import load_model
 
 log = logging.getLogger(__name__)
+
+ImageInput = str | Path | Image.Image
+LOAD_ATTEMPTS = 5
+QUERY_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -46,9 +53,13 @@ class QueryResult:
     query: str
     prediction: Prediction | None
     neighbors: list[Neighbor]
+    error: str | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["error"] is None:
+            del d["error"]
+        return d
 
 
 def predict(logits: torch.Tensor, classes: tuple[str, ...], top: int = 5) -> Prediction:
@@ -73,68 +84,130 @@ def neighbors_from(scores: np.ndarray, ids: np.ndarray, snapshot: Snapshot, min_
     return found
 
 
-@dataclass
-class _Loaded:
+@dataclass(frozen=True)
+class ServedVersion:
+    """Everything one published version needs to answer queries; replaced whole, never changed."""
+
     snapshot: Snapshot
-    searcher: Searcher
+    model: LoadedModel
+    searcher: VectorSearcher
     label_ids: dict[str | None, np.ndarray]
 
 
 class SearchService:
-    """A warm model and index for one name; safe to share between threads (the app's sessions)."""
+    """A warm model and index for one name; safe to share between threads (the app's sessions, a server)."""
 
     def __init__(self, home: str | Path | None, name: str, device: str = "auto") -> None:
-        self.paths = IndexFolder.of(home, name)
-        if not self.paths.catalog.exists():
-            raise SimimgError(f"no index named '{name}' in {self.paths.root.parent}: build it with "
+        self.folder = IndexFolder.of(home, name)
+        if not self.folder.catalog.exists():
+            raise SimimgError(f"no index named '{name}' in {self.folder.root.parent}: build it with "
                               f"`simimg index DATA_DIR --name {name}`")
         self.device = resolve_device(device)
-        self.model: LoadedModel = load_bundle(self.paths.root)
-        prepare_net(self.model.net, self.device)
-        self.catalog = Catalog(self.paths.catalog, readonly=True)
-        self._lock = threading.Lock()
-        self._loaded: _Loaded | None = None
+        self.catalog = Catalog(self.folder.catalog, readonly=True)
+        self._refreshing = threading.Lock()  # one loader at a time; it also guards the catalog connection
+        self._served: ServedVersion | None = None
         self.refresh()
 
     @property
+    def served(self) -> ServedVersion:
+        return self._served
+
+    @property
     def snapshot(self) -> Snapshot:
-        return self._loaded.snapshot
+        return self._served.snapshot
+
+    @property
+    def model(self) -> LoadedModel:
+        return self._served.model
 
     @property
     def data_root(self) -> Path:
-        return Path(self.catalog.get_meta("data_root", "."))
+        with self._refreshing:
+            return Path(self.catalog.get_meta("data_root", "."))
 
-    def refresh(self) -> bool:
-        """Switch to the newest published version if there is one; True when it switched."""
-        with self._lock:
-            version = self.catalog.version
-            if self._loaded is not None and self._loaded.snapshot.version == version:
+    def refresh(self, wait: bool = True) -> bool:
+        """Switch to the newest published version if there is one; True when it switched.
+
+        Without `wait`, a refresh already under way in another thread is left to finish while this caller goes
+        on with the version it has.
+        """
+        if not self._refreshing.acquire(blocking=wait or self._served is None):
+            return False
+        try:
+            if self._served is not None and self._served.snapshot.version == self.catalog.version:
                 return False
-            self._loaded = self._load_latest()
+            self._served = self._load_latest(self._served)
             return True
+        finally:
+            self._refreshing.release()
 
-    def _load_latest(self) -> _Loaded:
-        for _ in range(5):  # a writer may publish, and prune an old FAISS file, while we read
+    def _load_latest(self, current: ServedVersion | None) -> ServedVersion:
+        for _ in range(LOAD_ATTEMPTS):  # a writer may publish, and prune old files, while we read
             snapshot = self.catalog.snapshot()
             if snapshot is None:
-                raise SimimgError(f"index '{self.paths.name}' has no finished version yet: run `simimg index`")
-            if snapshot.fingerprint != self.model.bundle.fingerprint:
-                raise SimimgError(f"index '{self.paths.name}' was built with another model than the one in its folder "
-                                  f"(index {snapshot.fingerprint}, model {self.model.bundle.fingerprint}); "
-                                  f"re-run `simimg index` on it to rebuild it")
+                raise SimimgError(f"index '{self.folder.name}' has no finished version yet: run `simimg index`")
             try:
-                index = load_index(self.paths.faiss(snapshot.version))
+                model = current.model if current and current.model.bundle.fingerprint == snapshot.model else \
+                    self._load_model(snapshot.model)
+                index = load_index(self.folder.faiss(snapshot.version))
             except SimimgError:
                 if self.catalog.version == snapshot.version:
                     raise
                 continue
             if index.ntotal != len(snapshot.ids):
-                raise SimimgError(f"index '{self.paths.name}' is inconsistent (FAISS {index.ntotal} vectors, "
+                raise SimimgError(f"index '{self.folder.name}' is inconsistent (FAISS {index.ntotal} vectors, "
                                   f"catalog {len(snapshot.ids)}); re-run `simimg index` to repair it")
             labels = np.array(snapshot.labels, dtype=object)
             label_ids = {lab: snapshot.ids[labels == lab] for lab in set(snapshot.labels)}
-            return _Loaded(snapshot, make_searcher(index, self.device), label_ids)
-        raise SimimgError(f"index '{self.paths.name}' kept changing while loading; try again")
+            log.info("serving version %d of '%s' with model %s", snapshot.version, self.folder.name, snapshot.model)
+            return ServedVersion(snapshot, model, make_searcher(index, self.device), label_ids)
+        raise SimimgError(f"index '{self.folder.name}' kept changing while loading; try again")
+
+    def _load_model(self, fingerprint: str) -> LoadedModel:
+        model = load_model(self.folder, fingerprint)
+        prepare_net(model.net, self.device)
+        return model
+
+    # --- the public API: images (paths or PIL) in ---------------------------------------------------
+    def search(self, images: ImageInput | Sequence[ImageInput], k: int = 10, label: str | None = None,
+               min_score: float | None = None) -> QueryResult | list[QueryResult]:
+        """Nearest gallery images (and the predicted class, when the model has one) for a path, a PIL image, or
+        a list of them; a list gets a list back, in order. In a list, an unreadable file gets a result with
+        `error` set and the others are answered; a single unreadable file raises BadImageError."""
+        items, single = as_list(images)
+        results: list[QueryResult | None] = [None] * len(items)
+        decoded: list[tuple[int, Image.Image, str]] = []
+        for i, item in enumerate(items):
+            name = str(item) if not isinstance(item, Image.Image) else f"<image {i}>"
+            try:
+                decoded.append((i, item if isinstance(item, Image.Image) else self.load(item), name))
+            except BadImageError as err:
+                if single:
+                    raise BadImageError(f"cannot query {item}: {err.reason}") from None
+                results[i] = QueryResult(name, None, [], error=err.reason)
+        for start in range(0, len(decoded), QUERY_BATCH):
+            chunk = decoded[start:start + QUERY_BATCH]
+            answers = self.query_batch([im for _, im, _ in chunk], k, label, min_score, [n for _, _, n in chunk])
+            for (i, _, _), answer in zip(chunk, answers):
+                results[i] = answer
+        return results[0] if single else results
+
+    def predict(self, images: ImageInput | Sequence[ImageInput]) -> Prediction | list[Prediction | None]:
+        """The predicted class of each image (None for an unreadable one in a list); needs a trained classifier."""
+        if not self.model.bundle.has_classifier:
+            raise SimimgError(f"index '{self.folder.name}' serves a model with no classifier: train one with "
+                              f"`simimg train DATA_DIR --name {self.folder.name} --head-only` (seconds)")
+        found = self.search(images, k=1)
+        return found.prediction if isinstance(found, QueryResult) else [r.prediction for r in found]
+
+    # --- decoded images in -------------------------------------------------------------------------
+    @property
+    def draft_size(self) -> int:
+        """Decode queries as `simimg index` decoded the gallery (JPEG draft included): an indexed file scores 1.0."""
+        return self.model.bundle.preprocess.resize_size
+
+    def load(self, path: str | Path) -> Image.Image:
+        return load_image(path, draft_size=self.draft_size)
 
     def query_file(self, path: str | Path, k: int = 10, label: str | None = None,
                    min_score: float | None = None) -> QueryResult:
@@ -144,43 +217,63 @@ class SearchService:
             raise BadImageError(f"cannot query {path}: {err.reason}") from None
         return self.query(image, k, label, min_score, query=str(path))
 
-    @property
-    def draft_size(self) -> int:
-        """Decode queries as `simimg index` decoded the gallery (JPEG draft included): an indexed file scores 1.0."""
-        return self.model.bundle.preprocess.resize_size
-
-    def load(self, path: str | Path) -> Image.Image:
-        return load_image(path, draft_size=self.draft_size)
-
     def query(self, image: Image.Image, k: int = 10, label: str | None = None, min_score: float | None = None,
               query: str = "") -> QueryResult:
         """Classify (when the model has a head) and find the k most similar gallery images; any PIL mode is accepted."""
-        self.refresh()
-        loaded = self._loaded
-        preprocess = self.model.bundle.preprocess
-        batch = preprocess.to_uint8(to_rgb(image)).unsqueeze(0)
-        embedding, logits = infer(self.model.net, batch, preprocess, self.device,
-                                  with_logits=self.model.bundle.has_classifier)
+        return self.query_batch([image], k, label, min_score, [query])[0]
+
+    def query_batch(self, images: Sequence[Image.Image], k: int = 10, label: str | None = None,
+                    min_score: float | None = None, names: Sequence[str] | None = None) -> list[QueryResult]:
+        """Many decoded images in one forward pass and one search; the HTTP server's micro-batches come here."""
+        self.refresh(wait=False)
+        served = self._served
+        embeddings, logits = self._embed(served, images)
+        names = list(names or [""] * len(images))
+        predictions = [_prediction(logits, i, served.model) for i in range(len(images))]
         allowed = None
         if label is not None:
-            allowed = loaded.label_ids.get(label, np.empty(0, np.int64))
+            allowed = served.label_ids.get(label, np.empty(0, np.int64))
             if not len(allowed):
-                return QueryResult(query, _prediction(logits, self.model), [])
-        scores, ids = loaded.searcher.search(embedding.cpu().numpy(), k, allowed)
-        return QueryResult(query, _prediction(logits, self.model), neighbors_from(scores[0], ids[0], loaded.snapshot, min_score))
+                return [QueryResult(n, p, []) for n, p in zip(names, predictions)]
+        scores, ids = served.searcher.search(embeddings, k, allowed)
+        return [QueryResult(n, p, neighbors_from(scores[i], ids[i], served.snapshot, min_score))
+                for i, (n, p) in enumerate(zip(names, predictions))]
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Unit-length embeddings (N x D float32) of decoded images, with the served version's model."""
+        self.refresh(wait=False)
+        return self._embed(self._served, images)[0]
+
+    def _embed(self, served: ServedVersion, images: Sequence[Image.Image]) -> tuple[np.ndarray, torch.Tensor | None]:
+        preprocess = served.model.bundle.preprocess
+        batch = torch.stack([preprocess.to_uint8(to_rgb(image)) for image in images])
+        embeddings, logits = infer(served.model.net, batch, preprocess, self.device,
+                                   with_logits=served.model.bundle.has_classifier)
+        return embeddings.cpu().numpy(), None if logits is None else logits.cpu()
 
     def info(self) -> dict:
-        b = self.model.bundle
-        snap = self.snapshot
+        served = self._served
+        b, snap = served.model.bundle, served.snapshot
         counts: dict[str, int] = {}
         for lab in snap.labels:
             counts[lab or ""] = counts.get(lab or "", 0) + 1
-        return {"name": self.paths.name, "total": len(snap.ids), "labels": dict(sorted(counts.items())),
-                "arch": b.arch, "dim": b.info.get("embedding_dim"), "fingerprint": b.fingerprint,
+        return {"name": self.folder.name, "total": len(snap.ids), "labels": dict(sorted(counts.items())),
+                "arch": b.arch, "dim": b.dim, "model": b.fingerprint, "embedding": b.embedding, "kind": b.kind,
                 "source": b.source, "image_size": b.preprocess.crop_size, "classifier": b.has_classifier,
-                "classes": list(b.classes), "version": snap.version, "index_kind": snap.index_kind,
-                "data_root": str(self.data_root)}
+                "classes": list(b.classes), "val_accuracy": b.val_accuracy, "version": snap.version,
+                "index_kind": snap.index_kind, "data_root": str(self.data_root)}
+
+    def close(self) -> None:
+        with self._refreshing:
+            self.catalog.close()
 
 
-def _prediction(logits: torch.Tensor | None, model: LoadedModel) -> Prediction | None:
-    return None if logits is None else predict(logits[0].cpu(), model.bundle.classes)
+def as_list(images: ImageInput | Sequence[ImageInput]) -> tuple[list[ImageInput], bool]:
+    """(the images as a list, whether a single one was given)."""
+    if isinstance(images, (str, Path, Image.Image)):
+        return [images], True
+    return list(images), False
+
+
+def _prediction(logits: torch.Tensor | None, row: int, model: LoadedModel) -> Prediction | None:
+    return None if logits is None else predict(logits[row], model.bundle.classes)

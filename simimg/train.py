@@ -1,9 +1,13 @@
-"""`simimg train`: fine-tune (or train from scratch) a backbone on class folders into a model bundle.
+"""`simimg train`: fine-tune (or train from scratch) a backbone on class folders into a new model version.
 
 Pretrained starts warm up the head with the backbone frozen, then unfreeze it at a lower learning rate; random
 starts train everything at once with a longer schedule. Both use AdamW with warmup then cosine decay, label
 smoothing, augmentation, class-weighted loss when classes are imbalanced, early stopping on validation loss
 (keeping the best epoch), and a checkpoint every epoch that `resume` continues from.
+
+A run writes nothing a reader uses: the best epoch becomes a new model folder (model_store) when the run ends,
+and the index then embeds its collection with it into a pending version, published in one step. Queries answer
+from the previous model until that step. `head_only` runs go to `head.py` instead.
 """
 
 from __future__ import annotations
@@ -13,30 +17,28 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from torch.utils.flop_counter import FlopCounterMode
 
 from simimg.data import Split, TrainAugment, class_weights, split_dataset
-from simimg.device import autocast_for, memory_format_for, resolve_device
+from simimg.device import autocast_for, loader_workers, memory_format_for, resolve_device
+from simimg.embed import make_loader
 from simimg.errors import SimimgError
-from simimg.embed import make_loader, reuse_freed_memory
 from simimg.evaluate import classification_metrics, predict_loader
-from simimg.fsutil import atomic_target, atomic_write_bytes
-from simimg.indexing import default_workers
+from simimg.fsutil import atomic_target
+from simimg.indexing import IndexReport, serve_model
 from simimg.layout import IndexFolder
 from simimg.lock import writer_lock
-from simimg.model import LoadedModel, Net, build_model, describe, save_bundle, with_classes
-from simimg.plots import plot_confusion, plot_curves
+from simimg.model import LoadedModel, ModelBundle, Net, build_model, describe, set_memory_efficient, with_classes
+from simimg.model_store import publish_model, resolve_weights
+from simimg.plots import confusion_png, curves_png
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "train_checkpoint.pt"
 MIN_IMPROVEMENT = 1e-4
 # Patience counts only epochs whose learning rate is below this share of the peak: at a high one-cycle rate the
 # validation loss is noisy by design (hymenoptera from scratch stopped at epoch 33 of 80, 78% of the peak rate).
@@ -62,8 +64,10 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     resume: bool = False
-    workers: int = field(default_factory=default_workers)
+    workers: int | None = None  # decode processes: all cores feeding a GPU, none on the CPU (device.loader_workers)
     memory_efficient: bool = False
+    head_only: bool = False  # fit a classifier on the catalog's stored embeddings instead (head.py)
+    index: bool = True  # end by serving the new model: embed the index's collection with it and publish
 
 
 @dataclass(frozen=True)
@@ -90,9 +94,29 @@ class TrainReport:
     stopped_early: bool
     cancelled: bool
     skipped: list[dict] = field(default_factory=list)
+    model: str = ""  # the new model's fingerprint; "" when no epoch finished
+    kind: str = "fine-tuned"
+    index: IndexReport | None = None  # the version that serves the new model, unless `index` was off
+    head: dict | None = None  # head-only runs: the chosen C, and how many embeddings came from the catalog
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["index"] = self.index.to_dict() if self.index else None
+        return d
+
+
+def _nothing(*_: object) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """How a caller follows and steers a run (the CLI's bars, the app's page); every hook is optional."""
+
+    on_epoch: Callable[[EpochStats], None] = _nothing
+    progress: Callable[[int, int], None] = _nothing  # (done, total) within the current phase
+    on_phase: Callable[[str], None] = _nothing  # "loading", "training", "validating", "saving", "indexing"
+    should_stop: Callable[[], bool] = lambda: False
 
 
 @dataclass(frozen=True)
@@ -156,7 +180,7 @@ class _Run:
     config: TrainConfig
     recipe: Recipe
     split: Split
-    paths: IndexFolder
+    folder: IndexFolder
     device: torch.device
     model: LoadedModel
     source: str
@@ -168,51 +192,60 @@ class _Run:
     best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def checkpoint(self) -> Path:
-        return self.paths.root / CHECKPOINT
 
+def run_training(config: TrainConfig, hooks: Hooks = Hooks()) -> TrainReport:
+    """Train a new model of the named index and, unless told not to, serve it; the one entry point for all callers.
 
-def run_training(config: TrainConfig, on_epoch: Callable[[EpochStats], None] | None = None,
-                 progress: Callable[[int, int], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> TrainReport:
-    """Train the named model; the one entry point for the CLI and the app. Holds the index's writer lock."""
+    Holds the index's training lock (one run at a time); readers and `simimg index` runs go on meanwhile.
+    """
+    if config.head_only:
+        from simimg.head import run_head_training
+
+        return run_head_training(config, hooks)
     started = time.perf_counter()
-    paths = IndexFolder.of(config.home, config.name)
+    folder = IndexFolder.of(config.home, config.name)
+    hooks.on_phase("loading")
     split = split_dataset(config.data_dir, config.val_split, config.seed)
     device = resolve_device(config.device)
-    with writer_lock(paths.lock, f"index '{config.name}'"):
-        run = _open_run(config, split, paths, device)
+    with writer_lock(folder.train_lock, f"training of '{config.name}'"):
+        run = _open_run(config, split, folder, device)
         cancelled = False
         while run.state.epoch < run.recipe.epochs and not run.state.stopped_early and not cancelled:
-            stats = _run_epoch(run, progress, should_stop or (lambda: False))
+            stats = _run_epoch(run, hooks)
             cancelled = stats is None
-            if stats is not None and on_epoch:
-                on_epoch(stats)
-        _finish(run, cancelled)
+            if stats is not None:
+                hooks.on_epoch(stats)
+        hooks.on_phase("saving")
+        bundle = _keep_best(run, cancelled)
+    index = None
+    if bundle is not None and config.index and not cancelled:
+        hooks.on_phase("indexing")
+        index = serve_model(config.home, config.name, bundle.fingerprint, config.data_dir, config.device,
+                            config.workers, hooks.progress)
     state = run.state
     best = state.history[state.best_epoch - 1] if state.best_epoch else None
     skipped = [{"path": s.path, "reason": s.reason} for s in split.skipped]
     skipped += [{"path": p, "reason": r} for p, r in sorted(run.skipped.items())]
     return TrainReport(config.name, state.best_epoch, best.val_accuracy if best else 0.0, list(state.history),
-                       round(time.perf_counter() - started, 3), str(device), state.stopped_early, cancelled, skipped)
+                       round(time.perf_counter() - started, 3), str(device), state.stopped_early, cancelled, skipped,
+                       bundle.fingerprint if bundle else "", "fine-tuned", index)
 
 
-def _open_run(config: TrainConfig, split: Split, paths: IndexFolder, device: torch.device) -> _Run:
+def _open_run(config: TrainConfig, split: Split, folder: IndexFolder, device: torch.device) -> _Run:
     """Build (or, with resume, restore) the model, optimizer and loaders."""
     recipe = recipe_for(config)
     torch.manual_seed(config.seed)
-    checkpoint = _read_checkpoint(paths, split, config) if config.resume else None
+    checkpoint = _read_checkpoint(folder, split, config) if config.resume else None
     if checkpoint is None:
-        base = build_model(config.arch, config.weights, config.image_size)
+        base = build_model(config.arch, resolve_weights(config.weights), config.image_size)
         source = base.bundle.source
     else:
         base = build_model(checkpoint["meta"]["arch"], "none", config.image_size)
         source = checkpoint["meta"]["source"]
     model = with_classes(base, split.classes)
-    _set_memory_efficient(model.net, config.memory_efficient)
-    reuse_freed_memory()
+    set_memory_efficient(model.net, config.memory_efficient)
     model.net.to(device, memory_format=memory_format_for(device))
+    workers = loader_workers(config.workers, device)
     optimizer = _optimizer(model.net, recipe)
     labels = split.labels(split.train)
     weights = class_weights(labels, len(split.classes))
@@ -220,10 +253,10 @@ def _open_run(config: TrainConfig, split: Split, paths: IndexFolder, device: tor
         log.info("classes are imbalanced: weighting the loss by %s", np.round(weights.numpy(), 3).tolist())
     criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=recipe.label_smoothing).to(device)
     augment = TrainAugment(config.image_size, recipe.crop_scale, recipe.jitter)
-    train_loader = make_loader(split.files(split.train), augment, config.batch_size, config.workers, device,
+    train_loader = make_loader(split.files(split.train), augment, config.batch_size, workers, device,
                                shuffle=True, seed=config.seed, drop_last=len(split.train) > config.batch_size)
-    val_loader = make_loader(split.files(split.val), model.bundle.preprocess, config.batch_size, config.workers, device)
-    run = _Run(config, recipe, split, paths, device, model, source, optimizer, criterion, train_loader, val_loader,
+    val_loader = make_loader(split.files(split.val), model.bundle.preprocess, config.batch_size, workers, device)
+    run = _Run(config, recipe, split, folder, device, model, source, optimizer, criterion, train_loader, val_loader,
                _State())
     if checkpoint is not None:
         _restore(run, checkpoint)
@@ -237,31 +270,25 @@ def _optimizer(net: Net, recipe: Recipe) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
 
 
-def _set_memory_efficient(net: Net, enabled: bool) -> None:
-    """DenseNet's checkpointed concatenation: less activation memory for some recompute; a no-op elsewhere."""
-    for module in net.modules():
-        if hasattr(module, "memory_efficient"):
-            module.memory_efficient = enabled
-
-
 def _phase(run: _Run, epoch: int) -> str:
     if run.config.weights == "none" and run.recipe.freeze_epochs == 0:
         return "scratch"
     return "frozen" if epoch <= run.recipe.freeze_epochs else "finetune"
 
 
-def _run_epoch(run: _Run, progress: Callable[[int, int], None] | None,
-               should_stop: Callable[[], bool]) -> EpochStats | None:
+def _run_epoch(run: _Run, hooks: Hooks) -> EpochStats | None:
     """Train one epoch, validate, keep the best weights and write a checkpoint; None when cancelled."""
     epoch = run.state.epoch + 1
     phase = _phase(run, epoch)
     started = time.perf_counter()
-    trained = _train_epoch(run, epoch, phase, progress, should_stop)
+    hooks.on_phase("training")
+    trained = _train_epoch(run, epoch, phase, hooks.progress, hooks.should_stop)
     if trained is None:
         return None
     train_loss, train_accuracy, images = trained
     train_seconds = time.perf_counter() - started
-    val = predict_loader(run.model.net, run.val_loader, run.model.bundle.preprocess, run.device)
+    hooks.on_phase("validating")
+    val = predict_loader(run.model.net, run.val_loader, run.model.bundle.preprocess, run.device, hooks.progress)
     run.skipped.update({run.split.val[i].path: why for i, why in val.failures})
     labels = run.split.labels(run.split.val)[val.positions]
     with torch.no_grad():
@@ -277,7 +304,7 @@ def _run_epoch(run: _Run, progress: Callable[[int, int], None] | None,
     return stats
 
 
-def _train_epoch(run: _Run, epoch: int, phase: str, progress: Callable[[int, int], None] | None,
+def _train_epoch(run: _Run, epoch: int, phase: str, progress: Callable[[int, int], None],
                  should_stop: Callable[[], bool]) -> tuple[float, float, int] | None:
     """(mean loss, accuracy, images) over one pass of the training images; None when should_stop() said so."""
     net, device, preprocess = run.model.net, run.device, run.model.bundle.preprocess
@@ -308,8 +335,7 @@ def _train_epoch(run: _Run, epoch: int, phase: str, progress: Callable[[int, int
             correct += (logits.argmax(1) == y).sum()
             seen += len(positions)
         step += 1
-        if progress:
-            progress(done, total)
+        progress(done, total)
         if should_stop():
             log.info("training cancelled during epoch %d", epoch)
             return None
@@ -324,14 +350,13 @@ def _set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
 
 
 def _record(run: _Run, stats: EpochStats, confusion: list[list[int]]) -> None:
-    """Add the epoch; on a new best, write the bundle at once (so a cancel keeps it); then the checkpoint."""
+    """Add the epoch; on a new best, keep its weights (in memory and in the checkpoint); then the checkpoint."""
     state = run.state
     state.history.append(stats)
     state.epoch = stats.epoch
     if stats.val_loss < state.best_loss - MIN_IMPROVEMENT:
         state.best_epoch, state.best_loss, state.best_confusion, state.stale = stats.epoch, stats.val_loss, confusion, 0
         run.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in run.model.net.state_dict().items()}
-        _save_best(run)
     else:
         state.stale += int(stats.lr < ANNEALED * run.recipe.lr)
         state.stopped_early = state.stale >= run.recipe.patience and state.epoch < run.recipe.epochs
@@ -340,38 +365,32 @@ def _record(run: _Run, stats: EpochStats, confusion: list[list[int]]) -> None:
     _write_checkpoint(run)
 
 
-def _save_best(run: _Run) -> None:
-    """The best weights so far as HOME/NAME's bundle, with the whole training record in model.json."""
-    net = run.model.net
-    current = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    net.load_state_dict(run.best_weights)
-    state, best = run.state, run.state.history[run.state.best_epoch - 1]
-    info = {"weights": run.config.weights, "training": {
-        "config": asdict(run.config), "recipe": asdict(run.recipe), "device": str(run.device),
-        "best_epoch": state.best_epoch, "stopped_early": state.stopped_early,
-        "metrics": {k: getattr(best, k) for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")},
-        "history": [asdict(h) for h in state.history], "split": run.split.describe(),
-        "class_weights": None if run.criterion.weight is None else run.criterion.weight.cpu().tolist()}}
-    bundle = describe(net, run.model.bundle.arch, run.split.classes, run.model.bundle.preprocess,
-                      f"trained from {run.source}", **info)
-    save_bundle(run.paths.root, net, bundle)
-    net.load_state_dict(current)
-
-
-def _finish(run: _Run, cancelled: bool) -> None:
-    """Rewrite the bundle with the full history, draw the plots and save the job config; nothing if no epoch ended.
+def _keep_best(run: _Run, cancelled: bool) -> ModelBundle | None:
+    """Publish the best epoch as a new model version with its curves, confusion and job; None if no epoch ended.
 
     A finished run drops its checkpoint (the size of three models); a cancelled one keeps it for `resume`.
     """
     state = run.state
     if not state.best_epoch:
-        return
-    _save_best(run)
+        return None
+    net = run.model.net
+    net.load_state_dict(run.best_weights)
+    best = state.history[state.best_epoch - 1]
+    info = {"weights": run.config.weights, "training": {
+        "config": asdict(run.config), "recipe": asdict(run.recipe), "device": str(run.device),
+        "best_epoch": state.best_epoch, "stopped_early": state.stopped_early, "cancelled": cancelled,
+        "metrics": {k: getattr(best, k) for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")},
+        "history": [asdict(h) for h in state.history], "split": run.split.describe(),
+        "class_weights": None if run.criterion.weight is None else run.criterion.weight.cpu().tolist()}}
+    bundle = describe(net, run.model.bundle.arch, run.split.classes, run.model.bundle.preprocess,
+                      f"trained from {run.source}", "fine-tuned", **info)
+    extras = {"curves.png": curves_png([asdict(h) for h in state.history], state.best_epoch),
+              "confusion.png": confusion_png(state.best_confusion, run.split.classes),
+              "train_job.json": json.dumps(asdict(run.config), indent=2).encode()}
+    publish_model(run.folder, net, bundle, extras)
     if not cancelled:
-        run.checkpoint.unlink(missing_ok=True)
-    plot_curves([asdict(h) for h in state.history], run.paths.root / "curves.png", state.best_epoch)
-    plot_confusion(state.best_confusion, run.split.classes, run.paths.root / "confusion.png")
-    atomic_write_bytes(run.paths.train_job, json.dumps(asdict(run.config), indent=2).encode())
+        run.folder.checkpoint.unlink(missing_ok=True)
+    return bundle
 
 
 def _write_checkpoint(run: _Run) -> None:
@@ -384,12 +403,12 @@ def _write_checkpoint(run: _Run) -> None:
         "meta": {"arch": run.model.bundle.arch, "classes": list(run.split.classes), "source": run.source,
                  "image_size": run.config.image_size},
     }
-    with atomic_target(run.checkpoint) as tmp:
+    with atomic_target(run.folder.checkpoint) as tmp:
         torch.save(payload, tmp)
 
 
-def _read_checkpoint(paths: IndexFolder, split: Split, config: TrainConfig) -> dict:
-    path = paths.root / CHECKPOINT
+def _read_checkpoint(folder: IndexFolder, split: Split, config: TrainConfig) -> dict:
+    path = folder.checkpoint
     if not path.is_file():
         raise SimimgError(f"nothing to resume: no checkpoint at {path}; run without --resume to start training")
     try:
@@ -412,39 +431,3 @@ def _restore(run: _Run, checkpoint: dict) -> None:
     saved["history"] = [EpochStats(**h) for h in saved["history"]]
     run.state = _State(**saved)
     log.info("resuming '%s' after epoch %d (best %d)", run.config.name, run.state.epoch, run.state.best_epoch)
-
-
-def model_info(arch: str, image_size: int = 224, device: str = "auto", batch_size: int = 32,
-               memory_efficient: bool = False) -> dict:
-    """Parameters, GFLOPs per image, embedding size and, on CUDA, peak memory of one training step at `batch_size`.
-
-    FLOPs count a multiply-add as two (torch's FlopCounterMode); `gmacs` is the figure torchvision's docs quote.
-    """
-    dev = resolve_device(device)
-    loaded = with_classes(build_model(arch, "none", image_size), tuple(str(i) for i in range(1000)))
-    net = loaded.net
-    _set_memory_efficient(net, memory_efficient)
-    net.eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        net(torch.zeros(1, 3, image_size, image_size))
-    info = {"arch": arch, "image_size": image_size, "parameters": sum(p.numel() for p in net.parameters()),
-            "trunk_parameters": sum(p.numel() for p in net.trunk.parameters()), "embedding_dim": net.dim,
-            "gflops": round(counter.get_total_flops() / 1e9, 3), "gmacs": round(counter.get_total_flops() / 2e9, 3),
-            "device": str(dev), "batch_size": batch_size,
-            "memory_efficient": memory_efficient, "peak_training_memory_mib": None}
-    if dev.type == "cuda":
-        info["peak_training_memory_mib"] = _peak_training_memory(net, image_size, dev, batch_size)
-    return info
-
-
-def _peak_training_memory(net: Net, image_size: int, device: torch.device, batch_size: int) -> float:
-    """One forward and backward pass under the training settings (bf16 autocast, channels_last)."""
-    net.train().to(device, memory_format=memory_format_for(device))
-    torch.cuda.reset_peak_memory_stats(device)
-    x = torch.randn(batch_size, 3, image_size, image_size, device=device)
-    x = x.contiguous(memory_format=memory_format_for(device))
-    with autocast_for(device)():
-        loss = net(x).float().logsumexp(dim=1).mean()
-    loss.backward()
-    torch.cuda.synchronize(device)
-    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import io
 import logging
-import threading
-import time
+import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -18,11 +16,12 @@ import pandas as pd
 import streamlit as st
 from PIL import ImageOps
 
+from simimg import api
 from simimg.demo import DemoJob, build_demo
 from simimg.errors import BadImageError, SimimgError
 from simimg.images import load_image
+from simimg.jobs import WRITERS, Job, JobBoard
 from simimg.layout import IndexFolder, list_indexes, resolve_home
-from simimg.model import read_bundle
 from simimg.roots import data_roots, list_collections, resolve_data_dir
 from simimg.search import SearchService
 
@@ -70,17 +69,20 @@ def current_index() -> str | None:
 
 
 def search_service(name: str) -> SearchService:
-    """The warm service for an index; a retrained model (new fingerprint) loads anew, a new version refreshes."""
+    """The warm service for an index, shared by every session; it follows new versions and models by itself.
+
+    The catalog's inode is part of the key, so an index deleted and built again under the same name loads anew.
+    """
     paths = IndexFolder.of(home(), name)
     if not paths.catalog.exists():
         raise SimimgError(f"index '{name}' has no catalog yet: build it on the Build page")
-    return _service(str(home()), name, read_bundle(paths.root).fingerprint)
+    return _service(str(home()), name, paths.catalog.stat().st_ino)
 
 
 @st.cache_resource(show_spinner="Loading the model and index…", max_entries=8)
-def _service(home_dir: str, name: str, fingerprint: str) -> SearchService:
-    log.info("loading index '%s' (model %s)", name, fingerprint)
-    return SearchService(home_dir, name, "auto")
+def _service(home_dir: str, name: str, catalog_inode: int) -> SearchService:
+    log.info("loading index '%s'", name)
+    return api.open_index(name, home_dir)
 
 
 def open_index(title: str) -> SearchService | None:
@@ -194,80 +196,49 @@ def first_run_guide() -> None:
 
 
 # --- background jobs -----------------------------------------------------------------------------------
-@dataclass
-class Job:
-    """Long work running in a thread, so the page stays live; the page polls it and may ask it to stop."""
-
-    key: str
-    stop: threading.Event = field(default_factory=threading.Event)
-    done: int = 0
-    total: int = 0
-    stage: str = ""
-    events: list = field(default_factory=list)
-    result: object = None
-    error: str | None = None
-    started: float = field(default_factory=time.time)
-    finished: float | None = None
-
-    @property
-    def running(self) -> bool:
-        return self.finished is None
-
-    def progress(self, done: int, total: int) -> None:
-        self.done, self.total = done, total
-
-    def seconds(self) -> float:
-        return (self.finished or time.time()) - self.started
-
-    def fraction(self) -> float:
-        return min(1.0, self.done / self.total) if self.total else 0.0
-
-
 @st.cache_resource
-def _jobs() -> dict[str, Job]:
-    """Jobs outlive a page reload: a returning user sees the training that is still running."""
-    return {}
+def board() -> JobBoard:
+    """The process's jobs: they outlive a page reload, so a returning user sees the training still running."""
+    return JobBoard()
 
 
-def get_job(key: str) -> Job | None:
-    return _jobs().get(key)
+def session_id() -> str:
+    """Who started a job: its result is shown to that browser session only."""
+    return st.session_state.setdefault("session_id", uuid.uuid4().hex)
 
 
-def start_job(key: str, work: Callable[[Job], object]) -> Job:
-    """Run `work(job)` in a daemon thread; SimimgError becomes job.error, anything else is logged and shown short."""
-    existing = get_job(key)
-    if existing is not None and existing.running:
-        raise SimimgError("this job is already running: wait for it, or cancel it first")
-    job = _jobs()[key] = Job(key)
+def own_job(kind: str) -> Job | None:
+    """The last job of this kind this session started, while it is the board's current one."""
+    key = st.session_state.get(f"job:{kind}")
+    job = board().get(*key) if key else None
+    return job if job is not None and job.owner == session_id() else None
 
-    def target() -> None:
-        try:
-            job.result = work(job)
-        except SimimgError as err:
-            job.error = str(err)
-        except Exception as err:  # noqa: BLE001 - a thread has nobody else to tell
-            log.exception("job %s failed", key)
-            job.error = f"unexpected failure: {type(err).__name__}: {err}"
-        finally:
-            job.finished = time.time()
 
-    threading.Thread(target=target, name=f"simimg-{key}", daemon=True).start()
+def start_job(index: str, kind: str, label: str, work: Callable[[Job], object]) -> Job:
+    """Start `work` for this session; a conflicting job on the same index (any tab's) is refused by name."""
+    job = board().start(index, kind, label, work, owner=session_id())
+    st.session_state[f"job:{kind}"] = (index, kind)
     return job
 
 
-def job_page(key: str, form: Callable[[], None], progress: Callable[[Job], None],
+def job_page(kind: str, form: Callable[[], None], progress: Callable[[Job], None],
              result: Callable[[Job], None], every: float = 0.5, live: Callable[[Job], None] | None = None) -> None:
-    """A page around one background job: its live progress while it runs, else the form and the last result.
+    """A page around one kind of background job: this session's running job, else the form and its last result.
 
     `progress` is redrawn every `every` seconds, so it must stay light; `live` (curves, tables) is drawn once per
     full run, which `watch` triggers whenever the job reports a new event.
     """
-    job = get_job(key)
+    job = own_job(kind)
     if job is not None and job.running:
         watch(job, progress, every)
         if live is not None:
             live(job)
         return
+    others = [j for j in board().running(current_index() or "") if j.kind in WRITERS and j.owner != session_id()]
+    if others:
+        st.info(f"**{others[0].label}** is running on this index (started {others[0].seconds():.0f} s ago, in "
+                "another tab or session). Searches keep working meanwhile; a new job on this index waits for it.",
+                icon=":material/hourglass_top:")
     with friendly_errors():
         form()
     if job is not None and not job_failed(job):

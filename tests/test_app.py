@@ -137,8 +137,8 @@ def test_a_warm_query_reloads_nothing(indexed: Path, monkeypatch: pytest.MonkeyP
     import simimg.search
 
     loads = []
-    real = simimg.search.load_bundle
-    monkeypatch.setattr(simimg.search, "load_bundle", lambda *a, **kw: loads.append(a) or real(*a, **kw))
+    real = simimg.search.load_model
+    monkeypatch.setattr(simimg.search, "load_model", lambda *a, **kw: loads.append(a) or real(*a, **kw))
     at = open_app()
     upload(at, "a.png", png_bytes(indexed / "data" / "shapes" / "circles" / "circles_001.png"))
     upload(at, "b.png", png_bytes(indexed / "data" / "shapes" / "squares" / "squares_001.png"))
@@ -211,24 +211,23 @@ def test_index_page_refuses_folders_outside_the_data_roots(workdir: Path, tmp_pa
 
 # --- train and inspect (their modules arrive separately) ----------------------------------------------------
 def test_train_then_search_then_evaluate(workdir: Path):
-    pytest.importorskip("simimg.train")
     make_class_images(workdir / "data" / "toys", {"red": 8, "blue": 8}, size=40)
     at = open_app("app_pages/train.py")
+    at.radio(key="train-mode").set_value("full").run()
     at.text_input[1].set_value("toys")
-    at.radio[0].set_value("none")
+    at.radio[1].set_value("none")
     at.number_input[0].set_value(1)
     at.select_slider[0].set_value(64)
     at.button[0].click().run()
     assert not at.exception and not at.error
     run_until(at, lambda a: bool(a.success) or bool(a.error))
     assert not at.error, at.error[0].value
-    assert "best validation accuracy" in at.success[0].value
+    assert "validation accuracy" in at.success[0].value and "now serves it (version 1)" in at.success[0].value
     at.switch_page("app_pages/search.py").run()
     upload(at, "q.png", png_bytes(workdir / "data" / "toys" / "red" / "red_000.png"))
     assert at.metric[0].label == "Predicted class"
     assert at.metric[0].value in ("red", "blue")
 
-    pytest.importorskip("simimg.evaluate")
     at.switch_page("app_pages/inspect.py").run()
     at.button[0].click().run()
     run_until(at, lambda a: any(m.label == "Accuracy" for m in a.metric))
@@ -242,7 +241,6 @@ def test_train_then_search_then_evaluate(workdir: Path):
 
 
 def test_inspect_page_map_and_duplicates(indexed: Path):
-    pytest.importorskip("simimg.evaluate")
     at = open_app("app_pages/inspect.py")
     assert any("no classifier" in i.value for i in at.info)
     assert not at.error

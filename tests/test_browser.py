@@ -1,4 +1,4 @@
-"""End to end in a real browser: `streamlit run app.py` on a free port, an upload through the real uploader."""
+"""End to end in a real browser: `streamlit run app.py` on a free port, driven through the real widgets."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 K = 12
+CLASSES = {"circles": 6, "squares": 6, "triangles": 6}
 
 pytestmark = pytest.mark.browser
 
@@ -44,14 +45,14 @@ def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 90) -> Non
 
 @pytest.fixture
 def server(tmp_path: Path):
-    """The real app, against an index this test built with the real CLI."""
+    """The real app, against an index this test built with the real CLI; its data folder is an allowed root."""
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (scripts/dev.sh test does)")
-    data = make_class_images(tmp_path / "data" / "shapes", {"circles": 6, "squares": 6, "triangles": 6}, size=64)
+    data = make_class_images(tmp_path / "data" / "shapes", CLASSES, size=64)
     home = tmp_path / "indexes"
     run_cli("index", str(data), "--home", str(home), "--weights", "none", "--image-size", "32", "--workers", "0")
     port = free_port()
-    env = {**os.environ, "SIMIMG_HOME": str(home), "SIMIMG_OFFLINE": "1"}
+    env = {**os.environ, "SIMIMG_HOME": str(home), "SIMIMG_OFFLINE": "1", "SIMIMG_DATA_ROOTS": str(tmp_path / "data")}
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
                              "--server.port", str(port), "--server.address", "127.0.0.1"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -67,23 +68,64 @@ def server(tmp_path: Path):
             proc.kill()
 
 
-def test_upload_shows_a_result_grid(server, tmp_path: Path):
+@pytest.fixture
+def browser():
     sync_api = pytest.importorskip("playwright.sync_api")
-    url, data = server
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url, wait_until="domcontentloaded")
-            page.locator("input[type=file]").set_input_files(str(data / "squares" / "squares_003.png"))
-            page.get_by_text(f"{K} most similar").wait_for(timeout=90_000)
-            cards = page.locator("[data-testid=stImage]")
-            page.wait_for_function(f"document.querySelectorAll('[data-testid=stImage]').length >= {K + 1}",
-                                   timeout=60_000)
-            assert cards.count() >= K + 1  # the query image and K results
-            assert page.get_by_text("score 1.000").count() >= 1
-            assert page.locator("[data-testid=stException]").count() == 0
-            page.screenshot(path=str(tmp_path / "search.png"), full_page=True)
+            yield chromium
         finally:
-            browser.close()
+            chromium.close()
+
+
+def search(page, image: Path, timeout_ms: int = 90_000) -> None:
+    """Upload `image` through the real uploader and wait for its result grid."""
+    page.locator("input[type=file]").set_input_files(str(image))
+    page.get_by_text(f"{K} most similar").wait_for(timeout=timeout_ms)
+    page.wait_for_function(f"document.querySelectorAll('[data-testid=stImage]').length >= {K + 1}",
+                           timeout=timeout_ms)
+    assert page.locator("[data-testid=stException]").count() == 0
+
+
+def test_upload_shows_a_result_grid(server, browser, tmp_path: Path):
+    url, data = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url, wait_until="domcontentloaded")
+    search(page, data / "squares" / "squares_003.png")
+    assert page.get_by_text("score 1.000").count() >= 1
+    page.screenshot(path=str(tmp_path / "search.png"), full_page=True)
     assert (tmp_path / "search.png").stat().st_size > 10_000
+
+
+def test_search_keeps_working_and_new_tabs_load_while_a_model_trains(server, browser):
+    """Train in one tab; search in another throughout, and open fresh tabs: none fails or hangs."""
+    url, data = server
+    trainer = browser.new_page(viewport={"width": 1400, "height": 1000})
+    trainer.goto(f"{url}/train", wait_until="domcontentloaded")
+    trainer.get_by_text("Full: fine-tune the whole network").click()
+    trainer.get_by_role("textbox", name="Model / index name").fill("shapes")
+    trainer.get_by_text("scratch (random)").click()
+    trainer.get_by_role("spinbutton", name="Epochs").fill("3")
+    trainer.get_by_role("slider").focus()
+    trainer.keyboard.press("Home")  # the smallest image size: 64 px
+    trainer.get_by_role("button", name="Start training").click()
+    trainer.get_by_text("s elapsed").wait_for(timeout=60_000)
+
+    searcher = browser.new_page(viewport={"width": 1400, "height": 1000})
+    searcher.goto(url, wait_until="domcontentloaded")
+    queries = 0
+    while trainer.get_by_text("now serves it").count() == 0:
+        assert queries < 40, "training did not finish"
+        search(searcher, data / list(CLASSES)[queries % 3] / f"{list(CLASSES)[queries % 3]}_00{queries % 6}.png")
+        fresh = browser.new_page()  # a new tab loads within seconds, not minutes
+        started = time.time()
+        fresh.goto(url, wait_until="domcontentloaded")
+        fresh.get_by_text("Drop an image to search with").wait_for(timeout=30_000)
+        assert time.time() - started < 30
+        fresh.close()
+        queries += 1
+    assert queries >= 1
+    search(searcher, data / "circles" / "circles_001.png")
+    searcher.get_by_text("Predicted class").wait_for(timeout=30_000)  # the new model took over, no reload
+    assert trainer.locator("[data-testid=stException]").count() == 0

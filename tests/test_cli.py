@@ -21,12 +21,12 @@ from test_model import DENSENET121_FILE, assert_trunk_equals, write_densenet121_
 from simimg.catalog import Catalog
 from simimg.cli import main
 from simimg.layout import IndexFolder
-from simimg.model import load_bundle
+from simimg.model_store import load_model
 
 INDEX_KEYS = {"name", "indexed", "removed", "total", "skipped", "seconds", "device"}
 QUERY_KEYS = {"query", "prediction", "neighbors"}
 NEIGHBOR_KEYS = {"path", "label", "score"}
-INFO_KEYS = {"labels", "arch", "dim", "fingerprint", "classifier"}
+INFO_KEYS = {"labels", "arch", "dim", "model", "embedding", "kind", "classifier"}
 TINY = ("--weights", "none", "--image-size", "32", "--workers", "0")
 
 
@@ -166,7 +166,7 @@ def test_index_reads_imagenet_weights_from_torch_home_offline(photos, tmp_path):
     report = cli_json("index", str(photos), "--home", str(tmp_path / "home"), "--weights", "imagenet",
                       "--image-size", "32", "--workers", "0", env={"TORCH_HOME": str(torch_home)})
     assert report["total"] == 6
-    net, bundle = load_bundle(tmp_path / "home" / "photos")
+    net, bundle = load_model(IndexFolder.of(tmp_path / "home", "photos"), report["model"])
     assert bundle.source == "torchvision:DenseNet121_Weights.IMAGENET1K_V1"
     assert_trunk_equals(net.trunk, state)
 

@@ -61,8 +61,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("evaluate")
     data = make_class_images(root / "toys", {"circle": 14, "square": 14, "triangle": 14}, size=40)
     proc = run_cli("train", str(data), "--home", str(root / "home"), "--weights", "none", "--epochs", "4",
-                   "--image-size", "32", "--batch-size", "8", "--workers", "0", "--val-split", "0.25", "--json",
-                   env=ONE_THREAD)
+                   "--image-size", "32", "--batch-size", "8", "--workers", "0", "--val-split", "0.25", "--no-index",
+                   "--json", env=ONE_THREAD)
     return {"data": data, "home": root / "home", "report": json.loads(proc.stdout), "stderr": proc.stderr}
 
 
@@ -70,16 +70,22 @@ def test_train_json_is_one_object_with_progress_on_stderr(trained: dict) -> None
     report = trained["report"]
     assert {"name", "best_epoch", "val_accuracy", "history", "seconds", "device"} <= set(report)
     assert report["name"] == "toys" and len(report["history"]) == 4
+    assert report["kind"] == "fine-tuned" and len(report["model"]) == 16 and report["index"] is None
     assert "epoch   4 scratch" in trained["stderr"] and "img/s" in trained["stderr"]
 
 
-def test_evaluate_then_index_then_query_then_evaluate_again(trained: dict) -> None:
-    home = str(trained["home"])
-    before = run_evaluation("toys", home, workers=0)  # no index yet: the training images are the gallery
+def test_evaluate_then_serve_then_query_then_evaluate_again(trained: dict) -> None:
+    home, model = str(trained["home"]), trained["report"]["model"]
+    with pytest.raises(SimimgError, match="no finished version"):  # --no-index: nothing serves it yet
+        run_evaluation("toys", home, workers=0)
+    before = run_evaluation("toys", home, workers=0, model=model[:8])  # no index: the training images are the gallery
     assert before["retrieval"]["gallery"] == "train split" and before["retrieval"]["gallery_size"] == 30
     assert before["images"] == 12 and before["accuracy"] == pytest.approx(trained["report"]["val_accuracy"], abs=1e-6)
+    assert before["model"] == model
 
-    run_index(IndexJob(data_dir=str(trained["data"]), name="toys", home=home, workers=0))
+    served = json.loads(run_cli("use", model[:8], "--name", "toys", "--home", home, "--json", env=ONE_THREAD).stdout)
+    assert (served["model"], served["version"], served["indexed"], served["total"]) == (model, 1, 42, 42)
+    assert json.loads(run_cli("models", "--name", "toys", "--home", home, "--json").stdout)[0]["serving"]
     result = SearchService(home, "toys", "cpu").query_file(trained["data"] / "circle" / "circle_000.png", k=5)
     assert result.prediction is not None and [n.path for n in result.neighbors][0] == "circle/circle_000.png"
     assert sum(t["probability"] for t in result.prediction.top) == pytest.approx(1.0, abs=1e-5)

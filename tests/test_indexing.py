@@ -15,9 +15,10 @@ from test_model import densenet121_state
 from simimg.catalog import Catalog, Snapshot
 from simimg.errors import SimimgError
 from simimg.faiss_index import flat_contents, load_index
-from simimg.indexing import IndexJob, run_index
+from simimg.indexing import IndexJob, read_index_job, run_index
 from simimg.layout import IndexFolder
-from simimg.model import build_model, read_bundle, save_bundle
+from simimg.model import build_model
+from simimg.model_store import model_fingerprints, publish_model, read_model
 
 
 def assert_consistent(home: Path, name: str) -> Snapshot:
@@ -28,12 +29,15 @@ def assert_consistent(home: Path, name: str) -> Snapshot:
         snap = catalog.snapshot()
         head = catalog.head()
         visible = catalog.count(snap.version)
+        ids, vectors = catalog.vectors(snap.version, snap.embedding)
     finally:
         catalog.close()
     index = load_index(paths.faiss(snap.version))
-    faiss_ids, _ = flat_contents(index)
+    faiss_ids, faiss_vectors = flat_contents(index)
     assert index.ntotal == len(snap.ids) == visible
-    assert sorted(faiss_ids.tolist()) == snap.ids.tolist()
+    assert sorted(faiss_ids.tolist()) == snap.ids.tolist() == ids.tolist()
+    assert torch.allclose(torch.from_numpy(faiss_vectors[faiss_ids.argsort()]), torch.from_numpy(vectors))
+    assert read_model(paths, snap.model).embedding == snap.embedding
     assert len(set(snap.ids.tolist())) == len(snap.ids) and len(set(snap.paths)) == len(snap.paths)
     assert sorted(head) == sorted(snap.paths)
     return snap
@@ -69,29 +73,60 @@ def test_job_is_saved_beside_the_index(job):
     make_class_images(Path(job.data_dir), {"a": 2}, size=40)
     run_index(job)
     saved = json.loads((Path(job.home) / job.name / "index_job.json").read_text())
-    assert saved == asdict(job)
-    assert read_bundle(Path(job.home) / job.name).preprocess.crop_size == 32
+    assert saved == asdict(job) and read_index_job(IndexFolder.of(job.home, job.name)) == job
+    folder = IndexFolder.of(job.home, job.name)
+    (fingerprint,) = model_fingerprints(folder)
+    assert read_model(folder, fingerprint).preprocess.crop_size == 32
+    assert read_model(folder, fingerprint).kind == "pretrained"
 
 
-def test_a_new_model_in_the_folder_rebuilds_every_vector(job, tmp_path):
+def test_switching_models_embeds_only_what_the_new_one_lacks(job, tmp_path):
     make_class_images(Path(job.data_dir), {"a": 3, "b": 2}, size=40)
     first = run_index(job)
     before = assert_consistent(Path(job.home), job.name)
     torch.save(densenet121_state(seed=1), tmp_path / "other.pth")
     other = build_model("densenet121", str(tmp_path / "other.pth"), 32)
-    save_bundle(Path(job.home) / job.name, other.net, other.bundle)
-    report = run_index(replace(job, weights=None))
+    folder = IndexFolder.of(job.home, job.name)
+    publish_model(folder, other.net, other.bundle)
+    report = run_index(replace(job, weights=None, model=other.bundle.fingerprint[:6]))
     assert report.rebuilt and (report.indexed, report.total, report.version) == (first.total, first.total, 2)
     after = assert_consistent(Path(job.home), job.name)
-    assert after.fingerprint == other.bundle.fingerprint != before.fingerprint
-    assert not set(after.ids.tolist()) & set(before.ids.tolist())
+    assert after.model == other.bundle.fingerprint != before.model and after.embedding != before.embedding
+    assert after.ids.tolist() == before.ids.tolist()  # the same images, a new vector each
+    make_class_images(Path(job.data_dir), {"c": 1}, size=40)  # a new file, then back to the first model
+    back = run_index(replace(job, weights=None, model=before.model))
+    assert (back.indexed, back.total, back.model) == (1, first.total + 1, before.model)
+    assert assert_consistent(Path(job.home), job.name).embedding == before.embedding
+
+
+def test_an_interrupted_switch_leaves_the_published_version_serving(job, tmp_path, monkeypatch):
+    make_class_images(Path(job.data_dir), {"a": 3, "b": 3}, size=40)
+    run_index(job)
+    before = assert_consistent(Path(job.home), job.name)
+    torch.save(densenet121_state(seed=2), tmp_path / "other.pth")
+    other = build_model("densenet121", str(tmp_path / "other.pth"), 32)
+    publish_model(IndexFolder.of(job.home, job.name), other.net, other.bundle)
+    import simimg.indexing
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(simimg.indexing, "_publish", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_index(replace(job, weights=None, model=other.bundle.fingerprint))
+    after = assert_consistent(Path(job.home), job.name)
+    assert (after.version, after.model, after.paths, after.ids.tolist()) == \
+        (before.version, before.model, before.paths, before.ids.tolist())
+    monkeypatch.undo()
+    resumed = run_index(replace(job, weights=None, model=other.bundle.fingerprint))
+    assert resumed.indexed == 0 and resumed.model == other.bundle.fingerprint  # its vectors were committed
 
 
 @pytest.mark.parametrize("change", [{"image_size": 64}, {"arch": "resnet50"}, {"weights": "imagenet"}])
 def test_flags_that_disagree_with_the_index_model_are_refused(job, change):
     make_class_images(Path(job.data_dir), {"a": 2}, size=40)
     run_index(job)
-    with pytest.raises(SimimgError, match="fingerprint mismatch: index 'photos' was built with densenet121"):
+    with pytest.raises(SimimgError, match="fingerprint mismatch: index 'photos' serves densenet121"):
         run_index(replace(job, **change))
     assert run_index(replace(job, weights=None, image_size=None, arch=None)).indexed == 0
 

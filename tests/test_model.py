@@ -6,7 +6,6 @@ temporary TORCH_HOME with the exact file name torchvision's weights API looks fo
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -16,8 +15,8 @@ from safetensors.torch import save_file
 from torchvision import models
 
 from simimg.errors import SimimgError
-from simimg.model import (ARCHITECTURES, build_model, fingerprint, load_bundle, read_bundle, save_bundle,
-                          weights_file, with_classes)
+from simimg.model import (ARCHITECTURES, build_model, describe, embedding_fingerprint, load_bundle, read_bundle,
+                          save_bundle, weights_file, with_classes)
 from simimg.preprocess import Preprocess
 
 EMBEDDING_DIMS = {"densenet121": 1024, "densenet169": 1664, "densenet201": 1920, "densenet161": 2208,
@@ -151,21 +150,29 @@ def test_weights_path_errors_say_what_is_wrong(tmp_path):
             build_model("densenet121", str(tmp_path / name), 32)
 
 
-# --- fingerprint and bundles -------------------------------------------------------------------------------
-def test_fingerprint_follows_weights_and_preprocessing_only(tmp_path):
+# --- fingerprints and bundles -------------------------------------------------------------------------------
+def test_embedding_fingerprint_follows_weights_and_preprocessing_only(tmp_path):
     loaded = build_model("densenet121", "none", 32)
-    fp = loaded.bundle.fingerprint
-    assert fingerprint(loaded.net, "densenet121", Preprocess.for_image_size(32)) == fp
-    assert fingerprint(loaded.net, "densenet121", Preprocess.for_image_size(64)) != fp
-    assert build_model("densenet121", "none", 64).bundle.fingerprint != fp
+    emb = loaded.bundle.embedding
+    assert embedding_fingerprint(loaded.net, "densenet121", Preprocess.for_image_size(32)) == emb
+    assert embedding_fingerprint(loaded.net, "densenet121", Preprocess.for_image_size(64)) != emb
+    assert build_model("densenet121", "none", 64).bundle.embedding != emb
     torch.save(densenet121_state(seed=1), tmp_path / "w.pth")
-    assert build_model("densenet121", str(tmp_path / "w.pth"), 32).bundle.fingerprint != fp
-    assert with_classes(loaded, ("a", "b")).net.head is not None
-    assert fingerprint(loaded.net, "densenet121", Preprocess.for_image_size(32)) == fp
+    assert build_model("densenet121", str(tmp_path / "w.pth"), 32).bundle.embedding != emb
+
+
+def test_a_new_head_is_a_new_model_with_the_same_embedding():
+    base = build_model("densenet121", "none", 32)
+    headed = with_classes(build_model("densenet121", "none", 32), ("a", "b"), unit_head=True)
+    bundle = describe(headed.net, "densenet121", ("a", "b"), base.bundle.preprocess, "test", "head")
+    assert bundle.embedding == base.bundle.embedding and bundle.fingerprint != base.bundle.fingerprint
+    renamed = describe(headed.net, "densenet121", ("x", "y"), base.bundle.preprocess, "test", "head")
+    assert renamed.fingerprint != bundle.fingerprint  # classes are part of the model
 
 
 def test_bundle_round_trip_rebuilds_the_same_model(tmp_path):
     net, bundle = with_classes(build_model("densenet121", "none", 32), ("ants", "bees"))
+    bundle = describe(net, bundle.arch, bundle.classes, bundle.preprocess, bundle.source, "fine-tuned")
     save_bundle(tmp_path, net, bundle)
     assert read_bundle(tmp_path) == bundle
     again, again_bundle = load_bundle(tmp_path)
@@ -175,16 +182,33 @@ def test_bundle_round_trip_rebuilds_the_same_model(tmp_path):
         torch.testing.assert_close(again(x), net.eval()(x))
 
 
-def test_a_save_interrupted_between_its_two_renames_still_loads_as_the_new_model(tmp_path):
-    old_net, old_bundle = build_model("densenet121", "none", 32)
-    save_bundle(tmp_path / "old", old_net, old_bundle)
-    new_net, new_bundle = with_classes(build_model("densenet121", "none", 64), ("a", "b"))
-    save_bundle(tmp_path / "new", new_net, new_bundle)
-    # the crash: the new weights were renamed into place, model.json was not
-    os.replace(tmp_path / "new" / "model.safetensors", tmp_path / "old" / "model.safetensors")
-    loaded_net, loaded_bundle = load_bundle(tmp_path / "old")
-    assert loaded_bundle == new_bundle and loaded_bundle.classes == ("a", "b")
-    assert_trunk_equals(loaded_net.trunk, new_net.trunk.state_dict())
+def test_a_unit_head_reads_the_normalised_embedding_after_a_round_trip(tmp_path):
+    net, bundle = with_classes(build_model("densenet121", "none", 32), ("a", "b"), unit_head=True)
+    bundle = describe(net, bundle.arch, bundle.classes, bundle.preprocess, bundle.source, "head")
+    save_bundle(tmp_path, net, bundle)
+    again, again_bundle = load_bundle(tmp_path)
+    assert again.unit_head and again_bundle.unit_head
+    x = torch.rand(2, 3, 32, 32)
+    with torch.inference_mode():
+        features = again.embed(x)
+        expected = again.head(torch.nn.functional.normalize(features, dim=1))
+        torch.testing.assert_close(again(x), expected)
+        torch.testing.assert_close(again(x), net.eval()(x))
+
+
+def test_altered_weights_or_an_older_bundle_format_are_refused(tmp_path):
+    net, bundle = with_classes(build_model("densenet121", "none", 32), ("a", "b"))
+    bundle = describe(net, bundle.arch, bundle.classes, bundle.preprocess, bundle.source, "fine-tuned")
+    save_bundle(tmp_path, net, bundle)
+    with torch.no_grad():
+        net.head.bias += 1
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(SimimgError, match="corrupted"):
+        load_bundle(tmp_path)
+    text = (tmp_path / "model.json").read_text().replace('"format": 2', '"format": 1')
+    (tmp_path / "model.json").write_text(text)
+    with pytest.raises(SimimgError, match="bundle format 1"):
+        read_bundle(tmp_path)
 
 
 def test_weights_path_takes_an_earlier_bundle(tmp_path):
@@ -192,6 +216,7 @@ def test_weights_path_takes_an_earlier_bundle(tmp_path):
     save_bundle(tmp_path / "old", net, bundle)
     started = build_model(None, str(tmp_path / "old"), 64)
     assert started.bundle.arch == "densenet121" and started.bundle.source == f"bundle:{bundle.fingerprint}"
+    assert started.bundle.kind == "pretrained"
     assert_trunk_equals(started.net.trunk, net.trunk.state_dict())
     with pytest.raises(SimimgError, match="is a densenet121 model; it cannot start a resnet50"):
         build_model("resnet50", str(tmp_path / "old" / "model.json"), 64)

@@ -24,12 +24,13 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, cli_json, make_class_images, run_cli, synthetic_image
-from simimg.catalog import Catalog
+from simimg.catalog import Catalog, reading
 from simimg.errors import SimimgError
 from simimg.faiss_index import flat_contents
 from simimg.indexing import IndexJob, run_index
 from simimg.layout import IndexFolder
-from simimg.model import BUNDLE_JSON, BUNDLE_WEIGHTS, build_model, describe, read_bundle, save_bundle
+from simimg.model import BUNDLE_JSON, BUNDLE_WEIGHTS, build_model, describe
+from simimg.model_store import publish_model, read_model
 from simimg.search import SearchService
 
 CLASSES = {"circles": 12, "squares": 12, "triangles": 12}
@@ -44,28 +45,33 @@ def index_args(data: Path, home: Path, name: str) -> list[str]:
     return ["index", str(data), "--home", str(home), "--name", name, *FLAGS]
 
 
-def reference_index(data: Path, home: Path, name: str) -> Rows:
+def use_args(model: str, home: Path, name: str) -> list[str]:
+    return ["use", model, "--home", str(home), "--name", name]
+
+
+def reference_index(data: Path, home: Path, name: str, model: str | None = None) -> Rows:
     """An uninterrupted run, in-process, of the same job the CLI runs."""
-    run_index(IndexJob(str(data), name, str(home), weights="none", image_size=32, batch_size=4, workers=0, chunk_size=4))
+    run_index(IndexJob(str(data), name, str(home), weights=None if model else "none", image_size=None if model else 32,
+                       batch_size=4, workers=0, chunk_size=4, model=model))
     return consistent_state(home, name)
 
 
 def consistent_state(home: Path, name: str) -> Rows:
-    """The published rows, after checking that catalog, FAISS file and bundle all tell the same story."""
+    """The published rows, after checking that catalog, vector shards, FAISS file and model tell the same story."""
     paths = IndexFolder.of(home, name)
     catalog = Catalog(paths.catalog, readonly=True)
     try:
         snap = catalog.snapshot()
-        ids, vectors = catalog.vectors(snap.version)
+        ids, vectors = catalog.vectors(snap.version, snap.embedding)
         live_dupes = catalog.db.execute("SELECT path FROM images WHERE removed IS NULL GROUP BY path "
                                         "HAVING COUNT(*) > 1").fetchall()
-        count = catalog.version_info(snap.version)[1]
+        count = catalog.published().count
     finally:
         catalog.close()
     assert live_dupes == []
     assert len(set(snap.ids.tolist())) == len(snap.ids) and len(set(snap.paths)) == len(snap.paths)
     assert np.array_equal(ids, snap.ids) and count == len(ids)
-    assert snap.fingerprint == read_bundle(paths.root).fingerprint
+    assert snap.embedding == read_model(paths, snap.model).embedding
     index = faiss.read_index(str(paths.faiss(snap.version)))
     assert index.ntotal == len(ids)
     faiss_ids, faiss_vectors = flat_contents(index)
@@ -82,28 +88,33 @@ def assert_same_rows(got: Rows, want: Rows) -> None:
 
 
 def catalog_progress(catalog: Path) -> tuple[int, int]:
-    """(published version, rows committed for the pending one), read like any outside reader would."""
+    """(published version, embeddings committed for the pending one), read like any outside reader would: new
+    image rows, or vectors of a new embedding when the run switches models."""
     try:
         db = sqlite3.connect(f"file:{catalog}?mode=ro", uri=True, timeout=30)
     except sqlite3.Error:
         return 0, 0
     try:
-        version = db.execute("SELECT COALESCE(MAX(version), 0) FROM versions").fetchone()[0]
-        return version, db.execute("SELECT COUNT(*) FROM images WHERE added > ?", (version,)).fetchone()[0]
+        version, embedding = db.execute("SELECT COALESCE(MAX(version), 0), (SELECT embedding FROM versions "
+                                        "ORDER BY version DESC LIMIT 1) FROM versions").fetchone()
+        added = db.execute("SELECT COUNT(*) FROM images WHERE added > ?", (version,)).fetchone()[0]
+        switched = db.execute("SELECT COUNT(*) FROM vectors WHERE embedding = (SELECT id FROM embeddings WHERE "
+                              "fingerprint != ? ORDER BY id DESC LIMIT 1)", (embedding or "",)).fetchone()[0]
+        return version, added if embedding is None else max(added, switched)
     except sqlite3.Error:
         return 0, 0
     finally:
         db.close()
 
 
-def kill_during_index(data: Path, home: Path, name: str, after_rows: int) -> tuple[bool, int]:
-    """Start `simimg index`, SIGKILL it once `after_rows` pending embeddings are committed (0: as soon as it writes).
-
-    Returns (whether it published before the kill landed, pending rows committed when it died).
+def kill_during_index(data: Path, home: Path, name: str, after_rows: int,
+                      args: list[str] | None = None) -> tuple[bool, int]:
+    """Start `simimg index` (or `args`), SIGKILL it once `after_rows` pending embeddings are committed (0: as soon as
+    it writes). Returns (whether it published before the kill landed, pending embeddings committed when it died).
     """
     catalog = IndexFolder.of(home, name).catalog
     before, _ = catalog_progress(catalog)
-    proc = subprocess.Popen([sys.executable, "-m", "simimg.cli", *index_args(data, home, name)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "simimg.cli", *(args or index_args(data, home, name))], cwd=ROOT,
                             env={**os.environ, "SIMIMG_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     while proc.poll() is None:
@@ -116,10 +127,11 @@ def kill_during_index(data: Path, home: Path, name: str, after_rows: int) -> tup
     return version > before, committed
 
 
-def resume_after_kill(data: Path, home: Path, name: str, after_rows: int, to_embed: int) -> dict:
+def resume_after_kill(data: Path, home: Path, name: str, after_rows: int, to_embed: int,
+                      args: list[str] | None = None) -> dict:
     """Kill a run, re-run the same command, and check that committed embeddings were not computed again."""
-    finished, committed = kill_during_index(data, home, name, after_rows)
-    report = cli_json(*index_args(data, home, name))
+    finished, committed = kill_during_index(data, home, name, after_rows, args)
+    report = cli_json(*(args or index_args(data, home, name)))
     assert report["indexed"] == (0 if finished else to_embed - committed)
     return report
 
@@ -148,27 +160,26 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for i in range(3):
         synthetic_image(0, rng, 40).save(edited / "circles" / f"circles_new_{i}.png")
     synthetic_image(1, rng, 40).save(edited / "squares" / "squares_003.png")  # same name, new content
-    model2 = base / "model2"
     net, bundle = build_model(None, "none", 32)
     with torch.no_grad():
         gen = torch.Generator().manual_seed(1)
         for p in net.trunk.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    save_bundle(model2, net, describe(net, bundle.arch, (), bundle.preprocess, "random-init:seed=1+noise", weights="none"))
+    model2 = describe(net, bundle.arch, (), bundle.preprocess, "random-init:seed=1+noise", "fine-tuned", weights="none")
     home = base / "refs"
     first = reference_index(data, home, "first")
     second = reference_index(edited, home, "edited")
-    IndexFolder.of(home, "model2").root.mkdir(parents=True)
-    install_bundle(model2, IndexFolder.of(home, "model2").root)
-    third = reference_index(data, home, "model2")
-    return {"data": data, "edited": edited, "model2": model2, "home": home, "first": first, "edited_rows": second,
-            "model2_rows": third}
+    publish_model(IndexFolder.of(home, "model2"), net, model2)
+    third = reference_index(data, home, "model2", model=model2.fingerprint)
+    return {"data": data, "edited": edited, "model2": (net, model2), "home": home, "first": first,
+            "edited_rows": second, "model2_rows": third}
 
 
-def install_bundle(src: Path, index_dir: Path) -> None:
-    """What `simimg train` does to an index folder: a new model.json + model.safetensors."""
-    for name in (BUNDLE_WEIGHTS, BUNDLE_JSON):
-        shutil.copy(src / name, index_dir / name)
+def install_model(model2: tuple, home: Path, name: str) -> str:
+    """What `simimg train` leaves in an index folder: one more kept model. Returns its fingerprint."""
+    net, bundle = model2
+    publish_model(IndexFolder.of(home, name), net, bundle)
+    return bundle.fingerprint
 
 
 # --- crash safety -------------------------------------------------------------------------------------
@@ -188,21 +199,25 @@ def test_killed_incremental_update_resumes_to_the_uninterrupted_result(world: di
     assert_same_rows(consistent_state(tmp_path, "photos"), world["edited_rows"])
 
 
-def test_killed_rebuild_after_a_model_change_never_mixes_models(world: dict, tmp_path: Path) -> None:
+def test_killed_switch_to_a_new_model_never_mixes_models(world: dict, tmp_path: Path) -> None:
     copy_index(world["home"] / "first", tmp_path, "photos")
-    install_bundle(world["model2"], IndexFolder.of(tmp_path, "photos").root)
+    model = install_model(world["model2"], tmp_path, "photos")
     after = kill_points(N_IMAGES, 1)[1]
-    report = resume_after_kill(world["data"], tmp_path, "photos", after, N_IMAGES)
-    assert report["rebuilt"]
+    finished, committed = kill_during_index(world["data"], tmp_path, "photos", after, use_args(model, tmp_path, "photos"))
+    if not finished:  # readers still get the first model's version, whole
+        assert_same_rows(consistent_state(tmp_path, "photos"), world["first"])
+    report = cli_json(*use_args(model, tmp_path, "photos"))
+    assert report["rebuilt"] and report["indexed"] == (0 if finished else N_IMAGES - committed)
     assert_same_rows(consistent_state(tmp_path, "photos"), world["model2_rows"])
 
 
-def test_model_change_after_a_kill_discards_the_old_models_pending_work(world: dict, tmp_path: Path) -> None:
+def test_a_switch_after_a_killed_first_index_keeps_the_committed_rows(world: dict, tmp_path: Path) -> None:
     finished, committed = kill_during_index(world["data"], tmp_path, "photos", N_IMAGES // 2)
     assert not finished and committed >= N_IMAGES // 2
-    install_bundle(world["model2"], IndexFolder.of(tmp_path, "photos").root)
-    report = cli_json(*index_args(world["data"], tmp_path, "photos"))
-    assert report["indexed"] == N_IMAGES
+    model = install_model(world["model2"], tmp_path, "photos")
+    report = run_index(IndexJob(str(world["data"]), "photos", str(tmp_path), batch_size=4, workers=0, chunk_size=4,
+                                model=model))
+    assert report.indexed == N_IMAGES and report.model == model  # every image needs the new model's vector
     assert_same_rows(consistent_state(tmp_path, "photos"), world["model2_rows"])
 
 
@@ -251,34 +266,41 @@ BUNDLE_DAMAGE = {
     "weights missing": (BUNDLE_WEIGHTS, lambda p: p.unlink(), "unreadable weights"),
     "weights truncated": (BUNDLE_WEIGHTS, lambda p: p.write_bytes(p.read_bytes()[:5000]), "unreadable weights"),
     "weights bit-flipped": (BUNDLE_WEIGHTS, lambda p: flip_byte(p, 1000), "is corrupted: its weights' fingerprint"),
-    "model.json missing": (BUNDLE_JSON, lambda p: p.unlink(), "model.json is missing"),
+    "model.json missing": (BUNDLE_JSON, lambda p: p.unlink(), "keeps no model"),
     "model.json corrupt": (BUNDLE_JSON, lambda p: p.write_text(p.read_text()[:40]), "is corrupt"),
 }
 
 
+def serving_dir(home: Path, name: str) -> Path:
+    folder = IndexFolder.of(home, name)
+    with reading(folder.catalog) as catalog:
+        return folder.model_dir(catalog.published().model)
+
+
 @pytest.mark.parametrize("damage", sorted(BUNDLE_DAMAGE))
-def test_a_damaged_bundle_is_a_clear_error_for_readers_and_writers(world: dict, tmp_path: Path, damage: str) -> None:
+def test_a_damaged_model_is_a_clear_error_for_readers_and_writers(world: dict, tmp_path: Path, damage: str) -> None:
     """Never a silent answer from another model, and `simimg index` never quietly replaces a model it cannot read."""
     copy_index(world["home"] / "first", tmp_path, "photos")
     paths = IndexFolder.of(tmp_path, "photos")
     file, spoil, message = BUNDLE_DAMAGE[damage]
-    spoil(paths.root / file)
+    spoil(serving_dir(tmp_path, "photos") / file)
     with pytest.raises(SimimgError, match=message):
         SearchService(tmp_path, "photos", "cpu")
-    with pytest.raises(SimimgError, match=message if damage != "model.json missing" else "has lost its model"):
+    with pytest.raises(SimimgError, match=message):
         in_process_index(world["data"], tmp_path, "photos")
     assert catalog_progress(paths.catalog) == (1, 0)
 
 
-def test_a_bundle_that_does_not_match_the_index_is_refused_then_rebuilt(world: dict, tmp_path: Path) -> None:
+def test_a_lost_serving_model_is_one_line_and_serving_a_kept_one_repairs_it(world: dict, tmp_path: Path) -> None:
     copy_index(world["home"] / "first", tmp_path, "photos")
-    install_bundle(world["model2"], IndexFolder.of(tmp_path, "photos").root)
+    model = install_model(world["model2"], tmp_path, "photos")
+    shutil.rmtree(serving_dir(tmp_path, "photos"))
     proc = run_cli("query", str(world["data"] / "circles" / "circles_004.png"), "--home", str(tmp_path),
                    "--name", "photos", check=False)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("simimg: error: ") and proc.stderr.count("\n") == 1
-    assert "another model" in proc.stderr and "re-run `simimg index`" in proc.stderr
-    in_process_index(world["data"], tmp_path, "photos")
+    assert "keeps no model" in proc.stderr and "simimg models" in proc.stderr
+    cli_json(*use_args(model, tmp_path, "photos"))
     assert_same_rows(consistent_state(tmp_path, "photos"), world["model2_rows"])
 
 

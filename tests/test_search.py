@@ -12,10 +12,10 @@ from conftest import make_class_images, synthetic_image
 from PIL import Image
 
 from simimg.catalog import Snapshot
-from simimg.errors import SimimgError
+from simimg.errors import BadImageError, SimimgError
 from simimg.indexing import IndexJob, run_index
-from simimg.model import load_bundle, save_bundle, with_classes
-from simimg.search import SearchService, neighbors_from, predict
+from simimg.search import QueryResult, SearchService, neighbors_from, predict
+from simimg.train import TrainConfig, run_training
 
 CLASSES = {"circles": 4, "squares": 4, "triangles": 3}
 
@@ -107,19 +107,39 @@ def test_info_counts_each_label(service):
     info = service.info()
     assert info["labels"] == {**CLASSES, "": 2}
     assert info["total"] == sum(CLASSES.values()) + 2 and info["dim"] == 1024 and info["arch"] == "densenet121"
-    assert info["fingerprint"] == service.model.bundle.fingerprint and info["classifier"] is False
+    assert info["model"] == service.model.bundle.fingerprint and info["classifier"] is False
+    assert info["embedding"] == service.model.bundle.embedding and info["kind"] == "pretrained"
 
 
-def test_a_model_with_a_classifier_also_predicts(built, tmp_path):
+def test_a_warm_service_follows_a_new_model_version_and_predicts(built, tmp_path):
     home = tmp_path / "home"
     shutil.copytree(built[1] / "shapes", home / "shapes")
-    net, bundle = with_classes(load_bundle(home / "shapes"), ("circles", "squares", "triangles"))
-    save_bundle(home / "shapes", net, bundle)
-    result = SearchService(home, "shapes", "cpu").query_file(built[0] / "circles" / "circles_001.png", k=2)
+    service = SearchService(home, "shapes", "cpu")
+    query = built[0] / "circles" / "circles_001.png"
+    assert service.query_file(query, k=2).prediction is None
+    report = run_training(TrainConfig(str(built[0]), "shapes", str(home), head_only=True, val_split=0.25))
+    result = service.query_file(query, k=2)  # the same service: no restart
+    assert service.model.bundle.fingerprint == report.model and service.snapshot.version == 2
     top = result.prediction.top
-    assert result.prediction.label == top[0]["label"] and {t["label"] for t in top} == set(bundle.classes)
+    assert result.prediction.label == top[0]["label"] and {t["label"] for t in top} == set(CLASSES)
     assert [t["probability"] for t in top] == sorted((t["probability"] for t in top), reverse=True)
     assert abs(sum(t["probability"] for t in top) - 1) < 1e-5 and result.neighbors[0].path == "circles/circles_001.png"
+    assert service.predict(query) == result.prediction
+
+
+def test_search_takes_paths_and_images_and_reports_bad_files_in_a_list(built, service, tmp_path):
+    good = built[0] / "squares" / "squares_001.png"
+    (tmp_path / "bad.png").write_bytes(b"not an image at all")
+    single = service.search(good, k=2)
+    assert isinstance(single, QueryResult) and single.neighbors[0].path == "squares/squares_001.png"
+    many = service.search([good, tmp_path / "bad.png", Image.open(good)], k=2)
+    assert [r.query for r in many] == [str(good), str(tmp_path / "bad.png"), "<image 2>"]
+    assert many[0] == single and many[2].neighbors == single.neighbors
+    assert many[1].error and "not an image" in many[1].error and many[1].neighbors == []
+    with pytest.raises(BadImageError, match="cannot query .*bad.png: not an image"):
+        service.search(tmp_path / "bad.png")
+    with pytest.raises(SimimgError, match="no classifier.*--head-only"):
+        service.predict(good)
 
 
 def test_unknown_or_invalid_names_are_user_errors(built):
@@ -136,12 +156,13 @@ def test_predict_ranks_classes_by_probability():
 
 
 def test_neighbors_from_drops_padding_unknown_ids_and_weak_scores():
-    snap = Snapshot(1, "fp", "flat", np.array([3, 7, 9]), ["a.png", "b.png", "c.png"], ["x", None, "y"])
+    snap = Snapshot(1, "fp", "emb", "flat", np.array([3, 7, 9]), ["a.png", "b.png", "c.png"], ["x", None, "y"],
+                    ["h1", "h2", "h3"])
     found = neighbors_from(np.array([0.9, 0.8, 0.5, 0.4]), np.array([7, 5, 9, -1]), snap, min_score=0.6)
     assert [(n.path, n.label, n.score) for n in found] == [("b.png", None, 0.9)]
 
 
 def test_a_shown_score_used_as_min_score_keeps_that_neighbor():
-    snap = Snapshot(1, "fp", "flat", np.array([3]), ["a.png"], ["x"])
+    snap = Snapshot(1, "fp", "emb", "flat", np.array([3]), ["a.png"], ["x"], ["h"])
     shown = neighbors_from(np.array([0.87654321]), np.array([3]), snap, min_score=None)[0].score
     assert [n.path for n in neighbors_from(np.array([0.87654321]), np.array([3]), snap, min_score=shown)] == ["a.png"]

@@ -1,0 +1,102 @@
+"""simimg's public Python API: the names `import simimg` offers. The CLI, the app and the HTTP server are thin
+shells over these, so there is one code path for every job.
+
+    import simimg
+    simimg.build_index("data/pets", weights="none")              # embed every image, publish version 1
+    simimg.train("data/pets", "pets", head_only=True)           # a classifier in seconds, served at once
+    pets = simimg.open_index("pets")
+    pets.search("query.jpg", k=5)                               # neighbours and the predicted class
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from simimg.catalog import reading
+from simimg.embed import Encoder
+from simimg.errors import SimimgError
+from simimg.evaluate import run_evaluation
+from simimg.indexing import IndexJob, IndexReport, Progress, run_index, serve_model
+from simimg.layout import IndexFolder, resolve_home
+from simimg.model_store import ModelEntry, list_models as _list_models, resolve_fingerprint
+from simimg.search import SearchService
+from simimg.train import Hooks, TrainConfig, TrainReport, run_training
+
+__all__ = ["build_index", "open_index", "train", "evaluate", "list_models", "use_model", "Encoder",
+           "SearchService", "IndexReport", "TrainReport", "Hooks"]
+
+
+def build_index(data_dir: str | Path, name: str | None = None, home: str | Path | None = None,
+                progress: Progress | None = None, **options: Any) -> IndexReport:
+    """Build or update the index NAME (default: the folder's name) of a folder of class folders.
+
+    `options` are `IndexJob` fields: arch, weights ("imagenet", "none" or a path), image_size, device,
+    batch_size, workers, chunk_size, compile. Only new or changed files are embedded.
+    """
+    job = _config(IndexJob, data_dir=str(data_dir), name=name or folder_name(data_dir), home=str(resolve_home(home)),
+                  **options)
+    return run_index(job, progress)
+
+
+def open_index(name: str, home: str | Path | None = None, device: str = "auto") -> SearchService:
+    """A warm index for queries: `.search(images, k, label, min_score)`, `.predict(images)`, `.info()`.
+
+    It follows newly published versions (and their models) by itself, without being opened again.
+    """
+    return SearchService(home, name, device)
+
+
+def train(data_dir: str | Path, name: str | None = None, home: str | Path | None = None, head_only: bool = False,
+          hooks: Hooks | None = None, **options: Any) -> TrainReport:
+    """Train a new model of index NAME on class folders and, unless `index=False`, serve it when done.
+
+    `head_only` fits a classifier on the embeddings the index already stores (seconds, nothing re-embedded);
+    otherwise the backbone is fine-tuned (or trained from scratch with weights="none"). `options` are
+    `TrainConfig` fields (arch, weights, epochs, lr, image_size, batch_size, device, resume, ...).
+    """
+    config = _config(TrainConfig, data_dir=str(data_dir), name=name or folder_name(data_dir),
+                     home=str(resolve_home(home)), head_only=head_only, **options)
+    return run_training(config, hooks or Hooks())
+
+
+def evaluate(data_dir: str | Path | None, name: str, home: str | Path | None = None, model: str | None = None,
+             progress: Progress | None = None, **options: Any) -> dict:
+    """Accuracy, macro-F1, per-class metrics, confusion and retrieval (P@1, P@10, mAP) of NAME's serving model
+    (or the kept `model`) on DATA_DIR/val, or on the validation images the model recorded when DATA_DIR is None."""
+    return run_evaluation(name, str(resolve_home(home)), None if data_dir is None else str(data_dir),
+                          model=model, progress=progress, **options)
+
+
+def list_models(name: str, home: str | Path | None = None) -> list[ModelEntry]:
+    """Every model NAME keeps, newest first, with the one its published version serves marked `serving`."""
+    folder = IndexFolder.of(home, name)
+    if not folder.catalog.exists():
+        raise SimimgError(f"no index named '{name}' in {folder.root.parent}")
+    with reading(folder.catalog) as catalog:
+        published = catalog.published()
+    return _list_models(folder, published.model if published else None)
+
+
+def use_model(model: str, name: str, home: str | Path | None = None, device: str = "auto",
+              progress: Progress | None = None) -> IndexReport:
+    """Serve a kept model (a fingerprint, or a unique prefix of one), embedding only what it has no vectors for."""
+    folder = IndexFolder.of(home, name)
+    return serve_model(str(resolve_home(home)), name, resolve_fingerprint(folder, model), device=device,
+                       progress=progress)
+
+
+def folder_name(data_dir: str | Path) -> str:
+    """The default index name: the folder's own name (`data/pets` -> `pets`)."""
+    return Path(data_dir).resolve().name
+
+
+def _config(cls: type, **values: Any) -> Any:
+    """A job config from keyword options; an unknown option is a user error that lists the known ones."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SimimgError(f"unknown option(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+    return cls(**values)
+
