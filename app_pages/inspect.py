@@ -100,10 +100,11 @@ def models_ui(name: str) -> None:
                            "arch": m.arch, "val accuracy": m.val_accuracy, "created": m.created[:19].replace("T", " "),
                            "source": m.source} for m in entries])
     st.dataframe(table, hide_index=True, width="stretch", column_config={
-        "val accuracy": st.column_config.ProgressColumn("val accuracy", min_value=0.0, max_value=1.0, format="percent")})
+        "val accuracy": st.column_config.ProgressColumn("val accuracy", min_value=0.0, max_value=1.0,
+                                                        format="percent")})
     job = ui.own_job("use")
     if job is not None and job.running and job.index == name:
-        ui.watch(job, lambda j: st.progress(j.fraction(), text=f"Embedding with the chosen model: {j.done} of {j.total}"))
+        ui.watch(job, lambda j: st.progress(j.fraction(), text=f"Embedding with that model: {j.done} of {j.total}"))
         return
     choices = [m.fingerprint for m in entries if not m.serving]
     if not choices:

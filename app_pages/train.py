@@ -13,7 +13,7 @@ import streamlit as st
 
 from simimg import api, ui
 from simimg.model import ARCHITECTURES, DEFAULT_ARCH
-from simimg.train import TrainReport
+from simimg.training import TrainReport
 
 JOB_KIND = "train"
 QUICK, FULL = "quick", "full"

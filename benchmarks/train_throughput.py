@@ -21,7 +21,7 @@ from _common import finish, hardware, make_jpegs, median, parser, seconds
 from simimg.device import autocast_for, memory_format_for, resolve_device
 from simimg.embed import reuse_freed_memory
 from simimg.model import build_model, with_classes
-from simimg.train import Hooks, TrainConfig, run_training
+from simimg.training import Hooks, TrainConfig, run_training
 
 CLASSES = 2
 

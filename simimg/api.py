@@ -17,12 +17,12 @@ from typing import Any
 from simimg.catalog import reading
 from simimg.embed import Encoder
 from simimg.errors import SimimgError
-from simimg.evaluate import run_evaluation
+from simimg.evaluation import run_evaluation
 from simimg.indexing import IndexJob, IndexReport, Progress, run_index, serve_model
 from simimg.layout import IndexFolder, resolve_home
 from simimg.model_store import ModelEntry, list_models as _list_models, resolve_fingerprint
 from simimg.search import SearchService
-from simimg.train import Hooks, TrainConfig, TrainReport, run_training
+from simimg.training import Hooks, TrainConfig, TrainReport, run_training
 
 __all__ = ["build_index", "open_index", "train", "evaluate", "list_models", "use_model", "Encoder",
            "SearchService", "IndexReport", "TrainReport", "Hooks"]

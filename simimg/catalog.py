@@ -94,13 +94,18 @@ class Snapshot:
 class Catalog:
     """One SQLite file per index (WAL: readers never block the writer, nor it them) and its vector shards."""
 
-    def __init__(self, path: str | Path, readonly: bool = False) -> None:
+    def __init__(self, path: str | Path, readonly: bool = False, legacy: bool = False) -> None:
+        """`legacy` opens an older catalog as it is, for `simimg upgrade` alone."""
         self.path = Path(path)
         self.vectors_dir = self.path.parent / "vectors"
         self.readonly = readonly
+        self.shard_reader = ShardReader(self.vectors_dir)
         if readonly and not self.path.exists():
             raise SimimgError(f"no index catalog at {self.path}: build it with `simimg index`")
         try:
+            if legacy:
+                self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+                return
             if readonly:
                 self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30, isolation_level=None,
                                           check_same_thread=False)
@@ -113,11 +118,12 @@ class Catalog:
                     self.set_meta(schema=SCHEMA_VERSION)
             self._check_schema()
         except sqlite3.DatabaseError as err:
-            raise SimimgError(f"index catalog {self.path} is unreadable ({err}); delete the index folder and rebuild") from None
-        self.shard_reader = ShardReader(self.vectors_dir)
+            raise SimimgError(f"index catalog {self.path} is unreadable ({err}); delete the index folder and "
+                              "rebuild") from None
 
     def _has_table(self, name: str) -> bool:
-        return self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
+        found = self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone()
+        return found is not None
 
     def _check_schema(self) -> None:
         schema = self.get_meta("schema")
@@ -192,7 +198,8 @@ class Catalog:
     def remove(self, ids: Iterable[int], version: int) -> None:
         """Rows added in the pending version simply go; published ones are marked removed in it."""
         ids = [int(i) for i in ids]
-        fresh = [i for i in ids if self.db.execute("SELECT added FROM images WHERE id=?", (i,)).fetchone() == (version,)]
+        added = {i: self.db.execute("SELECT added FROM images WHERE id=?", (i,)).fetchone() for i in ids}
+        fresh = [i for i in ids if added[i] == (version,)]
         self._drop_vectors_of(fresh)
         self.db.executemany("DELETE FROM images WHERE id=?", [(i,) for i in fresh])
         self.db.executemany("UPDATE images SET removed=? WHERE id=? AND removed IS NULL", [(version, i) for i in ids])
@@ -263,9 +270,9 @@ class Catalog:
         for start in range(0, len(ids), 900):
             chunk = ids[start:start + 900]
             marks = ",".join("?" * len(chunk))
-            self.db.execute(f"UPDATE shards SET live = live - (SELECT COUNT(*) FROM vectors v WHERE v.shard = shards.id "
-                            f"AND v.image IN ({marks})) WHERE id IN (SELECT shard FROM vectors WHERE image IN ({marks}))",
-                            chunk + chunk)
+            self.db.execute(f"UPDATE shards SET live = live - (SELECT COUNT(*) FROM vectors v WHERE v.shard = "
+                            f"shards.id AND v.image IN ({marks})) WHERE id IN (SELECT shard FROM vectors WHERE "
+                            f"image IN ({marks}))", chunk + chunk)
             self.db.execute(f"DELETE FROM vectors WHERE image IN ({marks})", chunk)
 
     # --- housekeeping, by the writer -----------------------------------------------------------
@@ -297,7 +304,8 @@ class Catalog:
     def clean_files(self) -> int:
         """Delete shard files no catalog row points to (call after a commit: committed rows are the truth)."""
         committed: dict[str, set[int]] = {}
-        for fp, shard in self.db.execute("SELECT e.fingerprint, s.id FROM shards s JOIN embeddings e ON e.id = s.embedding"):
+        rows = self.db.execute("SELECT e.fingerprint, s.id FROM shards s JOIN embeddings e ON e.id = s.embedding")
+        for fp, shard in rows:
             committed.setdefault(fp, set()).add(shard)
         self.shard_reader.forget()
         return remove_stray_files(self.vectors_dir, committed)
@@ -308,7 +316,8 @@ class Catalog:
 
     def _open_shard(self, emb: int, dim: int) -> tuple[int, int]:
         """(shard id, committed rows) of the embedding's current shard, starting a new one when it is full."""
-        row = self.db.execute("SELECT id, rows FROM shards WHERE embedding=? ORDER BY id DESC LIMIT 1", (emb,)).fetchone()
+        row = self.db.execute("SELECT id, rows FROM shards WHERE embedding=? ORDER BY id DESC LIMIT 1",
+                              (emb,)).fetchone()
         if row is None or row[1] >= rows_per_shard(dim):
             shard = self.db.execute("INSERT INTO shards(embedding, rows, live) VALUES (?, 0, 0) RETURNING id",
                                     (emb,)).fetchone()[0]

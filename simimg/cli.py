@@ -15,7 +15,7 @@ from simimg.errors import SimimgError
 from simimg.model import ARCHITECTURES
 
 if TYPE_CHECKING:
-    from simimg.train import EpochStats
+    from simimg.training import EpochStats
 
 log = logging.getLogger("simimg")
 
@@ -210,7 +210,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     add_home(p, name_required=False)
     add_model_options(p)
     p.set_defaults(batch_size=32)
-    p.add_argument("--epochs", type=positive_int, help="default: 15 from pretrained weights, 80 from scratch (--weights none)")
+    p.add_argument("--epochs", type=positive_int,
+                   help="default: 15 from pretrained weights, 80 from scratch (--weights none)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 pretrained, 2e-3 from scratch)")
     p.add_argument("--val-split", type=float, default=0.2, help="validation share when there is no val/ folder")
     p.add_argument("--freeze-epochs", type=int, help="head-only warm-up epochs (default: 3 pretrained, 0 scratch)")
@@ -221,7 +222,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--memory-efficient", action="store_true", help="DenseNet checkpointing: less memory, slower")
     p.add_argument("--head-only", action="store_true",
-                   help="fit only a classifier on the embeddings the index already stores: seconds, nothing re-embedded")
+                   help="fit only a classifier on the embeddings the index already stores: seconds, nothing "
+                        "re-embedded")
     p.add_argument("--no-index", dest="index", action="store_false",
                    help="stop after training: keep the new model without serving it (`simimg use` serves it later)")
 
@@ -234,7 +236,7 @@ class TrainBars:
 
     def on_phase(self, phase: str) -> None:
         self.bar.close()
-        self.bar = ProgressBar(phase, unit="img" if phase == "indexing" else "batch")
+        self.bar = ProgressBar(phase, unit="batch" if phase == "training" else "img")
 
     def on_epoch(self, s: "EpochStats") -> None:
         print(f"\repoch {s.epoch:>3} {s.phase:<8} train loss {s.train_loss:.4f} acc {s.train_accuracy:.3f} | "
@@ -299,7 +301,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         print(f"{result['name']} (model {result['model']}): {result['images']} validation images from "
               f"{result['data_dir']}")
         print(f"accuracy {result['accuracy']:.1%}, macro-F1 {result['macro_f1']:.3f}; retrieval against the "
-              f"{r['gallery']} ({r['gallery_size']}): P@1 {r['p_at_1']:.3f}, P@10 {r['p_at_10']:.3f}, mAP {r['map']:.3f}")
+              f"{r['gallery']} ({r['gallery_size']}): P@1 {r['p_at_1']:.3f}, P@10 {r['p_at_10']:.3f}, "
+              f"mAP {r['map']:.3f}")
         for label, m in result["per_class"].items():
             print(f"  {label:<20} precision {m['precision']:.3f} recall {m['recall']:.3f} f1 {m['f1']:.3f} "
                   f"({m['support']})")
@@ -367,6 +370,20 @@ def _run_use(args: argparse.Namespace) -> int:
     return 0
 
 
+def _upgrade_arguments(p: argparse.ArgumentParser) -> None:
+    add_home(p)
+
+
+def _run_upgrade(args: argparse.Namespace) -> int:
+    from simimg.layout import IndexFolder
+    from simimg.upgrade import upgrade
+
+    changed = upgrade(IndexFolder.of(args.home, args.name))
+    emit(args, {"name": args.name, "upgraded": changed},
+         lambda: print(f"{args.name}: {'upgraded to this layout' if changed else 'already in this layout'}"))
+    return 0
+
+
 COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = [
     ("index", "build or update an index of a folder (only new or changed files are embedded)",
      _index_arguments, _run_index),
@@ -379,6 +396,8 @@ COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callab
      _evaluate_arguments, _run_evaluate),
     ("models", "every model NAME keeps, newest first; * marks the one serving", _models_arguments, _run_models),
     ("use", "serve a kept model (re-embeds only images it has no vectors for)", _use_arguments, _run_use),
+    ("upgrade", "convert an index made by simimg 0.1 to this version's layout, keeping every vector",
+     _upgrade_arguments, _run_upgrade),
     ("model-info", "parameters, GFLOPs per image, embedding size (and peak training memory on CUDA) of a backbone",
      _model_info_arguments, _run_model_info),
 ]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,18 +20,16 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
 from simimg.catalog import reading
-from simimg.data import Split, split_dataset
-from simimg.device import loader_workers, resolve_device
+from simimg.data import Split
+from simimg.device import loader_workers
 from simimg.embed import EmbedSettings, embed_files
 from simimg.errors import SimimgError
-from simimg.evaluate import classification_metrics
-from simimg.indexing import serve_model
+from simimg.evaluation import classification_metrics
 from simimg.layout import IndexFolder
-from simimg.lock import writer_lock
 from simimg.model import LoadedModel, ModelBundle, describe, with_classes
 from simimg.model_store import load_model, publish_model
 from simimg.plots import confusion_png
-from simimg.train import Hooks, TrainConfig, TrainReport
+from simimg.training import Hooks, TrainConfig, TrainReport
 
 log = logging.getLogger(__name__)
 
@@ -65,36 +62,29 @@ def fit_head(x: np.ndarray, y: np.ndarray, num_classes: int, seed: int = 0) -> F
     return FittedHead(weight.astype(np.float32), bias.astype(np.float32), float(model.C))
 
 
-def run_head_training(config: TrainConfig, hooks: Hooks = Hooks()) -> TrainReport:
-    """Fit a head on the serving model's stored embeddings of DATA_DIR, keep it as a model version, serve it."""
-    started = time.perf_counter()
-    folder = IndexFolder.of(config.home, config.name)
-    hooks.on_phase("loading")
-    split = split_dataset(config.data_dir, config.val_split, config.seed)
-    device = resolve_device(config.device)
-    with writer_lock(folder.train_lock, f"training of '{config.name}'"):
-        base = _serving_model(folder)
-        vectors, skipped, counts = _embeddings_of(folder, base, split, config, device)
-        hooks.on_phase("training")
-        train_rows = [i for i in range(len(split.train)) if i in vectors]
-        val_rows = [i + len(split.train) for i in range(len(split.val)) if i + len(split.train) in vectors]
-        labels = np.concatenate([split.labels(split.train), split.labels(split.val)])
-        x = np.stack([vectors[i] for i in train_rows + val_rows])
-        head = fit_head(x[:len(train_rows)], labels[train_rows], len(split.classes), config.seed)
-        hooks.on_phase("validating")
-        probs = _softmax(x[len(train_rows):] @ head.weight.T + head.bias)
-        metrics = classification_metrics(labels[val_rows], probs, split.classes)
-        hooks.on_phase("saving")
-        bundle = _keep_head(folder, base, head, split, metrics, config, counts)
-    index = None
-    if config.index:
-        hooks.on_phase("indexing")
-        index = serve_model(config.home, config.name, bundle.fingerprint, config.data_dir, config.device,
-                            config.workers, hooks.progress)
+def train_head(config: TrainConfig, split: Split, folder: IndexFolder, device: torch.device,
+               hooks: Hooks) -> TrainReport:
+    """Fit a head on the serving model's stored embeddings of the split and keep it as a model version.
+
+    `training.run_training` calls this under the training lock, and serves the result.
+    """
+    base = _serving_model(folder)
+    vectors, skipped, counts = _embeddings_of(folder, base, split, config, device)
+    hooks.on_phase("training")
+    train_rows = [i for i in range(len(split.train)) if i in vectors]
+    val_rows = [i + len(split.train) for i in range(len(split.val)) if i + len(split.train) in vectors]
+    labels = np.concatenate([split.labels(split.train), split.labels(split.val)])
+    x = np.stack([vectors[i] for i in train_rows + val_rows])
+    head = fit_head(x[:len(train_rows)], labels[train_rows], len(split.classes), config.seed)
+    hooks.on_phase("validating")
+    probs = _softmax(x[len(train_rows):] @ head.weight.T + head.bias)
+    metrics = classification_metrics(labels[val_rows], probs, split.classes)
+    hooks.on_phase("saving")
+    bundle = _keep_head(folder, base, head, split, metrics, config, counts)
     log.info("head-only '%s': val accuracy %.3f (C=%g) from %d stored and %d new embeddings", config.name,
              metrics["accuracy"], head.c, counts["from_catalog"], counts["embedded"])
-    return TrainReport(config.name, 0, metrics["accuracy"], [], round(time.perf_counter() - started, 3), str(device),
-                       False, False, skipped, bundle.fingerprint, "head", index, {**counts, "C": head.c})
+    return TrainReport(config.name, 0, metrics["accuracy"], [], 0.0, str(device), False, False, skipped,
+                       bundle.fingerprint, "head", None, {**counts, "C": head.c})
 
 
 def _serving_model(folder: IndexFolder) -> LoadedModel:

@@ -23,7 +23,7 @@ from typing import Callable
 import faiss
 import numpy as np
 
-from simimg.catalog import Catalog, NewImage, Published, Row
+from simimg.catalog import Catalog, NewImage, Published, Row, reading
 from simimg.device import loader_workers, resolve_device
 from simimg.embed import EmbedSettings, embed_files
 from simimg.errors import SimimgError
@@ -35,6 +35,7 @@ from simimg.model import LoadedModel, build_model
 from simimg.model_store import kept_embeddings, load_model, prune_models, publish_model, read_model, \
     resolve_fingerprint, resolve_weights
 from simimg.scan import IMAGE_EXTENSIONS, Record, Skipped, scan_folder
+from simimg.upgrade import needs_upgrade, upgrade
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +99,12 @@ def run_index(job: IndexJob, progress: Progress | None = None) -> IndexReport:
         raise SimimgError(f"no images found in {scan.root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
                           "put images in class folders: <folder>/<class>/<image>")
     device = resolve_device(job.device)
+    if needs_upgrade(folder):
+        upgrade(folder)
     with writer_lock(folder.lock, f"index '{job.name}'", wait=job.wait):
+        model = _model_for(job, folder)  # before the catalog exists: a first run that cannot get a model leaves none
         catalog = Catalog(folder.catalog)
         try:
-            model = _model_for(job, folder, catalog)
             pending = catalog.version + 1
             rebuilt = _prepare_pending(catalog, model, scan.root)
             plan = _plan(catalog.head(), scan.records, scan.root)
@@ -119,12 +122,15 @@ def run_index(job: IndexJob, progress: Progress | None = None) -> IndexReport:
                        str(device), version, rebuilt, model.bundle.fingerprint)
 
 
-def _model_for(job: IndexJob, folder: IndexFolder, catalog: Catalog) -> LoadedModel:
+def _model_for(job: IndexJob, folder: IndexFolder) -> LoadedModel:
     """The model asked for, else the one the published (or interrupted first) version names, else a new one."""
     if job.model:
         return load_model(folder, resolve_fingerprint(folder, job.model))
-    published = catalog.published()
-    current = published.model if published else catalog.get_meta("pending_model")
+    published, current = None, None
+    if folder.catalog.exists():
+        with reading(folder.catalog) as catalog:
+            published = catalog.published()
+            current = published.model if published else catalog.get_meta("pending_model")
     if current is not None and (published is not None or folder.model_dir(current).is_dir()):
         loaded = load_model(folder, current)
         _check_request_matches(job, loaded)
@@ -348,8 +354,8 @@ def serve_model(home: str | Path | None, name: str, model: str, data_dir: str | 
         raise SimimgError(f"index '{name}' records no collection folder (index_job.json is missing): "
                           f"run `simimg index DATA_DIR --name {name}` once")
     base = recorded or IndexJob(data_dir=str(data_dir), name=name, home=str(folder.root.parent))
-    job = replace(base, name=name, home=str(folder.root.parent), arch=None, weights=None, image_size=None, device=device,
-                  workers=workers, model=model, wait=True)
+    job = replace(base, name=name, home=str(folder.root.parent), arch=None, weights=None, image_size=None,
+                  device=device, workers=workers, model=model, wait=True)
     return run_index(job, progress)
 
 

@@ -226,14 +226,7 @@ def load_bundle(directory: str | Path) -> LoadedModel:
         state = load_file(str(directory / BUNDLE_WEIGHTS))
     except (FileNotFoundError, SafetensorError, OSError) as err:
         raise SimimgError(f"model bundle {directory} has unreadable weights ({err}); rebuild it") from None
-    builder, _ = _architecture(bundle.arch)
-    with torch.device("meta"):  # no random init: every tensor comes from the file
-        trunk, dim = _split_last_linear(bundle.arch, builder(weights=None))
-        net = Net(trunk, dim, len(bundle.classes), bundle.unit_head)
-    try:
-        net.load_state_dict(state, assign=True)
-    except RuntimeError as err:
-        raise SimimgError(f"model bundle {directory} does not match its model.json: {str(err)[:200]}") from None
+    net = net_from_state(bundle.arch, len(bundle.classes), bundle.unit_head, state, directory)
     embedding = embedding_fingerprint(net, bundle.arch, bundle.preprocess)
     actual = model_fingerprint(embedding, net, bundle.classes)
     if (embedding, actual) != (bundle.embedding, bundle.fingerprint):
@@ -241,6 +234,20 @@ def load_bundle(directory: str | Path) -> LoadedModel:
                           f"model.json says {bundle.fingerprint}; delete that folder or rebuild it")
     net.eval()
     return LoadedModel(net, bundle)
+
+
+def net_from_state(arch: str, num_classes: int, unit_head: bool, state: dict[str, torch.Tensor],
+                   where: str | Path) -> Net:
+    """The network a saved state dict describes, built on the meta device (no random init) and then filled."""
+    builder, _ = _architecture(arch)
+    with torch.device("meta"):
+        trunk, dim = _split_last_linear(arch, builder(weights=None))
+        net = Net(trunk, dim, num_classes, unit_head)
+    try:
+        net.load_state_dict(state, assign=True)
+    except RuntimeError as err:
+        raise SimimgError(f"model bundle {where} does not match its model.json: {str(err)[:200]}") from None
+    return net
 
 
 def with_classes(loaded: LoadedModel, classes: tuple[str, ...], unit_head: bool = False) -> LoadedModel:

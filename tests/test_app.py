@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -250,3 +252,41 @@ def test_inspect_page_map_and_duplicates(indexed: Path):
     assert len(pairs) > 0 and (pairs["score"] >= 0.8).all()
     at.radio[0].set_value("tsne").run()
     assert not at.exception
+
+
+# --- model versions: quick training, the Models tab, one writer per index ----------------------------------
+def test_quick_training_then_switching_models_from_the_models_tab(indexed: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch):
+    shutil.copytree(indexed / "indexes", tmp_path / "home")  # this test changes the index: a copy of its own
+    monkeypatch.setenv("SIMIMG_HOME", str(tmp_path / "home"))
+    at = open_app("app_pages/train.py")
+    assert at.radio(key="train-mode").value == "quick"  # offered first
+    at.button[0].click().run()
+    run_until(at, lambda a: bool(a.success) or bool(a.error))
+    assert not at.error, at.error[0].value
+    assert "now serves it (version 2)" in at.success[0].value
+    at.switch_page("app_pages/search.py").run()
+    upload(at, "q.png", png_bytes(indexed / "data" / "shapes" / "circles" / "circles_000.png"))
+    assert at.metric[0].label == "Predicted class"
+    at.switch_page("app_pages/inspect.py").run()
+    models = at.dataframe[0].value
+    assert list(models["kind"]) == ["head", "pretrained"] and list(models["serving"]) == ["✔", ""]
+    at.button(key="FormSubmitter:use-model-Serve this model").click().run()
+    run_until(at, lambda a: any("serves **shapes** from version 3" in s.value for s in a.success))
+    assert list(at.dataframe[0].value["serving"]) == ["", "✔"]
+
+
+def test_a_second_session_cannot_start_a_writer_on_a_busy_index(indexed: Path, monkeypatch: pytest.MonkeyPatch):
+    from simimg import ui
+    from simimg.jobs import JobBoard
+
+    board, release = JobBoard(), threading.Event()
+    board.start("shapes", "train", "Training of 'shapes'", lambda job: release.wait(30), owner="another tab")
+    monkeypatch.setattr(ui, "board", lambda: board)  # the process's board, as another tab left it
+    try:
+        at = open_app("app_pages/train.py")
+        assert any("Training of 'shapes'** is running on this index" in i.value for i in at.info)
+        at.button[0].click().run()
+        assert "index 'shapes' is busy: Training of 'shapes' has been running" in at.error[0].value
+    finally:
+        release.set()

@@ -20,6 +20,8 @@ CASES = {
     "index_throughput.py": (["--device", "cpu", "--images", "8", "--batch-size", "4", "--workers", "1", *TINY_MODEL],
                             {"device", "images", "end_to_end_img_s", "model_only_img_s", "baseline_img_s",
                              "ratio_model_only", "ratio_baseline"}),
+    "head_only.py": (["--images", "12", *TINY_MODEL], {"images", "head_only_s", "fine_tune_epoch_s",
+                                                        "ratio_fine_tune_epoch", "index_after_embedded"}),
     "search.py": (["--n", "3000", "--dim", "32", "--queries", "10", "--nprobe", "4,8"],
                   {"N", "dim", "ivf_ms_per_query", "ivf_recall_at_k", "flat_ms_per_query", "rows"}),
     "query_latency.py": (["--images", "4", "--queries", "2", *TINY_MODEL],
@@ -38,3 +40,4 @@ def test_benchmark_ends_with_its_json_line(script):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert required <= set(result), required - set(result)
     assert all(result[key] > 0 for key in required if isinstance(result[key], float))
+    assert result.get("index_after_embedded", 0) == 0

@@ -245,3 +245,38 @@ def test_k_below_one_is_a_one_line_usage_error(flag: list[str], capsys: pytest.C
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "-k" in err
+
+
+# --- model versions -----------------------------------------------------------------------------------------
+def test_head_only_training_models_and_use(cli, photos):
+    base = json_of(cli, "index", str(photos), *TINY)
+    head = json_of(cli, "train", str(photos), "--name", "photos", "--head-only", "--val-split", "0.34")
+    assert head["kind"] == "head" and head["head"]["from_catalog"] == 6 and head["history"] == []
+    assert (head["index"]["version"], head["index"]["indexed"], head["index"]["model"]) == (2, 0, head["model"])
+    listed = json_of(cli, "models", "--name", "photos")
+    assert [(m["fingerprint"], m["kind"], m["serving"]) for m in listed] == [
+        (head["model"], "head", True), (base["model"], "pretrained", False)]
+    assert {"created", "arch", "source", "val_accuracy"} <= set(listed[0]) and listed[1]["val_accuracy"] is None
+    predicted = json_of(cli, "query", str(photos / "a" / "a_000.png"), "--name", "photos", "-k", "1")
+    assert predicted[0]["prediction"]["label"] in ("a", "b")
+    back = json_of(cli, "use", base["model"][:6], "--name", "photos")
+    assert (back["version"], back["indexed"], back["model"]) == (3, 0, base["model"])
+    assert json_of(cli, "query", str(photos / "a" / "a_000.png"), "--name", "photos")[0]["prediction"] is None
+    code, out, _ = cli("models", "--name", "photos")
+    assert code == 0 and out.splitlines()[1].startswith(f"* {base['model']}")
+
+
+def test_train_without_serving_and_a_wrong_model_prefix(cli, photos):
+    json_of(cli, "index", str(photos), *TINY)
+    code, out, err = cli("train", str(photos), "--name", "photos", "--head-only", "--no-index")
+    assert code == 0 and "not serving it yet: `simimg use" in out
+    assert_one_line_error(*cli("use", "zzzz", "--name", "photos"), "'zzzz' matches no kept model of index 'photos'")
+
+
+def test_query_of_several_images_reports_the_unreadable_one_and_answers_the_rest(cli, photos, tmp_path):
+    json_of(cli, "index", str(photos), *TINY)
+    (tmp_path / "bad.jpg").write_bytes(b"")
+    good = str(photos / "a" / "a_000.png")
+    results = json_of(cli, "query", good, str(tmp_path / "bad.jpg"), "--name", "photos", "-k", "1")
+    assert results[0]["neighbors"][0]["path"] == "a/a_000.png" and "error" not in results[0]
+    assert results[1]["error"] == "empty file (0 bytes)" and results[1]["neighbors"] == []

@@ -17,7 +17,7 @@ from simimg.indexing import IndexJob, run_index
 from simimg.layout import IndexFolder
 from simimg.model_store import list_models, read_model
 from simimg.search import SearchService
-from simimg.train import Hooks, TrainConfig, run_training
+from simimg.training import Hooks, TrainConfig, run_training
 
 CLASSES = {"circles": 8, "squares": 8, "triangles": 8}
 

@@ -15,7 +15,7 @@ from simimg.catalog import Snapshot
 from simimg.errors import BadImageError, SimimgError
 from simimg.indexing import IndexJob, run_index
 from simimg.search import QueryResult, SearchService, neighbors_from, predict
-from simimg.train import TrainConfig, run_training
+from simimg.training import TrainConfig, run_training
 
 CLASSES = {"circles": 4, "squares": 4, "triangles": 3}
 

@@ -11,7 +11,7 @@ import torch
 
 from conftest import make_class_images, run_cli
 from simimg.errors import SimimgError
-from simimg.evaluate import classification_metrics, most_confused, retrieval_metrics, run_evaluation
+from simimg.evaluation import classification_metrics, most_confused, retrieval_metrics, run_evaluation
 from simimg.indexing import IndexJob, run_index
 from simimg.search import SearchService
 

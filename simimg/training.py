@@ -28,7 +28,7 @@ from simimg.data import Split, TrainAugment, class_weights, split_dataset
 from simimg.device import autocast_for, loader_workers, memory_format_for, resolve_device
 from simimg.embed import make_loader
 from simimg.errors import SimimgError
-from simimg.evaluate import classification_metrics, predict_loader
+from simimg.evaluation import classification_metrics, predict_loader
 from simimg.fsutil import atomic_target
 from simimg.indexing import IndexReport, serve_model
 from simimg.layout import IndexFolder
@@ -198,37 +198,45 @@ def run_training(config: TrainConfig, hooks: Hooks = Hooks()) -> TrainReport:
 
     Holds the index's training lock (one run at a time); readers and `simimg index` runs go on meanwhile.
     """
-    if config.head_only:
-        from simimg.head import run_head_training
-
-        return run_head_training(config, hooks)
     started = time.perf_counter()
     folder = IndexFolder.of(config.home, config.name)
     hooks.on_phase("loading")
     split = split_dataset(config.data_dir, config.val_split, config.seed)
     device = resolve_device(config.device)
     with writer_lock(folder.train_lock, f"training of '{config.name}'"):
-        run = _open_run(config, split, folder, device)
-        cancelled = False
-        while run.state.epoch < run.recipe.epochs and not run.state.stopped_early and not cancelled:
-            stats = _run_epoch(run, hooks)
-            cancelled = stats is None
-            if stats is not None:
-                hooks.on_epoch(stats)
-        hooks.on_phase("saving")
-        bundle = _keep_best(run, cancelled)
+        if config.head_only:
+            from simimg.head import train_head
+
+            report = train_head(config, split, folder, device, hooks)
+        else:
+            report = _fine_tune(config, split, folder, device, hooks)
     index = None
-    if bundle is not None and config.index and not cancelled:
+    if report.model and config.index and not report.cancelled:
         hooks.on_phase("indexing")
-        index = serve_model(config.home, config.name, bundle.fingerprint, config.data_dir, config.device,
-                            config.workers, hooks.progress)
+        index = serve_model(config.home, config.name, report.model, config.data_dir, config.device, config.workers,
+                            hooks.progress)
+    return replace(report, seconds=round(time.perf_counter() - started, 3), index=index)
+
+
+def _fine_tune(config: TrainConfig, split: Split, folder: IndexFolder, device: torch.device,
+               hooks: Hooks) -> TrainReport:
+    """Epochs until done, stopped early or cancelled; the best one is kept as a model version."""
+    run = _open_run(config, split, folder, device)
+    cancelled = False
+    while run.state.epoch < run.recipe.epochs and not run.state.stopped_early and not cancelled:
+        stats = _run_epoch(run, hooks)
+        cancelled = stats is None
+        if stats is not None:
+            hooks.on_epoch(stats)
+    hooks.on_phase("saving")
+    bundle = _keep_best(run, cancelled)
     state = run.state
     best = state.history[state.best_epoch - 1] if state.best_epoch else None
     skipped = [{"path": s.path, "reason": s.reason} for s in split.skipped]
     skipped += [{"path": p, "reason": r} for p, r in sorted(run.skipped.items())]
-    return TrainReport(config.name, state.best_epoch, best.val_accuracy if best else 0.0, list(state.history),
-                       round(time.perf_counter() - started, 3), str(device), state.stopped_early, cancelled, skipped,
-                       bundle.fingerprint if bundle else "", "fine-tuned", index)
+    return TrainReport(config.name, state.best_epoch, best.val_accuracy if best else 0.0, list(state.history), 0.0,
+                       str(device), state.stopped_early, cancelled, skipped, bundle.fingerprint if bundle else "",
+                       "fine-tuned")
 
 
 def _open_run(config: TrainConfig, split: Split, folder: IndexFolder, device: torch.device) -> _Run:

@@ -18,7 +18,7 @@ from simimg.layout import IndexFolder, list_indexes
 from simimg.model_info import model_info
 from simimg.model_store import list_models, load_model, read_model
 from simimg.search import SearchService
-from simimg.train import EpochStats, Hooks, TrainConfig, lr_factor, recipe_for, run_training
+from simimg.training import EpochStats, Hooks, TrainConfig, lr_factor, recipe_for, run_training
 
 CLASSES = {"circle": 16, "square": 16, "triangle": 8}  # imbalanced: the loss is class-weighted
 

@@ -1,0 +1,77 @@
+"""api.py: the public names, and the README's Python example run as a user would run it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import simimg
+from conftest import ROOT, make_class_images
+from simimg.errors import SimimgError
+from test_model import write_densenet121_checkpoint
+
+
+def readme_example() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## The Python API", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_example_runs(tmp_path: Path):
+    """In a fresh process, from a folder holding data/pets; ImageNet weights come from a file the test writes."""
+    make_class_images(tmp_path / "data" / "pets", {"cats": 6, "dogs": 6}, size=64, ext="jpg")
+    for folder, prefix in (("cats", "cat"), ("dogs", "dog")):
+        for old in sorted((tmp_path / "data" / "pets" / folder).iterdir()):
+            old.rename(old.with_name(f"{prefix}_{old.stem.rsplit('_', 1)[1]}.jpg"))
+    (tmp_path / "data" / "pets" / "notes.txt").write_text("not a picture")
+    write_densenet121_checkpoint(tmp_path / "torch_home", seed=4)
+    env = {"PATH": "/usr/bin:/bin", "TORCH_HOME": str(tmp_path / "torch_home"), "SIMIMG_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "-c", readme_example()], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "12 images, 0 skipped"
+    assert lines[1].split()[0] in ("cats", "dogs") and "('cats/cat_000.jpg', 1.0)" in lines[1]
+    assert lines[3] == "(1, 1024) [('data/pets/notes.txt', 'not an image: the file holds text')]"
+    assert "head" in lines[4] and "serving" in lines[4] and "pretrained" in lines[5]
+
+
+def test_the_public_names_and_a_light_import():
+    assert set(simimg.__all__) >= {"build_index", "open_index", "train", "evaluate", "Encoder", "SimimgError"}
+    code = ("import sys, simimg; heavy = [m for m in ('torch', 'faiss', 'sklearn', 'matplotlib', 'streamlit') "
+            "if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout
+    assert out.strip() == "[]"
+
+
+def test_importing_the_library_changes_nothing_process_wide():
+    """No plotting backend chosen, no allocator tuning: only the entry points opt in."""
+    code = ("import matplotlib; before = matplotlib.get_backend(); import simimg.api, simimg.training, simimg.plots; "
+            "import simimg.embed; print(before == matplotlib.get_backend(), simimg.embed.reuse_freed_memory.cache_info().hits "
+            "+ simimg.embed.reuse_freed_memory.cache_info().misses)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.split() == ["True", "0"], out.stderr[-2000:]
+
+
+def test_options_are_checked_by_name(tmp_path: Path):
+    with pytest.raises(SimimgError, match="unknown option.*epoch.*choose from"):
+        simimg.build_index(tmp_path, epoch=3)
+
+
+def test_encoder_takes_paths_and_images_and_matches_the_index(tmp_path: Path):
+    data = make_class_images(tmp_path / "d", {"a": 3, "b": 3}, size=48)
+    simimg.build_index(data, home=tmp_path / "home", weights="none", image_size=32, workers=0)
+    index = simimg.open_index("d", tmp_path / "home", "cpu")
+    encoder = simimg.Encoder(weights="none", image_size=32, device="cpu")
+    paths = [data / "a" / "a_000.png", data / "b" / "b_001.png"]
+    vectors, skipped = encoder.encode([paths[0], Image.open(paths[1])])
+    assert vectors.shape == (2, 1024) and skipped == []
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(vectors, index.embed([index.load(p) for p in paths]), atol=1e-5)
