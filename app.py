@@ -1,4 +1,4 @@
-"""simimg's web app: `streamlit run app.py`. Search is the landing page; Train, Build and Inspect sit beside it."""
+"""simimg's web app: `streamlit run app.py`. Search is the landing page; Browse, Train, Build and Inspect sit beside it."""
 
 import streamlit as st
 
@@ -9,6 +9,7 @@ reuse_freed_memory()  # process-wide allocator tuning: the entry point opts in (
 st.set_page_config(page_title="simimg", page_icon="🔎", layout="wide")
 navigation = st.navigation([
     st.Page("app_pages/search.py", title="Search", icon=":material/image_search:", default=True),
+    st.Page("app_pages/browse.py", title="Browse", icon=":material/photo_library:"),
     st.Page("app_pages/train.py", title="Train", icon=":material/model_training:"),
     st.Page("app_pages/build.py", title="Build", icon=":material/library_add:"),
     st.Page("app_pages/inspect.py", title="Inspect", icon=":material/insights:"),

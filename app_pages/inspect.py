@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import altair as alt
-import numpy as np
 import pandas as pd
 import streamlit as st
 
 from simimg import api, ui
-from simimg.catalog import reading
 from simimg.explore import PROJECTIONS, confusion_cell, near_duplicates, project_2d, sample_positions
+from simimg.jobs import Task
 from simimg.layout import IndexFolder
 
 MAP_LIMIT = 3000
@@ -50,7 +49,7 @@ def evaluation_ui(name: str, has_classifier: bool) -> None:
         return
     if st.button("Evaluate on the validation images", type="primary", icon=":material/fact_check:"):
         ui.start_job(name, "evaluate", f"Evaluation of '{name}'",
-                     lambda j: api.evaluate(None, name, ui.home(), progress=j.progress))
+                     Task("simimg.api:evaluate", {"data_dir": None, "name": name, "home": str(ui.home())}))
         st.rerun()
     if job is None or ui.job_failed(job):
         return
@@ -106,19 +105,39 @@ def models_ui(name: str) -> None:
     if job is not None and job.running and job.index == name:
         ui.watch(job, lambda j: st.progress(j.fraction(), text=f"Embedding with that model: {j.done} of {j.total}"))
         return
-    choices = [m.fingerprint for m in entries if not m.serving]
-    if not choices:
-        return
-    with st.form("use-model"):
-        chosen = st.selectbox("Model", choices, format_func=lambda fp: _describe_model(fp, entries))
-        if st.form_submit_button("Serve this model", icon=":material/swap_horiz:"):
-            with ui.friendly_errors():
-                ui.start_job(name, "use", f"Switching '{name}' to model {chosen}",
-                             lambda j: api.use_model(chosen, name, ui.home(), progress=j.progress))
-                st.rerun()
+    chosen = st.selectbox("Model", [m.fingerprint for m in entries], key="chosen-model",
+                          format_func=lambda fp: _describe_model(fp, entries))
+    serve, onnx, bundle = st.columns(3)
+    if serve.button("Serve this model", icon=":material/swap_horiz:", width="stretch",
+                    disabled=next(m.serving for m in entries if m.fingerprint == chosen)):
+        ui.start_job(name, "use", f"Switching '{name}' to model {chosen}", Task(
+            "simimg.api:use_model", {"model": chosen, "name": name, "home": str(ui.home())}))
+        st.rerun()
+    with onnx:
+        export_ui(name, chosen, "onnx")
+    with bundle:
+        export_ui(name, chosen, "bundle")
     if job is not None and job.index == name and not ui.job_failed(job):
         st.success(f"Model {job.result.model} serves **{name}** from version {job.result.version} "
                    f"({job.result.indexed} images needed embedding).", icon=":material/check_circle:")
+
+
+EXPORTS = {"onnx": ("model.onnx", "ONNX", "application/octet-stream"),
+           "bundle": ("model.zip", "safetensors bundle", "application/zip")}
+
+
+def export_ui(name: str, model: str, format: str) -> None:
+    """A download of the chosen model: written on demand (ONNX is checked against onnxruntime first)."""
+    filename, what, mime = EXPORTS[format]
+    target = IndexFolder.of(ui.home(), name).export_dir(model) / filename
+    if not target.is_file():
+        if st.button(f"Prepare {what}", icon=":material/build:", width="stretch", key=f"export-{format}"):
+            with st.spinner(f"Writing the {what}…"):
+                api.export_model(name, target, format, ui.home(), model)
+            st.rerun()
+        return
+    st.download_button(f"Download {what}", target.read_bytes(), file_name=f"{name}-{model[:8]}-{filename}",
+                       mime=mime, icon=":material/download:", width="stretch", key=f"download-{format}")
 
 
 def _describe_model(fingerprint: str, entries: list) -> str:
@@ -150,24 +169,21 @@ def map_ui(name: str, version: int, data_root: Path) -> None:
 @st.cache_data(max_entries=16, show_spinner="Projecting the embeddings…")
 def embedding_map(home: str, name: str, version: int, method: str, limit: int) -> pd.DataFrame:
     """x, y, label and path of up to `limit` images of one published version (a fixed sample when larger)."""
-    paths, labels, vectors = _published_vectors(home, name, version)
+    paths, labels, vectors = ui.published_vectors(home, name, version)
     keep = sample_positions(len(paths), limit)
     xy = project_2d(vectors[keep], method)
     return pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "label": [labels[i] or "(none)" for i in keep],
                          "path": [paths[i] for i in keep]})
 
 
-def _published_vectors(home: str, name: str, version: int) -> tuple[list[str], list[str | None], np.ndarray]:
-    """Paths, labels and vectors of the published version, read as one snapshot (`version` keys the caches)."""
-    with reading(IndexFolder.of(home, name).catalog) as catalog:
-        snapshot, vectors = catalog.snapshot_with_vectors()
-    return snapshot.paths, snapshot.labels, vectors
-
-
 # --- near-duplicates -----------------------------------------------------------------------------------
 def duplicates_ui(name: str, version: int, data_root: Path) -> None:
-    threshold = st.slider("Similarity threshold", 0.80, 1.0, 0.98, 0.005,
-                          help="Pairs at least this similar (cosine). 1.0 means identical embeddings.")
+    marks = ui.landmarks(str(ui.home()), name, version)
+    start = round(min(0.999, max(0.8, marks.get("nearest", 0.98) + 0.5 * (1 - marks.get("nearest", 0.98)))), 3)
+    threshold = st.slider("Similarity threshold", 0.80, 1.0, start, 0.001,
+                          help="Pairs at least this similar (cosine). 1.0 means identical embeddings. It starts "
+                               "halfway between the index's median nearest-neighbour score and 1.")
+    st.caption(ui.landmarks_caption(str(ui.home()), name, version))
     pairs = duplicate_pairs(str(ui.home()), name, version, threshold)
     if pairs.empty:
         st.success("No pairs above this threshold.", icon=":material/check_circle:")
@@ -184,7 +200,7 @@ def duplicates_ui(name: str, version: int, data_root: Path) -> None:
 
 @st.cache_data(max_entries=32, show_spinner="Looking for near-duplicates…")
 def duplicate_pairs(home: str, name: str, version: int, threshold: float) -> pd.DataFrame:
-    paths, _, vectors = _published_vectors(home, name, version)
+    paths, _, vectors = ui.published_vectors(home, name, version)
     keep = sample_positions(len(paths), DUPLICATE_LIMIT)
     pairs = near_duplicates(vectors[keep], threshold)
     return pd.DataFrame({"score": [p.score for p in pairs], "a": [paths[keep[p.a]] for p in pairs],

@@ -1,4 +1,4 @@
-"""Search: drop an image, see its predicted class and the most similar images in the collection."""
+"""Search: drop an image (or take one with the camera), see its predicted class and the most similar images."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ from simimg import ui
 from simimg.search import Neighbor, Prediction, SearchService
 from simimg.uploads import UPLOAD_TYPES, validate_upload
 
-COLUMNS = 4
-SIMILAR_KEY = "similar_to"
 SEEN_UPLOAD_KEY = "upload_seen"
+CARD_MIN_PX = 210  # the results grid fits as many columns of at least this width as the window allows
 
 
 def main() -> None:
@@ -24,11 +23,12 @@ def main() -> None:
         if service is None:
             return
         info = service.info()
+        ui.untrained_notice(info)
         k, label, min_score = controls_ui(info)
         query = query_ui(service)
         if query is None:
-            st.info(f"Drop an image above to find the most similar pictures in **{info['name']}**.",
-                    icon=":material/image_search:")
+            st.info(f"Drop an image above, or take one with the camera, to find the most similar pictures in "
+                    f"**{info['name']}**.", icon=":material/image_search:")
             return
         results_ui(service, *query, k, label, min_score)
 
@@ -41,37 +41,54 @@ def controls_ui(info: dict) -> tuple[int, str | None, float | None]:
         labels = [lab for lab in info["labels"] if lab]
         choice = st.selectbox("Only label", ["any label", *labels])
         minimum = st.slider("Minimum score", -1.0, 1.0, -1.0, 0.01, help="Cosine similarity: 1 means identical.")
+        st.caption(ui.landmarks_caption(str(ui.home()), info["name"], info["version"]))
     return k, None if choice == "any label" else choice, None if minimum <= -1.0 else minimum
 
 
-def query_ui(service: SearchService) -> tuple[Image.Image, str] | None:
-    """The image to search with: a fresh upload, or a gallery image chosen with "Find similar"."""
-    upload = st.file_uploader("Drop an image to search with", type=list(UPLOAD_TYPES), key="upload",
-                              help="JPEG, PNG, WebP, BMP, GIF or TIFF")
-    if upload is not None and upload.file_id != st.session_state.get(SEEN_UPLOAD_KEY):
-        st.session_state[SEEN_UPLOAD_KEY] = upload.file_id
-        st.session_state.pop(SIMILAR_KEY, None)
-    if SIMILAR_KEY in st.session_state:
-        path = Path(st.session_state[SIMILAR_KEY])
-        return service.load(path), path.name
-    if upload is None:
+def query_ui(service: SearchService) -> tuple[Image.Image, str, bool] | None:
+    """The image to search with: a fresh upload or photo, or a gallery image chosen with "Find similar"."""
+    generation = st.session_state.setdefault(ui.UPLOADER_KEY, 0)
+    upload_tab, camera_tab = st.tabs(["Upload", "Camera"])
+    upload = upload_tab.file_uploader("Drop an image to search with", type=list(UPLOAD_TYPES),
+                                      key=f"upload-{generation}", help="JPEG, PNG, WebP, BMP, GIF or TIFF")
+    photo = camera_tab.camera_input("Take a picture to search with", key=f"camera-{generation}")
+    fresh = photo or upload
+    if fresh is not None and fresh.file_id != st.session_state.get(SEEN_UPLOAD_KEY):
+        st.session_state[SEEN_UPLOAD_KEY] = fresh.file_id
+        st.session_state.pop(ui.SIMILAR_KEY, None)
+    if ui.SIMILAR_KEY in st.session_state:
+        path = Path(st.session_state[ui.SIMILAR_KEY])
+        return service.load(path), path.name, True
+    if fresh is None:
         return None
-    return (validate_upload(upload.name, upload.getvalue(), st.get_option("server.maxUploadSize"),
-                            draft_size=service.draft_size), upload.name)
+    image = validate_upload(fresh.name, fresh.getvalue(), st.get_option("server.maxUploadSize"),
+                            draft_size=service.draft_size)
+    return image, fresh.name, False
 
 
-def results_ui(service: SearchService, image: Image.Image, caption: str, k: int, label: str | None,
-               min_score: float | None) -> None:
+def results_ui(service: SearchService, image: Image.Image, caption: str, from_gallery: bool, k: int,
+               label: str | None, min_score: float | None) -> None:
     result = service.query(image, k, label, min_score, query=caption)
+    if st.session_state.pop(ui.SCROLL_KEY, False):
+        scroll_to_top()
     left, right = st.columns([1, 2], gap="large")
     with left:
         st.image(image, caption=caption, width="stretch")
+        if from_gallery:
+            st.caption(f"Searching with **{caption}** from the collection (Find similar).")
     with right:
         prediction_ui(result.prediction)
-    st.subheader(f"{len(result.neighbors)} most similar", anchor=False)
     if not result.neighbors:
         st.warning("Nothing matches: lower the minimum score or clear the label filter.")
+        return
+    st.subheader(f"{len(result.neighbors)} most similar", anchor=False)
     grid_ui(result.neighbors, service.data_root)
+
+
+def scroll_to_top() -> None:
+    """Bring the new query into view after "Find similar" was clicked at the bottom of the grid."""
+    st.html("<script>window.parent.document.querySelector('section.stMain, [data-testid=stMain]')"
+            "?.scrollTo({top: 0, behavior: 'smooth'});</script>", unsafe_allow_javascript=True)
 
 
 def prediction_ui(prediction: Prediction | None) -> None:
@@ -79,7 +96,8 @@ def prediction_ui(prediction: Prediction | None) -> None:
         st.info("This index has no classifier yet: train one on the **Train** page to see predicted classes.",
                 icon=":material/school:")
         return
-    st.metric("Predicted class", prediction.label, f"{prediction.probability:.1%} sure", delta_color="off")
+    st.metric("Predicted class", prediction.label)
+    st.caption(f"{prediction.probability:.1%} probability")
     top = pd.DataFrame(prediction.top)
     chart = alt.Chart(top).mark_bar(cornerRadiusEnd=4).encode(
         x=alt.X("probability:Q", title="probability", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
@@ -91,10 +109,10 @@ def prediction_ui(prediction: Prediction | None) -> None:
 
 
 def grid_ui(neighbors: list[Neighbor], data_root: Path) -> None:
-    """Cards in rows of COLUMNS: thumbnail, score, label, path, and a button to search from that image."""
-    for start in range(0, len(neighbors), COLUMNS):
-        for column, (rank, n) in zip(st.columns(COLUMNS), enumerate(neighbors[start:start + COLUMNS], start + 1)):
-            with column.container(border=True):
+    """Cards in a responsive grid: as many columns as fit at CARD_MIN_PX, fewer on a narrow window."""
+    with st.grid("auto", min_column_width=CARD_MIN_PX):
+        for rank, n in enumerate(neighbors, 1):
+            with st.container(border=True):
                 card_ui(rank, n, ui.gallery_path(data_root, n.path))
 
 
@@ -107,7 +125,7 @@ def card_ui(rank: int, n: Neighbor, path: Path) -> None:
     st.markdown(f"**#{rank}** :green-badge[score {n.score:.3f}] :blue-badge[{n.label or 'no label'}]")
     st.caption(n.path)
     st.button("Find similar", key=f"similar-{rank}-{n.path}", icon=":material/search:", width="stretch",
-              on_click=st.session_state.__setitem__, args=(SIMILAR_KEY, str(path)))
+              on_click=ui.queue_similar, args=(path,))
 
 
 main()

@@ -20,11 +20,11 @@ from simimg.errors import SimimgError
 from simimg.evaluation import run_evaluation
 from simimg.indexing import IndexJob, IndexReport, Progress, run_index, serve_model
 from simimg.layout import IndexFolder, resolve_home
-from simimg.model_store import ModelEntry, list_models as _list_models, resolve_fingerprint
+from simimg.model_store import ModelEntry, list_models as _list_models, load_model, resolve_fingerprint
 from simimg.search import SearchService
 from simimg.training import Hooks, TrainConfig, TrainReport, run_training
 
-__all__ = ["build_index", "open_index", "train", "evaluate", "list_models", "use_model", "Encoder",
+__all__ = ["build_index", "open_index", "train", "evaluate", "list_models", "use_model", "export_model", "Encoder",
            "SearchService", "IndexReport", "TrainReport", "Hooks"]
 
 
@@ -85,6 +85,24 @@ def use_model(model: str, name: str, home: str | Path | None = None, device: str
     folder = IndexFolder.of(home, name)
     return serve_model(str(resolve_home(home)), name, resolve_fingerprint(folder, model), device=device,
                        progress=progress)
+
+
+def export_model(name: str, out: str | Path, format: str = "onnx", home: str | Path | None = None,
+                 model: str | None = None) -> dict:
+    """Write NAME's serving model (or the kept `model`) to `out`: ONNX checked against onnxruntime, or the
+    safetensors bundle folder as a zip. Returns what was written and checked."""
+    from simimg.evaluation import serving_model
+    from simimg.export import FORMATS, export_bundle, export_onnx
+
+    if format not in FORMATS:
+        raise SimimgError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    folder = IndexFolder.of(home, name)
+    fingerprint = resolve_fingerprint(folder, model) if model else serving_model(folder)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if format == "bundle":
+        return {"model": fingerprint, **export_bundle(folder.model_dir(fingerprint), out)}
+    return {"model": fingerprint, **export_onnx(load_model(folder, fingerprint), out)}
 
 
 def folder_name(data_dir: str | Path) -> str:

@@ -370,6 +370,21 @@ def _run_use(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    add_home(p)
+    p.add_argument("--out", required=True, help="the file to write (e.g. model.onnx, or model.zip for a bundle)")
+    p.add_argument("--format", choices=["onnx", "bundle"], default="onnx",
+                   help="onnx (checked against onnxruntime) or bundle (model.json + model.safetensors, zipped)")
+    p.add_argument("--model", help="a kept model's fingerprint (or a unique prefix); default: the one serving")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    written = api.export_model(args.name, args.out, args.format, args.home, args.model)
+    emit(args, written, lambda: print(f"{args.name}: model {written['model']} written to {written['path']} "
+                                      f"({written['format']})"))
+    return 0
+
+
 def _upgrade_arguments(p: argparse.ArgumentParser) -> None:
     add_home(p)
 
@@ -396,6 +411,8 @@ COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callab
      _evaluate_arguments, _run_evaluate),
     ("models", "every model NAME keeps, newest first; * marks the one serving", _models_arguments, _run_models),
     ("use", "serve a kept model (re-embeds only images it has no vectors for)", _use_arguments, _run_use),
+    ("export", "write a kept model for use elsewhere: ONNX (checked with onnxruntime) or its safetensors bundle",
+     _export_arguments, _run_export),
     ("upgrade", "convert an index made by simimg 0.1 to this version's layout, keeping every vector",
      _upgrade_arguments, _run_upgrade),
     ("model-info", "parameters, GFLOPs per image, embedding size (and peak training memory on CUDA) of a backbone",

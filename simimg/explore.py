@@ -75,3 +75,25 @@ def confusion_cell(items: list[dict], true_label: str, predicted: str) -> list[d
     """The evaluated images whose label is `true_label` and whose prediction is `predicted`, surest first."""
     chosen = [it for it in items if it.get("label") == true_label and it.get("predicted") == predicted]
     return sorted(chosen, key=lambda it: -float(it.get("probability", 0.0)))
+
+
+def score_landmarks(vectors: np.ndarray, sample: int = 500, k: int = 10, seed: int = 0) -> dict[str, float]:
+    """Median cosine of a sampled image's nearest neighbour, of its k-th, and of a random pair.
+
+    What a score means depends on the embedding: with random-init features every pair is near 0.98, with trained
+    ones unrelated images sit far lower. These landmarks put a threshold in the index's own terms.
+    """
+    vectors = np.ascontiguousarray(vectors, np.float32)
+    n = len(vectors)
+    if n < 3:
+        return {}
+    queries = vectors[sample_positions(n, sample, seed)]
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    scores, _ = index.search(queries, min(k + 1, n))  # the first hit is the image itself
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, n, (2, min(5000, n * 4)))
+    keep = a != b
+    pairs = np.einsum("ij,ij->i", vectors[a[keep]], vectors[b[keep]])
+    return {"nearest": float(np.median(scores[:, 1])), f"neighbour_{min(k, n - 1)}": float(np.median(scores[:, -1])),
+            "random_pair": float(np.median(pairs))}

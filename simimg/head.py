@@ -149,9 +149,10 @@ def _keep_head(folder: IndexFolder, base: LoadedModel, head: FittedHead, split: 
     model = with_classes(base, split.classes, unit_head=True)
     model.net.head.weight.data = torch.from_numpy(head.weight)
     model.net.head.bias.data = torch.from_numpy(head.bias)
-    info = {"weights": f"model:{base.bundle.fingerprint}", "training": {
-        "config": asdict(config), "head": {"C": head.c, **counts}, "split": split.describe(),
-        "metrics": {"val_accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}}}
+    training = {"config": asdict(config), "head": {"C": head.c, **counts}, "split": split.describe(),
+                "metrics": {"val_accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}}
+    info = {"weights": f"model:{base.bundle.fingerprint}", "random_features": base.bundle.random_features,
+            "training": training}
     bundle = describe(model.net, base.bundle.arch, split.classes, base.bundle.preprocess,
                       f"head on {base.bundle.fingerprint}", "head", embedding=base.bundle.embedding, **info)
     extras = {"confusion.png": confusion_png(metrics["confusion_matrix"], split.classes),

@@ -1,17 +1,26 @@
-"""Long jobs (build, train, serve a model, evaluate) run in background threads, keyed per index, so pages stay live.
+"""Long jobs (build, train, serve a model, evaluate) for the app: each runs in a child process, keyed per index.
 
-One board per process, shared by every browser session of the app: two tabs cannot start two writers on the same
+A child process rather than a thread of the Streamlit server: training holds a Python interpreter busy between
+torch ops and keeps both cores loaded, and in the server's own process that starved page loads of other tabs
+(issue 13). The child runs at a lower scheduling priority with its own interpreter, and a crash in it cannot take
+the server down. A supervising thread in the server relays the child's progress into the `Job` the pages poll.
+
+One board per server process, shared by every browser session: two tabs cannot start two writers on the same
 index, and the second one is told which job is running. A job records the session that started it, so its result
 is shown to that session only.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+import multiprocessing
+import os
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any
 
 from simimg.errors import SimimgError
 
@@ -19,11 +28,26 @@ log = logging.getLogger(__name__)
 
 # Jobs that write an index (its catalog, vectors or models): at most one of them runs per index.
 WRITERS = frozenset({"build", "train", "use"})
+NICENESS = 10  # a job yields the cores to the server when both want them
+POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a job runs: `module:function` called with `kwargs` (picklable) plus the callbacks it takes.
+
+    `callbacks` is "hooks" (a training run: progress, phase, epochs, cancel), "progress" (a `progress=` callable)
+    or "" (none).
+    """
+
+    function: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    callbacks: str = "progress"
 
 
 @dataclass
 class Job:
-    """One background job; the page polls it and may ask it to stop."""
+    """One background job as the pages see it; the page polls it and may ask it to stop."""
 
     index: str
     kind: str
@@ -43,21 +67,29 @@ class Job:
     def running(self) -> bool:
         return self.finished is None
 
-    def progress(self, done: int, total: int) -> None:
-        self.done, self.total = done, total
-
-    def on_phase(self, phase: str) -> None:
-        self.phase, self.done, self.total = phase, 0, 0
-
     def seconds(self) -> float:
         return (self.finished or time.time()) - self.started
 
     def fraction(self) -> float:
         return min(1.0, self.done / self.total) if self.total else 0.0
 
+    def apply(self, message: tuple) -> None:
+        """One message from the child: progress, a phase, an epoch, the result or the error."""
+        kind, *body = message
+        if kind == "progress":
+            self.done, self.total = body
+        elif kind == "phase":
+            self.phase, self.done, self.total = body[0], 0, 0
+        elif kind == "epoch":
+            self.events.append(body[0])
+        elif kind == "result":
+            self.result = body[0]
+        elif kind == "error":
+            self.error = body[0]
+
 
 class JobBoard:
-    """The process's jobs, one slot per (index, kind), guarded by a lock."""
+    """The server's jobs, one slot per (index, kind), guarded by a lock."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -71,8 +103,8 @@ class JobBoard:
         with self._lock:
             return [j for (name, _), j in self._jobs.items() if name == index and j.running]
 
-    def start(self, index: str, kind: str, label: str, work: Callable[[Job], object], owner: str = "") -> Job:
-        """Run `work(job)` in a daemon thread; refuse while a conflicting job on the same index runs."""
+    def start(self, index: str, kind: str, label: str, task: Task, owner: str = "") -> Job:
+        """Run `task` in a child process; refuse while a conflicting job on the same index runs."""
         with self._lock:
             busy = [j for (name, k), j in self._jobs.items() if name == index and j.running
                     and (k == kind or (k in WRITERS and kind in WRITERS))]
@@ -81,18 +113,54 @@ class JobBoard:
                                   f"{busy[0].seconds():.0f} s (started in another tab or earlier); wait for it to "
                                   "finish or cancel it")
             job = self._jobs[(index, kind)] = Job(index, kind, label, owner)
-        threading.Thread(target=_run, args=(job, work), name=f"simimg-{kind}-{index}", daemon=True).start()
+        threading.Thread(target=_supervise, args=(job, task), name=f"simimg-{kind}-{index}", daemon=True).start()
         return job
 
 
-def _run(job: Job, work: Callable[[Job], object]) -> None:
-    """SimimgError becomes job.error; anything else is logged in full and shown short."""
+def _supervise(job: Job, task: Task) -> None:
+    """Start the child, relay its messages into `job`, pass a cancel on, and notice a child that died."""
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no server threads or locks inherited
+    messages, stop = context.Queue(), context.Event()
+    child = context.Process(target=run_task, args=(task, messages, stop), daemon=True)
     try:
-        job.result = work(job)
-    except SimimgError as err:
-        job.error = str(err)
-    except Exception as err:  # noqa: BLE001 - a thread has nobody else to tell
+        child.start()
+        while child.is_alive() or not messages.empty():
+            if job.stop.is_set():
+                stop.set()
+            try:
+                job.apply(messages.get(timeout=POLL_S))
+            except queue.Empty:
+                continue
+        child.join()
+        if job.result is None and job.error is None:
+            job.error = f"the job's process ended without an answer (exit code {child.exitcode})"
+    except Exception as err:  # noqa: BLE001 - a supervisor has nobody else to tell
         log.exception("%s of '%s' failed", job.kind, job.index)
         job.error = f"unexpected failure: {type(err).__name__}: {err}"
     finally:
         job.finished = time.time()
+
+
+def run_task(task: Task, messages: "multiprocessing.Queue", stop: "multiprocessing.synchronize.Event") -> None:
+    """The child: call the task with callbacks that report through `messages`; SimimgError becomes the message."""
+    os.nice(NICENESS)
+    from simimg.embed import reuse_freed_memory
+
+    reuse_freed_memory()
+    module, name = task.function.split(":")
+    kwargs = dict(task.kwargs)
+    if task.callbacks == "hooks":
+        from simimg.training import Hooks
+
+        kwargs["hooks"] = Hooks(on_epoch=lambda s: messages.put(("epoch", s)),
+                                progress=lambda d, t: messages.put(("progress", d, t)),
+                                on_phase=lambda p: messages.put(("phase", p)), should_stop=stop.is_set)
+    elif task.callbacks == "progress":
+        kwargs["progress"] = lambda d, t: messages.put(("progress", d, t))
+    try:
+        messages.put(("result", getattr(importlib.import_module(module), name)(**kwargs)))
+    except SimimgError as err:
+        messages.put(("error", str(err)))
+    except Exception as err:  # noqa: BLE001 - the server shows it short; the child's log has the traceback
+        logging.getLogger(__name__).exception("job %s failed", task.function)
+        messages.put(("error", f"unexpected failure: {type(err).__name__}: {err}"))

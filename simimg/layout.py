@@ -52,6 +52,10 @@ class IndexFolder:
     def model_dir(self, fingerprint: str) -> Path:
         return self.models / fingerprint
 
+    def export_dir(self, fingerprint: str) -> Path:
+        """Files written from a kept model for use elsewhere (ONNX, zipped bundle); they go with the model."""
+        return self.root / "exports" / fingerprint
+
     @property
     def lock(self) -> Path:
         """Held by whoever writes the catalog, vectors or FAISS files (`simimg index`, the end of `simimg train`)."""

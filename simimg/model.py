@@ -103,6 +103,11 @@ class ModelBundle:
         return int(self.info["embedding_dim"])
 
     @property
+    def random_features(self) -> bool:
+        """Whether the embedding is a random-init trunk nothing trained (a head on one inherits it)."""
+        return self.source.startswith("random-init") or bool(self.info.get("random_features"))
+
+    @property
     def val_accuracy(self) -> float | None:
         return self.info.get("training", {}).get("metrics", {}).get("val_accuracy")
 
@@ -263,6 +268,11 @@ def set_memory_efficient(net: nn.Module, enabled: bool) -> None:
     for module in net.modules():
         if hasattr(module, "memory_efficient"):
             module.memory_efficient = enabled
+
+
+def imagenet_cached(arch: str) -> bool:
+    """Whether torchvision will find the architecture's ImageNet weights without a download."""
+    return weights_file(arch).is_file()
 
 
 def weights_file(arch: str) -> Path:

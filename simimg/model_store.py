@@ -116,6 +116,7 @@ def prune_models(folder: IndexFolder, in_use: set[str], keep: int = KEEP_UNUSED)
         trash = folder.models / f".trash-{fp}-{os.getpid()}"
         os.rename(folder.model_dir(fp), trash)
         shutil.rmtree(trash, ignore_errors=True)
+        shutil.rmtree(folder.export_dir(fp), ignore_errors=True)
         log.info("pruned model %s of '%s'", fp, folder.name)
     return gone
 

@@ -32,13 +32,17 @@ def resolve_data_dir(text: str, roots: list[Path]) -> Path:
         raise SimimgError("choose a folder of images (root/<class>/<image>)")
     typed = Path(text.strip()).expanduser()
     candidates = [typed] if typed.is_absolute() else [Path.cwd() / typed, *(root / typed for root in roots)]
-    for candidate in candidates:
-        real = candidate.resolve()
-        if _under(real, roots) and real.is_dir():
+    inside = [c.resolve() for c in candidates if _under(c.resolve(), roots)]
+    for real in inside:
+        if real.is_dir():
             return real
     allowed = ", ".join(str(r) for r in roots)
-    raise SimimgError(f"{text!r} is not a folder under the allowed data roots ({allowed}): put your class "
-                      f"folders under one of them, or add a root to ${ROOTS_ENV}")
+    exists_outside = any(c.resolve().is_dir() for c in candidates)
+    if inside and not exists_outside:
+        raise SimimgError(f"there is no folder {text!r} under the allowed data roots ({allowed}): check the name, "
+                          "or pick one of the collections listed below the box")
+    raise SimimgError(f"{text!r} is outside the allowed data roots ({allowed}): the app reads only folders under "
+                      f"them; move your class folders there, or add a root to ${ROOTS_ENV} before starting the app")
 
 
 def list_collections(roots: list[Path]) -> list[Path]:

@@ -260,7 +260,8 @@ class SearchService:
         return {"name": self.folder.name, "total": len(snap.ids), "labels": dict(sorted(counts.items())),
                 "arch": b.arch, "dim": b.dim, "model": b.fingerprint, "embedding": b.embedding, "kind": b.kind,
                 "source": b.source, "image_size": b.preprocess.crop_size, "classifier": b.has_classifier,
-                "classes": list(b.classes), "val_accuracy": b.val_accuracy, "version": snap.version,
+                "classes": list(b.classes), "val_accuracy": b.val_accuracy, "untrained": b.random_features,
+                "version": snap.version,
                 "index_kind": snap.index_kind, "data_root": str(self.data_root)}
 
     def close(self) -> None:

@@ -1,44 +1,76 @@
-"""Shared pieces of the Streamlit pages: warm cached services, the index picker, thumbnails, background jobs.
+"""Shared pieces of the Streamlit pages: warm cached services, the index picker, messages, thumbnails, jobs.
 
-The pages only wire widgets to the package; what two pages need lives here, once.
+The pages only wire widgets to the package; what two pages need lives here, once (forms: ui_forms.py).
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import re
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 from PIL import ImageOps
 
 from simimg import api
+from simimg.catalog import reading
 from simimg.demo import DemoJob, build_demo
 from simimg.errors import BadImageError, SimimgError
+from simimg.explore import score_landmarks
 from simimg.images import load_image
-from simimg.jobs import WRITERS, Job, JobBoard
+from simimg.jobs import WRITERS, Job, JobBoard, Task
 from simimg.layout import IndexFolder, list_indexes, resolve_home
-from simimg.roots import data_roots, list_collections, resolve_data_dir
+from simimg.roots import data_roots
 from simimg.search import SearchService
 
 log = logging.getLogger(__name__)
 
 INDEX_KEY = "index_name"
+SIMILAR_KEY = "similar_to"  # a gallery path the Search page queries with ("Find similar")
+UPLOADER_KEY = "uploader_generation"
+SCROLL_KEY = "scroll_to_query"
 THUMB_PX = 320
 
 
 # --- errors ------------------------------------------------------------------------------------------
+# The library's messages advise CLI commands; a page names the page or control that does the same instead.
+APP_ADVICE = [
+    (r"(?:re-)?run `simimg upgrade[^`]*` to convert it", "build it again on the **Build** page, which converts "
+                                                         "it first and keeps every vector"),
+    (r"(?:re-)?run `simimg index[^`]*`(?: on it| once)?(?: first)?(?: to (?:rebuild|repair) it)?",
+     "build it on the **Build** page"),
+    (r"build it with `simimg index[^`]*`", "build it on the **Build** page"),
+    (r"`simimg train[^`]*`(?: \(add --head-only[^)]*\))?", "the **Train** page"),
+    (r"`simimg use[^`]*`", "the Models tab of the **Inspect** page"),
+    (r"`simimg models[^`]*` lists the ones it has", "the Models tab of the **Inspect** page lists them"),
+    (r"use --weights none to start from random init, or --weights PATH for an earlier simimg model",
+     "start from **Scratch (random init)** or from **An earlier simimg model** instead"),
+    (r"--weights none", "**Scratch (random init)**"),
+    (r",? or pass --model", ""),
+    (r"--head-only", "Quick training"),
+]
+
+
+def app_message(text: str) -> str:
+    """A library message in the app's words: no command lines, the page or control to use instead."""
+    for pattern, replacement in APP_ADVICE:
+        text = re.sub(pattern, replacement, text)
+    return text
+
+
 @contextmanager
 def friendly_errors() -> Iterator[None]:
     """Show a user's mistake as one st.error line, never a traceback; the page keeps working."""
     try:
         yield
     except SimimgError as err:
-        st.error(str(err), icon=":material/error:")
+        st.error(app_message(str(err)), icon=":material/error:")
 
 
 # --- the index picker and warm services ----------------------------------------------------------------
@@ -74,8 +106,10 @@ def search_service(name: str) -> SearchService:
     The catalog's inode is part of the key, so an index deleted and built again under the same name loads anew.
     """
     paths = IndexFolder.of(home(), name)
-    if not paths.catalog.exists():
-        raise SimimgError(f"index '{name}' has no catalog yet: build it on the Build page")
+    with reading(paths.catalog) as catalog:
+        if catalog.published() is None:
+            raise SimimgError(f"index '{name}' is not finished: its first build stopped before the end. Run it again "
+                              "on the **Build** page with the same folder: the work already done is kept.")
     return _service(str(home()), name, paths.catalog.stat().st_ino)
 
 
@@ -98,10 +132,62 @@ def open_index(title: str) -> SearchService | None:
 
 
 def describe_index(info: dict) -> str:
-    """One line a user reads in the sidebar: size, backbone, classifier."""
+    """One line a user reads under a page's title: size, model, classifier."""
     kind = f"classifier over {len(info['classes'])} classes" if info["classifier"] else "no classifier yet"
-    return (f"**{info['total']:,}** images · `{info['arch']}` ({info['source']}) · {info['image_size']} px · "
-            f"{kind} · version {info['version']}")
+    return (f"**{info['total']:,}** images · `{info['arch']}` {info['kind']} model `{info['model'][:8]}` "
+            f"({info['source']}) · {info['image_size']} px · {kind} · version {info['version']}")
+
+
+def untrained_notice(info: dict) -> None:
+    """Say so when the index's model is a random-init backbone: its similarity scores mean little."""
+    if info["untrained"]:
+        st.warning("This index's model is **untrained** (random weights): nearly every pair of images scores "
+                   "0.95 or more, and neighbours are weak. Train a model on the **Train** page (a full run), or "
+                   "build the index with ImageNet weights, for meaningful similarity.", icon=":material/science:")
+
+
+def queue_similar(path: Path) -> None:
+    """Make a gallery image the Search page's query (a button callback): the uploader is cleared, so it shows
+    no older file, and the page scrolls back up to the new query."""
+    st.session_state[SIMILAR_KEY] = str(path)
+    st.session_state[UPLOADER_KEY] = st.session_state.get(UPLOADER_KEY, 0) + 1
+    st.session_state[SCROLL_KEY] = True
+
+
+def search_from(path: Path) -> None:
+    """From another page: search with a gallery image."""
+    queue_similar(path)
+    st.switch_page("app_pages/search.py")
+
+
+def search_link(name: str) -> None:
+    """After a job: the way to its index's results."""
+    st.session_state[INDEX_KEY] = name
+    st.page_link("app_pages/search.py", label=f"Search **{name}**", icon=":material/image_search:")
+
+
+# --- the published vectors, for maps, duplicates and score landmarks ------------------------------------
+@st.cache_data(max_entries=8, show_spinner="Reading the index's vectors…")
+def published_vectors(home_dir: str, name: str, version: int) -> tuple[list[str], list[str | None], np.ndarray]:
+    """Paths, labels and vectors of the published version, read as one snapshot (`version` keys the cache)."""
+    with reading(IndexFolder.of(home_dir, name).catalog) as catalog:
+        snapshot, vectors = catalog.snapshot_with_vectors()
+    return snapshot.paths, snapshot.labels, vectors
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def landmarks(home_dir: str, name: str, version: int) -> dict[str, float]:
+    """`explore.score_landmarks` of the published version: what a score means in this index."""
+    return score_landmarks(published_vectors(home_dir, name, version)[2])
+
+
+def landmarks_caption(home_dir: str, name: str, version: int) -> str:
+    marks = landmarks(home_dir, name, version)
+    if not marks:
+        return ""
+    kth = next(key for key in marks if key.startswith("neighbour_"))
+    return (f"In this index an image's nearest neighbour scores {marks['nearest']:.3f} (median), its "
+            f"{kth.split('_')[1]}th {marks[kth]:.3f}, and a random pair {marks['random_pair']:.3f}.")
 
 
 # --- images --------------------------------------------------------------------------------------------
@@ -154,25 +240,6 @@ def gallery_path(data_root: Path, path: str) -> Path:
     return p if p.is_absolute() else data_root / p
 
 
-# --- folders -------------------------------------------------------------------------------------------
-def folder_input(key: str) -> str:
-    """A folder box prefilled with the first collection under the data roots; checked later by `resolve_folder`."""
-    roots = data_roots()
-    choices = [str(p) for p in list_collections(roots)]
-    typed = st.text_input("Image folder", value=choices[0] if choices else "", key=f"{key}-folder",
-                          placeholder="data/my-photos",
-                          help="A folder of class folders (<folder>/<class>/<image>) under "
-                               + ", ".join(f"`{r}`" for r in roots) + ". Add more roots with $SIMIMG_DATA_ROOTS.")
-    if choices:
-        st.caption("Collections found: " + " · ".join(f"`{Path(c).name}`" for c in choices))
-    return typed
-
-
-def resolve_folder(typed: str) -> Path:
-    """The real folder, only if it lies under an allowed data root (SimimgError otherwise)."""
-    return resolve_data_dir(typed, data_roots())
-
-
 # --- first run -----------------------------------------------------------------------------------------
 def first_run_guide() -> None:
     """No index yet: say how to get one, and offer a demo that needs no data and no network."""
@@ -214,9 +281,9 @@ def own_job(kind: str) -> Job | None:
     return job if job is not None and job.owner == session_id() else None
 
 
-def start_job(index: str, kind: str, label: str, work: Callable[[Job], object]) -> Job:
-    """Start `work` for this session; a conflicting job on the same index (any tab's) is refused by name."""
-    job = board().start(index, kind, label, work, owner=session_id())
+def start_job(index: str, kind: str, label: str, task: Task) -> Job:
+    """Start `task` for this session; a conflicting job on the same index (any tab's) is refused by name."""
+    job = board().start(index, kind, label, task, owner=session_id())
     st.session_state[f"job:{kind}"] = (index, kind)
     return job
 
@@ -239,8 +306,11 @@ def job_page(kind: str, form: Callable[[], None], progress: Callable[[Job], None
         st.info(f"**{others[0].label}** is running on this index (started {others[0].seconds():.0f} s ago, in "
                 "another tab or session). Searches keep working meanwhile; a new job on this index waits for it.",
                 icon=":material/hourglass_top:")
-    with friendly_errors():
+    try:
         form()
+    except SimimgError as err:  # a new attempt's error stands alone: no older result under it
+        st.error(app_message(str(err)), icon=":material/error:")
+        return
     if job is not None and not job_failed(job):
         result(job)
 
@@ -248,7 +318,7 @@ def job_page(kind: str, form: Callable[[], None], progress: Callable[[Job], None
 def job_failed(job: Job) -> bool:
     """Show a finished job's error, if it had one."""
     if job.error:
-        st.error(job.error, icon=":material/error:")
+        st.error(app_message(job.error), icon=":material/error:")
     return job.error is not None
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -62,8 +61,14 @@ def png_bytes(path: Path) -> bytes:
     return path.read_bytes()
 
 
+def uploader(at: AppTest):
+    """The Search page's uploader (its key changes when "Find similar" clears it)."""
+    (found,) = [u for u in at.file_uploader if u.key.startswith("upload-")]
+    return found
+
+
 def upload(at: AppTest, name: str, data: bytes, mime: str = "image/png") -> AppTest:
-    at.file_uploader(key="upload").set_value((name, data, mime)).run()
+    uploader(at).set_value((name, data, mime)).run()
     assert not at.exception, at.exception
     return at
 
@@ -88,7 +93,7 @@ def test_first_run_shows_the_guide_and_builds_the_demo(workdir: Path):
     assert not at.exception and not at.error
     assert sorted(p.name for p in (workdir / "data" / "demo").iterdir()) == ["forests", "oceans", "sunsets"]
     at.run()
-    assert at.file_uploader(key="upload") is not None
+    assert uploader(at) is not None
     assert "**36** images" in at.caption[0].value
 
 
@@ -117,11 +122,14 @@ def test_query_shows_the_image_and_a_result_grid(indexed: Path):
 def test_find_similar_requeries_with_the_gallery_image(indexed: Path):
     at = open_app()
     upload(at, "query.png", png_bytes(indexed / "data" / "shapes" / "circles" / "circles_000.png"))
-    second = at.caption[2].value
+    second = next(b.key for b in at.button if b.key.startswith("similar-2-")).removeprefix("similar-2-")
     at.button(key=f"similar-2-{second}").click().run()
     assert not at.exception
-    assert at.image[0].captions == [Path(second).name]
-    assert at.caption[1].value == second
+    assert at.image[0].captions == [Path(second).name]  # the new query, shown as the current one
+    assert any(f"Searching with **{Path(second).name}** from the collection" in c.value for c in at.caption)
+    assert uploader(at).key == "upload-1" and uploader(at).value is None  # the old file name is gone
+    cards = [m.value for m in at.markdown if m.value.startswith("**#")]
+    assert "score 1.000" in cards[0]
 
 
 def test_label_filter_and_min_score(indexed: Path):
@@ -132,7 +140,8 @@ def test_label_filter_and_min_score(indexed: Path):
     assert cards and all("triangles" in c for c in cards)
     at.slider[1].set_value(1.0).run()
     assert not [m for m in at.markdown if m.value.startswith("**#")]
-    assert "Nothing matches" in at.warning[0].value
+    assert any("Nothing matches" in w.value for w in at.warning)
+    assert not any("most similar" in h.value for h in at.subheader)
 
 
 def test_a_warm_query_reloads_nothing(indexed: Path, monkeypatch: pytest.MonkeyPatch):
@@ -207,7 +216,7 @@ def test_index_page_refuses_folders_outside_the_data_roots(workdir: Path, tmp_pa
         at.text_input(key="index-folder").set_value(typed)
         at.button[0].click().run()
         assert not at.exception
-        assert "not a folder under the allowed data roots" in at.error[0].value
+        assert "is outside the allowed data roots" in at.error[0].value
     assert not (workdir / "indexes").exists()
 
 
@@ -271,17 +280,21 @@ def test_quick_training_then_switching_models_from_the_models_tab(indexed: Path,
     at.switch_page("app_pages/inspect.py").run()
     models = at.dataframe[0].value
     assert list(models["kind"]) == ["head", "pretrained"] and list(models["serving"]) == ["✔", ""]
-    at.button(key="FormSubmitter:use-model-Serve this model").click().run()
+    at.selectbox(key="chosen-model").set_value(models["model"][1]).run()
+    next(b for b in at.button if b.label == "Serve this model").click().run()
     run_until(at, lambda a: any("serves **shapes** from version 3" in s.value for s in a.success))
     assert list(at.dataframe[0].value["serving"]) == ["", "✔"]
 
 
-def test_a_second_session_cannot_start_a_writer_on_a_busy_index(indexed: Path, monkeypatch: pytest.MonkeyPatch):
+def test_a_second_session_cannot_start_a_writer_on_a_busy_index(indexed: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch):
     from simimg import ui
-    from simimg.jobs import JobBoard
+    from simimg.jobs import JobBoard, Task
 
-    board, release = JobBoard(), threading.Event()
-    board.start("shapes", "train", "Training of 'shapes'", lambda job: release.wait(30), owner="another tab")
+    board = JobBoard()
+    release = tmp_path / "release"
+    board.start("shapes", "train", "Training of 'shapes'", Task("job_tasks:wait_for", {"path": str(release)}),
+                owner="another tab")
     monkeypatch.setattr(ui, "board", lambda: board)  # the process's board, as another tab left it
     try:
         at = open_app("app_pages/train.py")
@@ -289,4 +302,116 @@ def test_a_second_session_cannot_start_a_writer_on_a_busy_index(indexed: Path, m
         at.button[0].click().run()
         assert "index 'shapes' is busy: Training of 'shapes' has been running" in at.error[0].value
     finally:
-        release.set()
+        release.touch()
+
+
+# --- issue 13: what a first walk through every page hit ------------------------------------------------
+def test_weights_forms_check_the_cache_first_and_use_the_same_words(workdir: Path, monkeypatch: pytest.MonkeyPatch):
+    from test_model import write_densenet121_checkpoint
+
+    make_class_images(workdir / "data" / "pets", {"a": 3, "b": 3}, size=32)
+    monkeypatch.setenv("TORCH_HOME", str(workdir / "torch_home"))
+    for page, key in (("app_pages/build.py", "index-weights"), ("app_pages/train.py", "train-weights")):
+        at = open_app(page)
+        if page.endswith("train.py"):
+            at.radio(key="train-mode").set_value("full").run()
+        radio = at.radio(key=key)
+        assert radio.options == ["ImageNet weights", "Scratch (random init)", "An earlier simimg model"]
+        assert radio.value == "none"  # offline and not cached: a choice that works is preselected
+        note = next(c.value for c in at.caption if "not on this machine" in c.value)
+        assert "densenet121-a639ec97.pth" in note and str(workdir / "torch_home" / "hub" / "checkpoints") in note
+    write_densenet121_checkpoint(workdir / "torch_home")
+    at = open_app("app_pages/build.py")
+    assert at.radio(key="index-weights").value == "imagenet"
+    assert not any("not on this machine" in c.value for c in at.caption)
+
+
+def test_errors_in_the_app_never_name_a_command(workdir: Path):
+    from simimg.ui import app_message
+
+    library_messages = [
+        "no index catalog at x/catalog.sqlite: build it with `simimg index`",
+        "index 'p' has no finished version yet: run `simimg index` on it",
+        "index 'p' is inconsistent (FAISS 3 vectors, catalog 4); re-run `simimg index` to repair it",
+        "index catalog c was written by another version of simimg (schema 1, this one reads 2); run `simimg upgrade "
+        "--name p` to convert it",
+        "index 'p' keeps no model ab (in m); `simimg models --name p` lists the ones it has",
+        "model ab of 'p' has no trained classifier: run `simimg train DATA_DIR --name p` (add --head-only for one in "
+        "seconds)",
+        "index 'p' has no finished version yet, so no model serves it: run `simimg index` on it, `simimg use MODEL "
+        "--name p`, or pass --model",
+        "ImageNet weights for densenet121 are not cached and cannot be fetched (x). Download u on a connected machine "
+        "and put it at t (or set TORCH_HOME ...); or use --weights none to start from random init, or --weights PATH "
+        "for an earlier simimg model.",
+        "--head-only fits on an index's stored embeddings, and 'p' has none yet: run `simimg index DATA_DIR --name p` "
+        "first",
+    ]
+    for message in library_messages:
+        shown = app_message(message)
+        assert "`simimg" not in shown and " --" not in shown and not shown.startswith("--"), shown
+
+
+def test_a_failed_new_attempt_shows_its_error_alone(workdir: Path):
+    make_class_images(workdir / "data" / "mixed", {"red": 3, "green": 3}, size=32)
+    at = open_app("app_pages/build.py")
+    at.text_input(key="index-folder").set_value("data/mixed")
+    at.radio(key="index-weights").set_value("none")
+    at.select_slider(key="index-size").set_value(64)
+    next(b for b in at.button if b.label == "Build or update").click().run()
+    run_until(at, lambda a: bool(a.success))
+    assert "Index **mixed** is at version 1" in at.success[0].value
+    assert at.text_input(key="index-folder").value == "data/mixed"  # the form kept what the user chose
+    assert at.radio(key="index-weights").value == "none" and at.select_slider(key="index-size").value == 64
+    at.text_input(key="index-folder").set_value("data/nothing-here").run()
+    next(b for b in at.button if b.label == "Build or update").click().run()
+    assert "there is no folder 'data/nothing-here'" in at.error[0].value
+    assert not at.success  # the earlier result is not shown under a new attempt's error
+
+
+def test_browse_pages_through_a_class_and_finds_similar(indexed: Path):
+    at = open_app("app_pages/browse.py")
+    assert at.get("button_group")[0].proto.options[0].content == "all classes · 18"
+    captions = [c.value for c in at.caption if " · " in c.value and "/" in c.value]
+    assert len(captions) == 18 and any(c.startswith("squares · squares/") for c in captions)
+    at.session_state["browse-class"] = "triangles"
+    at.run()
+    captions = [c.value for c in at.caption if " · " in c.value and "/" in c.value]
+    assert len(captions) == 6 and all(c.startswith("triangles · ") for c in captions)
+    at.button(key="browse-triangles/triangles_002.png").click().run()
+    assert not at.exception
+
+
+def test_train_page_previews_the_classes_then_trains_and_links_to_search(workdir: Path):
+    make_class_images(workdir / "data" / "toys", {"red": 5, "blue": 5}, size=32)
+    at = open_app("app_pages/train.py")
+    at.radio(key="train-mode").set_value("full").run()
+    preview = at.dataframe[0].value
+    assert list(preview["class"]) == ["blue", "red"] and list(preview["train"]) == [4, 4]
+    assert "seeded 80/20 split" in preview.columns[-1]
+    at.radio(key="train-weights").set_value("none").run()
+    at.number_input(key="train-epochs").set_value(1)
+    at.select_slider(key="train-size").set_value(64)
+    next(b for b in at.button if b.label == "Start training").click().run()
+    run_until(at, lambda a: bool(a.success) or bool(a.error))
+    assert not at.error, at.error[0].value
+    assert "now serves it (version 1)" in at.success[0].value
+    assert at.get("page_link")[0].proto.label == "Search **toys**"
+    assert at.number_input(key="train-epochs").value == 1  # the form kept what the user chose
+
+
+def test_an_untrained_index_says_so_and_scores_are_put_in_context(indexed: Path):
+    at = open_app()
+    assert any("model is **untrained**" in w.value for w in at.warning)
+    assert any("nearest neighbour scores" in c.value and "random pair" in c.value for c in at.caption)
+    assert at.get("camera_input")  # a photo can be the query too
+
+
+def test_the_models_tab_exports_onnx_and_the_bundle(indexed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    shutil.copytree(indexed / "indexes", tmp_path / "home")
+    monkeypatch.setenv("SIMIMG_HOME", str(tmp_path / "home"))
+    at = open_app("app_pages/inspect.py")
+    for what in ("ONNX", "safetensors bundle"):
+        next(b for b in at.button if b.label == f"Prepare {what}").click().run()
+        assert not at.exception and not at.error
+    downloads = at.get("download_button")
+    assert len(downloads) == 2

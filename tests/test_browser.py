@@ -129,3 +129,51 @@ def test_search_keeps_working_and_new_tabs_load_while_a_model_trains(server, bro
     search(searcher, data / "circles" / "circles_001.png")
     searcher.get_by_text("Predicted class").wait_for(timeout=30_000)  # the new model took over, no reload
     assert trainer.locator("[data-testid=stException]").count() == 0
+
+
+def test_a_900_px_window_keeps_the_grid_readable(server, browser, tmp_path: Path):
+    """Cards reflow to fewer columns: "Find similar" stays on one line and scores are shown whole."""
+    url, data = server
+    page = browser.new_page(viewport={"width": 900, "height": 1000})
+    page.goto(url, wait_until="domcontentloaded")
+    search(page, data / "circles" / "circles_002.png")
+    buttons = page.get_by_role("button", name="Find similar")
+    heights = [buttons.nth(i).bounding_box()["height"] for i in range(buttons.count())]
+    assert max(heights) < 60, heights  # one line of text, not a letter per line
+    clipped = page.evaluate("""() => [...document.querySelectorAll('[data-testid=stMarkdownContainer] span')]
+        .filter(s => s.textContent.startsWith('score') && s.scrollWidth > s.clientWidth + 1).length""")
+    assert clipped == 0
+    assert page.get_by_text("score 1.000").count() >= 1
+    page.screenshot(path=str(tmp_path / "narrow.png"), full_page=True)
+
+
+def test_the_offline_weights_form_browsing_a_class_and_exporting(server, browser, tmp_path: Path):
+    url, data = server
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{url}/build", wait_until="domcontentloaded")
+    page.get_by_text("Model for a new index").click()
+    page.get_by_text("not on this machine").wait_for(timeout=60_000)
+    assert page.get_by_role("radio", name="Scratch (random init)").is_checked()
+
+    page.goto(f"{url}/browse", wait_until="domcontentloaded")
+    page.get_by_text("triangles · 6", exact=True).click()
+    page.get_by_text("Images 1–6 of 6").wait_for(timeout=60_000)
+    assert page.get_by_text("triangles · triangles/").count() >= 6
+    assert page.get_by_text("circles · circles/").count() == 0 == page.get_by_text("squares · squares/").count()
+    page.get_by_role("button", name="Find similar").first.click()
+    page.get_by_text("from the collection (Find similar)").wait_for(timeout=60_000)
+
+    page.goto(f"{url}/inspect", wait_until="domcontentloaded")
+    page.get_by_role("tab", name="Models").click()
+    page.get_by_role("button", name="Prepare ONNX").click()
+    download_button = page.get_by_role("button", name="Download ONNX")
+    download_button.wait_for(timeout=90_000)
+    with page.expect_download() as info:
+        download_button.click()
+    saved = tmp_path / "model.onnx"
+    info.value.save_as(saved)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(saved), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["embedding"]
+    assert page.locator("[data-testid=stException]").count() == 0

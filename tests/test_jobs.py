@@ -1,65 +1,51 @@
-"""jobs.py: background jobs keyed per index; a second writer on the same index is refused by name."""
+"""jobs.py: app jobs run in child processes keyed per index; a second writer on the same index is refused by name."""
 
 from __future__ import annotations
 
-import threading
+import os
 import time
+from pathlib import Path
 
 import pytest
 
 from simimg.errors import SimimgError
-from simimg.jobs import JobBoard
+from simimg.jobs import JobBoard, Task
 
 
-def wait_for(job, timeout: float = 10.0) -> None:
+def finished(job, timeout: float = 60.0):
     deadline = time.time() + timeout
     while job.running and time.time() < deadline:
-        time.sleep(0.01)
+        time.sleep(0.05)
     assert not job.running
+    return job
 
 
-def test_a_job_reports_its_result_progress_and_owner():
-    board = JobBoard()
-
-    def work(job):
-        job.on_phase("training")
-        job.progress(3, 4)
-        return 42
-
-    job = board.start("pets", "train", "Training of 'pets'", work, owner="tab-1")
-    wait_for(job)
-    assert (job.result, job.error, job.owner, job.phase, job.fraction()) == (42, None, "tab-1", "training", 0.75)
-    assert board.get("pets", "train") is job and board.running("pets") == []
+def test_a_job_runs_in_its_own_process_and_reports_progress_and_result():
+    job = finished(JobBoard().start("pets", "build", "Indexing pets", Task("job_tasks:count", {"n": 3}), owner="tab"))
+    assert job.error is None and job.result != os.getpid() and isinstance(job.result, int)
+    assert (job.done, job.total, job.fraction(), job.owner) == (3, 3, 1.0, "tab")
 
 
-def test_a_second_writer_on_the_same_index_is_refused_naming_the_first():
-    board, release = JobBoard(), threading.Event()
-    first = board.start("pets", "train", "Training of 'pets'", lambda job: release.wait(10), owner="tab-1")
+def test_a_second_writer_on_the_same_index_is_refused_naming_the_first(tmp_path: Path):
+    board, release = JobBoard(), tmp_path / "release"
+    first = board.start("pets", "train", "Training of 'pets'", Task("job_tasks:wait_for", {"path": str(release)}))
     try:
         with pytest.raises(SimimgError, match="index 'pets' is busy: Training of 'pets' has been running"):
-            board.start("pets", "build", "Indexing pets", lambda job: None, owner="tab-2")
-        with pytest.raises(SimimgError, match="is busy"):
-            board.start("pets", "train", "Training again", lambda job: None, owner="tab-1")
-        other = board.start("cars", "build", "Indexing cars", lambda job: None)  # another index is free
-        reader = board.start("pets", "evaluate", "Evaluation of 'pets'", lambda job: "ok")  # readers run beside
-        wait_for(other), wait_for(reader)
-        assert board.running("pets") == [first] and reader.result == "ok"
+            board.start("pets", "build", "Indexing pets", Task("job_tasks:count", {"n": 1}), owner="tab-2")
+        other = board.start("cars", "build", "Indexing cars", Task("job_tasks:count", {"n": 1}))  # another index
+        reader = board.start("pets", "evaluate", "Evaluation", Task("job_tasks:count", {"n": 1}))  # readers run beside
+        finished(other), finished(reader)
+        assert board.running("pets") == [first] and reader.error is None
     finally:
-        release.set()
-    wait_for(first)
-    assert board.start("pets", "build", "Indexing pets", lambda job: None) is not None
+        release.touch()
+    assert finished(first).result == "released"
+    assert board.start("pets", "build", "Indexing pets", Task("job_tasks:count", {"n": 1})) is not None
 
 
-def test_errors_become_the_jobs_message():
-    board = JobBoard()
-
-    def user_error(job):
-        raise SimimgError("no images found in x")
-
-    def bug(job):
-        raise ZeroDivisionError("division by zero")
-
-    a, b = board.start("a", "build", "A", user_error), board.start("b", "build", "B", bug)
-    wait_for(a), wait_for(b)
-    assert a.error == "no images found in x"
-    assert b.error == "unexpected failure: ZeroDivisionError: division by zero"
+@pytest.mark.parametrize("function, message", [
+    ("user_error", "no images found in x"),
+    ("bug", "unexpected failure: ZeroDivisionError: division by zero"),
+    ("die", "the job's process ended without an answer (exit code 3)")])
+def test_errors_and_a_dead_child_become_the_jobs_message(function: str, message: str):
+    job = finished(JobBoard().start("a", "build", "A", Task(f"job_tasks:{function}", callbacks="")))
+    assert job.error == message and job.result is None

@@ -40,3 +40,15 @@ def test_folders_under_a_root_resolve(layout: Path):
 def test_anything_else_is_refused_with_what_to_do(layout: Path, typed: str):
     with pytest.raises(SimimgError, match="data roots|choose a folder"):
         resolve_data_dir(typed, data_roots(""))
+
+
+@pytest.mark.parametrize("typed", ["data/missing", "missing", "pets/cats/nope"])
+def test_a_missing_folder_under_a_root_is_told_apart_from_one_outside(layout: Path, typed: str):
+    with pytest.raises(SimimgError, match=f"there is no folder '{typed}' under the allowed data roots"):
+        resolve_data_dir(typed, data_roots(""))
+
+
+@pytest.mark.parametrize("typed", ["/etc", "data/escape", "data/../secret"])
+def test_a_folder_outside_the_roots_says_so(layout: Path, typed: str):
+    with pytest.raises(SimimgError, match="is outside the allowed data roots"):
+        resolve_data_dir(typed, data_roots(""))

@@ -1,0 +1,92 @@
+"""Form widgets the Build and Train pages share: the folder box, the starting weights, the classes preview.
+
+Widget values persist for the browser session (`persist_state="session"`), so a form keeps what the user chose
+while a job runs and after it ends. The same words name the same choices on every page.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from simimg.data import split_dataset
+from simimg.errors import SimimgError
+from simimg.layout import IndexFolder, list_indexes, resolve_home
+from simimg.model import DEFAULT_ARCH, imagenet_cached, weights_file
+from simimg.model_store import list_models
+from simimg.roots import data_roots, list_collections, resolve_data_dir
+
+WEIGHTS = {"imagenet": "ImageNet weights", "none": "Scratch (random init)", "model": "An earlier simimg model"}
+
+
+def folder_input(key: str) -> str:
+    """A folder box prefilled with the first collection under the data roots; checked by `resolve_folder`."""
+    roots = data_roots()
+    choices = [str(p) for p in list_collections(roots)]
+    typed = st.text_input("Image folder", value=choices[0] if choices else "", key=f"{key}-folder",
+                          placeholder="data/my-photos", persist_state="session",
+                          help="A folder of class folders (<folder>/<class>/<image>) under "
+                               + ", ".join(f"`{r}`" for r in roots) + ". Add more roots with $SIMIMG_DATA_ROOTS.")
+    if choices:
+        st.caption("Collections found: " + " · ".join(f"`{Path(c).name}`" for c in choices))
+    return typed
+
+
+def resolve_folder(typed: str) -> Path:
+    """The real folder, only if it lies under an allowed data root (SimimgError saying which problem otherwise)."""
+    return resolve_data_dir(typed, data_roots())
+
+
+def weights_input(key: str, arch: str | None) -> str:
+    """Where a new model starts: ImageNet (preselected only when its file is on this machine), random init, or a
+    model an index keeps. Returns a `--weights` value."""
+    arch = arch or DEFAULT_ARCH
+    cached = imagenet_cached(arch)
+    choice = st.radio("Start from", list(WEIGHTS), format_func=WEIGHTS.get, index=0 if cached else 1,
+                      horizontal=True, key=f"{key}-weights", persist_state="session",
+                      help="ImageNet: pretrained features (the best start). Scratch: random weights, for a quick "
+                           "try. An earlier simimg model: transfer from a model one of your indexes keeps.")
+    if not cached:
+        target = weights_file(arch)
+        st.caption(f"ImageNet weights for {arch} are not on this machine: they are downloaded on first use when it "
+                   f"is online; offline, put `{target.name}` in `{target.parent}`.")
+    if choice != "model":
+        return choice
+    models = kept_models()
+    if not models:
+        raise SimimgError("no index keeps a model yet: start from ImageNet weights or from scratch")
+    return st.selectbox("Earlier model", list(models), format_func=models.get, key=f"{key}-model",
+                        persist_state="session")
+
+
+def kept_models() -> dict[str, str]:
+    """{model folder: 'index · fingerprint · kind · accuracy'} for every model of every index, newest index first."""
+    found = {}
+    for folder in list_indexes(resolve_home()):
+        for m in list_models(IndexFolder(folder.root), serving=None):
+            accuracy = "" if m.val_accuracy is None else f" · val {m.val_accuracy:.0%}"
+            found[str(folder.model_dir(m.fingerprint))] = f"{folder.name} · {m.fingerprint[:8]} · {m.kind}{accuracy}"
+    return found
+
+
+def class_preview(folder: Path) -> None:
+    """The classes a training run would see in `folder`, with their train and validation counts."""
+    try:
+        counts = _class_counts(str(folder), folder.stat().st_mtime_ns)
+    except SimimgError as err:
+        st.warning(f"This folder cannot train a classifier yet: {err}", icon=":material/warning:")
+        return
+    st.dataframe(counts, hide_index=True, width="stretch")
+
+
+@st.cache_data(max_entries=32, show_spinner="Reading the class folders…")
+def _class_counts(folder: str, mtime_ns: int) -> pd.DataFrame:
+    split = split_dataset(folder)
+    rows = {c: {"class": c, "train": 0, "validation": 0} for c in split.classes}
+    for records, column in ((split.train, "train"), (split.val, "validation")):
+        for r in records:
+            rows[r.label][column] += 1
+    note = "train/ and val/ folders" if split.kind == "folders" else "a seeded 80/20 split"
+    return pd.DataFrame(list(rows.values())).rename(columns={"validation": f"validation ({note})"})

@@ -1,0 +1,34 @@
+"""Functions the job tests run in child processes (a real child needs importable functions, not lambdas)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from simimg.errors import SimimgError
+
+
+def count(n: int, progress: Callable[[int, int], None]) -> int:
+    for i in range(1, n + 1):
+        progress(i, n)
+    return os.getpid()
+
+
+def wait_for(path: str, progress: Callable[[int, int], None]) -> str:
+    while not Path(path).exists():
+        time.sleep(0.05)
+    return "released"
+
+
+def user_error() -> None:
+    raise SimimgError("no images found in x")
+
+
+def bug() -> None:
+    return 1 / 0
+
+
+def die() -> None:
+    os._exit(3)
