@@ -145,6 +145,13 @@ def test_a_900_px_window_keeps_the_grid_readable(server, browser, tmp_path: Path
     assert clipped == 0
     assert page.get_by_text("score 1.000").count() >= 1
     page.screenshot(path=str(tmp_path / "narrow.png"), full_page=True)
+    last = buttons.nth(buttons.count() - 1)
+    last.scroll_into_view_if_needed()
+    scrolled = "() => document.querySelector('[data-testid=stMain]').scrollTop"
+    assert page.evaluate(scrolled) > 300
+    last.click()  # "Find similar" at the bottom of the grid brings the new query into view
+    page.get_by_text("from the collection (Find similar)").wait_for(timeout=60_000)
+    page.wait_for_function(f"({scrolled})() < 50", timeout=30_000)
 
 
 def test_the_offline_weights_form_browsing_a_class_and_exporting(server, browser, tmp_path: Path):
