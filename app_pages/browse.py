@@ -37,11 +37,7 @@ def gallery_ui(rows: list[tuple[str, str | None]], data_root: Path) -> None:
         for path, label in rows:
             with st.container(border=True):
                 full = ui.gallery_path(data_root, path)
-                thumb = ui.thumbnail(full)
-                if thumb is None:
-                    st.warning("image missing or unreadable")
-                else:
-                    st.image(thumb, width="stretch")
+                ui.card_image(full)
                 st.caption(f"{label or 'no class'} · {path}")
                 if st.button("Find similar", key=f"browse-{path}", icon=":material/search:", width="stretch"):
                     ui.search_from(full)

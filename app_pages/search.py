@@ -117,11 +117,7 @@ def grid_ui(neighbors: list[Neighbor], data_root: Path) -> None:
 
 
 def card_ui(rank: int, n: Neighbor, path: Path) -> None:
-    thumb = ui.thumbnail(path)
-    if thumb is None:
-        st.warning("image missing or unreadable")
-    else:
-        st.image(thumb, width="stretch")
+    ui.card_image(path)
     st.markdown(f"**#{rank}** :green-badge[score {n.score:.3f}] :blue-badge[{n.label or 'no label'}]")
     st.caption(n.path)
     st.button("Find similar", key=f"similar-{rank}-{n.path}", icon=":material/search:", width="stretch",

@@ -211,6 +211,15 @@ def _thumbnail(path: str, mtime_ns: int) -> bytes | None:
     return buffer.getvalue()
 
 
+def card_image(path: Path) -> None:
+    """A result or gallery card's picture, or a line saying it cannot be read."""
+    thumb = thumbnail(path)
+    if thumb is None:
+        st.warning("image missing or unreadable")
+    else:
+        st.image(thumb, width="stretch")
+
+
 def image_strip(items: list[tuple[Path, str]], columns: int = 6, header: str | None = None) -> None:
     """Thumbnails side by side with captions, wrapping every `columns`; unreadable files say so."""
     if header:
