@@ -113,9 +113,9 @@ class Catalog:
                 self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=NORMAL")
-                if not self._has_table("images"):  # a new catalog
-                    self.db.executescript(SCHEMA)
-                    self.set_meta(schema=SCHEMA_VERSION)
+                if not self._has_table("images"):  # a new catalog: tables and schema mark in one transaction
+                    self.db.executescript(f"BEGIN IMMEDIATE; {SCHEMA} INSERT OR REPLACE INTO meta VALUES "
+                                          f"('schema', '{SCHEMA_VERSION}'); COMMIT;")
             self._check_schema()
         except sqlite3.DatabaseError as err:
             raise SimimgError(f"index catalog {self.path} is unreadable ({err}); delete the index folder and "
