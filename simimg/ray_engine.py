@@ -283,7 +283,12 @@ class RunFolder:
 
     def read(self, shard: str, columns: list[str] | None = None) -> pa.Table:
         fs, path = _filesystem(self.uri)
-        return pq.read_table(f"{path}/shards/{shard}", columns=columns, filesystem=fs)
+        try:
+            return pq.read_table(f"{path}/shards/{shard}", columns=columns, filesystem=fs)
+        except FileNotFoundError:
+            raise SimimgError(f"shard {shard} was written where this process cannot read it ({self.uri}): on a "
+                              "cluster of several machines, pass --ray-shards a location every node reaches "
+                              "(s3://..., gs://..., or a shared folder)") from None
 
     def _put(self, name: str, write: Callable[[pa.NativeFile], object]) -> str:
         fs, path = _filesystem(self.uri)
