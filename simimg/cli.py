@@ -129,6 +129,15 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
                    help="commit embeddings every this many images, so an interrupted run resumes (default 512)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model first: minutes to start, faster per image on large folders")
+    group = p.add_argument_group("the ray engine (pip install 'simimg[ray]'; see docs/SCALING.md)")
+    group.add_argument("--engine", choices=("local", "ray"), default="local",
+                     help="where images are embedded: this process (default), or Ray Data on a cluster")
+    group.add_argument("--address", help="the Ray cluster: host:port, ray://host:port or auto (default: $RAY_ADDRESS, "
+                                       "else a local Ray instance)")
+    group.add_argument("--ray-actors", type=positive_int,
+                     help="embedding actors (default: one per GPU of the cluster, else one per 4 CPUs)")
+    group.add_argument("--ray-shards", metavar="URI", help="where the run's Parquet shards go: a folder every node "
+                                                         "reaches, or s3://..., gs://... (default HOME/NAME/runs)")
 
 
 def _run_index(args: argparse.Namespace) -> int:
@@ -137,7 +146,9 @@ def _run_index(args: argparse.Namespace) -> int:
     try:
         report = api.build_index(args.data_dir, name, args.home, progress=bar, arch=args.arch, weights=args.weights,
                                  image_size=args.image_size, device=args.device, batch_size=args.batch_size,
-                                 workers=args.workers, chunk_size=args.chunk_size, compile=args.compile)
+                                 workers=args.workers, chunk_size=args.chunk_size, compile=args.compile,
+                                 engine=args.engine, address=args.address, ray_actors=args.ray_actors,
+                                 ray_shards=args.ray_shards)
     finally:
         bar.close()
     emit(args, report.to_dict(), lambda: print_index_report(report))

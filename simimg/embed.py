@@ -37,12 +37,17 @@ class EmbedSettings:
 
 @dataclass(frozen=True)
 class EmbeddedBatch:
-    """One batch's results: positions into the input list, their vectors and content hashes, and failures."""
+    """One batch's results: positions into the input list, their vectors and content hashes, and failures.
+
+    `stats` holds each embedded file's (size, mtime_ns) when the reader recorded them before reading its bytes
+    (the ray engine); None leaves the indexer to look.
+    """
 
     positions: list[int]
     vectors: np.ndarray
     hashes: list[str]
     failures: list[tuple[int, str]]
+    stats: list[tuple[int, int]] | None = None
 
 
 class ImageTransform(Protocol):

@@ -16,16 +16,17 @@ import json
 import logging
 import os
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Protocol, Sequence
 
 import faiss
 import numpy as np
 
 from simimg.catalog import Catalog, NewImage, Published, Row, reading
 from simimg.device import loader_workers, resolve_device
-from simimg.embed import EmbedSettings, embed_files
+from simimg.embed import EmbeddedBatch, EmbedSettings, embed_files
 from simimg.errors import SimimgError
 from simimg.faiss_index import build_index, index_kind_for, load_index, save_index, update_index
 from simimg.fsutil import atomic_copy, atomic_write_bytes
@@ -40,6 +41,7 @@ from simimg.upgrade import needs_upgrade, upgrade
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
+Work = Sequence[Record | Row]  # what needs a vector: new files (Record) and catalog rows lacking one (Row)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,10 @@ class IndexJob:
     compile: bool = False
     model: str | None = None  # switch to this kept model (a fingerprint or a unique prefix of one)
     wait: bool = False  # wait for another writer instead of failing at once
+    engine: str = "local"  # where the embed step runs: "local" (this process) or "ray" (Ray Data, ray_engine.py)
+    address: str | None = None  # ray: the cluster (host:port, ray://host:port, auto); None starts a local instance
+    ray_actors: int | None = None  # ray: embedding actors; None: one per GPU, else one per 4 CPUs of the cluster
+    ray_shards: str | None = None  # ray: where the Parquet shards go (a folder or a URI); None: HOME/NAME/runs
 
 
 @dataclass(frozen=True)
@@ -91,26 +97,29 @@ class Plan:
 
 
 def run_index(job: IndexJob, progress: Progress | None = None) -> IndexReport:
-    """Bring the named index up to date with `job.data_dir`; the one entry point for every caller."""
+    """Bring the named index up to date with `job.data_dir`; the one entry point for every caller and engine."""
     started = time.perf_counter()
     folder = IndexFolder.of(job.home, job.name)
     scan = scan_folder(job.data_dir)
     if not scan.records:
         raise SimimgError(f"no images found in {scan.root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
                           "put images in class folders: <folder>/<class>/<image>")
-    device = resolve_device(job.device)
     if needs_upgrade(folder):
         upgrade(folder)
-    with writer_lock(folder.lock, f"index '{job.name}'", wait=job.wait):
+    with open_engine(job, folder) as engine, writer_lock(folder.lock, f"index '{job.name}'", wait=job.wait):
         model = _model_for(job, folder)  # before the catalog exists: a first run that cannot get a model leaves none
         catalog = Catalog(folder.catalog)
         try:
             pending = catalog.version + 1
             rebuilt = _prepare_pending(catalog, model, scan.root)
             plan = _plan(catalog.head(), scan.records, scan.root)
-            settings = EmbedSettings(device, job.batch_size, loader_workers(job.workers, device), job.compile)
-            embedded, failures = _apply(catalog, plan, pending, model, scan.root, settings, job.chunk_size, progress)
+            _record_plan(catalog, plan, pending)
+            run = f"v{pending:06d}-{model.bundle.embedding}"
+            work = _work(catalog, plan, pending, model)
+            batches = engine.embed(model, scan.root, run, work)
+            embedded, failures = _apply(catalog, pending, model, scan.root, work, batches, job.chunk_size, progress)
             version, total = _publish(catalog, folder, pending, model)
+            engine.finish(run)
             _tidy(catalog, folder)
         finally:
             catalog.close()
@@ -119,7 +128,57 @@ def run_index(job: IndexJob, progress: Progress | None = None) -> IndexReport:
     for s in skipped:
         log.info("skipped %s: %s", s.path, s.reason)
     return IndexReport(job.name, embedded, plan.deleted, total, skipped, round(time.perf_counter() - started, 3),
-                       str(device), version, rebuilt, model.bundle.fingerprint)
+                       engine.description, version, rebuilt, model.bundle.fingerprint)
+
+
+class Engine(Protocol):
+    """The one step that differs between engines: the work list in, embedded batches out (positions into it).
+
+    Planning, ingesting (chunked commits into the pending version) and publishing are this module's, whatever
+    the engine, so both give the same index. `run` names the pending version and embedding the work is for.
+    """
+
+    description: str
+
+    def embed(self, model: LoadedModel, root: Path, run: str, work: Work) -> Iterator[EmbeddedBatch]: ...
+
+    def finish(self, run: str) -> None:
+        """Called once `run` is published: forget whatever the engine kept to resume it."""
+
+
+@dataclass(frozen=True)
+class LocalEngine:
+    """This process: the decode loader feeding the model (embed.embed_files); nothing to resume but the catalog."""
+
+    settings: EmbedSettings
+
+    @property
+    def description(self) -> str:
+        return str(self.settings.device)
+
+    def embed(self, model: LoadedModel, root: Path, run: str, work: Work) -> Iterator[EmbeddedBatch]:
+        files = [root / item.path for item in work]
+        return embed_files(model.net, files, model.bundle.preprocess, self.settings) if files else iter(())
+
+    def finish(self, run: str) -> None:
+        """Nothing to forget: an interrupted local run resumes from the catalog alone."""
+
+
+def open_engine(job: IndexJob, folder: IndexFolder) -> AbstractContextManager[Engine]:
+    """The engine `job` asks for, ready to embed; Ray is imported, and joined, only for the ray engine."""
+    if job.engine == "ray":
+        from simimg.ray_engine import RayEngine
+
+        return RayEngine.connect(job, folder)
+    if job.engine != "local":
+        raise SimimgError(f"unknown engine {job.engine!r}: use local or ray")
+    ray_only = [flag for flag, value in (("--address", job.address), ("--ray-actors", job.ray_actors),
+                                         ("--ray-shards", job.ray_shards)) if value is not None]
+    if ray_only:
+        raise SimimgError(f"{', '.join(ray_only)} only apply with --engine ray")
+    device = resolve_device(job.device)
+    return nullcontext(LocalEngine(EmbedSettings(device, job.batch_size, loader_workers(job.workers, device),
+                                                 job.compile)))
 
 
 def _model_for(job: IndexJob, folder: IndexFolder) -> LoadedModel:
@@ -204,49 +263,64 @@ class _Chunk:
         return len(self.images) + len(self.row_ids)
 
 
-def _apply(catalog: Catalog, plan: Plan, pending: int, model: LoadedModel, root: Path, settings: EmbedSettings,
-           chunk_size: int, progress: Progress | None) -> tuple[int, list[Skipped]]:
-    """Record removals; embed new files and the rows lacking this embedding, committing chunk by chunk.
-
-    Returns how many images got a vector, and the files passed over with the reason.
-    """
+def _record_plan(catalog: Catalog, plan: Plan, pending: int) -> None:
+    """Deleted and replaced rows leave the pending version; a new mtime over the same bytes keeps its row."""
     with catalog.transaction():
         catalog.remove(plan.to_remove, pending)
         for row_id, size, mtime_ns in plan.to_touch:
             catalog.touch(row_id, size, mtime_ns)
-    work: list[Record | Row] = [*plan.to_embed, *catalog.missing_vectors(pending, model.bundle.embedding)]
-    files = [root / item.path for item in work]
-    failures: list[Skipped] = []
+
+
+def _work(catalog: Catalog, plan: Plan, pending: int, model: LoadedModel) -> Work:
+    """What needs a vector: new and changed files, then rows visible at `pending` lacking the target embedding."""
+    return [*plan.to_embed, *catalog.missing_vectors(pending, model.bundle.embedding)]
+
+
+def _apply(catalog: Catalog, pending: int, model: LoadedModel, root: Path, work: Work,
+           batches: Iterator[EmbeddedBatch], chunk_size: int,
+           progress: Progress | None) -> tuple[int, list[Skipped]]:
+    """Ingest an engine's results for `work`, committing chunk by chunk; rows that became unreadable leave.
+
+    Returns how many images got a vector, and the files passed over with the reason, in work order.
+    """
+    failures: list[tuple[int, Skipped]] = []
     chunk = _Chunk([], [], [], [])
     done = 0
     if progress:
-        progress(0, len(files))
-    for batch in embed_files(model.net, files, model.bundle.preprocess, settings) if files else ():
-        for pos, vector, sha in zip(batch.positions, batch.vectors, batch.hashes):
-            failure = _collect(chunk, work[pos], files[pos], vector, sha)
-            failures += [failure] if failure else []
-        failures += [Skipped(work[pos].path, reason) for pos, reason in batch.failures]
+        progress(0, len(work))
+    for batch in batches:
+        stats = batch.stats or [None] * len(batch.positions)
+        for pos, vector, sha, stat in zip(batch.positions, batch.vectors, batch.hashes, stats):
+            failure = _collect(chunk, work[pos], root / work[pos].path, vector, sha, stat)
+            failures += [(pos, failure)] if failure else []
+        failures += [(pos, Skipped(work[pos].path, reason)) for pos, reason in batch.failures]
         lost = [work[pos].id for pos, _ in batch.failures if isinstance(work[pos], Row)]
         if len(chunk) >= chunk_size or lost:
             _commit(catalog, chunk, lost, pending, model.bundle.embedding)
         done += len(batch.positions) + len(batch.failures)
         if progress:
-            progress(done, len(files))
+            progress(done, len(work))
     _commit(catalog, chunk, [], pending, model.bundle.embedding)
-    return len(work) - len(failures), failures
+    return len(work) - len(failures), [skipped for _, skipped in sorted(failures, key=lambda f: f[0])]
 
 
-def _collect(chunk: _Chunk, item: Record | Row, file: Path, vector: np.ndarray, sha: str) -> Skipped | None:
-    """Add one embedded file to the chunk: a new row for a new file, a vector for a row that lacked one."""
+def _collect(chunk: _Chunk, item: Record | Row, file: Path, vector: np.ndarray, sha: str,
+             stat: tuple[int, int] | None) -> Skipped | None:
+    """Add one embedded file to the chunk: a new row for a new file, a vector for a row that lacked one.
+
+    `stat` is the (size, mtime_ns) the reader saw before reading the bytes; None: look now.
+    """
     if isinstance(item, Row):
         chunk.row_ids.append(item.id)
         chunk.row_vectors.append(vector)
         return None
-    try:
-        st = os.stat(file)
-    except OSError:
-        return Skipped(item.path, "the file disappeared while it was being indexed")
-    chunk.images.append(NewImage(item.path, item.label, st.st_size, st.st_mtime_ns, sha))
+    if stat is None:
+        try:
+            st = os.stat(file)
+        except OSError:
+            return Skipped(item.path, "the file disappeared while it was being indexed")
+        stat = (st.st_size, st.st_mtime_ns)
+    chunk.images.append(NewImage(item.path, item.label, *stat, sha))
     chunk.image_vectors.append(vector)
     return None
 
@@ -355,7 +429,8 @@ def serve_model(home: str | Path | None, name: str, model: str, data_dir: str | 
                           f"run `simimg index DATA_DIR --name {name}` once")
     base = recorded or IndexJob(data_dir=str(data_dir), name=name, home=str(folder.root.parent))
     job = replace(base, name=name, home=str(folder.root.parent), arch=None, weights=None, image_size=None,
-                  device=device, workers=workers, model=model, wait=True)
+                  device=device, workers=workers, model=model, wait=True, engine="local", address=None,
+                  ray_actors=None, ray_shards=None)
     return run_index(job, progress)
 
 

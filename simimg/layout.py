@@ -71,6 +71,11 @@ class IndexFolder:
         return self.root / "train_checkpoint.pt"
 
     @property
+    def runs(self) -> Path:
+        """Where `simimg index --engine ray` keeps a run's manifest and Parquet shards until it is published."""
+        return self.root / "runs"
+
+    @property
     def index_job(self) -> Path:
         return self.root / "index_job.json"
 

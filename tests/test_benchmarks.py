@@ -26,6 +26,8 @@ CASES = {
                   {"N", "dim", "ivf_ms_per_query", "ivf_recall_at_k", "flat_ms_per_query", "rows"}),
     "query_latency.py": (["--images", "4", "--queries", "2", *TINY_MODEL],
                          {"device", "query_p50_ms", "query_p95_ms", "forward_p50_ms", "ratio_query_over_forward_p50"}),
+    "index_engines.py": (["--images", "8", "--batch-size", "4", "--repeats", "1", "--image-size", "32"],
+                         {"images", "local_s", "ray_s", "ratio_ray_over_local", "min_cosine", "same_result"}),
     "train_throughput.py": (["--images", "16", "--batch-size", "4", "--epochs", "1", "--workers", "0", *TINY_MODEL],
                             {"device", "train_img_s", "raw_step_img_s", "ratio_raw"}),
 }

@@ -29,7 +29,7 @@ from simimg.errors import SimimgError
 from simimg.faiss_index import flat_contents
 from simimg.indexing import IndexJob, run_index
 from simimg.layout import IndexFolder
-from simimg.model import BUNDLE_JSON, BUNDLE_WEIGHTS, build_model, describe
+from simimg.model import BUNDLE_JSON, BUNDLE_WEIGHTS, ModelBundle, build_model, describe
 from simimg.model_store import publish_model, read_model
 from simimg.search import SearchService
 
@@ -147,6 +147,17 @@ def copy_index(src: Path, home: Path, name: str) -> None:
 
 
 # --- shared data: the folder, its edited copy, a second model, and their uninterrupted indexes -----------------
+def second_model() -> tuple[torch.nn.Module, ModelBundle]:
+    """A model of another embedding for 32 px indexes, as a fine-tune leaves one: the random-init trunk, nudged."""
+    net, bundle = build_model(None, "none", 32)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for p in net.trunk.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return net, describe(net, bundle.arch, (), bundle.preprocess, "random-init:seed=1+noise", "fine-tuned",
+                         weights="none")
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = tmp_path_factory.mktemp("reliability")
@@ -160,12 +171,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for i in range(3):
         synthetic_image(0, rng, 40).save(edited / "circles" / f"circles_new_{i}.png")
     synthetic_image(1, rng, 40).save(edited / "squares" / "squares_003.png")  # same name, new content
-    net, bundle = build_model(None, "none", 32)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(1)
-        for p in net.trunk.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    model2 = describe(net, bundle.arch, (), bundle.preprocess, "random-init:seed=1+noise", "fine-tuned", weights="none")
+    net, model2 = second_model()
     home = base / "refs"
     first = reference_index(data, home, "first")
     second = reference_index(edited, home, "edited")
