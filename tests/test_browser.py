@@ -105,7 +105,7 @@ def test_search_keeps_working_and_new_tabs_load_while_a_model_trains(server, bro
     trainer.goto(f"{url}/train", wait_until="domcontentloaded")
     trainer.get_by_text("Full: fine-tune the whole network").click()
     trainer.get_by_role("textbox", name="Model / index name").fill("shapes")
-    trainer.get_by_text("scratch (random)").click()
+    trainer.get_by_role("radio", name="Scratch (random init)").check()
     trainer.get_by_role("spinbutton", name="Epochs").fill("3")
     trainer.get_by_role("slider").focus()
     trainer.keyboard.press("Home")  # the smallest image size: 64 px
@@ -165,8 +165,12 @@ def test_the_offline_weights_form_browsing_a_class_and_exporting(server, browser
     page.goto(f"{url}/browse", wait_until="domcontentloaded")
     page.get_by_text("triangles · 6", exact=True).click()
     page.get_by_text("Images 1–6 of 6").wait_for(timeout=60_000)
+    # the previous page's cards stay on screen until the rerun replaces them
+    from playwright.sync_api import expect
+
+    expect(page.get_by_text("circles · circles/")).to_have_count(0, timeout=30_000)
+    expect(page.get_by_text("squares · squares/")).to_have_count(0, timeout=30_000)
     assert page.get_by_text("triangles · triangles/").count() >= 6
-    assert page.get_by_text("circles · circles/").count() == 0 == page.get_by_text("squares · squares/").count()
     page.get_by_role("button", name="Find similar").first.click()
     page.get_by_text("from the collection (Find similar)").wait_for(timeout=60_000)
 
