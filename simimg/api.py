@@ -95,7 +95,7 @@ def serve(home: str | Path | None = None, host: str = "127.0.0.1", port: int = 8
 
     `token` (default `$SIMIMG_API_TOKEN`) makes every request but /healthz need `Authorization: Bearer <token>`;
     without one only a loopback `host` is allowed. `options` are `ServeConfig` fields (device, max_batch,
-    max_wait_ms, max_queue, timeout_s, max_mb, max_pixels, max_files, access_log).
+    max_wait_ms, max_queue, timeout_s, max_mb, max_pixels, max_files, threads, access_log).
     """
     from simimg.server import TOKEN_ENV, ServeConfig, run_server  # FastAPI and uvicorn load only for a server
     config = _config(ServeConfig, home=str(resolve_home(home)), host=host, port=port, workers=workers, **options)

@@ -402,11 +402,14 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds a request may wait for its answer; 504 after (default 30)")
     p.add_argument("--max-mb", type=float, default=20.0, help="largest upload in MB (default 20)")
     p.add_argument("--max-files", type=positive_int, default=16, help="images per request at most (default 16)")
+    p.add_argument("--threads", type=positive_int,
+                   help="torch threads for the forward passes (default: torch's, one per core); 1 does better when "
+                        "other processes keep the cores busy")
 
 
 def _run_serve(args: argparse.Namespace) -> int:
     options = {key: getattr(args, key) for key in ("device", "max_batch", "max_wait_ms", "max_queue", "timeout_s",
-                                                   "max_mb", "max_files")}
+                                                   "max_mb", "max_files", "threads")}
     api.serve(args.home, args.host, args.port, args.workers, access_log=args.verbose, **options)
     return 0
 

@@ -62,11 +62,12 @@ class ServeConfig:
     max_mb: float = DEFAULT_MAX_MB
     max_pixels: int = MAX_UPLOAD_PIXELS
     max_files: int = 16
+    threads: int | None = None
     access_log: bool = False
 
     def __post_init__(self) -> None:
-        if min(self.workers, self.max_batch, self.max_queue, self.max_files) < 1:
-            raise SimimgError("--workers, --max-batch, --max-queue and --max-files must be at least 1")
+        if min(self.workers, self.max_batch, self.max_queue, self.max_files, self.threads or 1) < 1:
+            raise SimimgError("--workers, --max-batch, --max-queue, --max-files and --threads must be at least 1")
         if self.max_files > self.max_queue:
             raise SimimgError(f"--max-files {self.max_files} is more than --max-queue {self.max_queue}: such a "
                               "request could never be queued")
@@ -80,13 +81,14 @@ class ServeConfig:
 
 def check_exposure(host: str, token: str | None) -> None:
     """Without a token only this machine may connect: a non-loopback address is refused with what to do."""
-    if token or _is_loopback(host):
+    if token or is_loopback(host):
         return
     raise SimimgError(f"--host {host} would let other machines query your indexes without a password: set "
                       f"{TOKEN_ENV} to a secret (clients then send `Authorization: Bearer <it>`), or bind 127.0.0.1")
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """localhost or a loopback address (127.0.0.0/8, ::1): reachable from this machine only."""
     if host == "localhost":
         return True
     try:
@@ -100,6 +102,8 @@ def run_server(config: ServeConfig, token: str | None) -> None:
     check_exposure(config.host, token)
     import uvicorn
 
+    use_threads(config)
+
     options = {"host": config.host, "port": config.port, "access_log": config.access_log}
     if config.workers == 1:
         uvicorn.run(create_app(config, token), **options)
@@ -112,7 +116,17 @@ def run_server(config: ServeConfig, token: str | None) -> None:
 
 def app_from_env() -> FastAPI:
     """The app of one `--workers N` worker process: its config from the parent, its token from the environment."""
-    return create_app(ServeConfig(**json.loads(os.environ[CONFIG_ENV])), os.environ.get(TOKEN_ENV) or None)
+    config = ServeConfig(**json.loads(os.environ[CONFIG_ENV]))
+    use_threads(config)
+    return create_app(config, os.environ.get(TOKEN_ENV) or None)
+
+
+def use_threads(config: ServeConfig) -> None:
+    """The server process's torch threads (process-wide, so only a server's entry point calls this)."""
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
 
 
 class Indexes:

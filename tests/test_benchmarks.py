@@ -26,6 +26,9 @@ CASES = {
                   {"N", "dim", "ivf_ms_per_query", "ivf_recall_at_k", "flat_ms_per_query", "rows"}),
     "query_latency.py": (["--images", "4", "--queries", "2", *TINY_MODEL],
                          {"device", "query_p50_ms", "query_p95_ms", "forward_p50_ms", "ratio_query_over_forward_p50"}),
+    "serve_load.py": (["--gallery", "8", "--image-size", "32", "--requests", "8", "--concurrency", "2",
+                       "--repeats", "1", "--threads", "1"],
+                      {"requests", "concurrency", "errors", "p50_ms", "p99_ms", "rps", "rps_unbatched", "ratio"}),
     "train_throughput.py": (["--images", "16", "--batch-size", "4", "--epochs", "1", "--workers", "0", *TINY_MODEL],
                             {"device", "train_img_s", "raw_step_img_s", "ratio_raw"}),
 }
@@ -41,3 +44,4 @@ def test_benchmark_ends_with_its_json_line(script):
     assert required <= set(result), required - set(result)
     assert all(result[key] > 0 for key in required if isinstance(result[key], float))
     assert result.get("index_after_embedded", 0) == 0
+    assert result.get("errors", 0) == 0

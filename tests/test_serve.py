@@ -22,9 +22,10 @@ import uvicorn
 from PIL import Image
 
 import simimg
-from conftest import ROOT, cli_json, make_class_images, run_cli
+from conftest import ROOT, make_class_images, run_cli
 from simimg.batching import answer
-from simimg.server import ServeConfig, create_app
+from simimg.errors import SimimgError
+from simimg.server import ServeConfig, check_exposure, create_app
 
 CLASSES = {"circles": 6, "squares": 6, "triangles": 6}
 TOKEN = "s3cret-token"
@@ -53,9 +54,9 @@ def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 
 def start_cli_server(home: Path, *flags: str, token: str | None = None) -> tuple[str, subprocess.Popen]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "SIMIMG_API_TOKEN"}
-    env.update({"SIMIMG_OFFLINE": "1", "OMP_NUM_THREADS": "1", **({"SIMIMG_API_TOKEN": token} if token else {})})
+    env.update({"SIMIMG_OFFLINE": "1", **({"SIMIMG_API_TOKEN": token} if token else {})})
     proc = subprocess.Popen([sys.executable, "-m", "simimg.cli", "serve", "--home", str(home), "--port", str(port),
-                             "--device", "cpu", *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             "--device", "cpu", "--threads", "1", *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, proc, headers={"Authorization": f"Bearer {token}"} if token else None)
@@ -97,6 +98,12 @@ def server(built):
         stop(proc)
 
 
+@pytest.fixture(scope="module")
+def local(built):
+    """The same index opened in this process, through the API the CLI calls (`simimg query/info --json`)."""
+    return simimg.open_index("shapes", built[1], "cpu")
+
+
 def query(url: str, name: str = "shapes", files: list | None = None, paths: list | None = None, **params):
     upload = None if files is None else [("file", (n, data)) for n, data in files]
     return httpx.post(f"{url}/v1/indexes/{name}/query", params=params, files=upload, json=paths, timeout=60)
@@ -113,20 +120,18 @@ def test_health_readiness_and_docs(server):
         "multipart/form-data", "application/json"}
 
 
-def test_indexes_and_info(built, server):
+def test_indexes_and_info(built, server, local):
     assert {"name": "shapes", "loaded": True} in httpx.get(f"{server}/v1/indexes").json()
     info = httpx.get(f"{server}/v1/indexes/shapes").json()
-    assert info == cli_json("info", "--name", "shapes", "--home", str(built[1]))
+    assert info == local.info()
     assert info["labels"] == CLASSES and info["data_root"] == str(built[0].resolve())
 
 
-def test_a_gallery_path_query_answers_as_the_cli_does(built, server):
-    data, home = built
+def test_a_gallery_path_query_answers_as_the_cli_does(built, server, local):
     found = query(server, paths=["squares/squares_002.png"], k=4, min_score=0.5).json()
-    cli = cli_json("query", str(data / "squares" / "squares_002.png"), "--name", "shapes", "--home", str(home),
-                   "-k", "4", "--min-score", "0.5")
+    expected = local.search([str(built[0] / "squares" / "squares_002.png")], k=4, min_score=0.5)
     assert [r["query"] for r in found] == ["squares/squares_002.png"]
-    assert [{**r, "query": None} for r in found] == [{**r, "query": None} for r in cli]
+    assert [{**r, "query": None} for r in found] == [{**r.to_dict(), "query": None} for r in expected]
     assert found[0]["neighbors"][0] == {"path": "squares/squares_002.png", "label": "squares", "score": 1.0}
 
 
@@ -148,15 +153,13 @@ def test_label_filter_and_large_k(server):
     assert query(server, paths=["circles/circles_000.png"], label="no-such-label").json()[0]["neighbors"] == []
 
 
-def test_embed_gives_unit_vectors_of_the_serving_model(built, server):
-    data, home = built
-    path = data / "triangles" / "triangles_000.png"
+def test_embed_gives_unit_vectors_of_the_serving_model(built, server, local):
+    path = built[0] / "triangles" / "triangles_000.png"
     got = httpx.post(f"{server}/v1/indexes/shapes/embed", files=[("file", ("t.png", path.read_bytes()))]).json()
     info = httpx.get(f"{server}/v1/indexes/shapes").json()
     assert [(e["query"], e["model"], e["embedding"]) for e in got] == [("t.png", info["model"], info["embedding"])]
     vector = np.array(got[0]["vector"], dtype=np.float32)
     assert vector.shape == (info["dim"],) and abs(np.linalg.norm(vector) - 1) < 1e-4
-    local = simimg.open_index("shapes", home, "cpu")
     np.testing.assert_allclose(vector, local.embed([local.load(path)])[0], atol=1e-5)
 
 
@@ -264,9 +267,24 @@ def test_without_a_token_only_loopback_may_be_bound(built):
     assert "--host 0.0.0.0 would let other machines" in proc.stderr and "SIMIMG_API_TOKEN" in proc.stderr
 
 
-def test_bad_settings_are_one_line_errors(built):
-    proc = run_cli("serve", "--home", str(built[1]), "--max-files", "10", "--max-queue", "4", check=False)
-    assert proc.returncode == 2 and "could never be queued" in proc.stderr
+@pytest.mark.parametrize("settings, error", [(dict(max_files=10, max_queue=4), "could never be queued"),
+                                             (dict(max_batch=0), "must be at least 1"),
+                                             (dict(timeout_s=0), "--timeout")])
+def test_bad_settings_are_refused(settings, error):
+    with pytest.raises(SimimgError, match=error):
+        ServeConfig(home="h", **settings)
+
+
+@pytest.mark.parametrize("host, token, allowed", [("127.0.0.1", None, True), ("localhost", None, True),
+                                                  ("::1", None, True), ("127.0.0.2", None, True),
+                                                  ("0.0.0.0", None, False), ("192.168.1.5", None, False),
+                                                  ("example.com", None, False), ("0.0.0.0", TOKEN, True)])
+def test_only_loopback_is_bound_without_a_token(host, token, allowed):
+    if allowed:
+        check_exposure(host, token)
+    else:
+        with pytest.raises(SimimgError, match=f"--host {host} would let other machines"):
+            check_exposure(host, token)
 
 
 # --- a held model thread: full queue, timeout ------------------------------------------------------------
