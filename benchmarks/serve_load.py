@@ -29,7 +29,7 @@ import torch
 
 from _common import finish, hardware, make_jpegs, median, parser, percentile
 from simimg.scan import is_image_name
-from simimg.server import TOKEN_ENV, is_loopback
+from simimg.server import TOKEN_ENV, is_loopback, wait_until_ready
 
 NAME = "bench"
 SENT_IMAGES = 64
@@ -104,22 +104,23 @@ def _start_servers(stack: ExitStack, args) -> dict[str, str]:
     data = Path(args.data) if args.data else make_jpegs(tmp / "photos", args.gallery)
     simimg.build_index(data, args.name, tmp / "home", arch=args.arch, weights="none", image_size=args.image_size,
                        device=args.device)
-    urls = {kind: _serve(stack, tmp / "home", args, batch) for kind, batch in (("batched", args.max_batch),
-                                                                                ("unbatched", 1))}
-    for url in urls.values():
-        _wait_ready(url)
-    return urls
+    servers = {kind: _serve(stack, tmp / "home", args, batch) for kind, batch in (("batched", args.max_batch),
+                                                                                   ("unbatched", 1))}
+    for url, proc in servers.values():
+        wait_until_ready(url, os.environ.get(TOKEN_ENV), START_TIMEOUT_S, proc)
+    return {kind: url for kind, (url, _) in servers.items()}
 
 
-def _serve(stack: ExitStack, home: Path, args, max_batch: int) -> str:
+def _serve(stack: ExitStack, home: Path, args, max_batch: int) -> tuple[str, subprocess.Popen]:
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "simimg.cli", "serve", "--home", str(home), "--port", str(port),
                              "--device", args.device, "--max-batch", str(max_batch),
                              "--max-queue", str(max(64, 2 * args.concurrency)), "--timeout", str(args.timeout),
                              *(["--threads", str(args.threads)] if args.threads else [])],
                             env={**os.environ, "SIMIMG_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
-    stack.callback(_stop, proc)
-    return f"http://127.0.0.1:{port}"
+    stack.enter_context(proc)  # on the way out: SIGTERM (uvicorn shuts down), then wait for it
+    stack.callback(proc.terminate)
+    return f"http://127.0.0.1:{port}", proc
 
 
 def _free_port() -> int:
@@ -130,30 +131,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def _auth_headers() -> dict:
     return {"Authorization": f"Bearer {os.environ[TOKEN_ENV]}"} if os.environ.get(TOKEN_ENV) else {}
-
-
-def _wait_ready(url: str) -> None:
-    headers = _auth_headers()
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", headers=headers, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    sys.exit(f"serve_load: the server at {url} was not ready within {START_TIMEOUT_S} s")
 
 
 def _payloads(url: str, args, headers: dict) -> list[tuple[str, bytes]]:

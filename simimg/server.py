@@ -16,6 +16,7 @@ import ipaddress
 import json
 import logging
 import os
+import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -127,6 +128,27 @@ def use_threads(config: ServeConfig) -> None:
         import torch
 
         torch.set_num_threads(config.threads)
+
+
+def wait_until_ready(url: str, token: str | None = None, timeout_s: float = 120,
+                     process: subprocess.Popen | None = None) -> None:
+    """Poll `GET /readyz` until it answers 200: for scripts that start `simimg serve` and then use it.
+
+    Raises SimimgError when `process` (the server, if the caller started it) exits first or time runs out."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise SimimgError(f"the server for {url} exited with status {process.returncode} before it was ready")
+        try:
+            if httpx.get(f"{url}/readyz", headers=headers, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise SimimgError(f"the server at {url} was not ready within {timeout_s:g} s")
 
 
 class Indexes:

@@ -7,10 +7,14 @@ uvicorn.Server thread whose model thread the test holds, so a full queue and a l
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,8 +28,9 @@ from PIL import Image
 import simimg
 from conftest import ROOT, make_class_images, run_cli
 from simimg.batching import answer
+from simimg.cli import build_parser
 from simimg.errors import SimimgError
-from simimg.server import ServeConfig, check_exposure, create_app
+from simimg.server import ServeConfig, check_exposure, create_app, wait_until_ready
 
 CLASSES = {"circles": 6, "squares": 6, "triangles": 6}
 TOKEN = "s3cret-token"
@@ -37,29 +42,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, proc: subprocess.Popen | None = None, timeout: float = 120, headers: dict | None = None):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"simimg serve exited {proc.returncode}: {proc.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", headers=headers, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"{url} did not become ready in {timeout} s")
-
-
 def start_cli_server(home: Path, *flags: str, token: str | None = None) -> tuple[str, subprocess.Popen]:
-    port = free_port()
+    """The real `simimg serve` in a subprocess on a free port, its output in a file (a pipe nobody reads fills)."""
+    port, log = free_port(), tempfile.TemporaryFile("w+")
     env = {k: v for k, v in os.environ.items() if k != "SIMIMG_API_TOKEN"}
     env.update({"SIMIMG_OFFLINE": "1", **({"SIMIMG_API_TOKEN": token} if token else {})})
     proc = subprocess.Popen([sys.executable, "-m", "simimg.cli", "serve", "--home", str(home), "--port", str(port),
-                             "--device", "cpu", "--threads", "1", *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             "--device", "cpu", "--threads", "1", *flags], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    wait_ready(url, proc, headers={"Authorization": f"Bearer {token}"} if token else None)
+    try:
+        wait_until_ready(url, token, 180, proc)
+    except SimimgError as err:
+        stop(proc)
+        log.seek(0)
+        raise AssertionError(f"{err}:\n{log.read()[-3000:]}") from None
     return url, proc
 
 
@@ -312,7 +309,7 @@ def held_server(built):
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         servers.append((server, thread, model))
-        wait_ready(f"http://127.0.0.1:{port}")
+        wait_until_ready(f"http://127.0.0.1:{port}")
         return f"http://127.0.0.1:{port}", model
 
     yield start
@@ -390,3 +387,36 @@ def test_a_new_index_a_reindex_and_a_retrain_are_served_without_a_restart(built,
     assert trained["prediction"]["label"] in {"reds", "greens", "blues"}
     info = httpx.get(f"{server}/v1/indexes/live").json()
     assert info["model"] == report.model and info["classifier"] is True and info["version"] == 3
+
+
+# --- the README's curl example ---------------------------------------------------------------------------
+def readme_commands() -> list[str]:
+    section = (ROOT / "README.md").read_text().split("## The HTTP API", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [line.split("  #")[0].rstrip(" &") for line in block.splitlines() if line and not line.startswith("#")]
+
+
+def test_the_readme_curl_example_runs(built, server, token_server, tmp_path):
+    """Its `simimg serve` lines parse; its curl lines run against the two servers (8000: no token, 8001: token)."""
+    make_class_images(tmp_path / "data" / "pets", {"cats": 4, "dogs": 4}, size=48, ext="jpg")
+    for folder, prefix in (("cats", "cat"), ("dogs", "dog")):
+        for old in sorted((tmp_path / "data" / "pets" / folder).iterdir()):
+            old.rename(old.with_name(f"{prefix}_{old.stem.rsplit('_', 1)[1]}.jpg"))
+    simimg.build_index(tmp_path / "data" / "pets", home=built[1], weights="none", image_size=32, workers=0)
+    outputs = []
+    for line in readme_commands():
+        if line.startswith("simimg serve"):
+            assert build_parser().parse_args(shlex.split(line)[1:]).command == "serve"
+        elif line.startswith("curl"):
+            line = line.replace("localhost:8000", server.removeprefix("http://"))
+            line = line.replace("localhost:8001", token_server.removeprefix("http://"))
+            proc = subprocess.run(["bash", "-c", line], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                                  env={**os.environ, "SIMIMG_API_TOKEN": TOKEN})
+            assert proc.returncode == 0, (line, proc.stderr)
+            outputs.append(json.loads(proc.stdout))
+    indexes, info, two, labelled, embedded, with_token = outputs
+    assert {"name": "pets", "loaded": False} in indexes and info["total"] == 8
+    assert [r["neighbors"][0]["path"] for r in two] == ["cats/cat_000.jpg", "dogs/dog_001.jpg"]
+    assert {n["label"] for n in labelled[0]["neighbors"]} == {"cats"} and len(labelled[0]["neighbors"]) == 3
+    assert embedded[0]["model"] == info["model"] and len(embedded[0]["vector"]) == info["dim"]
+    assert with_token[0]["neighbors"][0]["path"] == "dogs/dog_001.jpg"
