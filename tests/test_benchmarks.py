@@ -37,8 +37,9 @@ CASES = {
 @pytest.mark.parametrize("script", sorted(CASES))
 def test_benchmark_ends_with_its_json_line(script):
     args, required = CASES[script]
+    env = {**os.environ, "SIMIMG_OFFLINE": "1", "PYTHONPATH": str(ROOT)}  # this checkout's simimg
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--json"], capture_output=True,
-                          text=True, timeout=600, cwd=ROOT, env={**os.environ, "SIMIMG_OFFLINE": "1"})
+                          text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert required <= set(result), required - set(result)
