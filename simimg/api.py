@@ -6,10 +6,12 @@ shells over these, so there is one code path for every job.
     simimg.train("data/pets", "pets", head_only=True)           # a classifier in seconds, served at once
     pets = simimg.open_index("pets")
     pets.search("query.jpg", k=5)                               # neighbours and the predicted class
+    simimg.serve(port=8000)                                     # the same, over HTTP (blocks)
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,8 @@ from simimg.model_store import ModelEntry, list_models as _list_models, load_mod
 from simimg.search import SearchService
 from simimg.training import Hooks, TrainConfig, TrainReport, run_training
 
-__all__ = ["build_index", "open_index", "train", "evaluate", "list_models", "use_model", "export_model", "Encoder",
-           "SearchService", "IndexReport", "TrainReport", "Hooks"]
+__all__ = ["build_index", "open_index", "train", "evaluate", "list_models", "use_model", "export_model",
+           "serve", "Encoder", "SearchService", "IndexReport", "TrainReport", "Hooks"]
 
 
 def build_index(data_dir: str | Path, name: str | None = None, home: str | Path | None = None,
@@ -104,6 +106,19 @@ def export_model(name: str, out: str | Path, format: str = "onnx", home: str | P
     if format == "bundle":
         return {"model": fingerprint, **export_bundle(folder.model_dir(fingerprint), out)}
     return {"model": fingerprint, **export_onnx(load_model(folder, fingerprint), out)}
+
+
+def serve(home: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
+          token: str | None = None, **options: Any) -> None:
+    """Serve HOME's indexes over HTTP until interrupted (`simimg serve`); see the README's "The HTTP API".
+
+    `token` (default `$SIMIMG_API_TOKEN`) makes every request but /healthz need `Authorization: Bearer <token>`;
+    without one only a loopback `host` is allowed. `options` are `ServeConfig` fields (device, max_batch,
+    max_wait_ms, max_queue, timeout_s, max_mb, max_pixels, max_files, threads, access_log).
+    """
+    from simimg.server import TOKEN_ENV, ServeConfig, run_server  # FastAPI and uvicorn load only for a server
+    config = _config(ServeConfig, home=str(resolve_home(home)), host=host, port=port, workers=workers, **options)
+    run_server(config, token or os.environ.get(TOKEN_ENV) or None)
 
 
 def folder_name(data_dir: str | Path) -> str:

@@ -410,6 +410,36 @@ def _run_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- serve ---------------------------------------------------------------------------------------------
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--home", help="where indexes live (default: $SIMIMG_HOME, else ./indexes)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1); any other than loopback needs $SIMIMG_API_TOKEN")
+    p.add_argument("--port", type=non_negative_int, default=8000)
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="server processes, each with its own warm models (default 1: one per machine suits a CPU)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-batch", type=positive_int, default=16, help="images per forward pass at most (default 16)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long the oldest waiting image waits for others to join its batch (default 5)")
+    p.add_argument("--max-queue", type=positive_int, default=64,
+                   help="images (and requests) waiting at most; beyond, 503 at once (default 64)")
+    p.add_argument("--timeout", dest="timeout_s", type=float, default=30.0,
+                   help="seconds a request may wait for its answer; 504 after (default 30)")
+    p.add_argument("--max-mb", type=float, default=20.0, help="largest upload in MB (default 20)")
+    p.add_argument("--max-files", type=positive_int, default=16, help="images per request at most (default 16)")
+    p.add_argument("--threads", type=positive_int,
+                   help="torch threads for the forward passes (default: torch's, one per core); 1 does better when "
+                        "other processes keep the cores busy")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    options = {key: getattr(args, key) for key in ("device", "max_batch", "max_wait_ms", "max_queue", "timeout_s",
+                                                   "max_mb", "max_files", "threads")}
+    api.serve(args.home, args.host, args.port, args.workers, access_log=args.verbose, **options)
+    return 0
+
+
 COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = [
     ("index", "build or update an index of a folder (only new or changed files are embedded)",
      _index_arguments, _run_index),
@@ -426,6 +456,8 @@ COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callab
      _export_arguments, _run_export),
     ("upgrade", "convert an index made by simimg 0.1 to this version's layout, keeping every vector",
      _upgrade_arguments, _run_upgrade),
+    ("serve", "serve the indexes over HTTP for programs (query, embed, info), with micro-batching",
+     _serve_arguments, _run_serve),
     ("model-info", "parameters, GFLOPs per image, embedding size (and peak training memory on CUDA) of a backbone",
      _model_info_arguments, _run_model_info),
 ]

@@ -11,3 +11,11 @@ class BadImageError(SimimgError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class ImageTooLargeError(BadImageError):
+    """Over a size or pixel cap (a decompression bomb included): a smaller copy of the image would do."""
+
+
+class NotAnImageError(BadImageError):
+    """Data no image decoder recognises (text, random bytes): the wrong kind of file, not a damaged image."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from simimg.errors import BadImageError
+from simimg.errors import BadImageError, ImageTooLargeError, NotAnImageError
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,9 @@ def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
             image.load()
             image = ImageOps.exif_transpose(image)
     except Image.DecompressionBombError as err:
-        raise BadImageError(f"decompression bomb refused: {err}") from None
+        raise ImageTooLargeError(f"decompression bomb refused: {err}") from None
     except UnidentifiedImageError:
-        raise BadImageError(_unrecognised_reason(data)) from None
+        raise NotAnImageError(_unrecognised_reason(data)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise BadImageError(f"truncated or corrupt image data: {err}") from None
     return to_rgb(image)

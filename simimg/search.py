@@ -24,7 +24,7 @@ from simimg.errors import BadImageError, SimimgError
 from simimg.faiss_index import VectorSearcher, load_index, make_searcher
 from simimg.images import load_image, to_rgb
 from simimg.layout import IndexFolder
-from simimg.model import LoadedModel
+from simimg.model import LoadedModel, ModelBundle
 from simimg.model_store import load_model
 
 log = logging.getLogger(__name__)
@@ -241,8 +241,13 @@ class SearchService:
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Unit-length embeddings (N x D float32) of decoded images, with the served version's model."""
+        return self.embed_batch(images)[0]
+
+    def embed_batch(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, ModelBundle]:
+        """Embeddings and the model that made them, read from one served version even while a new one arrives."""
         self.refresh(wait=False)
-        return self._embed(self._served, images)[0]
+        served = self._served
+        return self._embed(served, images)[0], served.model.bundle
 
     def _embed(self, served: ServedVersion, images: Sequence[Image.Image]) -> tuple[np.ndarray, torch.Tensor | None]:
         preprocess = served.model.bundle.preprocess

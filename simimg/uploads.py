@@ -11,7 +11,7 @@ import warnings
 
 from PIL import Image
 
-from simimg.errors import BadImageError
+from simimg.errors import BadImageError, ImageTooLargeError
 from simimg.images import decode_image
 
 UPLOAD_TYPES = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -24,17 +24,17 @@ def validate_upload(name: str, data: bytes, max_mb: float = DEFAULT_MAX_MB,
                     max_pixels: int = MAX_UPLOAD_PIXELS, draft_size: int | None = None) -> Image.Image:
     """The upload as an upright RGB image, or BadImageError saying why not; `draft_size` as in decode_image."""
     if len(data) > max_mb * 1024 * 1024:
-        raise BadImageError(f"{name} is {len(data) / 2**20:.1f} MB; the limit is {max_mb:g} MB. "
-                            "Upload a smaller copy of the image.")
+        raise ImageTooLargeError(f"{name} is {len(data) / 2**20:.1f} MB; the limit is {max_mb:g} MB. "
+                                 "Upload a smaller copy of the image.")
     width, height = _declared_size(data)
     if width * height > max_pixels:
-        raise BadImageError(f"{name} declares {width} x {height} pixels ({width * height / 1e6:.0f} megapixels), "
-                            f"over the {max_pixels / 1e6:.0f}-megapixel limit: this looks like a decompression "
-                            "bomb. Upload a resized copy.")
+        raise ImageTooLargeError(f"{name} declares {width} x {height} pixels ({width * height / 1e6:.0f} "
+                                 f"megapixels), over the {max_pixels / 1e6:.0f}-megapixel limit: this looks like a "
+                                 "decompression bomb. Upload a resized copy.")
     try:
         return decode_image(data, draft_size)
     except BadImageError as err:
-        raise BadImageError(f"{name}: {err.reason}") from None
+        raise type(err)(f"{name}: {err.reason}") from None  # keeps the kind: too large, not an image
 
 
 def _declared_size(data: bytes) -> tuple[int, int]:

@@ -28,6 +28,9 @@ CASES = {
                          {"device", "query_p50_ms", "query_p95_ms", "forward_p50_ms", "ratio_query_over_forward_p50"}),
     "index_engines.py": (["--images", "8", "--batch-size", "4", "--repeats", "1", "--image-size", "32"],
                          {"images", "local_s", "ray_s", "ratio_ray_over_local", "min_cosine", "same_result"}),
+    "serve_load.py": (["--gallery", "8", "--image-size", "32", "--requests", "8", "--concurrency", "2",
+                       "--repeats", "1", "--threads", "1"],
+                      {"requests", "concurrency", "errors", "p50_ms", "p99_ms", "rps", "rps_unbatched", "ratio"}),
     "train_throughput.py": (["--images", "16", "--batch-size", "4", "--epochs", "1", "--workers", "0", *TINY_MODEL],
                             {"device", "train_img_s", "raw_step_img_s", "ratio_raw"}),
 }
@@ -36,10 +39,12 @@ CASES = {
 @pytest.mark.parametrize("script", sorted(CASES))
 def test_benchmark_ends_with_its_json_line(script):
     args, required = CASES[script]
+    env = {**os.environ, "SIMIMG_OFFLINE": "1", "PYTHONPATH": str(ROOT)}  # this checkout's simimg
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--json"], capture_output=True,
-                          text=True, timeout=600, cwd=ROOT, env={**os.environ, "SIMIMG_OFFLINE": "1"})
+                          text=True, timeout=600, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert required <= set(result), required - set(result)
     assert all(result[key] > 0 for key in required if isinstance(result[key], float))
     assert result.get("index_after_embedded", 0) == 0
+    assert result.get("errors", 0) == 0
