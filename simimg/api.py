@@ -102,6 +102,7 @@ def explain(image: str | Path | Image.Image, name: str, home: str | Path | None 
         service.close()
     result = result.resized(full.size)
     if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         with atomic_target(out) as tmp:
             overlay(full, result.heatmap).save(tmp, "PNG")
     return result
