@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
-from simimg import ui
+from simimg import ui, ui_audit
 from simimg.search import Neighbor, Prediction, SearchService
 from simimg.uploads import UPLOAD_TYPES, validate_upload
 
@@ -66,6 +66,7 @@ def results_ui(service: SearchService, image: Image.Image, caption: str, k: int,
     left, right = st.columns([1, 2], gap="large")
     with left:
         st.image(image, caption=caption, width="stretch")
+        ui_audit.explain_ui(service, image, result)
     with right:
         prediction_ui(result.prediction)
     st.subheader(f"{len(result.neighbors)} most similar", anchor=False)
