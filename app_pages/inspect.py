@@ -8,7 +8,8 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from simimg import api, ui
+from simimg import api, ui, ui_audit
+from simimg.catalog import reading
 from simimg.explore import PROJECTIONS, confusion_cell, near_duplicates, project_2d, sample_positions
 from simimg.jobs import Task
 from simimg.layout import IndexFolder
@@ -24,8 +25,8 @@ def main() -> None:
         if service is None:
             return
         name = service.folder.name
-        evaluation, models, embedding_map, duplicates = st.tabs(["Evaluation", "Models", "Embedding map",
-                                                                 "Near-duplicates"])
+        evaluation, models, embedding_map, duplicates, audit = st.tabs(["Evaluation", "Models", "Embedding map",
+                                                                        "Near-duplicates", "Audit"])
         with evaluation:
             evaluation_ui(name, service.info()["classifier"])
         with models:
@@ -34,6 +35,8 @@ def main() -> None:
             map_ui(name, service.snapshot.version, service.data_root)
         with duplicates:
             duplicates_ui(name, service.snapshot.version, service.data_root)
+        with audit:
+            ui_audit.audit_tab(name, service.data_root)
 
 
 # --- evaluation ----------------------------------------------------------------------------------------

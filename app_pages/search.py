@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
-from simimg import ui
+from simimg import ui, ui_audit
 from simimg.search import Neighbor, Prediction, SearchService
 from simimg.uploads import UPLOAD_TYPES, validate_upload
 
@@ -76,6 +76,7 @@ def results_ui(service: SearchService, image: Image.Image, caption: str, from_ga
         st.image(image, caption=caption, width="stretch")
         if from_gallery:
             st.caption(f"Searching with **{caption}** from the collection (Find similar).")
+        ui_audit.explain_ui(service, image, result)
     with right:
         prediction_ui(result.prediction)
     if not result.neighbors:

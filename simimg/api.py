@@ -16,9 +16,15 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from simimg.auditing import AuditJob, AuditReport, run_audit
 from simimg.catalog import reading
 from simimg.embed import Encoder
 from simimg.errors import SimimgError
+from simimg.heatmaps import Explanation, overlay
+from simimg.fsutil import atomic_target
+from simimg.images import load_image
 from simimg.evaluation import run_evaluation
 from simimg.indexing import IndexJob, IndexReport, Progress, run_index, serve_model
 from simimg.layout import IndexFolder, resolve_home
@@ -26,8 +32,9 @@ from simimg.model_store import ModelEntry, list_models as _list_models, load_mod
 from simimg.search import SearchService
 from simimg.training import Hooks, TrainConfig, TrainReport, run_training
 
-__all__ = ["build_index", "open_index", "train", "evaluate", "list_models", "use_model", "export_model",
-           "serve", "Encoder", "SearchService", "IndexReport", "TrainReport", "Hooks"]
+__all__ = ["build_index", "open_index", "train", "evaluate", "audit", "explain", "list_models", "use_model",
+           "export_model", "serve", "Encoder", "SearchService", "IndexReport", "TrainReport", "AuditReport",
+           "Explanation", "Hooks"]
 
 
 def build_index(data_dir: str | Path, name: str | None = None, home: str | Path | None = None,
@@ -70,6 +77,39 @@ def evaluate(data_dir: str | Path | None, name: str, home: str | Path | None = N
     (or the kept `model`) on DATA_DIR/val, or on the validation images the model recorded when DATA_DIR is None."""
     return run_evaluation(name, str(resolve_home(home)), None if data_dir is None else str(data_dir),
                           model=model, progress=progress, **options)
+
+
+def audit(data_dir: str | Path, name: str | None = None, home: str | Path | None = None,
+          progress: Progress | None = None, **options: Any) -> AuditReport:
+    """Likely label errors, exact and near duplicates (cross-class, cross-split), outliers and class imbalance of
+    a labelled folder, judged with index NAME's serving model; kept as the index's audit.json.
+
+    `options` are `AuditJob` fields: device, batch_size, workers, val_split, seed, folds. Images the index does
+    not hold are embedded on the fly and not added.
+    """
+    job = _config(AuditJob, data_dir=str(data_dir), name=name or folder_name(data_dir), home=str(resolve_home(home)),
+                  **options)
+    return run_audit(job, progress)
+
+
+def explain(image: str | Path | Image.Image, name: str, home: str | Path | None = None,
+            neighbor: str | Path | Image.Image | None = None, label: str | None = None, out: str | Path | None = None,
+            method: str = "gradcam", device: str = "auto") -> Explanation:
+    """Where NAME's serving model looks in `image`: a class activation map of the predicted class (or `label`),
+    or, given a `neighbor`, of the two images' cosine similarity (no classifier needed). The map has the image's
+    own size; `out` also writes it over the image as a PNG of that size."""
+    service = open_index(name, home, device)
+    try:
+        result = service.explain(image, neighbor, label, method)
+        full = image if isinstance(image, Image.Image) else load_image(service.gallery_file(image))
+    finally:
+        service.close()
+    result = result.resized(full.size)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_target(out) as tmp:
+            overlay(full, result.heatmap).save(tmp, "PNG")
+    return result
 
 
 def list_models(name: str, home: str | Path | None = None) -> list[ModelEntry]:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from simimg import api
 from simimg.errors import SimimgError
+from simimg.heatmaps import METHODS
 from simimg.model import ARCHITECTURES
 
 if TYPE_CHECKING:
@@ -347,6 +348,75 @@ def _run_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- audit, explain -------------------------------------------------------------------------------------
+def _audit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data_dir", metavar="DATA_DIR", help="root/<class>/<image>, or root/{train,val}/<class>/<image>")
+    add_home(p, name_required=False)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--workers", type=non_negative_int)
+    p.add_argument("--val-split", type=float, default=0.2,
+                   help="without train/ and val/ folders, the seeded split `simimg train` would make (default 0.2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--folds", type=positive_int, default=5, help="cross-validation folds for the label check")
+    p.add_argument("--show", type=non_negative_int, default=20, help="findings of each kind to print (default 20)")
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    bar = ProgressBar(f"audit {args.name or api.folder_name(args.data_dir)}")
+    try:
+        report = api.audit(args.data_dir, args.name, args.home, progress=bar, device=args.device,
+                           batch_size=args.batch_size, workers=args.workers, val_split=args.val_split, seed=args.seed,
+                           folds=args.folds)
+    finally:
+        bar.close()
+    emit(args, report.to_dict(), lambda: print_audit_report(report, args.show))
+    return 0
+
+
+def print_audit_report(report: "api.AuditReport", show: int) -> None:
+    s = report.summary
+    balance = s["imbalance"]
+    print(f"{s['data_dir']}: {s['images']} images in {len(s['classes'])} classes ({s['split']} split), model "
+          f"{s['model']}; {s['embedded']} embedded here, {s['from_catalog']} from the index")
+    print(f"label issues {s['label_issues']} | exact duplicates {s['exact_duplicates']} | near duplicates "
+          f"{s['near_duplicates']} (cosine >= {s['near_threshold']:.6f}) | cross-class {s['cross_class']} | "
+          f"cross-split {s['cross_split']} | outliers {s['outliers']}")
+    print("classes: " + ", ".join(f"{c} {n}" for c, n in balance["counts"].items())
+          + (f" (imbalanced, {balance['ratio']:.2f}x)" if balance["imbalanced"] else ""))
+    for d in report.duplicates[:show]:
+        flags = " ".join(f for f, on in (("cross-class", d["cross_class"]), ("cross-split", d["cross_split"])) if on)
+        print(f"  {d['kind']:<5} {d['score']:.6f} {flags:<23} " + " = ".join(d["paths"]))
+    for i in report.label_issues[:show]:
+        print(f"  label {i['score']:.3f} {i['label']} -> {i['suggested']}: {i['path']}")
+    for o in report.outliers[:show]:
+        print(f"  outlier {o['score']:.3f}: {o['path']}")
+    for skipped in s["skipped"]:
+        print(f"skipped {skipped['path']}: {skipped['reason']}")
+
+
+def _explain_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", metavar="IMAGE")
+    add_home(p)
+    p.add_argument("--out", required=True, help="PNG to write: the map over the image, at the image's size")
+    p.add_argument("--neighbor", help="explain the similarity to this image (a gallery path as results show it, "
+                                      "or any file) instead of the predicted class")
+    p.add_argument("--label", help="explain this class instead of the predicted one")
+    p.add_argument("--method", choices=METHODS, default="gradcam", help="the grad-cam library's method (default gradcam)")
+    p.add_argument("--device", default="auto")
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+    result = api.explain(args.image, args.name, args.home, neighbor=args.neighbor, label=args.label, out=args.out,
+                         method=args.method, device=args.device)
+    payload = {"image": args.image, **result.to_dict(), "out": args.out}
+    what = f"class {result.target} ({result.score:.1%})" if result.kind == "class" else \
+        f"similarity to {result.target} (cosine {result.score:.4f})"
+    emit(args, payload, lambda: print(f"{args.out}: where the model looks for the {what}, {result.method} on "
+                                      f"{result.layer}, {result.size[0]}x{result.size[1]}"))
+    return 0
+
+
 # --- models, use ----------------------------------------------------------------------------------------
 def _models_arguments(p: argparse.ArgumentParser) -> None:
     add_home(p)
@@ -450,6 +520,10 @@ COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callab
      _train_arguments, _run_train),
     ("evaluate", "accuracy, per-class F1, confusion and retrieval quality of NAME's trained model",
      _evaluate_arguments, _run_evaluate),
+    ("audit", "find likely label errors, exact and near duplicates (cross-class, cross-split), outliers and "
+              "class imbalance in a labelled folder", _audit_arguments, _run_audit),
+    ("explain", "where the model looks: a heatmap of the predicted class, or of the similarity to a neighbour",
+     _explain_arguments, _run_explain),
     ("models", "every model NAME keeps, newest first; * marks the one serving", _models_arguments, _run_models),
     ("use", "serve a kept model (re-embeds only images it has no vectors for)", _use_arguments, _run_use),
     ("export", "write a kept model for use elsewhere: ONNX (checked with onnxruntime) or its safetensors bundle",

@@ -56,19 +56,27 @@ def near_duplicates(vectors: np.ndarray, threshold: float, limit: int = 500, nei
     Vectors must be unit length (as the catalog stores them), so inner product is cosine. Each row looks at its
     `neighbors` nearest only, so memory stays N x neighbors even when a low threshold matches nearly everything.
     """
+    return pairs_above(*nearest(vectors, neighbors), threshold)[:limit]
+
+
+def nearest(vectors: np.ndarray, neighbors: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, rows), N x (neighbors + 1): each row's nearest rows by inner product, itself usually first."""
     vectors = np.ascontiguousarray(vectors, np.float32)
     if len(vectors) < 2:
-        return []
+        return np.empty((len(vectors), 0), np.float32), np.empty((len(vectors), 0), np.int64)
     index = faiss.IndexFlatIP(vectors.shape[1])
     index.add(vectors)
-    scores, found = index.search(vectors, min(neighbors + 1, len(vectors)))
+    return index.search(vectors, min(neighbors + 1, len(vectors)))
+
+
+def pairs_above(scores: np.ndarray, found: np.ndarray, threshold: float) -> list[Pair]:
+    """The distinct pairs among `nearest`'s results that score >= threshold, most similar first."""
     best: dict[tuple[int, int], float] = {}
     for a, (row_scores, row_found) in enumerate(zip(scores.tolist(), found.tolist())):
         for score, b in zip(row_scores, row_found):
             if b >= 0 and b != a and score >= threshold:
                 best[(min(a, b), max(a, b))] = score
-    pairs = sorted((Pair(a, b, s) for (a, b), s in best.items()), key=lambda p: (-p.score, p.a, p.b))
-    return pairs[:limit]
+    return sorted((Pair(a, b, s) for (a, b), s in best.items()), key=lambda p: (-p.score, p.a, p.b))
 
 
 def confusion_cell(items: list[dict], true_label: str, predicted: str) -> list[dict]:

@@ -4,6 +4,9 @@ The trunk stays as it is, so every stored vector stays valid: the new model (kin
 model's embedding, and serving it publishes a version over the same vectors without embedding anything. The head
 is scikit-learn's logistic regression on the unit-length embeddings, class-weighted, its C chosen by
 cross-validation, then carried as a torch linear layer that reads the normalised embedding.
+
+`split_vectors` (a split's vectors: stored ones read from the catalog, the rest embedded on the fly) and
+`serving_model` serve the dataset audit too.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -49,7 +53,7 @@ class FittedHead:
 def fit_head(x: np.ndarray, y: np.ndarray, num_classes: int, seed: int = 0) -> FittedHead:
     """Class-weighted logistic regression, C picked by stratified cross-validation when every class allows it."""
     folds = min(MAX_FOLDS, int(np.bincount(y, minlength=num_classes).min()))
-    model = LogisticRegression(class_weight="balanced", max_iter=2000)
+    model = logistic_regression()
     if folds >= 2:
         search = GridSearchCV(model, {"C": C_GRID}, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
                               scoring="neg_log_loss", n_jobs=1)
@@ -62,14 +66,21 @@ def fit_head(x: np.ndarray, y: np.ndarray, num_classes: int, seed: int = 0) -> F
     return FittedHead(weight.astype(np.float32), bias.astype(np.float32), float(model.C))
 
 
+def logistic_regression(c: float = 1.0) -> LogisticRegression:
+    """The head's classifier (the audit's out-of-fold probabilities come from the same kind)."""
+    return LogisticRegression(C=c, class_weight="balanced", max_iter=2000)
+
+
 def train_head(config: TrainConfig, split: Split, folder: IndexFolder, device: torch.device,
                hooks: Hooks) -> TrainReport:
     """Fit a head on the serving model's stored embeddings of the split and keep it as a model version.
 
     `training.run_training` calls this under the training lock, and serves the result.
     """
-    base = _serving_model(folder)
-    vectors, skipped, counts = _embeddings_of(folder, base, split, config, device)
+    base = serving_model(folder)
+    settings = EmbedSettings(device, config.batch_size, loader_workers(config.workers, device))
+    found = split_vectors(folder, base, split, settings)
+    vectors = found.vectors
     hooks.on_phase("training")
     train_rows = [i for i in range(len(split.train)) if i in vectors]
     val_rows = [i + len(split.train) for i in range(len(split.val)) if i + len(split.train) in vectors]
@@ -80,17 +91,18 @@ def train_head(config: TrainConfig, split: Split, folder: IndexFolder, device: t
     probs = _softmax(x[len(train_rows):] @ head.weight.T + head.bias)
     metrics = classification_metrics(labels[val_rows], probs, split.classes)
     hooks.on_phase("saving")
-    bundle = _keep_head(folder, base, head, split, metrics, config, counts)
+    bundle = _keep_head(folder, base, head, split, metrics, config, found.counts)
     log.info("head-only '%s': val accuracy %.3f (C=%g) from %d stored and %d new embeddings", config.name,
-             metrics["accuracy"], head.c, counts["from_catalog"], counts["embedded"])
-    return TrainReport(config.name, 0, metrics["accuracy"], [], 0.0, str(device), False, False, skipped,
-                       bundle.fingerprint, "head", None, {**counts, "C": head.c})
+             metrics["accuracy"], head.c, found.counts["from_catalog"], found.counts["embedded"])
+    return TrainReport(config.name, 0, metrics["accuracy"], [], 0.0, str(device), False, False, found.skipped,
+                       bundle.fingerprint, "head", None, {**found.counts, "C": head.c})
 
 
-def _serving_model(folder: IndexFolder) -> LoadedModel:
+def serving_model(folder: IndexFolder) -> LoadedModel:
+    """The model NAME's published version names; a missing index or version is a user error saying what to run."""
     if not folder.catalog.exists():
-        raise SimimgError(f"--head-only fits on an index's stored embeddings, and '{folder.name}' has none yet: "
-                          f"run `simimg index DATA_DIR --name {folder.name}` first")
+        raise SimimgError(f"there is no index '{folder.name}' yet, and this works on its stored embeddings: run "
+                          f"`simimg index DATA_DIR --name {folder.name}` first")
     with reading(folder.catalog) as catalog:
         published = catalog.published()
     if published is None:
@@ -98,41 +110,60 @@ def _serving_model(folder: IndexFolder) -> LoadedModel:
     return load_model(folder, published.model)
 
 
-def _embeddings_of(folder: IndexFolder, base: LoadedModel, split: Split, config: TrainConfig,
-                   device: torch.device) -> tuple[dict[int, np.ndarray], list[dict], dict[str, int]]:
-    """Vectors of every split image (train then val positions): from the catalog when it holds the file as it is
-    now, else embedded here. Unreadable files are skipped and reported."""
+@dataclass(frozen=True)
+class SplitVectors:
+    """A model's embedding and the content hash of each readable split image, by position (train, then val)."""
+
+    vectors: dict[int, np.ndarray]
+    hashes: dict[int, str]
+    skipped: list[dict]
+    counts: dict[str, int]
+
+
+def split_vectors(folder: IndexFolder, base: LoadedModel, split: Split, settings: EmbedSettings,
+                  progress: Callable[[int, int], None] | None = None) -> SplitVectors:
+    """Vectors of every split image: from the catalog when it holds the file as it is now, else embedded here
+    with `base` (and not added). Unreadable files are skipped and reported."""
     records = split.train + split.val
     root = split.root.resolve()
     files = [Path(os.path.normpath(root / r.path)) for r in records]
     stored = _stored_vectors(folder, base.bundle.embedding, files)
+    vectors = {i: vector for i, (vector, _) in stored.items()}
+    hashes = {i: sha for i, (_, sha) in stored.items()}
     missing = [i for i in range(len(files)) if i not in stored]
     skipped: list[dict] = [{"path": s.path, "reason": s.reason} for s in split.skipped]
     if missing:
         log.info("%d of %d images are not in the index as they are now: embedding them", len(missing), len(files))
-        settings = EmbedSettings(device, config.batch_size, loader_workers(config.workers, device))
+        done = 0
         for batch in embed_files(base.net, [files[i] for i in missing], base.bundle.preprocess, settings):
-            stored.update({missing[p]: v for p, v in zip(batch.positions, batch.vectors)})
+            for p, vector, sha in zip(batch.positions, batch.vectors, batch.hashes):
+                vectors[missing[p]], hashes[missing[p]] = vector, sha
             skipped += [{"path": records[missing[p]].path, "reason": why} for p, why in batch.failures]
-    counts = {"from_catalog": len(files) - len(missing), "embedded": len(missing)}
-    return stored, skipped, counts
+            done += len(batch.positions) + len(batch.failures)
+            if progress is not None:
+                progress(done, len(missing))
+    counts = {"from_catalog": len(stored), "embedded": len(missing)}
+    return SplitVectors(vectors, hashes, skipped, counts)
 
 
-def _stored_vectors(folder: IndexFolder, embedding: str, files: list[Path]) -> dict[int, np.ndarray]:
-    """{position in `files`: vector} for the files the published version holds unchanged (same size and mtime)."""
+def _stored_vectors(folder: IndexFolder, embedding: str, files: list[Path]) -> dict[int, tuple[np.ndarray, str]]:
+    """{position in `files`: (vector, sha256)} for the files the published version holds unchanged (same size
+    and mtime), read as one consistent snapshot."""
     with reading(folder.catalog) as catalog:
-        root = Path(catalog.get_meta("data_root", "/"))
-        published = catalog.published()
-        if published is None or published.embedding != embedding:
+        read = catalog.snapshot_with_vectors()
+        if read is None or read[0].embedding != embedding:
             return {}
-        rows = {os.path.normpath(root / r.path): r for r in catalog.iter_rows(published.version)}
-        found: dict[int, int] = {}
-        for i, f in enumerate(files):
-            row = rows.get(str(f))
-            if row is not None and _unchanged(f, row.size, row.mtime_ns):
-                found[i] = row.id
-        vectors = catalog.vectors_for_ids(embedding, np.array(list(found.values()), np.int64)) if found else []
-    return {i: v for i, v in zip(found, vectors)}
+        snapshot, vectors = read
+        root = Path(catalog.get_meta("data_root", "/"))
+        stamps = {r.id: (r.size, r.mtime_ns) for r in catalog.iter_rows(snapshot.version)}
+    where = {os.path.normpath(root / p): n for n, p in enumerate(snapshot.paths)}
+    found: dict[int, tuple[np.ndarray, str]] = {}
+    for i, f in enumerate(files):
+        n = where.get(str(f))
+        stamp = None if n is None else stamps.get(int(snapshot.ids[n]))
+        if stamp is not None and _unchanged(f, *stamp):
+            found[i] = (vectors[n], snapshot.sha256[n])
+    return found
 
 
 def _unchanged(path: Path, size: int, mtime_ns: int) -> bool:

@@ -79,6 +79,11 @@ class IndexFolder:
     def index_job(self) -> Path:
         return self.root / "index_job.json"
 
+    @property
+    def audit(self) -> Path:
+        """The last `simimg audit` report of a folder with this index's model (auditing.py)."""
+        return self.root / "audit.json"
+
     def faiss(self, version: int) -> Path:
         return self.root / f"index-{version:06d}.faiss"
 

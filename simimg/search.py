@@ -11,7 +11,7 @@ import logging
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from simimg.images import load_image, to_rgb
 from simimg.layout import IndexFolder
 from simimg.model import LoadedModel, ModelBundle
 from simimg.model_store import load_model
+
+if TYPE_CHECKING:
+    from simimg.heatmaps import Explanation
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +258,37 @@ class SearchService:
         embeddings, logits = infer(served.model.net, batch, preprocess, self.device,
                                    with_logits=served.model.bundle.has_classifier)
         return embeddings.cpu().numpy(), None if logits is None else logits.cpu()
+
+    def explain(self, image: ImageInput, neighbor: ImageInput | None = None, label: str | None = None,
+                method: str = "gradcam") -> "Explanation":
+        """Where the served model looks in `image`: at the predicted class (or `label`), or, given a `neighbor`
+        (a gallery path, any file or a PIL image), at what makes the two similar. The map has the decoded image's
+        size; see simimg/heatmaps.py."""
+        from simimg.heatmaps import explain_class, explain_similarity
+
+        self.refresh(wait=False)
+        model = self._served.model
+        seen = self._decoded(image)
+        if neighbor is None:
+            return explain_class(model, seen, label, method, self.device)
+        name = "<image>" if isinstance(neighbor, Image.Image) else str(neighbor)
+        return explain_similarity(model, seen, self._decoded(neighbor), name, method, self.device)
+
+    def _decoded(self, image: ImageInput) -> Image.Image:
+        """A PIL image as it is; a path (a gallery path is relative to the indexed folder) decoded as queries are."""
+        if isinstance(image, Image.Image):
+            return image
+        try:
+            return self.load(self.gallery_file(image))
+        except BadImageError as err:
+            raise BadImageError(f"cannot explain {image}: {err.reason}") from None
+
+    def gallery_file(self, path: str | Path) -> Path:
+        """`path` itself, or the gallery file it names relative to the indexed folder (as results give them)."""
+        path = Path(path)
+        if not path.is_absolute() and not path.exists() and (self.data_root / path).exists():
+            return self.data_root / path
+        return path
 
     def info(self) -> dict:
         served = self._served

@@ -415,3 +415,46 @@ def test_the_models_tab_exports_onnx_and_the_bundle(indexed: Path, tmp_path: Pat
         assert not at.exception and not at.error
     downloads = at.get("download_button")
     assert len(downloads) == 2
+
+
+# --- the audit and explanations ------------------------------------------------------------------------
+def test_audit_tab_shows_findings_and_opens_them_in_search(indexed: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    shutil.copytree(indexed / "indexes", tmp_path / "home")  # the audit keeps its report in the index folder
+    monkeypatch.setenv("SIMIMG_HOME", str(tmp_path / "home"))
+    data = tmp_path / "roots" / "shapes"  # a copy with a cross-class duplicate; the index holds none of its files
+    shutil.copytree(indexed / "data" / "shapes", data)
+    shutil.copy(data / "circles" / "circles_000.png", data / "squares" / "copy.png")
+    monkeypatch.setenv("SIMIMG_DATA_ROOTS", str(tmp_path / "roots"))
+    at = open_app("app_pages/inspect.py")
+    assert any("No audit of this index yet" in c.value for c in at.caption)
+    at.text_input(key="audit-folder").set_value(str(data)).run()
+    next(b for b in at.button if b.label == "Audit this folder").click().run()
+    run_until(at, lambda a: any(m.label == "Exact duplicates" for m in a.metric) or bool(a.error))
+    assert not at.error, at.error[0].value
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Exact duplicates"] == "1" and int(metrics["Cross-class"]) >= 1
+    assert any("**exact** duplicate (same bytes) :red-badge[cross-class]" in m.value for m in at.markdown)
+    captions = [c for i in at.image for c in i.captions]
+    assert "circles · circles/circles_000.png" in captions and "squares · squares/copy.png" in captions
+    at.radio(key="audit-kind").set_value("Label issues").run()
+    assert not at.exception
+    at.radio(key="audit-kind").set_value("Duplicates").run()
+    at.button(key="audit-open-0-squares/copy.png").click().run()
+    assert not at.exception, at.exception
+    assert at.image[0].captions == ["copy.png"]  # Search, querying with that file: it finds its indexed twin
+    cards = [m.value for m in at.markdown if m.value.startswith("**#")]
+    assert "score 1.000" in cards[0] and "circles" in cards[0]
+
+
+def test_explain_toggle_maps_the_query_over_itself(indexed: Path):
+    at = open_app()
+    upload(at, "query.png", png_bytes(indexed / "data" / "shapes" / "circles" / "circles_000.png"))
+    assert len(at.image) == 13
+    at.toggle(key="explain").set_value(True).run()
+    assert not at.exception, at.exception
+    chooser = at.selectbox(key="explain-target")  # no classifier: only similarities to the results
+    assert chooser.value == "circles/circles_000.png" and len(chooser.options) == 12
+    assert at.image[1].captions == ["Red: what drives its similarity to circles/circles_000.png (cosine 1.000)"]
+    chooser.set_value(chooser.options[3].removeprefix("its similarity to ")).run()
+    assert not at.exception and "cosine" in at.image[1].captions[0]

@@ -17,6 +17,8 @@ from conftest import ROOT
 TINY_MODEL = ["--image-size", "32", "--repeats", "1"]
 
 CASES = {
+    "audit_recall.py": (["--images", "12", "--flips", "2", "--exact", "2", "--near", "2", "--image-size", "32"],
+                        {"exact_recall", "identical_groups", "near_threshold", "audit_s"}),
     "index_throughput.py": (["--device", "cpu", "--images", "8", "--batch-size", "4", "--workers", "1", *TINY_MODEL],
                             {"device", "images", "end_to_end_img_s", "model_only_img_s", "baseline_img_s",
                              "ratio_model_only", "ratio_baseline"}),
@@ -48,3 +50,6 @@ def test_benchmark_ends_with_its_json_line(script):
     assert all(result[key] > 0 for key in required if isinstance(result[key], float))
     assert result.get("index_after_embedded", 0) == 0
     assert result.get("errors", 0) == 0
+    if script == "audit_recall.py":  # every byte-identical group, injected or not, is reported
+        assert result["exact_recall"] == 1.0 and result["identical_groups_reported"] == result["identical_groups"]
+        assert 0 <= result["near_recall"] <= 1 and 0 <= result["flip_recall"] <= 1

@@ -1,0 +1,127 @@
+"""The app's dataset audit (a tab of the Inspect page) and explanations (a toggle on the Search page).
+
+Streamlit over `api.audit` and `SearchService.explain`, kept out of the pages so that each page only adds a tab
+or a toggle and one call. Any image of a finding opens in Search through Search's own "find similar" query.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+from PIL import Image
+
+from simimg import ui
+from simimg.auditing import AuditReport, read_audit
+from simimg.heatmaps import overlay
+from simimg.jobs import Task
+from simimg.layout import IndexFolder
+from simimg.search import QueryResult, SearchService
+
+SIMILAR_KEY = "similar_to"  # Search's "find similar" query: a gallery file's path (app_pages/search.py)
+SEARCH_PAGE = "app_pages/search.py"
+SHOWN = 12
+KINDS = ("Duplicates", "Label issues", "Outliers")
+CLASS_TARGET = "its predicted class"
+
+
+# --- the Audit tab -------------------------------------------------------------------------------------
+def audit_tab(name: str, data_root: Path) -> None:
+    """Audit a folder (the indexed one by default) in the background; show the last audit's findings."""
+    job = ui.own_job("audit")
+    job = job if job is not None and job.index == name else None
+    if job is not None and job.running:
+        ui.watch(job, lambda j: st.progress(j.fraction(), text=f"Auditing: {j.done} of {j.total} new images "
+                                                                  "embedded"))
+        return
+    typed = st.text_input("Folder to audit", value=str(data_root), key="audit-folder",
+                          help="Class folders (<folder>/<class>/<image>), with train/ and val/ folders or without; "
+                               "images the index does not hold are embedded with its model, not added.")
+    if st.button("Audit this folder", type="primary", icon=":material/health_and_safety:"):
+        folder = ui.resolve_folder(typed)
+        ui.start_job(name, "audit", f"Audit of '{name}'",
+                     Task("simimg.api:audit", {"data_dir": str(folder), "name": name, "home": str(ui.home())}))
+        st.rerun()
+    if job is not None and ui.job_failed(job):
+        return
+    report = read_audit(IndexFolder.of(ui.home(), name))
+    if report is None:
+        st.caption("No audit of this index yet: it looks for likely label errors, duplicates (across classes and "
+                   "between train and val), outliers and class imbalance.")
+        return
+    report_ui(report)
+
+
+def report_ui(report: AuditReport) -> None:
+    s = report.summary
+    values = [("Label issues", s["label_issues"]), ("Exact duplicates", s["exact_duplicates"]),
+              ("Near duplicates", s["near_duplicates"]), ("Cross-class", s["cross_class"]),
+              ("Cross-split", s["cross_split"]), ("Outliers", s["outliers"])]
+    for column, (label, value) in zip(st.columns(len(values)), values):
+        column.metric(label, value)
+    balance = s["imbalance"]
+    counts = " · ".join(f"{c} **{n}**" for c, n in balance["counts"].items())
+    st.markdown(f"`{s['data_dir']}`: {s['images']} images ({s['split']} split), model `{s['model']}`, near-duplicates "
+                f"from cosine {s['near_threshold']:.4f}. Classes: {counts}"
+                + (f" :orange-badge[imbalanced {balance['ratio']:.1f}x]" if balance["imbalanced"] else ""))
+    kind = st.radio("Findings", KINDS, horizontal=True, key="audit-kind", label_visibility="collapsed")
+    root = Path(s["data_dir"])
+    if kind == "Duplicates":
+        findings = [(d["paths"], d["labels"], _duplicate_header(d)) for d in report.duplicates]
+    elif kind == "Label issues":
+        findings = [([i["path"]], [i["label"]], f":red-badge[labelled {i['label']}] → :green-badge[looks like "
+                     f"{i['suggested']}] label quality {i['score']:.3f}") for i in report.label_issues]
+    else:
+        findings = [([o["path"]], [""], f":violet-badge[outlier score {o['score']:.3f}]") for o in report.outliers]
+    if not findings:
+        st.success(f"No {kind.lower()} found.", icon=":material/check_circle:")
+        return
+    st.caption(f"{len(findings)} found" + (f"; the first {SHOWN} shown, all in the table below" if len(findings) > SHOWN
+                                           else "") + ". **Open in Search** finds the images most similar to one.")
+    for number, (paths, labels, header) in enumerate(findings[:SHOWN]):
+        finding_ui(number, [ui.gallery_path(root, p) for p in paths], paths, labels, header)
+    table = {"Duplicates": report.duplicates, "Label issues": report.label_issues, "Outliers": report.outliers}[kind]
+    st.dataframe(pd.DataFrame(table), hide_index=True, width="stretch")
+
+
+def finding_ui(number: int, files: list[Path], paths: list[str], labels: list[str], header: str) -> None:
+    """One finding in a bordered box: its images side by side, each with its label and an Open in Search button."""
+    with st.container(border=True):
+        st.markdown(header)
+        for column, file, path, label in zip(st.columns(max(len(files), 3)), files, paths, labels):
+            thumb = ui.thumbnail(file)
+            if thumb is None:
+                column.warning(f"cannot read {path}")
+                continue
+            column.image(thumb, caption=f"{label} · {path}" if label else path, width="stretch")
+            if column.button("Open in Search", key=f"audit-open-{number}-{path}", icon=":material/image_search:"):
+                st.session_state[SIMILAR_KEY] = str(file)
+                st.switch_page(SEARCH_PAGE)
+
+
+def _duplicate_header(d: dict) -> str:
+    flags = [":red-badge[cross-class]"] * d["cross_class"] + [":orange-badge[cross-split: train/val leak]"] * \
+        d["cross_split"]
+    score = "same bytes" if d["kind"] == "exact" else f"cosine {d['score']:.4f}"
+    return f"**{d['kind']}** duplicate ({score}) " + " ".join(flags)
+
+
+# --- the Search page's explanation toggle -----------------------------------------------------------
+def explain_ui(service: SearchService, image: Image.Image, result: QueryResult) -> None:
+    """A toggle: where the model looks in the query, for its predicted class or for its likeness to a result."""
+    if not st.toggle("Explain: where the model looks", key="explain",
+                     help="Grad-CAM on the model's last convolutional block: the class's score, or the cosine "
+                          "similarity between the query and the chosen result."):
+        return
+    choices = ([CLASS_TARGET] if result.prediction is not None else []) + [n.path for n in result.neighbors]
+    if not choices:
+        return
+    target = st.selectbox("Explain", choices, key="explain-target",
+                          format_func=lambda c: c if c == CLASS_TARGET else f"its similarity to {c}")
+    neighbor = None if target == CLASS_TARGET else ui.gallery_path(service.data_root, target)
+    with st.spinner("Computing the map…"):
+        explanation = service.explain(image, neighbor)
+    what = f"class {explanation.target} ({explanation.score:.1%})" if explanation.kind == "class" else \
+        f"similarity to {target} (cosine {explanation.score:.3f})"
+    st.image(overlay(image, explanation.heatmap), width="stretch", caption=f"Red: what drives its {what}")
