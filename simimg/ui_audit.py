@@ -18,6 +18,7 @@ from simimg.heatmaps import overlay
 from simimg.jobs import Task
 from simimg.layout import IndexFolder
 from simimg.search import QueryResult, SearchService
+from simimg.ui_forms import resolve_folder
 
 SIMILAR_KEY = "similar_to"  # Search's "find similar" query: a gallery file's path (app_pages/search.py)
 SEARCH_PAGE = "app_pages/search.py"
@@ -39,7 +40,7 @@ def audit_tab(name: str, data_root: Path) -> None:
                           help="Class folders (<folder>/<class>/<image>), with train/ and val/ folders or without; "
                                "images the index does not hold are embedded with its model, not added.")
     if st.button("Audit this folder", type="primary", icon=":material/health_and_safety:"):
-        folder = ui.resolve_folder(typed)
+        folder = resolve_folder(typed)
         ui.start_job(name, "audit", f"Audit of '{name}'",
                      Task("simimg.api:audit", {"data_dir": str(folder), "name": name, "home": str(ui.home())}))
         st.rerun()
