@@ -42,6 +42,7 @@ from simimg.uploads import DEFAULT_MAX_MB, MAX_UPLOAD_PIXELS
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "SIMIMG_API_TOKEN"
+WORKER_START_S = 120
 CONFIG_ENV = "SIMIMG_SERVE_CONFIG"  # how `--workers N` hands the config to each worker process
 MAX_K = 1000
 OPEN_PATHS = frozenset({"/healthz"})
@@ -112,7 +113,10 @@ def run_server(config: ServeConfig, token: str | None) -> None:
     os.environ[CONFIG_ENV] = json.dumps(asdict(config))  # each worker process rebuilds the app from these
     if token:
         os.environ[TOKEN_ENV] = token
-    uvicorn.run("simimg.server:app_from_env", factory=True, workers=config.workers, **options)
+    # a worker answers the supervisor's ping only once torch is imported: uvicorn's 5 s default killed and restarted
+    # workers forever at load average 5 on 2 cores
+    uvicorn.run("simimg.server:app_from_env", factory=True, workers=config.workers,
+                timeout_worker_healthcheck=WORKER_START_S, **options)
 
 
 def app_from_env() -> FastAPI:
