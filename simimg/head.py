@@ -21,7 +21,7 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
 from simimg.catalog import reading
 from simimg.data import Split
-from simimg.device import loader_workers
+from simimg.device import Compute, loader_workers
 from simimg.embed import EmbedSettings, embed_files
 from simimg.errors import SimimgError
 from simimg.evaluation import classification_metrics
@@ -62,14 +62,14 @@ def fit_head(x: np.ndarray, y: np.ndarray, num_classes: int, seed: int = 0) -> F
     return FittedHead(weight.astype(np.float32), bias.astype(np.float32), float(model.C))
 
 
-def train_head(config: TrainConfig, split: Split, folder: IndexFolder, device: torch.device,
+def train_head(config: TrainConfig, split: Split, folder: IndexFolder, compute: Compute,
                hooks: Hooks) -> TrainReport:
     """Fit a head on the serving model's stored embeddings of the split and keep it as a model version.
 
     `training.run_training` calls this under the training lock, and serves the result.
     """
     base = _serving_model(folder)
-    vectors, skipped, counts = _embeddings_of(folder, base, split, config, device)
+    vectors, skipped, counts = _embeddings_of(folder, base, split, config, compute)
     hooks.on_phase("training")
     train_rows = [i for i in range(len(split.train)) if i in vectors]
     val_rows = [i + len(split.train) for i in range(len(split.val)) if i + len(split.train) in vectors]
@@ -83,7 +83,7 @@ def train_head(config: TrainConfig, split: Split, folder: IndexFolder, device: t
     bundle = _keep_head(folder, base, head, split, metrics, config, counts)
     log.info("head-only '%s': val accuracy %.3f (C=%g) from %d stored and %d new embeddings", config.name,
              metrics["accuracy"], head.c, counts["from_catalog"], counts["embedded"])
-    return TrainReport(config.name, 0, metrics["accuracy"], [], 0.0, str(device), False, False, skipped,
+    return TrainReport(config.name, 0, metrics["accuracy"], [], 0.0, str(compute), False, False, skipped,
                        bundle.fingerprint, "head", None, {**counts, "C": head.c})
 
 
@@ -99,7 +99,7 @@ def _serving_model(folder: IndexFolder) -> LoadedModel:
 
 
 def _embeddings_of(folder: IndexFolder, base: LoadedModel, split: Split, config: TrainConfig,
-                   device: torch.device) -> tuple[dict[int, np.ndarray], list[dict], dict[str, int]]:
+                   compute: Compute) -> tuple[dict[int, np.ndarray], list[dict], dict[str, int]]:
     """Vectors of every split image (train then val positions): from the catalog when it holds the file as it is
     now, else embedded here. Unreadable files are skipped and reported."""
     records = split.train + split.val
@@ -110,7 +110,7 @@ def _embeddings_of(folder: IndexFolder, base: LoadedModel, split: Split, config:
     skipped: list[dict] = [{"path": s.path, "reason": s.reason} for s in split.skipped]
     if missing:
         log.info("%d of %d images are not in the index as they are now: embedding them", len(missing), len(files))
-        settings = EmbedSettings(device, config.batch_size, loader_workers(config.workers, device))
+        settings = EmbedSettings(compute, config.batch_size, loader_workers(config.workers, compute.device))
         for batch in embed_files(base.net, [files[i] for i in missing], base.bundle.preprocess, settings):
             stored.update({missing[p]: v for p, v in zip(batch.positions, batch.vectors)})
             skipped += [{"path": records[missing[p]].path, "reason": why} for p, why in batch.failures]

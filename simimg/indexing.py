@@ -24,7 +24,7 @@ import faiss
 import numpy as np
 
 from simimg.catalog import Catalog, NewImage, Published, Row, reading
-from simimg.device import loader_workers, resolve_device
+from simimg.device import loader_workers, resolve_compute
 from simimg.embed import EmbedSettings, embed_files
 from simimg.errors import SimimgError
 from simimg.faiss_index import build_index, index_kind_for, load_index, save_index, update_index
@@ -53,6 +53,7 @@ class IndexJob:
     weights: str | None = None
     image_size: int | None = None
     device: str = "auto"
+    precision: str = "auto"  # bf16 where it is native (device.resolve_compute), else fp32; or either, forced
     batch_size: int = 64
     workers: int | None = None
     chunk_size: int = 512
@@ -69,7 +70,7 @@ class IndexReport:
     total: int
     skipped: list[Skipped]
     seconds: float
-    device: str
+    device: str  # where the model ran and in what precision: "cpu (bf16)", "cuda (bf16)", "cpu (fp32)"
     version: int
     rebuilt: bool
     model: str = ""
@@ -98,7 +99,7 @@ def run_index(job: IndexJob, progress: Progress | None = None) -> IndexReport:
     if not scan.records:
         raise SimimgError(f"no images found in {scan.root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
                           "put images in class folders: <folder>/<class>/<image>")
-    device = resolve_device(job.device)
+    compute = resolve_compute(job.device, job.precision)
     if needs_upgrade(folder):
         upgrade(folder)
     with writer_lock(folder.lock, f"index '{job.name}'", wait=job.wait):
@@ -108,7 +109,7 @@ def run_index(job: IndexJob, progress: Progress | None = None) -> IndexReport:
             pending = catalog.version + 1
             rebuilt = _prepare_pending(catalog, model, scan.root)
             plan = _plan(catalog.head(), scan.records, scan.root)
-            settings = EmbedSettings(device, job.batch_size, loader_workers(job.workers, device), job.compile)
+            settings = EmbedSettings(compute, job.batch_size, loader_workers(job.workers, compute.device), job.compile)
             embedded, failures = _apply(catalog, plan, pending, model, scan.root, settings, job.chunk_size, progress)
             version, total = _publish(catalog, folder, pending, model)
             _tidy(catalog, folder)
@@ -119,7 +120,7 @@ def run_index(job: IndexJob, progress: Progress | None = None) -> IndexReport:
     for s in skipped:
         log.info("skipped %s: %s", s.path, s.reason)
     return IndexReport(job.name, embedded, plan.deleted, total, skipped, round(time.perf_counter() - started, 3),
-                       str(device), version, rebuilt, model.bundle.fingerprint)
+                       str(compute), version, rebuilt, model.bundle.fingerprint)
 
 
 def _model_for(job: IndexJob, folder: IndexFolder) -> LoadedModel:
@@ -340,7 +341,7 @@ def _sha256_file(path: Path) -> str | None:
 
 
 def serve_model(home: str | Path | None, name: str, model: str, data_dir: str | None = None, device: str = "auto",
-                workers: int | None = None, progress: Progress | None = None) -> IndexReport:
+                workers: int | None = None, progress: Progress | None = None, precision: str = "auto") -> IndexReport:
     """Publish a version of NAME answered by its kept `model`, over the index's own collection.
 
     The collection is the folder the index was last built from (index_job.json), else `data_dir`, else the
@@ -355,7 +356,7 @@ def serve_model(home: str | Path | None, name: str, model: str, data_dir: str | 
                           f"run `simimg index DATA_DIR --name {name}` once")
     base = recorded or IndexJob(data_dir=str(data_dir), name=name, home=str(folder.root.parent))
     job = replace(base, name=name, home=str(folder.root.parent), arch=None, weights=None, image_size=None,
-                  device=device, workers=workers, model=model, wait=True)
+                  device=device, precision=precision, workers=workers, model=model, wait=True)
     return run_index(job, progress)
 
 
