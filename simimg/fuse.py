@@ -24,8 +24,10 @@ _RELUS = (nn.functional.relu, torch.relu, torch.relu_)
 
 
 def packed_ops_available() -> bool:
-    """Whether this torch build has the oneDNN convolution ops that take pre-packed weights."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    """Whether this torch build and CPU run oneDNN's bf16 convolutions on pre-packed weights (AVX512 at least;
+    elsewhere a forced bf16 runs as eager autocast)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise") and \
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def bf16_inference_trunk(trunk: nn.Module, image_size: int, batch: int = 1) -> nn.Module:

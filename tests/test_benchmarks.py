@@ -47,3 +47,23 @@ def test_benchmark_ends_with_its_json_line(script):
     assert result.get("index_after_embedded", 0) == 0
     if result.get("precision") == "bf16":  # both precisions in the same run
         assert {"fp32_model_only_img_s", "fp32_query_p50_ms"} & set(result), result
+
+
+def test_the_gpu_suite_runs_every_step_on_the_cpu(tmp_path):
+    """benchmarks/gpu_suite.sh --cpu-smoke: each step of the GPU suite, at tiny sizes, into one JSON summary."""
+    env = {**BENCH_ENV, "PYTHON": sys.executable, "SIMIMG_DEVICE_DATA": str(tmp_path / "nothing-carried")}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--cpu-smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=1800, cwd=ROOT, env=env)
+    summary = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert proc.returncode == 0 and summary["ok"], {k: v.get("error") for k, v in summary["steps"].items()}
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == summary
+    steps = {name: step["result"] for name, step in summary["steps"].items()}
+    assert list(steps) == ["gpu_tests", "train_cats_dogs", "evaluate_cats_dogs", "index_throughput", "search_1m",
+                           "query_latency"]
+    assert steps["gpu_tests"]["tests"] >= 8 and steps["gpu_tests"]["failures"] == steps["gpu_tests"]["errors"] == 0
+    assert steps["train_cats_dogs"]["epochs"] == 1 and steps["train_cats_dogs"]["indexed"] == 18
+    assert steps["evaluate_cats_dogs"]["images"] == 6 and steps["evaluate_cats_dogs"]["gallery"] == "index"
+    assert steps["index_throughput"]["images"] == 16 and steps["index_throughput"]["ratio_baseline"] > 0
+    assert steps["search_1m"]["N"] == 3000 and steps["query_latency"]["query_p50_ms"] > 0
+    assert summary["headline"]["train_cats_dogs.val_accuracy"] == steps["train_cats_dogs"]["val_accuracy"]
+    assert "===== query_latency" in (tmp_path / "gpu_suite.log").read_text()

@@ -219,9 +219,7 @@ def test_cli_rejects_a_bad_data_dir_in_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.gpu
-def test_cuda_training_step_and_peak_memory(toys: Path, tmp_path: Path) -> None:
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+def test_cuda_training_step_and_peak_memory(toys: Path, tmp_path: Path, cuda) -> None:
     report = run_training(small(toys, tmp_path, epochs=1, device="cuda", memory_efficient=True))
     assert report.device.startswith("cuda") and len(report.history) == 1
     assert model_info("densenet121", 224, "cuda", batch_size=8)["peak_training_memory_mib"] > 0
