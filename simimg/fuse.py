@@ -52,7 +52,12 @@ def bf16_inference_trunk(trunk: nn.Module, image_size: int, batch: int = 1) -> n
             packed += 1
     graph.recompile()
     log.debug("bf16 inference trunk: %d convolutions packed", packed)
-    return _Bf16Input(graph.to(torch.bfloat16))
+    # batch norms left unfolded keep float32 statistics (oneDNN normalises bf16 input with them: closer to float32
+    # at the same speed); a Linear needs weights of its input's dtype
+    for module in graph.modules():
+        if isinstance(module, nn.Linear):
+            module.to(torch.bfloat16)
+    return _Bf16Input(graph)
 
 
 class PackedConv2d(nn.Module):
@@ -65,7 +70,7 @@ class PackedConv2d(nn.Module):
         self.args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
         weight = conv.weight.detach().to(torch.bfloat16)
         self.weight = torch.ops.mkldnn._reorder_convolution_weight(weight, *self.args, list(input_shape))
-        self.bias = None if conv.bias is None else conv.bias.detach().to(torch.bfloat16)
+        self.bias = None if conv.bias is None else conv.bias.detach().float()
         self.post_op = "relu" if relu else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
