@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="as `simimg train --precision`")
     args = p.parse_args()
     reuse_freed_memory()
-    compute = resolve_compute(args.device, args.precision)
+    compute = resolve_compute(args.device, args.precision, training=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_jpegs(Path(tmp) / "photos", args.images, classes=CLASSES)

@@ -98,7 +98,7 @@ def add_compute(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto: CUDA when present)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto (default): bf16 where the device has native bf16 units (CUDA, or a CPU with "
-                        "AVX512-BF16 or AMX), else fp32; fp32 forces float32")
+                        "AVX512-BF16 or AMX), else fp32 (CPU training: fp32); fp32 or bf16 force one")
 
 
 def emit(args: argparse.Namespace, payload: object, human: Callable[[], None]) -> None:

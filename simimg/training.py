@@ -62,7 +62,7 @@ class TrainConfig:
     freeze_epochs: int | None = None
     patience: int | None = None
     device: str = "auto"
-    precision: str = "auto"  # bf16 autocast where it is native (device.resolve_compute), else fp32; or either
+    precision: str = "auto"  # bf16 autocast on CUDA with bf16, else fp32 (device.resolve_compute); or either
     seed: int = 0
     resume: bool = False
     workers: int | None = None  # decode processes: all cores feeding a GPU, none on the CPU (device.loader_workers)
@@ -203,7 +203,7 @@ def run_training(config: TrainConfig, hooks: Hooks = Hooks()) -> TrainReport:
     folder = IndexFolder.of(config.home, config.name)
     hooks.on_phase("loading")
     split = split_dataset(config.data_dir, config.val_split, config.seed)
-    compute = resolve_compute(config.device, config.precision)
+    compute = resolve_compute(config.device, config.precision, training=not config.head_only)
     with writer_lock(folder.train_lock, f"training of '{config.name}'"):
         if config.head_only:
             from simimg.head import train_head

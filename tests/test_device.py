@@ -29,6 +29,12 @@ def test_auto_is_bf16_exactly_on_cpus_with_native_bf16_units():
     assert str(compute) == f"cpu ({compute.precision})"
 
 
+def test_cpu_training_stays_float32_unless_bf16_is_asked_for():
+    """bf16 CPU training is faster per step but its accuracy over a real run is unmeasured: opt-in only."""
+    assert resolve_compute("cpu", training=True).precision == "fp32"
+    assert resolve_compute("cpu", "bf16", training=True).precision == "bf16"
+
+
 def test_fp32_and_bf16_can_be_forced_and_bring_their_autocast():
     fp32, bf16 = resolve_compute("cpu", "fp32"), resolve_compute("cpu", "bf16")
     assert (str(fp32), str(bf16)) == ("cpu (fp32)", "cpu (bf16)")

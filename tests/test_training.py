@@ -62,7 +62,7 @@ def trained(toys: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_a_short_run_learns_the_synthetic_task(trained: dict) -> None:
     report = trained["report"]
     assert report.val_accuracy >= 0.75, report.history  # chance is 1/3
-    assert not report.cancelled and report.device == str(resolve_compute("cpu"))
+    assert not report.cancelled and report.device == str(resolve_compute("cpu", training=True)) == "cpu (fp32)"
     assert report.history == trained["epochs"] and [h.epoch for h in report.history] == [1, 2, 3, 4, 5]
     assert {h.phase for h in report.history} == {"scratch"}
     best = min(report.history, key=lambda h: h.val_loss)
