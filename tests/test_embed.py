@@ -101,13 +101,13 @@ def test_a_vector_does_not_depend_on_its_batch_or_path(model, mixed, tmp_path, p
     assert np.abs(together[1] - together[0]).max() > 1e-3
 
 
-def bf16_agreement(paths: list[Path], image_size: int) -> tuple[float, float]:
-    """(lowest per-image cosine of bf16 to float32 vectors, share of queries whose top-10 neighbours among the other
-    images are the same set in both), for one model (random init, seed 0) embedded both ways."""
+def bf16_agreement(paths: list[Path], image_size: int, device: str = "cpu") -> tuple[float, float]:
+    """(lowest per-image cosine of bf16 vectors on `device` to float32 ones on the CPU, share of queries whose top-10
+    neighbours among the other images are the same set in both), for one model (random init, seed 0)."""
     torch.manual_seed(0)
     model = build_model("densenet121", "none", image_size)
     fp32, _ = Encoder(model=model, device="cpu", precision="fp32").encode(paths)
-    bf16, _ = Encoder(model=model, device="cpu", precision="bf16").encode(paths)
+    bf16, _ = Encoder(model=model, device=device, precision="bf16").encode(paths)
 
     def top10(v: np.ndarray) -> list[set]:
         similarity = v @ v.T
@@ -118,10 +118,14 @@ def bf16_agreement(paths: list[Path], image_size: int) -> tuple[float, float]:
     return float((fp32 * bf16).sum(axis=1).min()), float(same)
 
 
-def test_bf16_vectors_are_interchangeable_with_float32(tmp_path):
-    """Why the embedding fingerprint leaves the precision out: an index built in one serves queries in the other."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bf16_vectors_are_interchangeable_with_float32(tmp_path, request, device):
+    """Why the embedding fingerprint leaves the precision out: an index built in one serves queries in the other
+    (on CUDA: bf16 there against float32 on the CPU)."""
+    if device == "cuda":
+        request.getfixturevalue("cuda")  # skips without a CUDA device
     paths = sorted(make_class_images(tmp_path, {"a": 20, "b": 20, "c": 20}, size=96).rglob("*.png"))
-    cosine, same_top10 = bf16_agreement(paths, 64)
+    cosine, same_top10 = bf16_agreement(paths, 64, device)
     assert cosine >= 0.999 and same_top10 >= 0.95, (cosine, same_top10)
 
 
@@ -131,3 +135,4 @@ def test_bf16_vectors_are_interchangeable_with_float32_on_hymenoptera(shared_dat
     paths = sorted(p for p in (shared_dataset("hymenoptera") / "val").rglob("*") if p.suffix.lower() == ".jpg")
     cosine, same_top10 = bf16_agreement(paths, 224)
     assert len(paths) == 153 and cosine >= 0.999 and same_top10 >= 0.95, (cosine, same_top10)
+
