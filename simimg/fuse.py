@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.optimization import fuse as fold_batch_norms
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -37,8 +38,9 @@ def bf16_inference_trunk(trunk: nn.Module, image_size: int, batch: int = 1) -> n
     sees on a `batch` x 3 x `image_size` x `image_size` input.
     """
     graph = fold_batch_norms(trunk.eval())  # a traced deep copy
-    with torch.no_grad():
-        ShapeProp(graph).propagate(torch.zeros(batch, 3, image_size, image_size))
+    # shapes from fake tensors: packing densenet121 took 2.7-3.7 s with a real float32 forward here, 0.6-1.4 s so
+    ShapeProp(graph, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(
+        torch.zeros(batch, 3, image_size, image_size))
     modules = dict(graph.named_modules())
     packed = 0
     for node in list(graph.graph.nodes):
