@@ -1,4 +1,5 @@
-"""`simimg index` end to end, against the model alone and against a seed-style loop, measured in one run.
+"""`simimg index` end to end, against the model alone and against a seed-style loop, at the default precision and in
+float32, measured in one run.
 
     python benchmarks/index_throughput.py --device cpu --images 64 --json
     python benchmarks/index_throughput.py --device cuda --images 4096 --batch-size 256 --json
@@ -7,11 +8,13 @@ end_to_end: the real `run_index` (scan, read + hash + decode, forward, catalog a
 into a fresh home, building and keeping its model (random init, `--weights none`) as a first `simimg index` does.
 model_only: `infer` alone on pre-made uint8 batches already on the device: same model, batch size and precision.
 baseline: the seed's loop: torchvision ImageFolder (PIL decode, no draft), fp32 NCHW, batch 32, no workers.
+Each is measured at the precision `--precision` resolves to (auto: bf16 where it is native) and, when that is not
+float32, again in float32 (the `fp32_` figures); `ratio_fp32_model_only` is end to end at the default precision
+over float32 model-only. Every repeat runs every variant, interleaved.
 """
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 
@@ -20,10 +23,8 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from _common import finish, hardware, make_jpegs, median, parser, seconds
-from simimg.device import resolve_device
-from simimg.embed import infer, prepare_net
-from simimg.device import loader_workers
-from simimg.embed import reuse_freed_memory
+from simimg.device import PRECISIONS, Compute, loader_workers, resolve_compute
+from simimg.embed import infer, prepare_net, reuse_freed_memory
 from simimg.indexing import IndexJob, run_index
 from simimg.model import LoadedModel, build_model
 from simimg.scan import scan_folder
@@ -40,33 +41,42 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64, help="as `simimg index --batch-size` (default 64)")
     p.add_argument("--workers", type=int, help="decode workers (default: simimg's: none on the CPU, all cores on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile in both model-only and end-to-end")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="the default precision to measure")
     args = p.parse_args()
     reuse_freed_memory()
-    device = resolve_device(args.device)
+    default = resolve_compute(args.device, args.precision)
+    computes = {"": default} if default.precision == "fp32" else {"": default, "fp32_": resolve_compute(args.device,
+                                                                                                        "fp32")}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.folder) if args.folder else make_jpegs(Path(tmp) / "photos", args.images)
         images = len(scan_folder(folder).records)
-        rows = []
-        model_only = _model_only_timer(build_model(args.arch, "none", args.image_size), device, images,
-                                       args.batch_size, args.compile)
-        for r in range(args.repeats):
-            job = IndexJob(str(folder), NAME, str(Path(tmp) / f"home{r}"), arch=args.arch, weights="none",
-                           image_size=args.image_size, device=args.device, batch_size=args.batch_size,
-                           workers=args.workers, compile=args.compile)
-            row = {"repeat": r, "model_only_img_s": images / model_only(),
-                   "end_to_end_img_s": images / seconds(lambda: _index(job, images), device),
-                   "baseline_img_s": images / _baseline_seconds(folder, build_model(args.arch, "none", args.image_size),
-                                                                device, args.image_size)}
-            row["ratio_model_only"] = row["end_to_end_img_s"] / row["model_only_img_s"]
-            row["ratio_baseline"] = row["end_to_end_img_s"] / row["baseline_img_s"]
-            rows.append(row)
-    summary = {"benchmark": "index_throughput", "device": str(device), "images": images, "arch": args.arch,
-               "image_size": args.image_size, "batch_size": args.batch_size,
-               "workers": loader_workers(args.workers, device),
-               "compile": args.compile, "repeats": args.repeats,
-               **{key: median([row[key] for row in rows]) for key in rows[0] if key != "repeat"},
-               "hardware": hardware(device)}
+        model_only = {prefix: _model_only_timer(build_model(args.arch, "none", args.image_size), compute, images,
+                                                args.batch_size, args.compile) for prefix, compute in computes.items()}
+        rows = [_repeat(args, r, folder, images, Path(tmp), computes, model_only) for r in range(args.repeats)]
+    summary = {"benchmark": "index_throughput", "device": str(default.device), "precision": default.precision,
+               "images": images, "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size,
+               "workers": loader_workers(args.workers, default.device), "compile": args.compile,
+               "repeats": args.repeats, **{key: median([row[key] for row in rows]) for key in rows[0] if key != "repeat"},
+               "hardware": hardware(default.device)}
     finish("simimg index throughput (img/s; ratios are medians of per-repeat ratios)", rows, summary, args.json)
+
+
+def _repeat(args, r: int, folder: Path, images: int, tmp: Path, computes: dict[str, Compute], model_only: dict) -> dict:
+    """One repeat: every precision's model-only and end-to-end rate, then the seed-style loop; and their ratios."""
+    row: dict = {"repeat": r}
+    for prefix, compute in computes.items():
+        job = IndexJob(str(folder), NAME, str(tmp / f"home{r}{prefix}"), arch=args.arch, weights="none",
+                       image_size=args.image_size, device=args.device, precision=compute.precision,
+                       batch_size=args.batch_size, workers=args.workers, compile=args.compile)
+        row[f"{prefix}model_only_img_s"] = images / model_only[prefix]()
+        row[f"{prefix}end_to_end_img_s"] = images / seconds(lambda: _index(job, images), compute.device)
+    device = computes[""].device
+    row["baseline_img_s"] = images / _baseline_seconds(folder, build_model(args.arch, "none", args.image_size),
+                                                       device, args.image_size)
+    row["ratio_model_only"] = row["end_to_end_img_s"] / row["model_only_img_s"]
+    row["ratio_fp32_model_only"] = row["end_to_end_img_s"] / row.get("fp32_model_only_img_s", row["model_only_img_s"])
+    row["ratio_baseline"] = row["end_to_end_img_s"] / row["baseline_img_s"]
+    return row
 
 
 def _index(job: IndexJob, images: int) -> None:
@@ -75,18 +85,18 @@ def _index(job: IndexJob, images: int) -> None:
         raise SystemExit(f"indexed {report.indexed} of {images} images; skipped: {report.skipped[:3]}")
 
 
-def _model_only_timer(model: LoadedModel, device: torch.device, images: int, batch_size: int, compile: bool):
+def _model_only_timer(model: LoadedModel, compute: Compute, images: int, batch_size: int, compile: bool):
     """A function that times the forward alone over `images` images, in full batches plus the remainder."""
     net, preprocess = model.net, model.bundle.preprocess
-    trunk = prepare_net(net, device, compile)
-    size = preprocess.crop_size
+    trunk = prepare_net(net, compute, preprocess.crop_size, compile)
+    size, device = preprocess.crop_size, compute.device
     full = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)
     batches = [full] * (images // batch_size) + ([full[: images % batch_size]] if images % batch_size else [])
     for batch in {b.shape[0]: b for b in batches}.values():  # warm up every shape (and compile, if asked)
-        infer(net, batch, preprocess, device, trunk=trunk)
+        infer(net, batch, preprocess, compute, trunk=trunk)
 
     def run() -> float:
-        return seconds(lambda: [infer(net, b, preprocess, device, trunk=trunk)[0].cpu() for b in batches], device)
+        return seconds(lambda: [infer(net, b, preprocess, compute, trunk=trunk)[0].cpu() for b in batches], device)
     return run
 
 

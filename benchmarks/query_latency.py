@@ -1,10 +1,12 @@
 """Warm single-image query latency: `SearchService.query` (preprocess, forward, search, row lookup) against the
-model's batch-1 forward alone, interleaved in one run.
+model's batch-1 forward alone, at the default precision and in float32, interleaved in one run.
 
     python benchmarks/query_latency.py --device cpu --json
 
 The gallery is indexed once with the real `run_index` (`--weights none`); queries are decoded 500x375 photos
-handed over as PIL images, as the app does with an upload. Nothing is reloaded between queries.
+handed over as PIL images, as the app does with an upload. Nothing is reloaded between queries. `query_p50_ms` and
+the other unprefixed figures are at the precision `--precision` resolves to (auto: bf16 where it is native); the
+`fp32_` ones in float32, from a second service on the same index.
 """
 
 from __future__ import annotations
@@ -12,10 +14,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import torch
-
 from _common import finish, hardware, make_jpegs, median, parser, percentile, seconds
-from simimg.device import resolve_device
+from simimg.device import PRECISIONS
 from simimg.embed import infer, reuse_freed_memory
 from simimg.images import load_image
 from simimg.indexing import IndexJob, run_index
@@ -31,38 +31,48 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=30)
     p.add_argument("--arch", default="densenet121")
     p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="the default precision to measure")
     args = p.parse_args()
     reuse_freed_memory()
-    device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_jpegs(Path(tmp) / "photos", args.images)
         run_index(IndexJob(str(folder), NAME, str(Path(tmp) / "home"), arch=args.arch, weights="none",
-                           image_size=args.image_size, device=args.device))
-        service = SearchService(Path(tmp) / "home", NAME, args.device)
+                           image_size=args.image_size, device=args.device, precision=args.precision))
+        services = {"": SearchService(Path(tmp) / "home", NAME, args.device, args.precision)}
+        if services[""].compute.precision != "fp32":
+            services["fp32_"] = SearchService(Path(tmp) / "home", NAME, args.device, "fp32")
         photos = [load_image(path) for path in sorted(folder.rglob("*.jpg"))[:8]]
-        query_ms, forward_ms = _interleaved(service, photos, device, args.queries)
-    rows = [{"what": what, "p50_ms": median(ms), "p95_ms": percentile(ms, 95), "min_ms": min(ms)}
-            for what, ms in (("SearchService.query", query_ms), ("forward only, batch 1", forward_ms))]
-    summary = {"benchmark": "query_latency", "device": str(device), "gallery": args.images, "queries": args.queries,
-               "arch": args.arch, "image_size": args.image_size, "query_p50_ms": rows[0]["p50_ms"],
-               "query_p95_ms": rows[0]["p95_ms"], "forward_p50_ms": rows[1]["p50_ms"],
-               "forward_p95_ms": rows[1]["p95_ms"], "ratio_query_over_forward_p50": rows[0]["p50_ms"] / rows[1]["p50_ms"],
-               "hardware": hardware(device)}
+        times = _interleaved(services, photos, args.queries)
+    default = services[""].compute
+    rows = [{"what": f"{what} ({services[prefix].compute.precision})", "p50_ms": median(ms),
+             "p95_ms": percentile(ms, 95), "min_ms": min(ms)} for (prefix, what), ms in times.items()]
+    summary = {"benchmark": "query_latency", "device": str(default.device), "precision": default.precision,
+               "gallery": args.images, "queries": args.queries, "arch": args.arch, "image_size": args.image_size}
+    for prefix in services:
+        query, forward = times[prefix, "query"], times[prefix, "forward"]
+        summary.update({f"{prefix}query_p50_ms": median(query), f"{prefix}query_p95_ms": percentile(query, 95),
+                        f"{prefix}forward_p50_ms": median(forward), f"{prefix}forward_p95_ms": percentile(forward, 95),
+                        f"{prefix}ratio_query_over_forward_p50": median(query) / median(forward)})
+    summary["ratio_fp32_query_p50"] = summary.get("fp32_query_p50_ms", summary["query_p50_ms"]) / summary["query_p50_ms"]
+    summary["hardware"] = hardware(default.device)
     finish("warm single-image query latency (ms)", rows, summary, args.json)
 
 
-def _interleaved(service: SearchService, photos: list, device: torch.device, queries: int) -> tuple[list, list]:
-    """Alternate a full query and a bare forward, so both see the same load from other processes."""
-    net, preprocess = service.model.net, service.model.bundle.preprocess
-    batch = preprocess.to_uint8(photos[0]).unsqueeze(0).to(device)
-    query_ms, forward_ms = [], []
+def _interleaved(services: dict[str, SearchService], photos: list, queries: int) -> dict[tuple[str, str], list]:
+    """Alternate a full query and a bare forward, for each precision in turn, so all see the same load."""
+    times: dict[tuple[str, str], list] = {(prefix, what): [] for prefix in services for what in ("query", "forward")}
     for i in range(WARMUP + queries):
-        q = seconds(lambda: service.query(photos[i % len(photos)], k=10), device) * 1e3
-        f = seconds(lambda: infer(net, batch, preprocess, device)[0].cpu(), device) * 1e3
-        if i >= WARMUP:
-            query_ms.append(q)
-            forward_ms.append(f)
-    return query_ms, forward_ms
+        for prefix, service in services.items():
+            served, device = service.served, service.compute.device
+            preprocess = served.model.bundle.preprocess
+            batch = preprocess.to_uint8(photos[0]).unsqueeze(0).to(device)
+            q = seconds(lambda: service.query(photos[i % len(photos)], k=10), device) * 1e3
+            f = seconds(lambda: infer(served.model.net, batch, preprocess, service.compute,
+                                      trunk=served.trunk)[0].cpu(), device) * 1e3
+            if i >= WARMUP:
+                times[prefix, "query"].append(q)
+                times[prefix, "forward"].append(f)
+    return times
 
 
 if __name__ == "__main__":

@@ -41,21 +41,23 @@ def build_index(data_dir: str | Path, name: str | None = None, home: str | Path 
                 progress: Progress | None = None, **options: Any) -> IndexReport:
     """Build or update the index NAME (default: the folder's name) of a folder of class folders.
 
-    `options` are `IndexJob` fields: arch, weights ("imagenet", "none" or a path), image_size, device,
-    batch_size, workers, chunk_size, compile; engine="ray" embeds on Ray Data (address, ray_actors, ray_shards).
-    Only new or changed files are embedded.
+    `options` are `IndexJob` fields: arch, weights ("imagenet", "none" or a path), image_size, device, precision
+    ("auto", "bf16", "fp32"), batch_size, workers, chunk_size, compile; engine="ray" embeds on Ray Data (address,
+    ray_actors, ray_shards). Only new or changed files are embedded.
     """
     job = _config(IndexJob, data_dir=str(data_dir), name=name or folder_name(data_dir), home=str(resolve_home(home)),
                   **options)
     return run_index(job, progress)
 
 
-def open_index(name: str, home: str | Path | None = None, device: str = "auto") -> SearchService:
+def open_index(name: str, home: str | Path | None = None, device: str = "auto",
+               precision: str = "auto") -> SearchService:
     """A warm index for queries: `.search(images, k, label, min_score)`, `.predict(images)`, `.info()`.
 
-    It follows newly published versions (and their models) by itself, without being opened again.
+    It follows newly published versions (and their models) by itself, without being opened again. `precision`
+    "auto" runs the model in bf16 where the device has native bf16 units, else float32; "fp32" forces float32.
     """
-    return SearchService(home, name, device)
+    return SearchService(home, name, device, precision)
 
 
 def train(data_dir: str | Path, name: str | None = None, home: str | Path | None = None, head_only: bool = False,
@@ -64,7 +66,7 @@ def train(data_dir: str | Path, name: str | None = None, home: str | Path | None
 
     `head_only` fits a classifier on the embeddings the index already stores (seconds, nothing re-embedded);
     otherwise the backbone is fine-tuned (or trained from scratch with weights="none"). `options` are
-    `TrainConfig` fields (arch, weights, epochs, lr, image_size, batch_size, device, resume, ...).
+    `TrainConfig` fields (arch, weights, epochs, lr, image_size, batch_size, device, precision, resume, ...).
     """
     config = _config(TrainConfig, data_dir=str(data_dir), name=name or folder_name(data_dir),
                      home=str(resolve_home(home)), head_only=head_only, **options)
@@ -123,11 +125,11 @@ def list_models(name: str, home: str | Path | None = None) -> list[ModelEntry]:
 
 
 def use_model(model: str, name: str, home: str | Path | None = None, device: str = "auto",
-              progress: Progress | None = None) -> IndexReport:
+              progress: Progress | None = None, precision: str = "auto") -> IndexReport:
     """Serve a kept model (a fingerprint, or a unique prefix of one), embedding only what it has no vectors for."""
     folder = IndexFolder.of(home, name)
     return serve_model(str(resolve_home(home)), name, resolve_fingerprint(folder, model), device=device,
-                       progress=progress)
+                       progress=progress, precision=precision)
 
 
 def export_model(name: str, out: str | Path, format: str = "onnx", home: str | Path | None = None,

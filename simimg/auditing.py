@@ -19,7 +19,7 @@ import numpy as np
 from simimg.findings import class_balance, crosses, exact_duplicates, label_issues, near_duplicates, \
     out_of_fold_probabilities, outliers
 from simimg.data import split_dataset
-from simimg.device import loader_workers, resolve_device
+from simimg.device import loader_workers, resolve_compute
 from simimg.embed import EmbedSettings
 from simimg.errors import SimimgError
 from simimg.fsutil import atomic_write_bytes
@@ -76,8 +76,8 @@ def run_audit(job: AuditJob, progress: Callable[[int, int], None] | None = None)
     folder = IndexFolder.of(job.home, job.name)
     base = serving_model(folder)
     split = split_dataset(job.data_dir, job.val_split, job.seed)
-    device = resolve_device(job.device)
-    settings = EmbedSettings(device, job.batch_size, loader_workers(job.workers, device))
+    compute = resolve_compute(job.device)
+    settings = EmbedSettings(compute, job.batch_size, loader_workers(job.workers, compute.device))
     found = split_vectors(folder, base, split, settings, progress)
     records = split.train + split.val
     keep = sorted(found.vectors)

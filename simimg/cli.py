@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from simimg import api
+from simimg.device import PRECISIONS
 from simimg.errors import SimimgError
 from simimg.heatmaps import METHODS
 from simimg.model import ARCHITECTURES
@@ -88,10 +89,17 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", help="imagenet (default, torchvision's weights API), none (random init), "
                                      "or PATH to a state dict or an earlier simimg model folder")
     p.add_argument("--image-size", type=positive_int, help="crop size in pixels (default 224)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    add_compute(p)
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--workers", type=non_negative_int,
                    help="decode processes (default: all cores feeding a GPU; none on the CPU, which decodes inline)")
+
+
+def add_compute(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto: CUDA when present)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto (default): bf16 where the device has native bf16 units (CUDA, or a CPU with "
+                        "AVX512-BF16 or AMX), else fp32 (CPU training: fp32); fp32 or bf16 force one")
 
 
 def emit(args: argparse.Namespace, payload: object, human: Callable[[], None]) -> None:
@@ -146,10 +154,10 @@ def _run_index(args: argparse.Namespace) -> int:
     bar = ProgressBar(f"index {name}")
     try:
         report = api.build_index(args.data_dir, name, args.home, progress=bar, arch=args.arch, weights=args.weights,
-                                 image_size=args.image_size, device=args.device, batch_size=args.batch_size,
-                                 workers=args.workers, chunk_size=args.chunk_size, compile=args.compile,
-                                 engine=args.engine, address=args.address, ray_actors=args.ray_actors,
-                                 ray_shards=args.ray_shards)
+                                 image_size=args.image_size, device=args.device, precision=args.precision,
+                                 batch_size=args.batch_size, workers=args.workers, chunk_size=args.chunk_size,
+                                 compile=args.compile, engine=args.engine, address=args.address,
+                                 ray_actors=args.ray_actors, ray_shards=args.ray_shards)
     finally:
         bar.close()
     emit(args, report.to_dict(), lambda: print_index_report(report))
@@ -173,11 +181,11 @@ def _query_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-k", type=positive_int, default=10, help="how many neighbours (default 10)")
     p.add_argument("--label", help="only neighbours with this label")
     p.add_argument("--min-score", type=float, help="only neighbours at least this similar (cosine, -1 to 1)")
-    p.add_argument("--device", default="auto")
+    add_compute(p)
 
 
 def _run_query(args: argparse.Namespace) -> int:
-    index = api.open_index(args.name, args.home, args.device)
+    index = api.open_index(args.name, args.home, args.device, args.precision)
     images = args.images[0] if len(args.images) == 1 else args.images  # one bad file alone is an error
     found = index.search(images, args.k, args.label, args.min_score)
     results = [found] if len(args.images) == 1 else found
@@ -258,7 +266,8 @@ class TrainBars:
 
 def _run_train(args: argparse.Namespace) -> int:
     options = {key: getattr(args, key) for key in ("arch", "epochs", "lr", "freeze_epochs", "patience", "seed",
-                                                   "val_split", "device", "resume", "workers", "memory_efficient",
+                                                   "val_split", "device", "precision", "resume", "workers",
+                                                   "memory_efficient",
                                                    "batch_size", "index")}
     bars = TrainBars()
     hooks = api.Hooks(on_epoch=bars.on_epoch, progress=lambda done, total: bars.bar(done, total),
@@ -294,7 +303,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data_dir", metavar="DATA_DIR", nargs="?",
                    help="evaluate on DATA_DIR/val if it exists, else on the validation split the model recorded")
     add_home(p)
-    p.add_argument("--device", default="auto")
+    add_compute(p)
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--workers", type=non_negative_int)
     p.add_argument("--model", help="a kept model's fingerprint (or a unique prefix); default: the one serving")
@@ -304,7 +313,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     bar = ProgressBar(f"evaluate {args.name}")
     try:
         result = api.evaluate(args.data_dir, args.name, args.home, model=args.model, progress=bar,
-                              device=args.device, batch_size=args.batch_size, workers=args.workers)
+                              device=args.device, precision=args.precision, batch_size=args.batch_size,
+                              workers=args.workers)
     finally:
         bar.close()
 
@@ -438,13 +448,14 @@ def _run_models(args: argparse.Namespace) -> int:
 def _use_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("fingerprint", metavar="FINGERPRINT", help="a kept model (a unique prefix is enough)")
     add_home(p)
-    p.add_argument("--device", default="auto")
+    add_compute(p)
 
 
 def _run_use(args: argparse.Namespace) -> int:
     bar = ProgressBar(f"use {args.fingerprint}")
     try:
-        report = api.use_model(args.fingerprint, args.name, args.home, args.device, progress=bar)
+        report = api.use_model(args.fingerprint, args.name, args.home, args.device, progress=bar,
+                               precision=args.precision)
     finally:
         bar.close()
     emit(args, report.to_dict(), lambda: print_index_report(report))

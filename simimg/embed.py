@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from simimg.device import autocast_for, memory_format_for, resolve_device
+from simimg.device import Compute, memory_format_for, resolve_compute
 from simimg.errors import BadImageError
+from simimg.fuse import bf16_inference_trunk, packed_ops_available
 from simimg.images import decode_image, read_bytes, to_rgb
 from simimg.model import LoadedModel, Net, build_model
 from simimg.preprocess import Preprocess
@@ -24,12 +25,14 @@ from simimg.scan import Skipped
 
 log = logging.getLogger(__name__)
 
+Trunk = Callable[[torch.Tensor], torch.Tensor]
+
 
 @dataclass(frozen=True)
 class EmbedSettings:
     """How to run the model over many files; the model and preprocessing come from the bundle."""
 
-    device: torch.device
+    compute: Compute
     batch_size: int = 64
     workers: int = 2
     compile: bool = False
@@ -90,29 +93,34 @@ def collate(items: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int
 
 
 @torch.inference_mode()
-def infer(net: Net, batch: torch.Tensor, preprocess: Preprocess, device: torch.device,
-          with_logits: bool = False, trunk: Callable[[torch.Tensor], torch.Tensor] | None = None,
-          ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """uint8 NCHW (any device) to L2-normalised float32 embeddings on `device`, and the head's logits if asked.
+def infer(net: Net, batch: torch.Tensor, preprocess: Preprocess, compute: Compute, with_logits: bool = False,
+          trunk: Trunk | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """uint8 NCHW (any device) to L2-normalised float32 embeddings on the device, and the head's logits if asked.
 
-    `trunk` stands in for `net.embed` (a compiled copy of it, see `prepare_net`).
+    `trunk` stands in for `net.embed` (what `prepare_net` returned for it). The head runs in float32: it is tiny.
     """
+    device = compute.device
     x = preprocess.normalize(batch.to(device, non_blocking=True)).contiguous(memory_format=memory_format_for(device))
-    with autocast_for(device)():
+    with compute.autocast():
         features = (trunk or net.embed)(x)
-        logits = net.logits(features) if with_logits and net.head is not None else None
-    embeddings = torch.nn.functional.normalize(features.float(), dim=1)
-    return embeddings, None if logits is None else logits.float()
+    features = features.float()
+    logits = net.logits(features).float() if with_logits and net.head is not None else None
+    return torch.nn.functional.normalize(features, dim=1), logits
 
 
-def prepare_net(net: Net, device: torch.device, compile: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Put `net` in eval mode on `device` in the fast memory format; returns its embedding function.
+def prepare_net(net: Net, compute: Compute, image_size: int, compile: bool = False) -> Trunk:
+    """Put `net` in eval mode on its device in the fast memory format; returns its embedding function for `infer`.
 
-    With `compile`, that function is `torch.compile`d (slow to start, faster per batch); `net` itself stays plain,
-    so its state dict and fingerprint never change.
+    On a CPU in bf16 that function is a packed bf16 copy of the trunk (fuse.py: 1.3x the speed of eager bf16 at
+    batch 1); with `compile`, it is `net.embed` `torch.compile`d (slow to start, faster per batch). `net` itself
+    stays as it was, so its state dict and fingerprints never change.
     """
-    net.eval().to(device, memory_format=memory_format_for(device))
-    return torch.compile(net.embed) if compile else net.embed
+    net.eval().to(compute.device, memory_format=memory_format_for(compute.device))
+    if compile:
+        return torch.compile(net.embed)
+    if compute.device.type == "cpu" and compute.precision == "bf16" and packed_ops_available():
+        return bf16_inference_trunk(net.trunk, image_size)
+    return net.embed
 
 
 @functools.cache
@@ -155,11 +163,11 @@ def make_loader(files: Sequence[Path], transform: ImageTransform, batch_size: in
 
 def embed_files(net: Net, paths: Sequence[Path], preprocess: Preprocess, settings: EmbedSettings) -> Iterator[EmbeddedBatch]:
     """Yield a batch at a time, so callers can checkpoint and report progress as they go."""
-    device = settings.device
-    trunk = prepare_net(net, device, settings.compile)
-    loader = make_loader(paths, preprocess, settings.batch_size, settings.workers, device)
+    compute = settings.compute
+    trunk = prepare_net(net, compute, preprocess.crop_size, settings.compile)
+    loader = make_loader(paths, preprocess, settings.batch_size, settings.workers, compute.device)
     for positions, batch, hashes, failures in loader:
-        vectors = (infer(net, batch, preprocess, device, trunk=trunk)[0].cpu().numpy() if positions
+        vectors = (infer(net, batch, preprocess, compute, trunk=trunk)[0].cpu().numpy() if positions
                    else np.empty((0, net.dim), np.float32))
         yield EmbeddedBatch(positions, vectors, hashes, failures)
 
@@ -172,11 +180,12 @@ class Encoder:
     """
 
     def __init__(self, arch: str = "densenet121", weights: str = "imagenet", image_size: int = 224,
-                 device: str = "auto", batch_size: int = 64, model: LoadedModel | None = None) -> None:
-        self.device = resolve_device(device)
+                 device: str = "auto", batch_size: int = 64, model: LoadedModel | None = None,
+                 precision: str = "auto") -> None:
+        self.compute = resolve_compute(device, precision)
         self.model = model or build_model(arch, weights, image_size)
         self.batch_size = batch_size
-        self._trunk = prepare_net(self.model.net, self.device)
+        self._trunk = prepare_net(self.model.net, self.compute, self.model.bundle.preprocess.crop_size)
 
     @property
     def dim(self) -> int:
@@ -200,6 +209,6 @@ class Encoder:
                     skipped.append(Skipped(str(item) if not isinstance(item, Image.Image) else f"<image {i}>",
                                            err.reason))
             if tensors:
-                embedded, _ = infer(self.model.net, torch.stack(tensors), preprocess, self.device, trunk=self._trunk)
+                embedded, _ = infer(self.model.net, torch.stack(tensors), preprocess, self.compute, trunk=self._trunk)
                 vectors.append(embedded.cpu().numpy())
         return np.concatenate(vectors), skipped

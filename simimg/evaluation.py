@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 
 from simimg.catalog import reading
 from simimg.data import Split, split_dataset
-from simimg.device import loader_workers, memory_format_for, resolve_device
-from simimg.embed import infer, make_loader
+from simimg.device import Compute, loader_workers, resolve_compute
+from simimg.embed import Trunk, infer, make_loader, prepare_net
 from simimg.errors import SimimgError
 from simimg.layout import IndexFolder
 from simimg.model import LoadedModel, Net
@@ -47,7 +47,7 @@ class Predictions:
 
 def run_evaluation(name: str, home: str | None, data_dir: str | None = None, device: str = "auto",
                    progress: Progress | None = None, batch_size: int = 64, workers: int | None = None,
-                   model: str | None = None) -> dict:
+                   model: str | None = None, precision: str = "auto") -> dict:
     """The `simimg evaluate --json` object for the serving (or the named kept) model of index NAME."""
     paths = IndexFolder.of(home, name)
     fingerprint = resolve_fingerprint(paths, model) if model else serving_model(paths)
@@ -56,13 +56,13 @@ def run_evaluation(name: str, home: str | None, data_dir: str | None = None, dev
         raise SimimgError(f"model {fingerprint} of '{name}' has no trained classifier: run "
                           f"`simimg train DATA_DIR --name {name}` (add --head-only for one in seconds)")
     split = evaluation_split(model, data_dir)
-    dev = resolve_device(device)
-    model.net.to(dev, memory_format=memory_format_for(dev))
-    workers = loader_workers(workers, dev)
+    compute = resolve_compute(device, precision)
+    trunk = prepare_net(model.net, compute, model.bundle.preprocess.crop_size)
+    workers = loader_workers(workers, compute.device)
 
     def predict(records: Sequence[Record], report: Progress | None) -> Predictions:
-        loader = make_loader(split.files(records), model.bundle.preprocess, batch_size, workers, dev)
-        return predict_loader(model.net, loader, model.bundle.preprocess, dev, report)
+        loader = make_loader(split.files(records), model.bundle.preprocess, batch_size, workers, compute.device)
+        return predict_loader(model.net, loader, model.bundle.preprocess, compute, report, trunk)
 
     val = predict(split.val, progress)
     labels = split.labels(split.val)[val.positions]
@@ -114,9 +114,12 @@ def evaluation_split(model: LoadedModel, data_dir: str | None) -> Split:
     return Split(split.root, model.bundle.classes, split.train, split.val, split.kind, split.skipped)
 
 
-def predict_loader(net: Net, loader: DataLoader, preprocess: Preprocess, device: torch.device,
-                   progress: Progress | None = None) -> Predictions:
-    """Embeddings and logits (CPU float32) for every readable file of `loader`; failures are listed, not raised."""
+def predict_loader(net: Net, loader: DataLoader, preprocess: Preprocess, compute: Compute,
+                   progress: Progress | None = None, trunk: Trunk | None = None) -> Predictions:
+    """Embeddings and logits (CPU float32) for every readable file of `loader`; failures are listed, not raised.
+
+    `trunk` is `prepare_net`'s embedding function; training's validation passes none (its weights keep changing).
+    """
     net.eval()
     positions: list[int] = []
     embeddings: list[torch.Tensor] = []
@@ -125,7 +128,7 @@ def predict_loader(net: Net, loader: DataLoader, preprocess: Preprocess, device:
     total, done = len(loader.dataset), 0
     for batch_positions, batch, _, batch_failures in loader:
         if batch_positions:
-            emb, out = infer(net, batch, preprocess, device, with_logits=net.head is not None)
+            emb, out = infer(net, batch, preprocess, compute, with_logits=net.head is not None, trunk=trunk)
             positions += batch_positions
             embeddings.append(emb.cpu())
             logits.append(out.cpu() if out is not None else torch.empty(len(batch_positions), 0))

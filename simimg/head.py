@@ -25,7 +25,7 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
 from simimg.catalog import reading
 from simimg.data import Split
-from simimg.device import loader_workers
+from simimg.device import Compute, loader_workers
 from simimg.embed import EmbedSettings, embed_files
 from simimg.errors import SimimgError
 from simimg.evaluation import classification_metrics
@@ -71,14 +71,14 @@ def logistic_regression(c: float = 1.0) -> LogisticRegression:
     return LogisticRegression(C=c, class_weight="balanced", max_iter=2000)
 
 
-def train_head(config: TrainConfig, split: Split, folder: IndexFolder, device: torch.device,
+def train_head(config: TrainConfig, split: Split, folder: IndexFolder, compute: Compute,
                hooks: Hooks) -> TrainReport:
     """Fit a head on the serving model's stored embeddings of the split and keep it as a model version.
 
     `training.run_training` calls this under the training lock, and serves the result.
     """
     base = serving_model(folder)
-    settings = EmbedSettings(device, config.batch_size, loader_workers(config.workers, device))
+    settings = EmbedSettings(compute, config.batch_size, loader_workers(config.workers, compute.device))
     found = split_vectors(folder, base, split, settings)
     vectors = found.vectors
     hooks.on_phase("training")
@@ -94,7 +94,7 @@ def train_head(config: TrainConfig, split: Split, folder: IndexFolder, device: t
     bundle = _keep_head(folder, base, head, split, metrics, config, found.counts)
     log.info("head-only '%s': val accuracy %.3f (C=%g) from %d stored and %d new embeddings", config.name,
              metrics["accuracy"], head.c, found.counts["from_catalog"], found.counts["embedded"])
-    return TrainReport(config.name, 0, metrics["accuracy"], [], 0.0, str(device), False, False, found.skipped,
+    return TrainReport(config.name, 0, metrics["accuracy"], [], 0.0, str(compute), False, False, found.skipped,
                        bundle.fingerprint, "head", None, {**found.counts, "C": head.c})
 
 

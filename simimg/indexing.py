@@ -25,7 +25,7 @@ import faiss
 import numpy as np
 
 from simimg.catalog import Catalog, NewImage, Published, Row, reading
-from simimg.device import loader_workers, resolve_device
+from simimg.device import loader_workers, resolve_compute
 from simimg.embed import EmbeddedBatch, EmbedSettings, embed_files
 from simimg.errors import SimimgError
 from simimg.faiss_index import build_index, index_kind_for, load_index, save_index, update_index
@@ -55,6 +55,7 @@ class IndexJob:
     weights: str | None = None
     image_size: int | None = None
     device: str = "auto"
+    precision: str = "auto"  # bf16 where it is native (device.resolve_compute), else fp32; or either, forced
     batch_size: int = 64
     workers: int | None = None
     chunk_size: int = 512
@@ -75,7 +76,7 @@ class IndexReport:
     total: int
     skipped: list[Skipped]
     seconds: float
-    device: str
+    device: str  # where the model ran and in what precision: "cpu (bf16)", "cuda (bf16)", "cpu (fp32)"
     version: int
     rebuilt: bool
     model: str = ""
@@ -154,7 +155,7 @@ class LocalEngine:
 
     @property
     def description(self) -> str:
-        return str(self.settings.device)
+        return str(self.settings.compute)
 
     def embed(self, model: LoadedModel, root: Path, run: str, work: Work) -> Iterator[EmbeddedBatch]:
         files = [root / item.path for item in work]
@@ -176,9 +177,9 @@ def open_engine(job: IndexJob, folder: IndexFolder) -> AbstractContextManager[En
                                          ("--ray-shards", job.ray_shards)) if value is not None]
     if ray_only:
         raise SimimgError(f"{', '.join(ray_only)} only apply with --engine ray")
-    device = resolve_device(job.device)
-    return nullcontext(LocalEngine(EmbedSettings(device, job.batch_size, loader_workers(job.workers, device),
-                                                 job.compile)))
+    compute = resolve_compute(job.device, job.precision)
+    workers = loader_workers(job.workers, compute.device)
+    return nullcontext(LocalEngine(EmbedSettings(compute, job.batch_size, workers, job.compile)))
 
 
 def _model_for(job: IndexJob, folder: IndexFolder) -> LoadedModel:
@@ -414,7 +415,7 @@ def _sha256_file(path: Path) -> str | None:
 
 
 def serve_model(home: str | Path | None, name: str, model: str, data_dir: str | None = None, device: str = "auto",
-                workers: int | None = None, progress: Progress | None = None) -> IndexReport:
+                workers: int | None = None, progress: Progress | None = None, precision: str = "auto") -> IndexReport:
     """Publish a version of NAME answered by its kept `model`, over the index's own collection.
 
     The collection is the folder the index was last built from (index_job.json), else `data_dir`, else the
@@ -429,8 +430,8 @@ def serve_model(home: str | Path | None, name: str, model: str, data_dir: str | 
                           f"run `simimg index DATA_DIR --name {name}` once")
     base = recorded or IndexJob(data_dir=str(data_dir), name=name, home=str(folder.root.parent))
     job = replace(base, name=name, home=str(folder.root.parent), arch=None, weights=None, image_size=None,
-                  device=device, workers=workers, model=model, wait=True, engine="local", address=None,
-                  ray_actors=None, ray_shards=None)
+                  device=device, precision=precision, workers=workers, model=model, wait=True, engine="local",
+                  address=None, ray_actors=None, ray_shards=None)
     return run_index(job, progress)
 
 

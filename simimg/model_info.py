@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from simimg.device import autocast_for, memory_format_for, resolve_device
+from simimg.device import Compute, memory_format_for, resolve_compute
 from simimg.model import Net, build_model, set_memory_efficient, with_classes
 
 
@@ -15,7 +15,7 @@ def model_info(arch: str, image_size: int = 224, device: str = "auto", batch_siz
 
     FLOPs count a multiply-add as two (torch's FlopCounterMode); `gmacs` is the figure torchvision's docs quote.
     """
-    dev = resolve_device(device)
+    compute = resolve_compute(device)
     loaded = with_classes(build_model(arch, "none", image_size), tuple(str(i) for i in range(1000)))
     net = loaded.net
     set_memory_efficient(net, memory_efficient)
@@ -25,20 +25,21 @@ def model_info(arch: str, image_size: int = 224, device: str = "auto", batch_siz
     info = {"arch": arch, "image_size": image_size, "parameters": sum(p.numel() for p in net.parameters()),
             "trunk_parameters": sum(p.numel() for p in net.trunk.parameters()), "embedding_dim": net.dim,
             "gflops": round(counter.get_total_flops() / 1e9, 3), "gmacs": round(counter.get_total_flops() / 2e9, 3),
-            "device": str(dev), "batch_size": batch_size,
+            "device": str(compute), "batch_size": batch_size,
             "memory_efficient": memory_efficient, "peak_training_memory_mib": None}
-    if dev.type == "cuda":
-        info["peak_training_memory_mib"] = _peak_training_memory(net, image_size, dev, batch_size)
+    if compute.device.type == "cuda":
+        info["peak_training_memory_mib"] = _peak_training_memory(net, image_size, compute, batch_size)
     return info
 
 
-def _peak_training_memory(net: Net, image_size: int, device: torch.device, batch_size: int) -> float:
+def _peak_training_memory(net: Net, image_size: int, compute: Compute, batch_size: int) -> float:
     """One forward and backward pass under the training settings (bf16 autocast, channels_last)."""
+    device = compute.device
     net.train().to(device, memory_format=memory_format_for(device))
     torch.cuda.reset_peak_memory_stats(device)
     x = torch.randn(batch_size, 3, image_size, image_size, device=device)
     x = x.contiguous(memory_format=memory_format_for(device))
-    with autocast_for(device)():
+    with compute.autocast():
         loss = net(x).float().logsumexp(dim=1).mean()
     loss.backward()
     torch.cuda.synchronize(device)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 import numpy as np
 import torch
 
+from simimg.device import resolve_compute
 from simimg.embed import EmbeddedBatch, FileDataset, infer, prepare_net
 from simimg.errors import SimimgError
 from simimg.layout import IndexFolder
@@ -115,7 +116,8 @@ class RayEngine:
                             fn_kwargs={"root": str(root), "preprocess": model.bundle.preprocess})
         ds = ds.map_batches(EmbedActor, batch_size=job.batch_size, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=self.actors),
-                            fn_constructor_kwargs={"model": model, "use_gpu": self.use_gpu, "compile": job.compile},
+                            fn_constructor_kwargs={"model": model, "use_gpu": self.use_gpu, "precision": job.precision,
+                                                   "compile": job.compile},
                             num_gpus=1 if self.use_gpu else 0, num_cpus=1 if self.use_gpu else CPUS_PER_ACTOR)
         ds = ds.map_batches(write_shard, batch_size=job.chunk_size, batch_format="numpy", num_cpus=WRITER_CPUS,
                             fn_kwargs={"run": run.uri})
@@ -149,19 +151,19 @@ def decode_files(batch: dict[str, np.ndarray], root: str, preprocess: Preprocess
 class EmbedActor:
     """One model replica per actor: decoded pixels in, unit-length float32 vectors out (zeros for bad files)."""
 
-    def __init__(self, model: LoadedModel, use_gpu: bool, compile: bool) -> None:
-        self.device = torch.device("cuda" if use_gpu else "cpu")
+    def __init__(self, model: LoadedModel, use_gpu: bool, precision: str, compile: bool) -> None:
+        self.compute = resolve_compute("cuda" if use_gpu else "cpu", precision)
         if not use_gpu:
             torch.set_num_threads(CPUS_PER_ACTOR)  # this worker process's own setting: it reserved these CPUs
         self.model = model
-        self.trunk = prepare_net(model.net, self.device, compile)
+        self.trunk = prepare_net(model.net, self.compute, model.bundle.preprocess.crop_size, compile)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         good = np.flatnonzero(batch["reason"] == "")
         vectors = np.zeros((len(batch["reason"]), self.model.net.dim), np.float32)
         if len(good):
             pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][good]))
-            embedded, _ = infer(self.model.net, pixels, self.model.bundle.preprocess, self.device, trunk=self.trunk)
+            embedded, _ = infer(self.model.net, pixels, self.model.bundle.preprocess, self.compute, trunk=self.trunk)
             vectors[good] = embedded.cpu().numpy()
         return {**{key: value for key, value in batch.items() if key != "pixels"}, "vector": vectors}
 

@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 
 from simimg.catalog import Catalog, Snapshot
-from simimg.device import resolve_device
-from simimg.embed import infer, prepare_net
+from simimg.device import resolve_compute
+from simimg.embed import Trunk, infer, prepare_net
 from simimg.errors import BadImageError, SimimgError
 from simimg.faiss_index import VectorSearcher, load_index, make_searcher
 from simimg.images import load_image, to_rgb
@@ -93,6 +93,7 @@ class ServedVersion:
 
     snapshot: Snapshot
     model: LoadedModel
+    trunk: Trunk  # the model's embedding function, prepared once for this service's device and precision
     searcher: VectorSearcher
     label_ids: dict[str | None, np.ndarray]
 
@@ -100,12 +101,13 @@ class ServedVersion:
 class SearchService:
     """A warm model and index for one name; safe to share between threads (the app's sessions, a server)."""
 
-    def __init__(self, home: str | Path | None, name: str, device: str = "auto") -> None:
+    def __init__(self, home: str | Path | None, name: str, device: str = "auto", precision: str = "auto") -> None:
         self.folder = IndexFolder.of(home, name)
         if not self.folder.catalog.exists():
             raise SimimgError(f"no index named '{name}' in {self.folder.root.parent}: build it with "
                               f"`simimg index DATA_DIR --name {name}`")
-        self.device = resolve_device(device)
+        self.compute = resolve_compute(device, precision)
+        self.device = self.compute.device
         self.catalog = Catalog(self.folder.catalog, readonly=True)
         self._refreshing = threading.Lock()  # one loader at a time; it also guards the catalog connection
         self._served: ServedVersion | None = None
@@ -150,8 +152,8 @@ class SearchService:
             if snapshot is None:
                 raise SimimgError(f"index '{self.folder.name}' has no finished version yet: run `simimg index`")
             try:
-                model = current.model if current and current.model.bundle.fingerprint == snapshot.model else \
-                    self._load_model(snapshot.model)
+                same_model = current is not None and current.model.bundle.fingerprint == snapshot.model
+                model, trunk = (current.model, current.trunk) if same_model else self._load_model(snapshot.model)
                 index = load_index(self.folder.faiss(snapshot.version))
             except SimimgError:
                 if self.catalog.version == snapshot.version:
@@ -163,13 +165,12 @@ class SearchService:
             labels = np.array(snapshot.labels, dtype=object)
             label_ids = {lab: snapshot.ids[labels == lab] for lab in set(snapshot.labels)}
             log.info("serving version %d of '%s' with model %s", snapshot.version, self.folder.name, snapshot.model)
-            return ServedVersion(snapshot, model, make_searcher(index, self.device), label_ids)
+            return ServedVersion(snapshot, model, trunk, make_searcher(index, self.device), label_ids)
         raise SimimgError(f"index '{self.folder.name}' kept changing while loading; try again")
 
-    def _load_model(self, fingerprint: str) -> LoadedModel:
+    def _load_model(self, fingerprint: str) -> tuple[LoadedModel, Trunk]:
         model = load_model(self.folder, fingerprint)
-        prepare_net(model.net, self.device)
-        return model
+        return model, prepare_net(model.net, self.compute, model.bundle.preprocess.crop_size)
 
     # --- the public API: images (paths or PIL) in ---------------------------------------------------
     def search(self, images: ImageInput | Sequence[ImageInput], k: int = 10, label: str | None = None,
@@ -255,8 +256,8 @@ class SearchService:
     def _embed(self, served: ServedVersion, images: Sequence[Image.Image]) -> tuple[np.ndarray, torch.Tensor | None]:
         preprocess = served.model.bundle.preprocess
         batch = torch.stack([preprocess.to_uint8(to_rgb(image)) for image in images])
-        embeddings, logits = infer(served.model.net, batch, preprocess, self.device,
-                                   with_logits=served.model.bundle.has_classifier)
+        embeddings, logits = infer(served.model.net, batch, preprocess, self.compute,
+                                   with_logits=served.model.bundle.has_classifier, trunk=served.trunk)
         return embeddings.cpu().numpy(), None if logits is None else logits.cpu()
 
     def explain(self, image: ImageInput, neighbor: ImageInput | None = None, label: str | None = None,
@@ -300,8 +301,8 @@ class SearchService:
                 "arch": b.arch, "dim": b.dim, "model": b.fingerprint, "embedding": b.embedding, "kind": b.kind,
                 "source": b.source, "image_size": b.preprocess.crop_size, "classifier": b.has_classifier,
                 "classes": list(b.classes), "val_accuracy": b.val_accuracy, "untrained": b.random_features,
-                "version": snap.version,
-                "index_kind": snap.index_kind, "data_root": str(self.data_root)}
+                "version": snap.version, "index_kind": snap.index_kind, "data_root": str(self.data_root),
+                "device": str(self.compute)}
 
     def close(self) -> None:
         with self._refreshing:

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from simimg.data import Split, TrainAugment, class_weights, split_dataset
-from simimg.device import autocast_for, loader_workers, memory_format_for, resolve_device
+from simimg.device import Compute, loader_workers, memory_format_for, resolve_compute
 from simimg.embed import make_loader
 from simimg.errors import SimimgError
 from simimg.evaluation import classification_metrics, predict_loader
@@ -62,6 +62,7 @@ class TrainConfig:
     freeze_epochs: int | None = None
     patience: int | None = None
     device: str = "auto"
+    precision: str = "auto"  # bf16 autocast on CUDA with bf16, else fp32 (device.resolve_compute); or either
     seed: int = 0
     resume: bool = False
     workers: int | None = None  # decode processes: all cores feeding a GPU, none on the CPU (device.loader_workers)
@@ -90,7 +91,7 @@ class TrainReport:
     val_accuracy: float
     history: list[EpochStats]
     seconds: float
-    device: str
+    device: str  # where it ran and in what precision: "cpu (bf16)", "cuda (bf16)", "cpu (fp32)"
     stopped_early: bool
     cancelled: bool
     skipped: list[dict] = field(default_factory=list)
@@ -181,7 +182,7 @@ class _Run:
     recipe: Recipe
     split: Split
     folder: IndexFolder
-    device: torch.device
+    compute: Compute
     model: LoadedModel
     source: str
     optimizer: torch.optim.Optimizer
@@ -202,26 +203,26 @@ def run_training(config: TrainConfig, hooks: Hooks = Hooks()) -> TrainReport:
     folder = IndexFolder.of(config.home, config.name)
     hooks.on_phase("loading")
     split = split_dataset(config.data_dir, config.val_split, config.seed)
-    device = resolve_device(config.device)
+    compute = resolve_compute(config.device, config.precision, training=not config.head_only)
     with writer_lock(folder.train_lock, f"training of '{config.name}'"):
         if config.head_only:
             from simimg.head import train_head
 
-            report = train_head(config, split, folder, device, hooks)
+            report = train_head(config, split, folder, compute, hooks)
         else:
-            report = _fine_tune(config, split, folder, device, hooks)
+            report = _fine_tune(config, split, folder, compute, hooks)
     index = None
     if report.model and config.index and not report.cancelled:
         hooks.on_phase("indexing")
         index = serve_model(config.home, config.name, report.model, config.data_dir, config.device, config.workers,
-                            hooks.progress)
+                            hooks.progress, config.precision)
     return replace(report, seconds=round(time.perf_counter() - started, 3), index=index)
 
 
-def _fine_tune(config: TrainConfig, split: Split, folder: IndexFolder, device: torch.device,
+def _fine_tune(config: TrainConfig, split: Split, folder: IndexFolder, compute: Compute,
                hooks: Hooks) -> TrainReport:
     """Epochs until done, stopped early or cancelled; the best one is kept as a model version."""
-    run = _open_run(config, split, folder, device)
+    run = _open_run(config, split, folder, compute)
     cancelled = False
     while run.state.epoch < run.recipe.epochs and not run.state.stopped_early and not cancelled:
         stats = _run_epoch(run, hooks)
@@ -235,12 +236,13 @@ def _fine_tune(config: TrainConfig, split: Split, folder: IndexFolder, device: t
     skipped = [{"path": s.path, "reason": s.reason} for s in split.skipped]
     skipped += [{"path": p, "reason": r} for p, r in sorted(run.skipped.items())]
     return TrainReport(config.name, state.best_epoch, best.val_accuracy if best else 0.0, list(state.history), 0.0,
-                       str(device), state.stopped_early, cancelled, skipped, bundle.fingerprint if bundle else "",
+                       str(compute), state.stopped_early, cancelled, skipped, bundle.fingerprint if bundle else "",
                        "fine-tuned")
 
 
-def _open_run(config: TrainConfig, split: Split, folder: IndexFolder, device: torch.device) -> _Run:
+def _open_run(config: TrainConfig, split: Split, folder: IndexFolder, compute: Compute) -> _Run:
     """Build (or, with resume, restore) the model, optimizer and loaders."""
+    device = compute.device
     recipe = recipe_for(config)
     torch.manual_seed(config.seed)
     checkpoint = _read_checkpoint(folder, split, config) if config.resume else None
@@ -264,7 +266,7 @@ def _open_run(config: TrainConfig, split: Split, folder: IndexFolder, device: to
     train_loader = make_loader(split.files(split.train), augment, config.batch_size, workers, device,
                                shuffle=True, seed=config.seed, drop_last=len(split.train) > config.batch_size)
     val_loader = make_loader(split.files(split.val), model.bundle.preprocess, config.batch_size, workers, device)
-    run = _Run(config, recipe, split, folder, device, model, source, optimizer, criterion, train_loader, val_loader,
+    run = _Run(config, recipe, split, folder, compute, model, source, optimizer, criterion, train_loader, val_loader,
                _State())
     if checkpoint is not None:
         _restore(run, checkpoint)
@@ -296,11 +298,12 @@ def _run_epoch(run: _Run, hooks: Hooks) -> EpochStats | None:
     train_loss, train_accuracy, images = trained
     train_seconds = time.perf_counter() - started
     hooks.on_phase("validating")
-    val = predict_loader(run.model.net, run.val_loader, run.model.bundle.preprocess, run.device, hooks.progress)
+    val = predict_loader(run.model.net, run.val_loader, run.model.bundle.preprocess, run.compute, hooks.progress)
     run.skipped.update({run.split.val[i].path: why for i, why in val.failures})
     labels = run.split.labels(run.split.val)[val.positions]
     with torch.no_grad():
-        val_loss = float(run.criterion(val.logits.to(run.device), torch.from_numpy(labels).to(run.device)))
+        device = run.compute.device
+        val_loss = float(run.criterion(val.logits.to(device), torch.from_numpy(labels).to(device)))
     metrics = classification_metrics(labels, torch.softmax(val.logits, 1).numpy(), run.split.classes)
     lr = max(g["lr"] for g in run.optimizer.param_groups)
     stats = EpochStats(epoch, phase, round(train_loss, 6), round(train_accuracy, 6), round(val_loss, 6),
@@ -315,12 +318,12 @@ def _run_epoch(run: _Run, hooks: Hooks) -> EpochStats | None:
 def _train_epoch(run: _Run, epoch: int, phase: str, progress: Callable[[int, int], None],
                  should_stop: Callable[[], bool]) -> tuple[float, float, int] | None:
     """(mean loss, accuracy, images) over one pass of the training images; None when should_stop() said so."""
-    net, device, preprocess = run.model.net, run.device, run.model.bundle.preprocess
+    net, device, preprocess = run.model.net, run.compute.device, run.model.bundle.preprocess
     net.train()
     net.trunk.requires_grad_(phase != "frozen")
     if phase == "frozen":
         net.trunk.eval()  # a frozen backbone keeps its batch-norm statistics too
-    autocast, layout = autocast_for(device), memory_format_for(device)
+    autocast, layout = run.compute.autocast, memory_format_for(device)
     labels = torch.from_numpy(run.split.labels(run.split.train))
     total = len(run.train_loader)
     steps_per_epoch, step = total, (epoch - 1) * total
@@ -385,7 +388,7 @@ def _keep_best(run: _Run, cancelled: bool) -> ModelBundle | None:
     net.load_state_dict(run.best_weights)
     best = state.history[state.best_epoch - 1]
     info = {"weights": run.config.weights, "training": {
-        "config": asdict(run.config), "recipe": asdict(run.recipe), "device": str(run.device),
+        "config": asdict(run.config), "recipe": asdict(run.recipe), "device": str(run.compute),
         "best_epoch": state.best_epoch, "stopped_early": state.stopped_early, "cancelled": cancelled,
         "metrics": {k: getattr(best, k) for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")},
         "history": [asdict(h) for h in state.history], "split": run.split.describe(),

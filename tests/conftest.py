@@ -14,7 +14,8 @@ import torch
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+# ../shared/datasets beside the checkout; a machine without it (a lent GPU box) points SIMIMG_DATASETS at a copy
+SHARED_DATASETS = Path(os.environ.get("SIMIMG_DATASETS") or ROOT.parent / "shared" / "datasets")
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -55,6 +56,14 @@ def synthetic_image(kind: int, rng: np.random.Generator, size: int = 96) -> Imag
 def image_folder(tmp_path: Path) -> Path:
     """Two classes of ten small PNGs each."""
     return make_class_images(tmp_path / "photos", {"circles": 10, "squares": 10})
+
+
+@pytest.fixture
+def cuda() -> torch.device:
+    """The CUDA device, or a skip: for `gpu`-marked tests."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return torch.device("cuda")
 
 
 @pytest.fixture

@@ -15,19 +15,23 @@ import pytest
 from conftest import ROOT
 
 TINY_MODEL = ["--image-size", "32", "--repeats", "1"]
+# this checkout's simimg first, whatever an installed copy points at (a script's own folder is sys.path[0])
+BENCH_ENV = {**os.environ, "SIMIMG_OFFLINE": "1",
+             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 CASES = {
     "audit_recall.py": (["--images", "12", "--flips", "2", "--exact", "2", "--near", "2", "--image-size", "32"],
                         {"exact_recall", "identical_groups", "near_threshold", "audit_s"}),
     "index_throughput.py": (["--device", "cpu", "--images", "8", "--batch-size", "4", "--workers", "1", *TINY_MODEL],
-                            {"device", "images", "end_to_end_img_s", "model_only_img_s", "baseline_img_s",
-                             "ratio_model_only", "ratio_baseline"}),
+                            {"device", "precision", "images", "end_to_end_img_s", "model_only_img_s",
+                             "baseline_img_s", "ratio_model_only", "ratio_fp32_model_only", "ratio_baseline"}),
     "head_only.py": (["--images", "12", *TINY_MODEL], {"images", "head_only_s", "fine_tune_epoch_s",
                                                         "ratio_fine_tune_epoch", "index_after_embedded"}),
     "search.py": (["--n", "3000", "--dim", "32", "--queries", "10", "--nprobe", "4,8"],
                   {"N", "dim", "ivf_ms_per_query", "ivf_recall_at_k", "flat_ms_per_query", "rows"}),
     "query_latency.py": (["--images", "4", "--queries", "2", *TINY_MODEL],
-                         {"device", "query_p50_ms", "query_p95_ms", "forward_p50_ms", "ratio_query_over_forward_p50"}),
+                         {"device", "precision", "query_p50_ms", "query_p95_ms", "forward_p50_ms",
+                          "ratio_query_over_forward_p50", "ratio_fp32_query_p50"}),
     "index_engines.py": (["--images", "8", "--batch-size", "4", "--repeats", "1", "--image-size", "32"],
                          {"images", "local_s", "ray_s", "ratio_ray_over_local", "min_cosine", "same_result"}),
     "serve_load.py": (["--gallery", "8", "--image-size", "32", "--requests", "8", "--concurrency", "2",
@@ -41,9 +45,8 @@ CASES = {
 @pytest.mark.parametrize("script", sorted(CASES))
 def test_benchmark_ends_with_its_json_line(script):
     args, required = CASES[script]
-    env = {**os.environ, "SIMIMG_OFFLINE": "1", "PYTHONPATH": str(ROOT)}  # this checkout's simimg
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--json"], capture_output=True,
-                          text=True, timeout=600, cwd=ROOT, env=env)
+                          text=True, timeout=600, cwd=ROOT, env=BENCH_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert required <= set(result), required - set(result)
@@ -53,3 +56,25 @@ def test_benchmark_ends_with_its_json_line(script):
     if script == "audit_recall.py":  # every byte-identical group, injected or not, is reported
         assert result["exact_recall"] == 1.0 and result["identical_groups_reported"] == result["identical_groups"]
         assert 0 <= result["near_recall"] <= 1 and 0 <= result["flip_recall"] <= 1
+    if result.get("precision") == "bf16":  # both precisions in the same run
+        assert {"fp32_model_only_img_s", "fp32_query_p50_ms"} & set(result), result
+
+
+def test_the_gpu_suite_runs_every_step_on_the_cpu(tmp_path):
+    """benchmarks/gpu_suite.sh --cpu-smoke: each step of the GPU suite, at tiny sizes, into one JSON summary."""
+    env = {**BENCH_ENV, "PYTHON": sys.executable, "SIMIMG_DEVICE_DATA": str(tmp_path / "nothing-carried")}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--cpu-smoke", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=1800, cwd=ROOT, env=env)
+    summary = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert proc.returncode == 0 and summary["ok"], {k: v.get("error") for k, v in summary["steps"].items()}
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == summary
+    steps = {name: step["result"] for name, step in summary["steps"].items()}
+    assert list(steps) == ["gpu_tests", "train_cats_dogs", "evaluate_cats_dogs", "index_throughput", "search_1m",
+                           "query_latency"]
+    assert steps["gpu_tests"]["tests"] >= 8 and steps["gpu_tests"]["failures"] == steps["gpu_tests"]["errors"] == 0
+    assert steps["train_cats_dogs"]["epochs"] == 1 and steps["train_cats_dogs"]["indexed"] == 18
+    assert steps["evaluate_cats_dogs"]["images"] == 6 and steps["evaluate_cats_dogs"]["gallery"] == "index"
+    assert steps["index_throughput"]["images"] == 16 and steps["index_throughput"]["ratio_baseline"] > 0
+    assert steps["search_1m"]["N"] == 3000 and steps["query_latency"]["query_p50_ms"] > 0
+    assert summary["headline"]["train_cats_dogs.val_accuracy"] == steps["train_cats_dogs"]["val_accuracy"]
+    assert "===== query_latency" in (tmp_path / "gpu_suite.log").read_text()

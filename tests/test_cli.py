@@ -20,6 +20,7 @@ from test_model import DENSENET121_FILE, assert_trunk_equals, write_densenet121_
 
 from simimg.catalog import Catalog
 from simimg.cli import main
+from simimg.device import resolve_compute
 from simimg.layout import IndexFolder
 from simimg.model_store import load_model
 
@@ -67,7 +68,7 @@ def assert_one_line_error(code: int, out: str, err: str, *phrases: str) -> None:
 def check_index_json(report: dict) -> None:
     assert INDEX_KEYS <= set(report)
     assert all(isinstance(report[k], int) for k in ("indexed", "removed", "total"))
-    assert isinstance(report["seconds"], float) and report["device"] == "cpu"
+    assert isinstance(report["seconds"], float) and report["device"] == str(resolve_compute("cpu"))
     assert all(set(s) == {"path", "reason"} for s in report["skipped"])
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from simimg.faiss_index import (FLAT_LIMIT, FaissSearcher, TorchFlatSearcher, build_index, index_kind_for, ivf_lists_for,
-                          nprobe_for)
+                          make_searcher, nprobe_for)
 
 
 def clustered(n: int, dim: int = 32, clusters: int = 40, seed: int = 0) -> np.ndarray:
@@ -54,6 +54,18 @@ def test_torch_exact_search_agrees_with_faiss_flat(kind):
     _, found = torch_search.search(queries, 10, allowed)
     assert set(found.ravel()) <= set(allowed)
     assert recall(found, want_ids) >= 0.95
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_the_cuda_searcher_agrees_with_faiss_flat(kind, cuda):
+    vectors, queries = clustered(3000), clustered(20, seed=1)
+    ids = np.arange(len(vectors), dtype=np.int64) * 2
+    want_scores, want_ids = FaissSearcher(build_index(ids, vectors, 32, "flat")).search(queries, 10)
+    searcher = make_searcher(build_index(ids, vectors, 32, kind), cuda)  # what a CUDA SearchService uses
+    scores, found = searcher.search(queries, 10)
+    assert recall(found, want_ids) >= 0.95
+    np.testing.assert_allclose(scores, want_scores, atol=2e-3)
 
 
 def test_torch_search_pads_when_fewer_match():

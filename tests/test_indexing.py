@@ -13,12 +13,13 @@ from test_images import write_awkward, write_broken
 from test_model import densenet121_state
 
 from simimg.catalog import Catalog, Snapshot
+from simimg.embed import Encoder
 from simimg.errors import SimimgError
 from simimg.faiss_index import flat_contents, load_index
 from simimg.indexing import IndexJob, read_index_job, run_index
 from simimg.layout import IndexFolder
 from simimg.model import build_model
-from simimg.model_store import model_fingerprints, publish_model, read_model
+from simimg.model_store import load_model, model_fingerprints, publish_model, read_model
 
 
 def assert_consistent(home: Path, name: str) -> Snapshot:
@@ -139,3 +140,31 @@ def test_missing_or_empty_folders_are_user_errors_and_create_nothing(job):
     with pytest.raises(SimimgError, match="no images found in"):
         run_index(job)
     assert not Path(job.home).exists()
+
+
+def test_the_report_names_the_precision_and_the_job_keeps_it(job):
+    make_class_images(Path(job.data_dir), {"a": 2}, size=40)
+    report = run_index(replace(job, device="cpu", precision="fp32"))
+    assert report.device == "cpu (fp32)"
+    assert read_index_job(IndexFolder.of(job.home, job.name)).precision == "fp32"
+    with pytest.raises(SimimgError, match="unknown precision 'half'"):
+        run_index(replace(job, precision="half"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_indexing_agrees_with_float32_on_the_cpu(job, cuda, compile):
+    """The CUDA path end to end (decode workers, pinned memory, bf16 autocast, optionally compiled)."""
+    root = make_class_images(Path(job.data_dir), {"a": 6, "b": 6}, size=40)
+    report = run_index(replace(job, device="cuda", workers=None, compile=compile))
+    assert report.device.startswith("cuda (") and report.indexed == 12 and not report.skipped
+    assert_consistent(Path(job.home), job.name)
+    folder = IndexFolder.of(job.home, job.name)
+    catalog = Catalog(folder.catalog, readonly=True)
+    try:
+        snap, vectors = catalog.snapshot_with_vectors()
+    finally:
+        catalog.close()
+    encoder = Encoder(model=load_model(folder, snap.model), device="cpu", precision="fp32")
+    reference, _ = encoder.encode([root / path for path in snap.paths])
+    assert (vectors * reference).sum(axis=1).min() >= 0.999

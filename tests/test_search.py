@@ -66,6 +66,15 @@ def test_an_uploaded_copy_of_an_indexed_jpeg_is_decoded_as_the_index_did(built, 
     assert top.path == "loose.jpg" and top.score >= 0.999999
 
 
+@pytest.mark.gpu
+def test_a_cuda_service_answers_from_an_index_embedded_on_the_cpu(built, service, cuda):
+    gpu = SearchService(built[1], "shapes", "cuda")
+    assert gpu.info()["device"].startswith("cuda (")
+    for path in service.snapshot.paths:
+        top = gpu.query_file(built[0] / path, k=3).neighbors[0]
+        assert top.path == path and top.score >= 0.999  # bf16 on the GPU against the CPU's vectors
+
+
 def test_label_filter_returns_only_that_label(built, service):
     query = built[0] / "circles" / "circles_000.png"
     result = service.query_file(query, k=50, label="squares")

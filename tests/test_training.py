@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import make_class_images, run_cli
+from simimg.device import resolve_compute
 from simimg.errors import SimimgError
 from simimg.indexing import IndexJob, run_index
 from simimg.layout import IndexFolder, list_indexes
@@ -61,7 +62,7 @@ def trained(toys: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_a_short_run_learns_the_synthetic_task(trained: dict) -> None:
     report = trained["report"]
     assert report.val_accuracy >= 0.75, report.history  # chance is 1/3
-    assert not report.cancelled and report.device == "cpu"
+    assert not report.cancelled and report.device == str(resolve_compute("cpu", training=True)) == "cpu (fp32)"
     assert report.history == trained["epochs"] and [h.epoch for h in report.history] == [1, 2, 3, 4, 5]
     assert {h.phase for h in report.history} == {"scratch"}
     best = min(report.history, key=lambda h: h.val_loss)
@@ -218,9 +219,7 @@ def test_cli_rejects_a_bad_data_dir_in_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.gpu
-def test_cuda_training_step_and_peak_memory(toys: Path, tmp_path: Path) -> None:
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+def test_cuda_training_step_and_peak_memory(toys: Path, tmp_path: Path, cuda) -> None:
     report = run_training(small(toys, tmp_path, epochs=1, device="cuda", memory_efficient=True))
     assert report.device.startswith("cuda") and len(report.history) == 1
     assert model_info("densenet121", 224, "cuda", batch_size=8)["peak_training_memory_mib"] > 0
