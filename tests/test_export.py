@@ -37,7 +37,7 @@ def test_onnx_gives_the_models_embeddings_and_logits(trained, tmp_path):
     bundle = json.loads({p.key: p.value for p in graph.metadata_props}["simimg_bundle"])
     assert bundle["fingerprint"] == model and bundle["classes"] == ["a", "b"]
     loaded = load_model(IndexFolder.of(home, "toys"), model)
-    service = simimg.open_index("toys", home, "cpu")
+    service = simimg.open_index("toys", home, "cpu", precision="fp32")  # ONNX runs float32
     images = [service.load(p) for p in sorted(data.rglob("*.png"))[:4]]
     preprocess = loaded.bundle.preprocess
     batch = preprocess.normalize(torch.stack([preprocess.to_uint8(im) for im in images])).numpy()
