@@ -109,6 +109,10 @@ class Catalog:
             if readonly:
                 self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30, isolation_level=None,
                                           check_same_thread=False)
+                if not self._has_table("meta"):  # a first run killed before it made its tables left the file
+                    self.db.close()
+                    raise SimimgError(f"index '{self.path.parent.name}' has no finished version yet: run "
+                                      "`simimg index` on it")
             else:
                 self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
                 self.db.execute("PRAGMA journal_mode=WAL")
@@ -120,6 +124,17 @@ class Catalog:
         except sqlite3.DatabaseError as err:
             raise SimimgError(f"index catalog {self.path} is unreadable ({err}); delete the index folder and "
                               "rebuild") from None
+
+    @staticmethod
+    def initialised(path: Path) -> bool:
+        """Whether `path` holds a catalog's tables: a first run killed right after creating the file leaves none."""
+        if not path.is_file():
+            return False
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        try:
+            return db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone() is not None
+        finally:
+            db.close()
 
     def _has_table(self, name: str) -> bool:
         found = self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone()

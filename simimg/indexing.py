@@ -187,7 +187,7 @@ def _model_for(job: IndexJob, folder: IndexFolder) -> LoadedModel:
     if job.model:
         return load_model(folder, resolve_fingerprint(folder, job.model))
     published, current = None, None
-    if folder.catalog.exists():
+    if Catalog.initialised(folder.catalog):
         with reading(folder.catalog) as catalog:
             published = catalog.published()
             current = published.model if published else catalog.get_meta("pending_model")
