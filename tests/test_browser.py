@@ -186,3 +186,20 @@ def test_the_offline_weights_form_browsing_a_class_and_exporting(server, browser
     session = onnxruntime.InferenceSession(str(saved), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["embedding"]
     assert page.locator("[data-testid=stException]").count() == 0
+
+
+def test_audit_tab_finds_a_cross_class_copy_and_opens_it_in_search(server, browser, tmp_path: Path):
+    url, data = server
+    (data / "squares" / "copy.png").write_bytes((data / "circles" / "circles_000.png").read_bytes())
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{url}/inspect", wait_until="domcontentloaded")
+    page.get_by_role("tab", name="Audit").click(timeout=180_000)  # the first run imports torch: slow when busy
+    page.get_by_role("button", name="Audit this folder").click()
+    page.get_by_text("cross-class", exact=True).first.wait_for(timeout=180_000)
+    assert page.get_by_text("circles · circles/circles_000.png").count() == 1
+    assert page.get_by_text("squares · squares/copy.png").count() == 1
+    assert page.locator("[data-testid=stException]").count() == 0
+    page.screenshot(path=str(tmp_path / "audit.png"), full_page=True)
+    page.get_by_role("button", name="Open in Search").nth(1).click()  # the copy, the index does not hold it
+    page.get_by_text(f"{K} most similar").wait_for(timeout=90_000)
+    assert page.get_by_text("copy.png", exact=True).count() >= 1 and page.get_by_text("score 1.000").count() >= 1
