@@ -85,6 +85,10 @@ def search(page, image: Path, timeout_ms: int = 90_000) -> None:
     page.get_by_text(f"{K} most similar").wait_for(timeout=timeout_ms)
     page.wait_for_function(f"document.querySelectorAll('[data-testid=stImage]').length >= {K + 1}",
                            timeout=timeout_ms)
+    from playwright.sync_api import expect
+
+    # cards render piece by piece: under load the images were there before their buttons
+    expect(page.get_by_role("button", name="Find similar")).to_have_count(K, timeout=timeout_ms)
     assert page.locator("[data-testid=stException]").count() == 0
 
 
