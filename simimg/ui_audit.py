@@ -20,8 +20,6 @@ from simimg.layout import IndexFolder
 from simimg.search import QueryResult, SearchService
 from simimg.ui_forms import resolve_folder
 
-SIMILAR_KEY = "similar_to"  # Search's "find similar" query: a gallery file's path (app_pages/search.py)
-SEARCH_PAGE = "app_pages/search.py"
 SHOWN = 12
 KINDS = ("Duplicates", "Label issues", "Outliers")
 CLASS_TARGET = "its predicted class"
@@ -97,8 +95,7 @@ def finding_ui(number: int, files: list[Path], paths: list[str], labels: list[st
                 continue
             column.image(thumb, caption=f"{label} · {path}" if label else path, width="stretch")
             if column.button("Open in Search", key=f"audit-open-{number}-{path}", icon=":material/image_search:"):
-                st.session_state[SIMILAR_KEY] = str(file)
-                st.switch_page(SEARCH_PAGE)
+                ui.search_from(file)
 
 
 def _duplicate_header(d: dict) -> str:
