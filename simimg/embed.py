@@ -111,7 +111,7 @@ def infer(net: Net, batch: torch.Tensor, preprocess: Preprocess, compute: Comput
 def prepare_net(net: Net, compute: Compute, image_size: int, compile: bool = False) -> Trunk:
     """Put `net` in eval mode on its device in the fast memory format; returns its embedding function for `infer`.
 
-    On a CPU in bf16 that function is a packed bf16 copy of the trunk (fuse.py: 1.3x the speed of eager bf16 at
+    On a CPU in bf16 that function is a packed bf16 copy of the trunk (fuse.py: 1.14x the speed of eager bf16 at
     batch 1); with `compile`, it is `net.embed` `torch.compile`d (slow to start, faster per batch). `net` itself
     stays as it was, so its state dict and fingerprints never change.
     """
