@@ -91,6 +91,10 @@ class Snapshot:
     sha256: list[str]
 
 
+def _has_table(db: sqlite3.Connection, name: str) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
+
+
 class Catalog:
     """One SQLite file per index (WAL: readers never block the writer, nor it them) and its vector shards."""
 
@@ -109,7 +113,7 @@ class Catalog:
             if readonly:
                 self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30, isolation_level=None,
                                           check_same_thread=False)
-                if not self._has_table("meta"):  # a first run killed before it made its tables left the file
+                if not _has_table(self.db, "meta"):  # a first run killed before it made its tables left the file
                     self.db.close()
                     raise SimimgError(f"index '{self.path.parent.name}' has no finished version yet: run "
                                       "`simimg index` on it")
@@ -117,7 +121,7 @@ class Catalog:
                 self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=NORMAL")
-                if not self._has_table("images"):  # a new catalog: tables and schema mark in one transaction
+                if not _has_table(self.db, "images"):  # a new catalog: tables and schema mark in one transaction
                     self.db.executescript(f"BEGIN IMMEDIATE; {SCHEMA} INSERT OR REPLACE INTO meta VALUES "
                                           f"('schema', '{SCHEMA_VERSION}'); COMMIT;")
             self._check_schema()
@@ -132,13 +136,9 @@ class Catalog:
             return False
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
         try:
-            return db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone() is not None
+            return _has_table(db, "meta")
         finally:
             db.close()
-
-    def _has_table(self, name: str) -> bool:
-        found = self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone()
-        return found is not None
 
     def _check_schema(self) -> None:
         schema = self.get_meta("schema")
