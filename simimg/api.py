@@ -42,8 +42,9 @@ def build_index(data_dir: str | Path, name: str | None = None, home: str | Path 
     """Build or update the index NAME (default: the folder's name) of a folder of class folders.
 
     `options` are `IndexJob` fields: arch, weights ("imagenet", "none" or a path), image_size, device, precision
-    ("auto", "bf16", "fp32"), batch_size, workers, chunk_size, compile; engine="ray" embeds on Ray Data (address,
-    ray_actors, ray_shards). Only new or changed files are embedded.
+    ("auto", "bf16", "fp32"), batch_size, workers, chunk_size, compile, index_kind ("auto", "flat", "ivf",
+    "ivfpq"); engine="ray" embeds on Ray Data (address, ray_actors, ray_shards). Only new or changed files are
+    embedded.
     """
     job = _config(IndexJob, data_dir=str(data_dir), name=name or folder_name(data_dir), home=str(resolve_home(home)),
                   **options)

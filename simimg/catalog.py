@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from simimg.errors import SimimgError
-from simimg.vectors import ShardReader, append_rows, remove_stray_files, rows_per_shard, shard_path
+from simimg.vectors import ShardReader, StoredVectors, append_rows, remove_stray_files, rows_per_shard, shard_path
 
 SCHEMA_VERSION = 2
 SCHEMA = """
@@ -262,6 +262,21 @@ class Catalog:
         if len(where) != len(ids):
             raise SimimgError(f"the catalog has no {embedding} vector for some of ids {list(ids)[:5]}")
         return vectors[[where[int(i)] for i in ids]]
+
+    def stored_vectors(self, version: int, embedding: str) -> StoredVectors:
+        """The vectors of `embedding` visible at `version`, by id, memory-mapped (nothing read until asked for).
+
+        SimimgError when a shard has gone meanwhile (a writer compacted after a newer version): read again.
+        """
+        rows = np.array(self.db.execute(
+            f"SELECT i.id, v.shard, v.row FROM images i JOIN vectors v ON v.image = i.id AND "
+            f"v.embedding = (SELECT id FROM embeddings WHERE fingerprint=:e) WHERE {VISIBLE}",
+            {"v": version, "e": embedding}).fetchall(), dtype=np.int64).reshape(-1, 3)
+        dim = self.db.execute("SELECT dim FROM embeddings WHERE fingerprint=?", (embedding,)).fetchone()
+        try:
+            return StoredVectors(self.vectors_dir, embedding, dim[0] if dim else 0, rows[:, 0], rows[:, 1], rows[:, 2])
+        except FileNotFoundError as err:
+            raise SimimgError(f"a vector shard of version {version} has gone ({err}); read the newer version") from None
 
     def _gather(self, embedding: str, rows: list[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))

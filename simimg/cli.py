@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from simimg import api
 from simimg.device import PRECISIONS
 from simimg.errors import SimimgError
+from simimg.faiss_index import INDEX_KINDS
 from simimg.heatmaps import METHODS
 from simimg.model import ARCHITECTURES
 
@@ -138,6 +139,9 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
                    help="commit embeddings every this many images, so an interrupted run resumes (default 512)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model first: minutes to start, faster per image on large folders")
+    p.add_argument("--index-kind", choices=("auto", *INDEX_KINDS),
+                   help="FAISS index: flat (exact), ivf, or ivfpq (compressed, 264 bytes a vector, exact re-rank "
+                        "from the stored vectors); auto picks by size (default: as last built, else auto)")
     group = p.add_argument_group("the ray engine (pip install 'simimg[ray]'; see docs/SCALING.md)")
     group.add_argument("--engine", choices=("local", "ray"), default="local",
                      help="where images are embedded: this process (default), or Ray Data on a cluster")
@@ -157,7 +161,8 @@ def _run_index(args: argparse.Namespace) -> int:
                                  image_size=args.image_size, device=args.device, precision=args.precision,
                                  batch_size=args.batch_size, workers=args.workers, chunk_size=args.chunk_size,
                                  compile=args.compile, engine=args.engine, address=args.address,
-                                 ray_actors=args.ray_actors, ray_shards=args.ray_shards)
+                                 ray_actors=args.ray_actors, ray_shards=args.ray_shards,
+                                 index_kind=args.index_kind)
     finally:
         bar.close()
     emit(args, report.to_dict(), lambda: print_index_report(report))

@@ -1,7 +1,8 @@
 """FAISS indexes over normalised vectors (inner product = cosine): build, update, save, load, search.
 
-Exact Flat search for small collections, IVF above FLAT_LIMIT vectors; GPU search when faiss has GPUs,
-otherwise torch's matmul + top-k on CUDA, otherwise faiss on the CPU. The choice is made in `make_searcher`.
+Exact Flat search for small collections, IVF above FLAT_LIMIT vectors, compressed IVF-PQ with an exact re-rank
+(compressed_index.py) above COMPRESS_LIMIT. GPU search when faiss has GPUs, otherwise torch's matmul + top-k on
+CUDA, otherwise faiss on the CPU. The choice is made in `make_searcher`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import faiss
 import numpy as np
 import torch
 
+from simimg import compressed_index
+from simimg.compressed_index import VectorFetch
 from simimg.errors import SimimgError
 from simimg.fsutil import atomic_target
 
@@ -23,6 +26,9 @@ log = logging.getLogger(__name__)
 # Exact search up to here: one flat query costs ~1-2 ms per 1,000 vectors on one core (30 ms at 20k), while IVF at
 # 20k answers in 0.3 ms with recall@10 0.985 (benchmarks/README.md).
 FLAT_LIMIT = 20_000
+# IVF-Flat holds 4 KB per 1024-d vector in RAM (4 GB here); past it IVF-PQ holds 264 bytes and re-ranks from disk.
+COMPRESS_LIMIT = 1_000_000
+INDEX_KINDS = ("flat", "ivf", "ivfpq")
 IVF_TRAIN_SAMPLES_PER_LIST = 40
 IVF_MIN_NPROBE = 32
 IVF_NPROBE_FRACTION = 1 / 128
@@ -34,13 +40,36 @@ class VectorSearcher(Protocol):
         ...
 
 
-def index_kind_for(n: int) -> str:
-    return "flat" if n < FLAT_LIMIT else "ivf"
+def check_kind(asked: str) -> str:
+    if asked not in ("auto", *INDEX_KINDS):
+        raise SimimgError(f"unknown index kind {asked!r}: use auto or one of {', '.join(INDEX_KINDS)}")
+    return asked
+
+
+def index_kind_for(n: int, asked: str = "auto") -> str:
+    """The kind asked for, or for "auto" the one that suits `n` vectors."""
+    if check_kind(asked) == "ivfpq" and n < compressed_index.MIN_VECTORS:
+        log.warning("%d vectors are too few for a compressed index (%d at least): exact search instead", n,
+                    compressed_index.MIN_VECTORS)
+        return "flat"
+    if asked != "auto":
+        return asked
+    return "flat" if n < FLAT_LIMIT else "ivf" if n < COMPRESS_LIMIT else "ivfpq"
+
+
+def build_from_stored(ids: np.ndarray, fetch: VectorFetch, dim: int, kind: str) -> faiss.Index:
+    """A fresh index over the stored vectors of `ids`; IVF-PQ never loads them all at once."""
+    if kind == "ivfpq":
+        return compressed_index.build(dim, ids, fetch)
+    return build_index(ids, fetch(ids) if len(ids) else np.empty((0, dim), np.float32), dim, kind)
 
 
 def build_index(ids: np.ndarray, vectors: np.ndarray, dim: int, kind: str | None = None) -> faiss.Index:
     """A fresh index over `vectors` (float32, N x dim, unit length) carrying the catalog's `ids`."""
     kind = kind or index_kind_for(len(ids))
+    if kind == "ivfpq":
+        order = np.argsort(ids)
+        return compressed_index.build(dim, ids, lambda wanted: vectors[order[np.searchsorted(ids[order], wanted)]])
     if kind == "flat":
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     elif kind == "ivf":
@@ -90,15 +119,44 @@ def load_index(path: str | Path) -> faiss.Index:
                           "re-run `simimg index` to rebuild it") from None
 
 
-def make_searcher(index: faiss.Index, device: torch.device) -> VectorSearcher:
-    """One place decides where search runs: faiss GPU, else torch on CUDA for Flat, else faiss CPU."""
+def make_searcher(index: faiss.Index, device: torch.device, stored: VectorFetch | None = None) -> VectorSearcher:
+    """One place decides where search runs: faiss GPU, else torch on CUDA for Flat, else faiss CPU. A compressed
+    index is wrapped in its exact re-rank over `stored` (its vectors by id)."""
+    if is_compressed(index):
+        if stored is None:
+            raise ValueError("a compressed index needs its stored vectors to re-rank with")
+        return RefinedSearcher(_faiss_searcher(index, device), stored)
     if device.type == "cuda" and faiss.get_num_gpus() > 0:
-        log.info("searching on the GPU with faiss")
-        return FaissSearcher(faiss.index_cpu_to_all_gpus(index))
+        return _faiss_searcher(index, device)
     if device.type == "cuda":
         log.info("faiss has no GPU support here: exact search with torch on %s", device)
         return TorchFlatSearcher.from_index(index, device)
     return FaissSearcher(index)
+
+
+def _faiss_searcher(index: faiss.Index, device: torch.device) -> "FaissSearcher":
+    if device.type != "cuda" or faiss.get_num_gpus() == 0:
+        return FaissSearcher(index)
+    log.info("searching on the GPU with faiss")
+    options = faiss.GpuMultipleClonerOptions()
+    options.useFloat16LookupTables = True  # PQ with 128 sub-quantizers: float32 tables exceed shared memory
+    return FaissSearcher(faiss.index_cpu_to_all_gpus(index, options))
+
+
+def is_compressed(index: faiss.Index) -> bool:
+    return _is_ivf(index) and isinstance(faiss.downcast_index(faiss.extract_index_ivf(index)), faiss.IndexIVFPQ)
+
+
+class RefinedSearcher:
+    """Approximate candidates from a compressed index, ordered exactly by their stored float32 vectors."""
+
+    def __init__(self, inner: "FaissSearcher", stored: VectorFetch) -> None:
+        self.inner, self.stored = inner, stored
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.ascontiguousarray(queries, np.float32)
+        _, candidates = self.inner.search(queries, compressed_index.candidates_for(k), allowed)
+        return compressed_index.rerank(queries, candidates, self.stored, k)
 
 
 class FaissSearcher:

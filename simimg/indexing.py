@@ -28,7 +28,7 @@ from simimg.catalog import Catalog, NewImage, Published, Row, reading
 from simimg.device import loader_workers, resolve_compute
 from simimg.embed import EmbeddedBatch, EmbedSettings, embed_files
 from simimg.errors import SimimgError
-from simimg.faiss_index import build_index, index_kind_for, load_index, save_index, update_index
+from simimg.faiss_index import build_from_stored, check_kind, index_kind_for, load_index, save_index, update_index
 from simimg.fsutil import atomic_copy, atomic_write_bytes
 from simimg.layout import IndexFolder
 from simimg.lock import writer_lock
@@ -66,6 +66,7 @@ class IndexJob:
     address: str | None = None  # ray: the cluster (host:port, ray://host:port, auto); None starts a local instance
     ray_actors: int | None = None  # ray: embedding actors; None: one per GPU, else one per 4 CPUs of the cluster
     ray_shards: str | None = None  # ray: where the Parquet shards go (a folder or a URI); None: HOME/NAME/runs
+    index_kind: str | None = None  # auto, flat, ivf or ivfpq (faiss_index.index_kind_for); None: as last built
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ def run_index(job: IndexJob, progress: Progress | None = None) -> IndexReport:
                           "put images in class folders: <folder>/<class>/<image>")
     if needs_upgrade(folder):
         upgrade(folder)
+    job = replace(job, index_kind=_asked_kind(job, folder))
     with open_engine(job, folder) as engine, writer_lock(folder.lock, f"index '{job.name}'", wait=job.wait):
         model = _model_for(job, folder)  # before the catalog exists: a first run that cannot get a model leaves none
         catalog = Catalog(folder.catalog)
@@ -119,7 +121,7 @@ def run_index(job: IndexJob, progress: Progress | None = None) -> IndexReport:
             work = _work(catalog, plan, pending, model)
             batches = engine.embed(model, scan.root, run, work)
             embedded, failures = _apply(catalog, pending, model, scan.root, work, batches, job.chunk_size, progress)
-            version, total = _publish(catalog, folder, pending, model)
+            version, total = _publish(catalog, folder, pending, model, job.index_kind)
             engine.finish(run)
             _tidy(catalog, folder)
         finally:
@@ -339,17 +341,24 @@ def _commit(catalog: Catalog, chunk: _Chunk, lost: list[int], pending: int, embe
     chunk.images.clear(), chunk.image_vectors.clear(), chunk.row_ids.clear(), chunk.row_vectors.clear()
 
 
-def _publish(catalog: Catalog, folder: IndexFolder, pending: int, model: LoadedModel) -> tuple[int, int]:
+def _asked_kind(job: IndexJob, folder: IndexFolder) -> str:
+    """The job's index kind, else the one the last run was given, else auto; an unknown one fails before work."""
+    recorded = read_index_job(folder) if job.index_kind is None else None
+    return check_kind(job.index_kind or (recorded.index_kind if recorded else None) or "auto")
+
+
+def _publish(catalog: Catalog, folder: IndexFolder, pending: int, model: LoadedModel,
+             asked_kind: str = "auto") -> tuple[int, int]:
     """Write the FAISS file for the pending version, then make it the published one; (version, total)."""
     published = catalog.published()
     emb = model.bundle.embedding
     added, removed = catalog.pending_changes(pending)
     previous = _reusable_index(folder, published, emb)
     unchanged = previous is not None and not added and not removed
-    if unchanged and published.model == model.bundle.fingerprint:
-        return published.version, published.count
     total = catalog.count(pending)
-    kind = index_kind_for(total)
+    kind = index_kind_for(total, asked_kind)
+    if unchanged and published.model == model.bundle.fingerprint and published.index_kind == kind:
+        return published.version, published.count
     if unchanged and published.index_kind == kind:
         atomic_copy(folder.faiss(published.version), folder.faiss(pending))  # a new head on the same vectors
     else:
@@ -361,8 +370,8 @@ def _publish(catalog: Catalog, folder: IndexFolder, pending: int, model: LoadedM
                 log.warning("FAISS file of version %d disagreed with the catalog; rebuilding it", published.version)
                 index = None
         if index is None:
-            ids, vectors = catalog.vectors(pending, emb)
-            index = build_index(ids, vectors, model.bundle.dim, kind)
+            stored = catalog.stored_vectors(pending, emb)
+            index = build_from_stored(stored.ids, stored, model.bundle.dim, kind)
         save_index(index, folder.faiss(pending))
     with catalog.transaction():
         catalog.publish(pending, model.bundle.fingerprint, emb, kind)

@@ -21,7 +21,7 @@ from simimg.catalog import Catalog, Snapshot
 from simimg.device import resolve_compute
 from simimg.embed import Trunk, infer, prepare_net
 from simimg.errors import BadImageError, SimimgError
-from simimg.faiss_index import VectorSearcher, load_index, make_searcher
+from simimg.faiss_index import VectorSearcher, is_compressed, load_index, make_searcher
 from simimg.images import load_image, to_rgb
 from simimg.layout import IndexFolder
 from simimg.model import LoadedModel, ModelBundle
@@ -155,6 +155,8 @@ class SearchService:
                 same_model = current is not None and current.model.bundle.fingerprint == snapshot.model
                 model, trunk = (current.model, current.trunk) if same_model else self._load_model(snapshot.model)
                 index = load_index(self.folder.faiss(snapshot.version))
+                stored = self.catalog.stored_vectors(snapshot.version, snapshot.embedding) if is_compressed(index) \
+                    else None
             except SimimgError:
                 if self.catalog.version == snapshot.version:
                     raise
@@ -165,7 +167,8 @@ class SearchService:
             labels = np.array(snapshot.labels, dtype=object)
             label_ids = {lab: snapshot.ids[labels == lab] for lab in set(snapshot.labels)}
             log.info("serving version %d of '%s' with model %s", snapshot.version, self.folder.name, snapshot.model)
-            return ServedVersion(snapshot, model, trunk, make_searcher(index, self.device), label_ids)
+            return ServedVersion(snapshot, model, trunk, make_searcher(index, self.device, stored),
+                                 label_ids)
         raise SimimgError(f"index '{self.folder.name}' kept changing while loading; try again")
 
     def _load_model(self, fingerprint: str) -> tuple[LoadedModel, Trunk]:

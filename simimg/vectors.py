@@ -89,3 +89,31 @@ class ShardReader:
 
     def forget(self) -> None:
         self._maps.clear()
+
+
+class StoredVectors:
+    """One version's vectors by image id: what a compressed index is built from and re-ranks its candidates with.
+
+    Every shard is mapped here, once: a compaction that later deletes a shard cannot take rows away from a reader
+    still serving this version (a mapped file's pages outlive its name). Safe to share between threads.
+    """
+
+    def __init__(self, root: Path, embedding: str, dim: int, ids: np.ndarray, shards: np.ndarray,
+                 rows: np.ndarray) -> None:
+        order = np.argsort(ids, kind="stable")
+        self.ids, self.shards, self.rows = ids[order], shards[order], rows[order]
+        self.embedding, self.dim = embedding, dim
+        self.reader = ShardReader(root)
+        for shard in np.unique(self.shards):
+            self.reader.gather(embedding, dim, np.array([shard]), np.array([self.rows[self.shards == shard].max()]))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        """The vectors of `ids`, in that order; KeyError names an id this version does not hold."""
+        at = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        unknown = self.ids[at] != ids
+        if unknown.any():
+            raise KeyError(f"no stored vector for image id {int(np.asarray(ids)[unknown][0])}")
+        return self.reader.gather(self.embedding, self.dim, self.shards[at], self.rows[at])
