@@ -106,3 +106,40 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+class EmbeddingLike:
+    """Unit vectors shaped like pooled CNN features: shared positive mean + cluster + sub-cluster + noise.
+
+    Clusters have Zipf sizes; cluster and sub-cluster centres live in a rank-64 subspace. With these scales a
+    random pair has cosine ~0.4, a pair from one cluster ~0.75 and a query's nearest neighbour ~0.9, close to
+    what ImageNet DenseNet features of photos show. Not uniform noise, on which every ANN index looks bad and
+    nothing like real use. `draw` can be called chunk by chunk: the collection need never be in RAM at once.
+    """
+
+    CHUNK = 50_000
+    SUBCLUSTERS = 10
+
+    def __init__(self, dim: int, clusters: int, rank: int = 64, seed: int = 0) -> None:
+        self.rng = rng = np.random.default_rng(seed)
+        self.dim, self.clusters, rank = dim, clusters, min(rank, dim)
+        basis = np.linalg.qr(rng.normal(size=(dim, rank)))[0].T.astype(np.float32)
+        self.mean = _unit_rows(np.abs(rng.normal(size=dim)))
+        self.centers = _unit_rows(rng.normal(size=(clusters, rank)) @ basis)
+        self.subs = _unit_rows(rng.normal(size=(clusters, self.SUBCLUSTERS, rank)) @ basis) * np.float32(0.6)
+        weights = 1.0 / np.arange(1, clusters + 1)
+        self.p = weights / weights.sum()
+
+    def draw(self, count: int) -> np.ndarray:
+        out = np.empty((count, self.dim), np.float32)
+        for start in range(0, count, self.CHUNK):
+            m = min(self.CHUNK, count - start)
+            c = self.rng.choice(self.clusters, m, p=self.p)
+            x = self.mean + self.centers[c] + self.subs[c, self.rng.integers(self.SUBCLUSTERS, size=m)]
+            x += _unit_rows(self.rng.standard_normal((m, self.dim), dtype=np.float32)) * np.float32(0.5)
+            out[start:start + m] = _unit_rows(x)
+        return out
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)

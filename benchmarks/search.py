@@ -18,14 +18,10 @@ import faiss
 import numpy as np
 import torch
 
-from _common import finish, hardware, median, parser
+from _common import EmbeddingLike, finish, hardware, median, parser
 from simimg.device import resolve_device
 from simimg.faiss_index import FaissSearcher, TorchFlatSearcher, VectorSearcher, build_index, index_kind_for
 from simimg.faiss_index import ivf_lists_for, make_searcher, nprobe_for
-
-CHUNK = 50_000
-SUBCLUSTERS = 10
-
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
@@ -73,34 +69,10 @@ def main() -> None:
            args.json)
 
 
-def embedding_like(n: int, queries: int, dim: int, clusters: int, rank: int = 64, seed: int = 0):
-    """(gallery, queries): unit vectors = shared positive mean + cluster + sub-cluster + noise.
-
-    Clusters have Zipf sizes; cluster and sub-cluster centres live in a rank-64 subspace. With these scales a
-    random pair has cosine ~0.4, a pair from one cluster ~0.75 and a query's nearest neighbour ~0.9, close to
-    what ImageNet DenseNet features of photos show.
-    """
-    rng = np.random.default_rng(seed)
-    rank = min(rank, dim)
-    basis = np.linalg.qr(rng.normal(size=(dim, rank)))[0].T.astype(np.float32)
-
-    def unit_rows(x: np.ndarray) -> np.ndarray:
-        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-    mean = unit_rows(np.abs(rng.normal(size=dim)))
-    centers = unit_rows(rng.normal(size=(clusters, rank)) @ basis)
-    subs = unit_rows(rng.normal(size=(clusters, SUBCLUSTERS, rank)) @ basis) * np.float32(0.6)
-    weights = 1.0 / np.arange(1, clusters + 1)
-
-    def draw(count: int) -> np.ndarray:
-        out = np.empty((count, dim), np.float32)
-        for start in range(0, count, CHUNK):
-            m = min(CHUNK, count - start)
-            c = rng.choice(clusters, m, p=weights / weights.sum())
-            x = mean + centers[c] + subs[c, rng.integers(SUBCLUSTERS, size=m)]
-            x += unit_rows(rng.standard_normal((m, dim), dtype=np.float32)) * np.float32(0.5)
-            out[start:start + m] = unit_rows(x)
-        return out
-    return draw(n), draw(queries)
+def embedding_like(n: int, queries: int, dim: int, clusters: int) -> tuple[np.ndarray, np.ndarray]:
+    """(gallery, queries) from one EmbeddingLike draw (see _common.py)."""
+    vectors = EmbeddingLike(dim, clusters)
+    return vectors.draw(n), vectors.draw(queries)
 
 
 class _ExactSearcher:

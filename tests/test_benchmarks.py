@@ -27,6 +27,9 @@ CASES = {
                              "baseline_img_s", "ratio_model_only", "ratio_fp32_model_only", "ratio_baseline"}),
     "head_only.py": (["--images", "12", *TINY_MODEL], {"images", "head_only_s", "fine_tune_epoch_s",
                                                         "ratio_fine_tune_epoch", "index_after_embedded"}),
+    "scale.py": (["--n", "3000", "--dim", "32", "--queries", "10", "--nprobe", "8"],
+                 {"n", "dim", "index", "build_s", "peak_rss_mib", "index_bytes", "flat_bytes", "recall_at_10",
+                  "ms_per_query"}),
     "search.py": (["--n", "3000", "--dim", "32", "--queries", "10", "--nprobe", "4,8"],
                   {"N", "dim", "ivf_ms_per_query", "ivf_recall_at_k", "flat_ms_per_query", "rows"}),
     "query_latency.py": (["--images", "4", "--queries", "2", *TINY_MODEL],
@@ -43,8 +46,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("script", sorted(CASES))
-def test_benchmark_ends_with_its_json_line(script):
+def test_benchmark_ends_with_its_json_line(script, tmp_path):
     args, required = CASES[script]
+    args = [*args, "--work", str(tmp_path)] if script == "scale.py" else args  # its shards are kept for a re-run
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--json"], capture_output=True,
                           text=True, timeout=600, cwd=ROOT, env=BENCH_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -53,6 +57,8 @@ def test_benchmark_ends_with_its_json_line(script):
     assert all(result[key] > 0 for key in required if isinstance(result[key], float))
     assert result.get("index_after_embedded", 0) == 0
     assert result.get("errors", 0) == 0
+    if script == "scale.py":  # the compressed index is a fraction of float32 and finds what exact search finds
+        assert result["index_bytes"] < result["flat_bytes"] and result["recall_at_10"] >= 0.9
     if script == "audit_recall.py":  # every byte-identical group, injected or not, is reported
         assert result["exact_recall"] == 1.0 and result["identical_groups_reported"] == result["identical_groups"]
         assert 0 <= result["near_recall"] <= 1 and 0 <= result["flip_recall"] <= 1
