@@ -10,7 +10,8 @@
 3. In a fresh child process (so its peak RSS is the build's own): the build simimg runs for `--index-kind ivfpq`
    (compressed_index.build: train on a sample drawn across all shards, encode part by part, merge_from; or with
    --on-disk, merge_ondisk into one list file), the index written and read back as a reader would, then single queries through the searcher a SearchService
-   serves (RefinedSearcher: IVF-PQ candidates, re-ranked from the memory-mapped shards).
+   serves on --device (RefinedSearcher: IVF-PQ candidates, on faiss' GPU index where there is one, re-ranked
+   from the memory-mapped shards). The build runs on the CPU either way.
 
 index_bytes is the serialized index (what a reader holds in RAM); flat_bytes is N x dim float32, what a flat or
 IVF-Flat index holds. peak_rss_mib is the build process's high-water RSS, which counts the shard pages it read
@@ -34,7 +35,8 @@ import torch
 
 from _common import EmbeddingLike, finish, hardware, median, parser
 from simimg import compressed_index
-from simimg.faiss_index import FaissSearcher, RefinedSearcher, load_index, save_index
+from simimg.device import resolve_device
+from simimg.faiss_index import VectorSearcher, load_index, make_searcher, save_index
 from simimg.vectors import StoredVectors, append_rows, rows_per_shard, shard_path
 
 EMBEDDING = "synthetic"
@@ -56,17 +58,18 @@ def main() -> None:
     truth_s, truth = _ground_truth(work, args.n, args.dim)
     context = multiprocessing.get_context("spawn")  # a fresh process: peak RSS is the build's, not the generator's
     with context.Pool(1) as pool:
-        built = pool.apply(_build_and_query, (str(work), args.n, args.dim, truth, _sweep(args.nprobe), args.on_disk))
+        built = pool.apply(_build_and_query, (str(work), args.n, args.dim, truth, _sweep(args.nprobe), args.on_disk,
+                                              str(resolve_device(args.device))))
     rows = built.pop("rows")
     chosen = next(r for r in rows if r["simimg"])
-    summary = {"benchmark": "scale", "n": args.n, "dim": args.dim, "index": built["index"],
+    summary = {"benchmark": "scale", "device": str(resolve_device(args.device)), "n": args.n, "dim": args.dim, "index": built["index"],
                "build_s": built["build_s"], "peak_rss_mib": built["peak_rss_mib"],
                "peak_anon_mib": built["peak_anon_mib"], "index_bytes": built["index_bytes"],
                "flat_bytes": args.n * args.dim * 4, "ratio_index_over_flat": built["index_bytes"] / (args.n * args.dim * 4),
                "recall_at_10": chosen["recall_at_10"], "ms_per_query": chosen["ms_per_query"],
                "p95_ms": chosen["p95_ms"], "nprobe": chosen["nprobe"], "refine_candidates": built["refine_candidates"],
                "serving_rss_anon_mib": built["serving_rss_anon_mib"], "queries": args.queries,
-               "generate_s": gen_s, "truth_s": truth_s, "rows": rows, "hardware": hardware(torch.device("cpu"))}
+               "generate_s": gen_s, "truth_s": truth_s, "rows": rows, "hardware": hardware(resolve_device(args.device))}
     finish(f"scale: IVF-PQ + re-rank, N={args.n} x {args.dim} (ms per single query; recall@10 vs exact)", rows,
            summary, args.json)
 
@@ -115,7 +118,8 @@ def _ground_truth(work: Path, n: int, dim: int) -> tuple[float, np.ndarray]:
     return round(time.perf_counter() - started, 1), heap.I
 
 
-def _build_and_query(work: str, n: int, dim: int, truth: np.ndarray, nprobes: list[int], on_disk: bool) -> dict:
+def _build_and_query(work: str, n: int, dim: int, truth: np.ndarray, nprobes: list[int], on_disk: bool,
+                     device: str) -> dict:
     stored = _stored(Path(work), n, dim)
     folder = Path(work) / ("ivfpq-on-disk" if on_disk else "ivfpq")
     folder.mkdir(exist_ok=True)
@@ -129,11 +133,11 @@ def _build_and_query(work: str, n: int, dim: int, truth: np.ndarray, nprobes: li
     # what a reader holds: the whole index, or (on disk) all but its lists, which it maps
     index = faiss.read_index(str(folder / "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR) if on_disk else \
         load_index(folder / "index.faiss")
-    searcher = RefinedSearcher(FaissSearcher(index), stored)
+    searcher = make_searcher(index, torch.device(device), stored)  # what a SearchService on `device` serves
     queries = np.load(Path(work) / "queries.npy")
     rows = []
     for nprobe in sorted({chosen, *nprobes}):
-        faiss.extract_index_ivf(index).nprobe = nprobe
+        faiss.extract_index_ivf(searcher.inner.index).nprobe = nprobe
         rows.append({"nprobe": nprobe, "simimg": nprobe == chosen, **_measure(searcher, queries, truth)})
     where = " (lists on disk)" if on_disk else ""
     return {"index": f"IVF{nlist},PQ{m} + re-rank of {compressed_index.candidates_for(K)}{where}",
@@ -143,7 +147,7 @@ def _build_and_query(work: str, n: int, dim: int, truth: np.ndarray, nprobes: li
             "peak_anon_mib": peak_anon.mib, "serving_rss_anon_mib": _rss_anon_mib(), "rows": rows}
 
 
-def _measure(searcher: RefinedSearcher, queries: np.ndarray, truth: np.ndarray) -> dict:
+def _measure(searcher: VectorSearcher, queries: np.ndarray, truth: np.ndarray) -> dict:
     """One query at a time (the app's path): median and p95 ms, recall@10 against exact search."""
     searcher.search(queries[:1], K)
     times, hits = [], 0

@@ -121,26 +121,19 @@ def load_index(path: str | Path) -> faiss.Index:
 
 def make_searcher(index: faiss.Index, device: torch.device, stored: VectorFetch | None = None) -> VectorSearcher:
     """One place decides where search runs: faiss GPU, else torch on CUDA for Flat, else faiss CPU. A compressed
-    index is wrapped in its exact re-rank over `stored` (its vectors by id)."""
+    index is searched by faiss on the CPU (faiss' GPU IVF-PQ takes at most 96 bytes a code, simimg's have 256;
+    the re-rank reads the shards on the CPU anyway) and wrapped in its exact re-rank over `stored`."""
     if is_compressed(index):
         if stored is None:
             raise ValueError("a compressed index needs its stored vectors to re-rank with")
-        return RefinedSearcher(_faiss_searcher(index, device), stored)
+        return RefinedSearcher(FaissSearcher(index), stored)
     if device.type == "cuda" and faiss.get_num_gpus() > 0:
-        return _faiss_searcher(index, device)
+        log.info("searching on the GPU with faiss")
+        return FaissSearcher(faiss.index_cpu_to_all_gpus(index))
     if device.type == "cuda":
         log.info("faiss has no GPU support here: exact search with torch on %s", device)
         return TorchFlatSearcher.from_index(index, device)
     return FaissSearcher(index)
-
-
-def _faiss_searcher(index: faiss.Index, device: torch.device) -> "FaissSearcher":
-    if device.type != "cuda" or faiss.get_num_gpus() == 0:
-        return FaissSearcher(index)
-    log.info("searching on the GPU with faiss")
-    options = faiss.GpuMultipleClonerOptions()
-    options.useFloat16LookupTables = True  # PQ with 128 sub-quantizers: float32 tables exceed shared memory
-    return FaissSearcher(faiss.index_cpu_to_all_gpus(index, options))
 
 
 def is_compressed(index: faiss.Index) -> bool:
