@@ -31,6 +31,8 @@ COMPRESS_LIMIT = 1_000_000
 INDEX_KINDS = ("flat", "ivf", "ivfpq")
 IVF_TRAIN_SAMPLES_PER_LIST = 40
 IVF_MIN_NPROBE = 32
+# below these the lists (or PQ's 256 centroids per sub-quantizer) cannot be trained: exact search instead
+MIN_VECTORS = {"flat": 0, "ivf": 16 * IVF_TRAIN_SAMPLES_PER_LIST, "ivfpq": compressed_index.MIN_VECTORS}
 IVF_NPROBE_FRACTION = 1 / 128
 
 
@@ -48,11 +50,11 @@ def check_kind(asked: str) -> str:
 
 def index_kind_for(n: int, asked: str = "auto") -> str:
     """The kind asked for, or for "auto" the one that suits `n` vectors."""
-    if check_kind(asked) == "ivfpq" and n < compressed_index.MIN_VECTORS:
-        log.warning("%d vectors are too few for a compressed index (%d at least): exact search instead", n,
-                    compressed_index.MIN_VECTORS)
-        return "flat"
-    if asked != "auto":
+    if check_kind(asked) != "auto":
+        if n < MIN_VECTORS[asked]:
+            log.warning("%d vectors are too few for an %s index (%d at least): exact search instead", n, asked,
+                        MIN_VECTORS[asked])
+            return "flat"
         return asked
     return "flat" if n < FLAT_LIMIT else "ivf" if n < COMPRESS_LIMIT else "ivfpq"
 

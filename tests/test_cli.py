@@ -281,3 +281,16 @@ def test_query_of_several_images_reports_the_unreadable_one_and_answers_the_rest
     results = json_of(cli, "query", good, str(tmp_path / "bad.jpg"), "--name", "photos", "-k", "1")
     assert results[0]["neighbors"][0]["path"] == "a/a_000.png" and "error" not in results[0]
     assert results[1]["error"] == "empty file (0 bytes)" and results[1]["neighbors"] == []
+
+
+def test_index_kind_is_chosen_kept_and_refused_when_unknown(cli, photos, tmp_path, caplog):
+    job = tmp_path / "home" / "p" / "index_job.json"
+    code, out, err = cli("index", str(photos), "--name", "p", *TINY, "--index-kind", "ivf")
+    assert code == 0 and "6 vectors are too few for an ivf index" in caplog.text  # so exact search instead
+    assert json_of(cli, "info", "--name", "p")["index_kind"] == "flat"
+    json_of(cli, "index", str(photos), "--name", "p", *TINY)
+    assert json.loads(job.read_text())["index_kind"] == "ivf"  # not given again: the index keeps the one asked for
+    json_of(cli, "index", str(photos), "--name", "p", *TINY, "--index-kind", "auto")
+    assert json.loads(job.read_text())["index_kind"] == "auto"
+    code, out, err = cli("index", str(photos), "--name", "p", *TINY, "--index-kind", "hnsw")
+    assert code == 2 and "invalid choice: 'hnsw'" in err
