@@ -105,7 +105,7 @@ def test_asking_for_a_compressed_index_of_too_few_vectors_gives_exact_search():
     assert index_kind_for(2_000_000) == "ivfpq" and index_kind_for(500_000) == "ivf"
 
 
-def test_index_kind_ivfpq_end_to_end_is_kept_updated_and_served(tmp_path):
+def test_index_kind_ivfpq_end_to_end_is_kept_added_to_removed_from_and_served(tmp_path):
     photos = make_class_images(tmp_path / "photos", {"circles": 150, "squares": 150}, size=48)
     home = tmp_path / "home"
     options = dict(home=home, weights="none", image_size=32, batch_size=32)
@@ -122,5 +122,10 @@ def test_index_kind_ivfpq_end_to_end_is_kept_updated_and_served(tmp_path):
     assert read_index_job(IndexFolder.of(home, "p")).index_kind == "ivfpq"
     assert service.refresh() and service.info()["index_kind"] == "ivfpq"
     assert service.search(photos / "circles" / "new.png", k=1).neighbors[0].path == "circles/new.png"
+    gone = photos / "circles" / "circles_010.png"
+    image = service.load(gone)
+    gone.unlink()
+    assert api.build_index(photos, "p", **options).total == 300 and service.refresh()
+    assert "circles/circles_010.png" not in {n.path for n in service.search(image, k=20).neighbors}
     flat = run_index(IndexJob(data_dir=str(photos), name="p", home=str(home), index_kind="flat"))
-    assert flat.total == 301 and service.refresh() and service.info()["index_kind"] == "flat"
+    assert flat.total == 300 and service.refresh() and service.info()["index_kind"] == "flat"
