@@ -1,6 +1,6 @@
 """Compressed indexes at scale: simimg's IVF-PQ + exact re-rank over vectors that never sit in RAM all at once.
 
-    python benchmarks/scale.py --n 2000000 --dim 1024 --json      # 8.2 GB of shards on disk; ~25 min on 2 cores
+    python benchmarks/scale.py --n 2000000 --dim 1024 --json      # 8.2 GB of shards on disk; ~5 min on 2 cores
     python benchmarks/scale.py --n 2000000 --dim 1024 --on-disk --json   # the same vectors, lists merged on disk
     python benchmarks/scale.py --n 20000 --dim 64 --queries 20 --json
 
