@@ -4,10 +4,10 @@ At 4 KB per densenet121 vector a flat or IVF-Flat index needs the whole collecti
 `pq_bytes_for(dim)` bytes per vector (256 at 1024 dims, 1/16 of float32) plus its 8-byte id; its approximate
 scores pick `candidates_for(k)` candidates whose float32 vectors, memory-mapped from the vector shards, give the
 exact order. On embedding-like vectors PQ's own order is poor, so the re-rank does the work: at 2M x 1024,
-1,500 candidates give recall@10 0.95 where 1,000 give 0.94, and 128-byte codes only 0.85 (benchmarks/scale.py,
-docs/SCALING.md). Building never holds the collection in RAM either: the quantizers train on a random sample drawn across
-all shards, then the vectors are encoded part by part (each part an independent job a cluster could run) and the
-parts merged with faiss' `merge_from`. Figures: benchmarks/README.md ("Compressed indexes"), docs/SCALING.md.
+1,500 candidates give recall@10 0.95 where 1,000 give 0.94, and 128-byte codes only 0.86. Building never holds
+the collection in RAM either: the quantizers train on a random sample drawn across all shards, then the vectors
+are encoded part by part (each part an independent job a cluster could run) and the parts merged with faiss'
+`merge_from`. Figures: benchmarks/README.md ("Compressed indexes"), docs/SCALING.md.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 PQ_DIMS_PER_BYTE = 4  # one 8-bit sub-quantizer per 4 dimensions; 8 (128 bytes) cost 0.09 of recall@10 at 2M
-TRAIN_SAMPLES_PER_LIST = 30  # coarse k-means: faiss warns below 39, recall does not move past ~30 (benchmarks/scale.py)
+TRAIN_SAMPLES_PER_LIST = 30  # coarse k-means (faiss warns below 39): 42k vectors, ~20 s of training at 2M; not tuned
 MIN_TRAIN_SAMPLES = 256 * 39  # each PQ sub-quantizer has 256 centroids
 MIN_VECTORS = 256  # fewer cannot train them at all
 PART_ROWS = 262_144  # vectors encoded per part: 1 GiB of float32 at 1024 dims
