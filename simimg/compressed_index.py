@@ -33,6 +33,9 @@ NPROBE = 8  # at 2M, 8 -> 16 lists adds 0.01 of recall and 2.5 ms; candidates bu
 LISTS_FILE = "lists.ivfdata"  # an on-disk index's codes and ids
 
 VectorFetch = Callable[[np.ndarray], np.ndarray]  # image ids -> their float32 vectors, in that order
+Part = tuple[np.ndarray, np.ndarray]  # (ids, their vectors)
+# the trained index and the parts in, each part encoded, in order: here (encode_here) or on Ray tasks (ray_engine)
+PartEncoder = Callable[[faiss.Index, Iterator[Part]], Iterable[faiss.Index]]
 
 
 def pq_bytes_for(dim: int) -> int:
@@ -78,6 +81,11 @@ def encode_part(trained: faiss.Index, ids: np.ndarray, vectors: np.ndarray) -> f
     return part
 
 
+def encode_here(trained: faiss.Index, parts: Iterator[Part]) -> Iterator[faiss.Index]:
+    """Each part in this process, one after the other (faiss spreads each over the cores)."""
+    return (encode_part(trained, ids, vectors) for ids, vectors in parts)
+
+
 def merge(trained: faiss.Index, parts: Iterable[faiss.Index]) -> faiss.Index:
     """All parts in one index (faiss `merge_from` moves each part's lists; ids are kept)."""
     merged = faiss.clone_index(trained)
@@ -111,11 +119,12 @@ def merge_on_disk(trained: faiss.Index, parts: Iterable[faiss.Index], folder: Pa
     return merged
 
 
-def build(dim: int, ids: np.ndarray, fetch: VectorFetch, on_disk: Path | None = None) -> faiss.Index:
-    """Train on a sample, encode part by part, merge (in RAM, or into `on_disk`'s list file): peak memory is one
-    part's vectors plus the codes, or plus one part's codes on disk."""
+def build(dim: int, ids: np.ndarray, fetch: VectorFetch, on_disk: Path | None = None,
+          encode: PartEncoder = encode_here) -> faiss.Index:
+    """Train on a sample, encode part by part with `encode`, merge (in RAM, or into `on_disk`'s list file): peak
+    memory is the parts in flight plus the codes (one part here)."""
     trained = train(dim, ids, fetch)
-    parts = (encode_part(trained, ids[s], fetch(ids[s])) for s in part_ranges(len(ids)))
+    parts = encode(trained, ((ids[s], fetch(ids[s])) for s in part_ranges(len(ids))))
     index = merge(trained, parts) if on_disk is None else merge_on_disk(trained, parts, on_disk)
     log.info("built IVF-PQ index of %d vectors, %d bytes each", index.ntotal, index.code_size)
     return index

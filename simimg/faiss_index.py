@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from simimg import compressed_index
-from simimg.compressed_index import VectorFetch
+from simimg.compressed_index import PartEncoder, VectorFetch, encode_here
 from simimg.errors import SimimgError
 from simimg.fsutil import atomic_target
 
@@ -59,10 +59,12 @@ def index_kind_for(n: int, asked: str = "auto") -> str:
     return "flat" if n < FLAT_LIMIT else "ivf" if n < COMPRESS_LIMIT else "ivfpq"
 
 
-def build_from_stored(ids: np.ndarray, fetch: VectorFetch, dim: int, kind: str) -> faiss.Index:
-    """A fresh index over the stored vectors of `ids`; IVF-PQ never loads them all at once."""
+def build_from_stored(ids: np.ndarray, fetch: VectorFetch, dim: int, kind: str,
+                      encode: PartEncoder = encode_here) -> faiss.Index:
+    """A fresh index over the stored vectors of `ids`; IVF-PQ never loads them all at once, and `encode`s its parts
+    where the indexing engine runs them."""
     if kind == "ivfpq":
-        return compressed_index.build(dim, ids, fetch)
+        return compressed_index.build(dim, ids, fetch, encode=encode)
     return build_index(ids, fetch(ids) if len(ids) else np.empty((0, dim), np.float32), dim, kind)
 
 

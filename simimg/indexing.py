@@ -19,12 +19,13 @@ import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import faiss
 import numpy as np
 
 from simimg.catalog import Catalog, NewImage, Published, Row, reading
+from simimg.compressed_index import Part, PartEncoder, encode_here
 from simimg.device import loader_workers, resolve_compute
 from simimg.embed import EmbeddedBatch, EmbedSettings, embed_files
 from simimg.errors import SimimgError
@@ -121,7 +122,7 @@ def run_index(job: IndexJob, progress: Progress | None = None) -> IndexReport:
             work = _work(catalog, plan, pending, model)
             batches = engine.embed(model, scan.root, run, work)
             embedded, failures = _apply(catalog, pending, model, scan.root, work, batches, job.chunk_size, progress)
-            version, total = _publish(catalog, folder, pending, model, job.index_kind)
+            version, total = _publish(catalog, folder, pending, model, job.index_kind, engine.encode_parts)
             engine.finish(run)
             _tidy(catalog, folder)
         finally:
@@ -148,6 +149,9 @@ class Engine(Protocol):
     def finish(self, run: str) -> None:
         """Called once `run` is published: forget whatever the engine kept to resume it."""
 
+    def encode_parts(self, trained: faiss.Index, parts: Iterator[Part]) -> Iterable[faiss.Index]:
+        """A compressed index's parts, encoded where this engine runs work (compressed_index.PartEncoder)."""
+
 
 @dataclass(frozen=True)
 class LocalEngine:
@@ -162,6 +166,8 @@ class LocalEngine:
     def embed(self, model: LoadedModel, root: Path, run: str, work: Work) -> Iterator[EmbeddedBatch]:
         files = [root / item.path for item in work]
         return embed_files(model.net, files, model.bundle.preprocess, self.settings) if files else iter(())
+
+    encode_parts = staticmethod(encode_here)
 
     def finish(self, run: str) -> None:
         """Nothing to forget: an interrupted local run resumes from the catalog alone."""
@@ -347,8 +353,8 @@ def _asked_kind(job: IndexJob, folder: IndexFolder) -> str:
     return check_kind(job.index_kind or (recorded.index_kind if recorded else None) or "auto")
 
 
-def _publish(catalog: Catalog, folder: IndexFolder, pending: int, model: LoadedModel,
-             asked_kind: str = "auto") -> tuple[int, int]:
+def _publish(catalog: Catalog, folder: IndexFolder, pending: int, model: LoadedModel, asked_kind: str = "auto",
+             encode: PartEncoder = encode_here) -> tuple[int, int]:
     """Write the FAISS file for the pending version, then make it the published one; (version, total)."""
     published = catalog.published()
     emb = model.bundle.embedding
@@ -371,7 +377,7 @@ def _publish(catalog: Catalog, folder: IndexFolder, pending: int, model: LoadedM
                 index = None
         if index is None:
             stored = catalog.stored_vectors(pending, emb)
-            index = build_from_stored(stored.ids, stored, model.bundle.dim, kind)
+            index = build_from_stored(stored.ids, stored, model.bundle.dim, kind, encode)
         save_index(index, folder.faiss(pending))
     with catalog.transaction():
         catalog.publish(pending, model.bundle.fingerprint, emb, kind)

@@ -13,6 +13,9 @@ A run keeps its manifest and shards in `<location>/<index key>-<run>/` (location
 `--ray-shards`) until its version is published. A killed run's shards are its markers: the next attempt ingests
 the rows that still match their file (size and mtime) and sends only the rest through Ray. The catalog stays the
 truth: rows it already holds are not in the work list at all. Every node must see DATA_DIR at the same path.
+
+A compressed (IVF-PQ) index is built on the cluster too: after training on a sample in the driver, each part of
+the vectors is encoded by a Ray task (`RayEngine.encode_parts`) and the driver merges the parts.
 """
 
 from __future__ import annotations
@@ -24,14 +27,17 @@ import math
 import os
 import socket
 import uuid
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
+import faiss
 import numpy as np
 import torch
 
+from simimg.compressed_index import Part, encode_part
 from simimg.device import resolve_compute
 from simimg.embed import EmbeddedBatch, FileDataset, infer, prepare_net
 from simimg.errors import SimimgError
@@ -57,6 +63,7 @@ BLOCK_BATCHES = 4  # manifest rows per decode task, in embedding batches
 LOCAL_CPUS = 4  # logical CPUs of a local instance, at least: fewer can leave a stage waiting for a free slot
 WRITER_CPUS = 0.25  # a shard writer mostly waits on the disk
 CONNECT_TIMEOUT_S = 5
+PARTS_IN_FLIGHT = 4  # compressed-index parts queued on the cluster at once: 4 GiB of vectors at 1024 dims
 SHARD_PREFIX, SHARD_SUFFIX = "shard-", ".parquet"
 
 
@@ -106,6 +113,19 @@ class RayEngine:
         if not self.job.ray_shards and self.folder.runs.is_dir() and not any(self.folder.runs.iterdir()):
             self.folder.runs.rmdir()
 
+    @staticmethod
+    def encode_parts(trained: faiss.Index, parts: Iterator[Part]) -> Iterator[faiss.Index]:
+        """A compressed index's parts encoded by Ray tasks, the vectors going through the object store (so no
+        shared disk is needed), at most PARTS_IN_FLIGHT at once; the parts come back in order for the merge."""
+        encode = ray.remote(num_cpus=1)(_encode_part)
+        trained_ref, in_flight = ray.put(faiss.serialize_index(trained)), deque()
+        for ids, vectors in parts:
+            in_flight.append(encode.remote(trained_ref, ids, vectors))
+            if len(in_flight) >= PARTS_IN_FLIGHT:
+                yield faiss.deserialize_index(ray.get(in_flight.popleft()))
+        while in_flight:
+            yield faiss.deserialize_index(ray.get(in_flight.popleft()))
+
     def _shards(self, model: LoadedModel, root: Path, run: "RunFolder", work: Work) -> Iterator[str]:
         """Run `work` through Ray Data; yields each shard's name once it is written whole."""
         job = self.job
@@ -130,6 +150,11 @@ class RayEngine:
 
 
 # --- the pipeline's stages: they run in Ray workers -----------------------------------------------------------
+def _encode_part(trained: np.ndarray, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """One Ray task: a part of a compressed index, serialized (compressed_index.encode_part)."""
+    return faiss.serialize_index(encode_part(faiss.deserialize_index(trained), ids, vectors))
+
+
 def decode_files(batch: dict[str, np.ndarray], root: str, preprocess: Preprocess) -> dict[str, np.ndarray]:
     """Stat, read once, hash and decode each file with the local engine's reader; a bad file keeps its reason."""
     reader = FileDataset([Path(root, path) for path in batch["path"]], preprocess)

@@ -24,13 +24,16 @@ import pytest
 
 from conftest import ROOT, make_class_images, run_cli, synthetic_image
 from test_cli import assert_one_line_error
+from test_faiss_index import clustered
 from test_images import write_awkward, write_broken
 from test_reliability import Rows, catalog_progress, consistent_state, second_model
+from simimg import compressed_index
 from simimg.catalog import reading
 from simimg.errors import SimimgError
 from simimg.indexing import IndexJob, read_index_job, run_index
 from simimg.layout import IndexFolder
 from simimg.model_store import publish_model
+from simimg.search import SearchService
 
 CLASSES = {"circles": 8, "squares": 8, "triangles": 8}
 TINY = {"weights": "none", "image_size": 32, "batch_size": 4, "chunk_size": 4}
@@ -244,6 +247,29 @@ def test_a_shard_this_process_cannot_see_names_the_ray_shards_option(tmp_path):
 
     with pytest.raises(SimimgError, match="pass --ray-shards a location every node reaches"):
         RunFolder(str(tmp_path)).read("shard-0.parquet")
+
+
+# --- compressed indexes --------------------------------------------------------------------------------------
+def test_compressed_index_parts_encoded_by_ray_tasks_equal_those_encoded_here(ray_address):
+    from simimg.ray_engine import PARTS_IN_FLIGHT, RayEngine
+
+    vectors, queries = clustered(3000, dim=64), clustered(20, dim=64, seed=4)
+    ids = np.arange(3000, dtype=np.int64) * 2
+    trained = compressed_index.train(64, ids, lambda want: vectors[want // 2])
+    parts = list(compressed_index.part_ranges(3000, rows=400))  # more parts than are sent at once
+    assert len(parts) > PARTS_IN_FLIGHT
+    here = compressed_index.merge(trained, compressed_index.encode_here(trained, ((ids[s], vectors[s]) for s in parts)))
+    on_ray = compressed_index.merge(trained, RayEngine.encode_parts(trained, ((ids[s], vectors[s]) for s in parts)))
+    assert on_ray.ntotal == here.ntotal == 3000
+    assert np.array_equal(here.search(queries, 10)[1], on_ray.search(queries, 10)[1])
+
+
+def test_the_ray_engine_builds_a_compressed_index_that_is_served(ray_address, tmp_path):
+    data = make_class_images(tmp_path / "data", {"circles": 130, "squares": 130}, size=32)
+    report = run_index(ray_job(data, tmp_path / "home", index_kind="ivfpq"))
+    service = SearchService(tmp_path / "home", "photos")
+    assert report.total == 260 and service.info()["index_kind"] == "ivfpq"
+    assert service.search(data / "squares" / "squares_007.png", k=1).neighbors[0].path == "squares/squares_007.png"
 
 
 # --- real photos ----------------------------------------------------------------------------------------------
