@@ -12,8 +12,9 @@ import os
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -59,6 +60,22 @@ def seconds(fn: Callable[[], object], device: torch.device | None = None) -> flo
     if device is not None:
         sync(device)
     return time.perf_counter() - start
+
+
+@contextmanager
+def runtime(name: str) -> Iterator[None]:
+    """Jobs and services made inside resolve their runtime to `name`, as a user's $SIMIMG_RUNTIME would."""
+    from simimg.device import RUNTIME_ENV
+
+    before = os.environ.get(RUNTIME_ENV)
+    os.environ[RUNTIME_ENV] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[RUNTIME_ENV]
+        else:
+            os.environ[RUNTIME_ENV] = before
 
 
 def median(values: Sequence[float]) -> float:

@@ -1,16 +1,19 @@
-"""`simimg index` end to end, against the model alone and against a seed-style loop, at the default precision and in
-float32, measured in one run.
+"""`simimg index` end to end, against the model alone and against a seed-style loop, at the default precision and
+runtime and in torch float32, measured in one run.
 
-    python benchmarks/index_throughput.py --device cpu --images 64 --json
+    python benchmarks/index_throughput.py --device cpu --images 1024 --json
     python benchmarks/index_throughput.py --device cuda --images 4096 --batch-size 256 --json
 
 end_to_end: the real `run_index` (scan, read + hash + decode, forward, catalog and vector shards, FAISS, publish)
-into a fresh home, building and keeping its model (random init, `--weights none`) as a first `simimg index` does.
+into a fresh home, building and keeping its model (random init, `--weights none`) as a first `simimg index` does;
+on OpenVINO it reads the converted trunk from the machine's cache, as every run after a model's first use on a
+machine does (`convert_s`: that first conversion, a one-off per model and machine, timed apart).
 model_only: `infer` alone on pre-made uint8 batches already on the device: same model, batch size and precision.
 baseline: the seed's loop: torchvision ImageFolder (PIL decode, no draft), fp32 NCHW, batch 32, no workers.
-Each is measured at the precision `--precision` resolves to (auto: bf16 where it is native) and, when that is not
-float32, again in float32 (the `fp32_` figures); `ratio_fp32_model_only` is end to end at the default precision
-over float32 model-only. Every repeat runs every variant, interleaved.
+Each is measured at the precision and runtime `--precision` and $SIMIMG_RUNTIME resolve to (auto: bf16 where it
+is native, OpenVINO on the CPU) and, when that differs, again in float32 on torch (the `fp32_` figures: simimg's
+path before OpenVINO); `ratio_fp32_model_only` is end to end at the default over torch float32 model-only.
+Every repeat runs every variant, interleaved.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from _common import finish, hardware, make_jpegs, median, parser, seconds
+from _common import finish, hardware, make_jpegs, median, parser, runtime, seconds
 from simimg.device import PRECISIONS, Compute, loader_workers, resolve_compute
 from simimg.embed import infer, prepare_net, reuse_freed_memory
 from simimg.indexing import IndexJob, run_index
 from simimg.model import LoadedModel, build_model
+from simimg.openvino_trunk import convert
 from simimg.scan import scan_folder
 
 NAME = "bench"
@@ -44,9 +48,9 @@ def main() -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="the default precision to measure")
     args = p.parse_args()
     reuse_freed_memory()
-    default = resolve_compute(args.device, args.precision)
-    computes = {"": default} if default.precision == "fp32" else {"": default, "fp32_": resolve_compute(args.device,
-                                                                                                        "fp32")}
+    default = resolve_compute(args.device, args.precision, runtime="torch" if args.compile else "auto")
+    reference = resolve_compute(args.device, "fp32", runtime="torch")
+    computes = {"": default} if default == reference else {"": default, "fp32_": reference}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.folder) if args.folder else make_jpegs(Path(tmp) / "photos", args.images)
         images = len(scan_folder(folder).records)
@@ -54,7 +58,7 @@ def main() -> None:
                                                 args.batch_size, args.compile) for prefix, compute in computes.items()}
         rows = [_repeat(args, r, folder, images, Path(tmp), computes, model_only) for r in range(args.repeats)]
     summary = {"benchmark": "index_throughput", "device": str(default.device), "precision": default.precision,
-               "images": images, "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size,
+               "runtime": default.runtime, "convert_s": _convert_seconds(args, default), "images": images, "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size,
                "workers": loader_workers(args.workers, default.device), "compile": args.compile,
                "repeats": args.repeats, **{key: median([row[key] for row in rows]) for key in rows[0] if key != "repeat"},
                "hardware": hardware(default.device)}
@@ -69,7 +73,8 @@ def _repeat(args, r: int, folder: Path, images: int, tmp: Path, computes: dict[s
                        image_size=args.image_size, device=args.device, precision=compute.precision,
                        batch_size=args.batch_size, workers=args.workers, compile=args.compile)
         row[f"{prefix}model_only_img_s"] = images / model_only[prefix]()
-        row[f"{prefix}end_to_end_img_s"] = images / seconds(lambda: _index(job, images), compute.device)
+        with runtime(compute.runtime):
+            row[f"{prefix}end_to_end_img_s"] = images / seconds(lambda: _index(job, images), compute.device)
     device = computes[""].device
     row["baseline_img_s"] = images / _baseline_seconds(folder, build_model(args.arch, "none", args.image_size),
                                                        device, args.image_size)
@@ -88,7 +93,7 @@ def _index(job: IndexJob, images: int) -> None:
 def _model_only_timer(model: LoadedModel, compute: Compute, images: int, batch_size: int, compile: bool):
     """A function that times the forward alone over `images` images, in full batches plus the remainder."""
     net, preprocess = model.net, model.bundle.preprocess
-    trunk = prepare_net(net, compute, preprocess.crop_size, compile)
+    trunk = prepare_net(net, compute, preprocess, compile)
     size, device = preprocess.crop_size, compute.device
     full = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=device)
     batches = [full] * (images // batch_size) + ([full[: images % batch_size]] if images % batch_size else [])
@@ -98,6 +103,15 @@ def _model_only_timer(model: LoadedModel, compute: Compute, images: int, batch_s
     def run() -> float:
         return seconds(lambda: [infer(net, b, preprocess, compute, trunk=trunk)[0].cpu() for b in batches], device)
     return run
+
+
+def _convert_seconds(args, compute: Compute) -> float | None:
+    """What the first use of a model on a machine spends converting its trunk for OpenVINO (once: later processes
+    read it back from the cache, as the end-to-end runs here do)."""
+    if compute.runtime != "openvino":
+        return None
+    model = build_model(args.arch, "none", args.image_size)
+    return seconds(lambda: convert(model.net.trunk, model.bundle.preprocess))
 
 
 def _baseline_seconds(folder: Path, model: LoadedModel, device: torch.device, image_size: int) -> float:

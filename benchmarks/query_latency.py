@@ -1,12 +1,13 @@
 """Warm single-image query latency: `SearchService.query` (preprocess, forward, search, row lookup) against the
-model's batch-1 forward alone, at the default precision and in float32, interleaved in one run.
+model's batch-1 forward alone, at the default precision and runtime and in torch float32, interleaved in one run.
 
     python benchmarks/query_latency.py --device cpu --json
 
 The gallery is indexed once with the real `run_index` (`--weights none`); queries are decoded 500x375 photos
 handed over as PIL images, as the app does with an upload. Nothing is reloaded between queries. `query_p50_ms` and
-the other unprefixed figures are at the precision `--precision` resolves to (auto: bf16 where it is native); the
-`fp32_` ones in float32, from a second service on the same index.
+the other unprefixed figures are at the precision and runtime `--precision` and $SIMIMG_RUNTIME resolve to (auto:
+bf16 where it is native, OpenVINO on the CPU); the `fp32_` ones in float32 on torch (simimg's path before
+OpenVINO), from a second service on the same index.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from _common import finish, hardware, make_jpegs, median, parser, percentile, seconds
-from simimg.device import PRECISIONS
+from _common import finish, hardware, make_jpegs, median, parser, percentile, runtime, seconds
+from simimg.device import PRECISIONS, resolve_compute
 from simimg.embed import infer, reuse_freed_memory
 from simimg.images import load_image
 from simimg.indexing import IndexJob, run_index
@@ -39,14 +40,16 @@ def main() -> None:
         run_index(IndexJob(str(folder), NAME, str(Path(tmp) / "home"), arch=args.arch, weights="none",
                            image_size=args.image_size, device=args.device, precision=args.precision))
         services = {"": SearchService(Path(tmp) / "home", NAME, args.device, args.precision)}
-        if services[""].compute.precision != "fp32":
-            services["fp32_"] = SearchService(Path(tmp) / "home", NAME, args.device, "fp32")
+        if services[""].compute != resolve_compute(args.device, "fp32", runtime="torch"):
+            with runtime("torch"):
+                services["fp32_"] = SearchService(Path(tmp) / "home", NAME, args.device, "fp32")
         photos = [load_image(path) for path in sorted(folder.rglob("*.jpg"))[:8]]
         times = _interleaved(services, photos, args.queries)
     default = services[""].compute
-    rows = [{"what": f"{what} ({services[prefix].compute.precision})", "p50_ms": median(ms),
+    rows = [{"what": f"{what} ({services[prefix].compute})", "p50_ms": median(ms),
              "p95_ms": percentile(ms, 95), "min_ms": min(ms)} for (prefix, what), ms in times.items()]
     summary = {"benchmark": "query_latency", "device": str(default.device), "precision": default.precision,
+               "runtime": default.runtime,
                "gallery": args.images, "queries": args.queries, "arch": args.arch, "image_size": args.image_size}
     for prefix in services:
         query, forward = times[prefix, "query"], times[prefix, "forward"]

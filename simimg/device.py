@@ -1,4 +1,4 @@
-"""Pick the device and its precision once (a `Compute`), with the autocast context that goes with them."""
+"""Pick the device, its precision and the runtime once (a `Compute`), with the autocast context that goes with them."""
 
 from __future__ import annotations
 
@@ -28,39 +28,68 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
+RUNTIMES = ("auto", "torch", "openvino")
+RUNTIME_ENV = "SIMIMG_RUNTIME"
 
 
 @dataclass(frozen=True)
 class Compute:
     """Where a job's forward passes run and in what precision: resolved once per job, then handed along.
 
-    `autocast` is the context every forward (and training step) runs in, chosen here once (timm's way) rather than
-    by an `if` at each step. Shown to users as "cpu (bf16)", "cuda (bf16)", "cpu (fp32)".
+    `autocast` is the context every torch forward (and training step) runs in, chosen here once (timm's way) rather
+    than by an `if` at each step. `runtime` is what runs inference: "openvino" (the CPU's fast path,
+    openvino_trunk.py) or "torch". Shown to users as "cpu (bf16, openvino)", "cuda (bf16)", "cpu (fp32)".
     """
 
     device: torch.device
     precision: str  # "bf16" or "fp32"
     autocast: Callable[[], ContextManager] = field(compare=False, repr=False, default=contextlib.nullcontext)
+    runtime: str = "torch"
 
     def __str__(self) -> str:
-        return f"{self.device} ({self.precision})"
+        return f"{self.device} ({self.precision}{', openvino' if self.runtime == 'openvino' else ''})"
 
 
-def resolve_compute(device: str = "auto", precision: str = "auto", training: bool = False) -> Compute:
+def resolve_compute(device: str = "auto", precision: str = "auto", training: bool = False,
+                    runtime: str = "auto") -> Compute:
     """The device, and bf16 where it is native (CUDA with bf16, a CPU with AVX512-BF16 or AMX), else float32.
 
     "fp32" forces float32 anywhere; "bf16" forces bf16 even where it is emulated (slower, same results).
     For `training`, "auto" keeps the CPU in float32: a bf16 CPU train step took 0.69x the CPU time, but equal
     accuracy over a real run is not measured yet (benchmarks/README.md); `--precision bf16` opts in.
+    The runtime: see `resolve_runtime`.
     """
     if precision not in PRECISIONS:
         raise SimimgError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
     dev = resolve_device(device)
     native = native_bf16(dev) and not (training and dev.type == "cpu")
     chosen = precision if precision != "auto" else "bf16" if native else "fp32"
+    runtime = resolve_runtime(dev, chosen, training, runtime)
     if chosen == "fp32":
-        return Compute(dev, "fp32")
-    return Compute(dev, "bf16", functools.partial(torch.autocast, device_type=dev.type, dtype=torch.bfloat16))
+        return Compute(dev, "fp32", runtime=runtime)
+    return Compute(dev, "bf16", functools.partial(torch.autocast, device_type=dev.type, dtype=torch.bfloat16),
+                   runtime)
+
+
+def resolve_runtime(device: torch.device, precision: str, training: bool, runtime: str = "auto") -> str:
+    """OpenVINO for inference on the CPU (about 2x torch there: openvino_trunk.py), torch for everything else.
+
+    "auto" reads $SIMIMG_RUNTIME, else picks OpenVINO when it is installed and the precision runs natively (a bf16
+    forced on a CPU without bf16 units stays torch's emulation). Training always runs on torch.
+    """
+    runtime = os.environ.get(RUNTIME_ENV, "auto") if runtime == "auto" else runtime
+    if runtime not in RUNTIMES:
+        raise SimimgError(f"unknown runtime {runtime!r} (from ${RUNTIME_ENV} or the caller): use "
+                          f"{', '.join(RUNTIMES)}")
+    if training or runtime == "torch":
+        return "torch"
+    from simimg import openvino_trunk
+
+    usable = device.type == "cpu" and openvino_trunk.available() and (precision == "fp32" or native_bf16(device))
+    if runtime == "openvino" and not usable:
+        raise SimimgError("the openvino runtime runs on the CPU only, in float32 or in bf16 on a CPU with bf16 units, "
+                          "and needs the openvino package (pip install openvino); use the torch runtime")
+    return "openvino" if usable else "torch"
 
 
 def native_bf16(device: torch.device) -> bool:

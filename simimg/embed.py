@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from simimg.device import Compute, memory_format_for, resolve_compute
 from simimg.errors import BadImageError
-from simimg.fuse import bf16_inference_trunk, packed_ops_available
 from simimg.images import decode_image, read_bytes, to_rgb
 from simimg.model import LoadedModel, Net, build_model
 from simimg.preprocess import Preprocess
@@ -25,6 +24,8 @@ from simimg.scan import Skipped
 
 log = logging.getLogger(__name__)
 
+# A model's embedding function as prepared for one Compute (`prepare_net`): uint8 NCHW images (on any device) in,
+# the pooled features (not normalised) out, on the compute device.
 Trunk = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -97,30 +98,43 @@ def infer(net: Net, batch: torch.Tensor, preprocess: Preprocess, compute: Comput
           trunk: Trunk | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """uint8 NCHW (any device) to L2-normalised float32 embeddings on the device, and the head's logits if asked.
 
-    `trunk` stands in for `net.embed` (what `prepare_net` returned for it). The head runs in float32: it is tiny.
+    `trunk` is what `prepare_net` returned for `net`; without one, `net` runs as it is on torch (training's
+    validation, whose weights keep changing). The head runs in float32 on torch: it is tiny.
     """
-    device = compute.device
-    x = preprocess.normalize(batch.to(device, non_blocking=True)).contiguous(memory_format=memory_format_for(device))
-    with compute.autocast():
-        features = (trunk or net.embed)(x)
-    features = features.float()
+    features = (trunk or torch_trunk(net, preprocess, compute))(batch).float()
     logits = net.logits(features).float() if with_logits and net.head is not None else None
     return torch.nn.functional.normalize(features, dim=1), logits
 
 
-def prepare_net(net: Net, compute: Compute, image_size: int, compile: bool = False) -> Trunk:
-    """Put `net` in eval mode on its device in the fast memory format; returns its embedding function for `infer`.
+def torch_trunk(net: Net, preprocess: Preprocess, compute: Compute,
+                embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Trunk:
+    """`net`'s embedding (or `embed`, a compiled form of it) on torch: normalised on the device, in the fast memory
+    format, under the compute's autocast."""
+    device, memory_format = compute.device, memory_format_for(compute.device)
+    embed = embed or net.embed
 
-    On a CPU in bf16 that function is a packed bf16 copy of the trunk (fuse.py: 1.14x the speed of eager bf16 at
-    batch 1); with `compile`, it is `net.embed` `torch.compile`d (slow to start, faster per batch). `net` itself
-    stays as it was, so its state dict and fingerprints never change.
+    def run(batch: torch.Tensor) -> torch.Tensor:
+        x = preprocess.normalize(batch.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+        with compute.autocast():
+            return embed(x)
+    return run
+
+
+def prepare_net(net: Net, compute: Compute, preprocess: Preprocess, compile: bool = False) -> Trunk:
+    """Put `net` in eval mode on its device; returns its embedding function for `infer`, on the compute's runtime.
+
+    On OpenVINO that is the trunk converted and compiled for this CPU (openvino_trunk.py); with `compile`,
+    `net.embed` `torch.compile`d (slow to start, faster per batch; torch runtime only). `net` itself stays as it
+    was, so its fingerprints never change.
     """
     net.eval().to(compute.device, memory_format=memory_format_for(compute.device))
-    if compile:
-        return torch.compile(net.embed)
-    if compute.device.type == "cpu" and compute.precision == "bf16" and packed_ops_available():
-        return bf16_inference_trunk(net.trunk, image_size)
-    return net.embed
+    if compute.runtime == "openvino":
+        if compile:
+            raise ValueError("torch.compile needs the torch runtime")
+        from simimg.openvino_trunk import compile_trunk
+
+        return compile_trunk(net.trunk, preprocess, compute.precision)
+    return torch_trunk(net, preprocess, compute, torch.compile(net.embed) if compile else None)
 
 
 @functools.cache
@@ -164,7 +178,7 @@ def make_loader(files: Sequence[Path], transform: ImageTransform, batch_size: in
 def embed_files(net: Net, paths: Sequence[Path], preprocess: Preprocess, settings: EmbedSettings) -> Iterator[EmbeddedBatch]:
     """Yield a batch at a time, so callers can checkpoint and report progress as they go."""
     compute = settings.compute
-    trunk = prepare_net(net, compute, preprocess.crop_size, settings.compile)
+    trunk = prepare_net(net, compute, preprocess, settings.compile)
     loader = make_loader(paths, preprocess, settings.batch_size, settings.workers, compute.device)
     for positions, batch, hashes, failures in loader:
         vectors = (infer(net, batch, preprocess, compute, trunk=trunk)[0].cpu().numpy() if positions
@@ -181,11 +195,11 @@ class Encoder:
 
     def __init__(self, arch: str = "densenet121", weights: str = "imagenet", image_size: int = 224,
                  device: str = "auto", batch_size: int = 64, model: LoadedModel | None = None,
-                 precision: str = "auto") -> None:
-        self.compute = resolve_compute(device, precision)
+                 precision: str = "auto", runtime: str = "auto") -> None:
+        self.compute = resolve_compute(device, precision, runtime=runtime)
         self.model = model or build_model(arch, weights, image_size)
         self.batch_size = batch_size
-        self._trunk = prepare_net(self.model.net, self.compute, self.model.bundle.preprocess.crop_size)
+        self._trunk = prepare_net(self.model.net, self.compute, self.model.bundle.preprocess)
 
     @property
     def dim(self) -> int:

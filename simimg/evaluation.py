@@ -57,7 +57,7 @@ def run_evaluation(name: str, home: str | None, data_dir: str | None = None, dev
                           f"`simimg train DATA_DIR --name {name}` (add --head-only for one in seconds)")
     split = evaluation_split(model, data_dir)
     compute = resolve_compute(device, precision)
-    trunk = prepare_net(model.net, compute, model.bundle.preprocess.crop_size)
+    trunk = prepare_net(model.net, compute, model.bundle.preprocess)
     workers = loader_workers(workers, compute.device)
 
     def predict(records: Sequence[Record], report: Progress | None) -> Predictions:

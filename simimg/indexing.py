@@ -185,7 +185,7 @@ def open_engine(job: IndexJob, folder: IndexFolder) -> AbstractContextManager[En
                                          ("--ray-shards", job.ray_shards)) if value is not None]
     if ray_only:
         raise SimimgError(f"{', '.join(ray_only)} only apply with --engine ray")
-    compute = resolve_compute(job.device, job.precision)
+    compute = resolve_compute(job.device, job.precision, runtime="torch" if job.compile else "auto")
     workers = loader_workers(job.workers, compute.device)
     return nullcontext(LocalEngine(EmbedSettings(compute, job.batch_size, workers, job.compile)))
 

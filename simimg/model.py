@@ -179,7 +179,7 @@ def describe(net: Net, arch: str, classes: tuple[str, ...], preprocess: Preproce
 def embedding_fingerprint(net: Net, arch: str, preprocess: Preprocess) -> str:
     """Identity of the embedding function: architecture, preprocessing and every trunk tensor."""
     h = hashlib.sha256(json.dumps([arch, preprocess.to_dict()], sort_keys=True).encode())
-    _hash_tensors(h, net.trunk.state_dict())
+    hash_tensors(h, net.trunk.state_dict())
     return h.hexdigest()[:16]
 
 
@@ -187,11 +187,11 @@ def model_fingerprint(embedding: str, net: Net, classes: tuple[str, ...]) -> str
     """Identity of the whole model: its embedding, its classes and its head's tensors."""
     h = hashlib.sha256(json.dumps([embedding, list(classes), net.unit_head]).encode())
     if net.head is not None:
-        _hash_tensors(h, net.head.state_dict())
+        hash_tensors(h, net.head.state_dict())
     return h.hexdigest()[:16]
 
 
-def _hash_tensors(h: "hashlib._Hash", state: dict[str, torch.Tensor]) -> None:
+def hash_tensors(h: "hashlib._Hash", state: dict[str, torch.Tensor]) -> None:
     for key, tensor in sorted(state.items()):
         h.update(key.encode())
         h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())

@@ -173,7 +173,7 @@ class SearchService:
 
     def _load_model(self, fingerprint: str) -> tuple[LoadedModel, Trunk]:
         model = load_model(self.folder, fingerprint)
-        return model, prepare_net(model.net, self.compute, model.bundle.preprocess.crop_size)
+        return model, prepare_net(model.net, self.compute, model.bundle.preprocess)
 
     # --- the public API: images (paths or PIL) in ---------------------------------------------------
     def search(self, images: ImageInput | Sequence[ImageInput], k: int = 10, label: str | None = None,

@@ -127,7 +127,8 @@ def app_from_env() -> FastAPI:
 
 
 def use_threads(config: ServeConfig) -> None:
-    """The server process's torch threads (process-wide, so only a server's entry point calls this)."""
+    """The server process's torch threads, which OpenVINO's follow (process-wide: only a server's entry point
+    calls this)."""
     if config.threads:
         import torch
 

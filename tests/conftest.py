@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -50,6 +51,18 @@ def synthetic_image(kind: int, rng: np.random.Generator, size: int = 96) -> Imag
     else:
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
     return image
+
+
+@pytest.fixture(scope="session", autouse=True)
+def converted_models_cache(tmp_path_factory) -> Iterator[Path]:
+    """Converted trunks (openvino_trunk.py) go to a folder of this test run, not the user's ~/.cache; the CLI,
+    app and server processes the tests start inherit it."""
+    from simimg.openvino_trunk import CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("simimg-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(folder))
+        yield folder
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ CASES = {
     "audit_recall.py": (["--images", "12", "--flips", "2", "--exact", "2", "--near", "2", "--image-size", "32"],
                         {"exact_recall", "identical_groups", "near_threshold", "audit_s"}),
     "index_throughput.py": (["--device", "cpu", "--images", "8", "--batch-size", "4", "--workers", "1", *TINY_MODEL],
-                            {"device", "precision", "images", "end_to_end_img_s", "model_only_img_s",
+                            {"device", "precision", "runtime", "images", "end_to_end_img_s", "model_only_img_s",
                              "baseline_img_s", "ratio_model_only", "ratio_fp32_model_only", "ratio_baseline"}),
     "head_only.py": (["--images", "12", *TINY_MODEL], {"images", "head_only_s", "fine_tune_epoch_s",
                                                         "ratio_fine_tune_epoch", "index_after_embedded"}),
@@ -33,7 +33,7 @@ CASES = {
     "search.py": (["--n", "3000", "--dim", "32", "--queries", "10", "--nprobe", "4,8"],
                   {"N", "dim", "ivf_ms_per_query", "ivf_recall_at_k", "flat_ms_per_query", "rows"}),
     "query_latency.py": (["--images", "4", "--queries", "2", *TINY_MODEL],
-                         {"device", "precision", "query_p50_ms", "query_p95_ms", "forward_p50_ms",
+                         {"device", "precision", "runtime", "query_p50_ms", "query_p95_ms", "forward_p50_ms",
                           "ratio_query_over_forward_p50", "ratio_fp32_query_p50"}),
     "index_engines.py": (["--images", "8", "--batch-size", "4", "--repeats", "1", "--image-size", "32"],
                          {"images", "local_s", "ray_s", "ratio_ray_over_local", "min_cosine", "same_result"}),
@@ -62,7 +62,7 @@ def test_benchmark_ends_with_its_json_line(script, tmp_path):
     if script == "audit_recall.py":  # every byte-identical group, injected or not, is reported
         assert result["exact_recall"] == 1.0 and result["identical_groups_reported"] == result["identical_groups"]
         assert 0 <= result["near_recall"] <= 1 and 0 <= result["flip_recall"] <= 1
-    if result.get("precision") == "bf16":  # both precisions in the same run
+    if result.get("precision") == "bf16" or result.get("runtime") == "openvino":  # and torch float32 in the same run
         assert {"fp32_model_only_img_s", "fp32_query_p50_ms"} & set(result), result
 
 

@@ -1,4 +1,5 @@
-"""device.py: the device and its precision are resolved once; bf16 exactly where the CPU or GPU has units for it."""
+"""device.py: the device, its precision and the runtime are resolved once; bf16 exactly where the CPU or GPU has
+units for it, OpenVINO for inference on the CPU."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from simimg.device import PRECISIONS, native_bf16, resolve_compute
+from simimg import openvino_trunk
+from simimg.device import PRECISIONS, RUNTIME_ENV, RUNTIMES, native_bf16, resolve_compute
 from simimg.errors import SimimgError
+
+needs_openvino = pytest.mark.skipif(not openvino_trunk.available(), reason="openvino is not installed")
 
 
 def cpuinfo_flags() -> set[str]:
@@ -23,7 +27,7 @@ def cpuinfo_flags() -> set[str]:
 @pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU flags from Linux's /proc/cpuinfo")
 def test_auto_is_bf16_exactly_on_cpus_with_native_bf16_units():
     native = bool({"avx512_bf16", "amx_bf16"} & cpuinfo_flags())
-    compute = resolve_compute("cpu")
+    compute = resolve_compute("cpu", runtime="torch")
     assert native_bf16(torch.device("cpu")) == native
     assert compute.precision == ("bf16" if native else "fp32")
     assert str(compute) == f"cpu ({compute.precision})"
@@ -36,7 +40,7 @@ def test_cpu_training_stays_float32_unless_bf16_is_asked_for():
 
 
 def test_fp32_and_bf16_can_be_forced_and_bring_their_autocast():
-    fp32, bf16 = resolve_compute("cpu", "fp32"), resolve_compute("cpu", "bf16")
+    fp32, bf16 = resolve_compute("cpu", "fp32", runtime="torch"), resolve_compute("cpu", "bf16", runtime="torch")
     assert (str(fp32), str(bf16)) == ("cpu (fp32)", "cpu (bf16)")
     assert isinstance(fp32.autocast(), contextlib.nullcontext)
     with bf16.autocast():
@@ -53,8 +57,41 @@ def test_unknown_precisions_and_devices_are_user_errors():
         resolve_compute("tpu")
 
 
+@needs_openvino
+def test_cpu_inference_runs_on_openvino_and_training_on_torch(monkeypatch):
+    monkeypatch.delenv(RUNTIME_ENV, raising=False)
+    assert resolve_compute("cpu", "fp32").runtime == "openvino"
+    assert str(resolve_compute("cpu", "fp32")) == "cpu (fp32, openvino)"
+    assert resolve_compute("cpu", training=True).runtime == "torch"
+    assert resolve_compute("cpu", "fp32", runtime="torch").runtime == "torch"
+    native = native_bf16(torch.device("cpu"))
+    assert resolve_compute("cpu", "bf16").runtime == ("openvino" if native else "torch")  # forced bf16 is emulated
+
+
+@needs_openvino
+def test_the_runtime_can_be_chosen_from_the_environment(monkeypatch):
+    monkeypatch.setenv(RUNTIME_ENV, "torch")
+    assert resolve_compute("cpu", "fp32").runtime == "torch"
+    assert resolve_compute("cpu", "fp32", runtime="openvino").runtime == "openvino"  # the caller's choice wins
+    monkeypatch.setenv(RUNTIME_ENV, "tensorrt")
+    with pytest.raises(SimimgError, match=r"unknown runtime 'tensorrt' \(from \$SIMIMG_RUNTIME"):
+        resolve_compute("cpu")
+
+
+def test_openvino_where_it_cannot_run_is_a_user_error(monkeypatch):
+    assert RUNTIMES == ("auto", "torch", "openvino")
+    monkeypatch.delenv(RUNTIME_ENV, raising=False)
+    monkeypatch.setattr(openvino_trunk, "available", lambda: False)
+    assert resolve_compute("cpu", "fp32").runtime == "torch"  # auto falls back
+    with pytest.raises(SimimgError, match="needs the openvino package"):
+        resolve_compute("cpu", "fp32", runtime="openvino")
+
+
 @pytest.mark.gpu
 def test_cuda_defaults_to_bf16(cuda):
     compute = resolve_compute("cuda")
     assert compute.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
     assert str(resolve_compute("cuda", "fp32")).endswith("(fp32)")
+    assert compute.runtime == "torch"
+    with pytest.raises(SimimgError, match="runs on the CPU only"):
+        resolve_compute("cuda", runtime="openvino")

@@ -13,6 +13,7 @@ from test_images import write_awkward, write_broken
 from test_model import densenet121_state
 
 from simimg.catalog import Catalog, Snapshot
+from simimg.device import resolve_compute
 from simimg.embed import Encoder
 from simimg.errors import SimimgError
 from simimg.faiss_index import flat_contents, load_index
@@ -146,7 +147,7 @@ def test_missing_or_empty_folders_are_user_errors_and_create_nothing(job):
 def test_the_report_names_the_precision_and_the_job_keeps_it(job):
     make_class_images(Path(job.data_dir), {"a": 2}, size=40)
     report = run_index(replace(job, device="cpu", precision="fp32"))
-    assert report.device == "cpu (fp32)"
+    assert report.device == str(resolve_compute("cpu", "fp32"))  # "cpu (fp32, openvino)" where it is installed
     assert read_index_job(IndexFolder.of(job.home, job.name)).precision == "fp32"
     with pytest.raises(SimimgError, match="unknown precision 'half'"):
         run_index(replace(job, precision="half"))
@@ -166,6 +167,6 @@ def test_cuda_indexing_agrees_with_float32_on_the_cpu(job, cuda, compile):
         snap, vectors = catalog.snapshot_with_vectors()
     finally:
         catalog.close()
-    encoder = Encoder(model=load_model(folder, snap.model), device="cpu", precision="fp32")
+    encoder = Encoder(model=load_model(folder, snap.model), device="cpu", precision="fp32", runtime="torch")
     reference, _ = encoder.encode([root / path for path in snap.paths])
     assert (vectors * reference).sum(axis=1).min() >= 0.999
