@@ -34,6 +34,9 @@ IVF_MIN_NPROBE = 32
 # below these the lists (or PQ's 256 centroids per sub-quantizer) cannot be trained: exact search instead
 MIN_VECTORS = {"flat": 0, "ivf": 16 * IVF_TRAIN_SAMPLES_PER_LIST, "ivfpq": compressed_index.MIN_VECTORS}
 IVF_NPROBE_FRACTION = 1 / 128
+# an IVF index is trained afresh once its size asks for this many times the lists it has (about twice the vectors
+# it was trained for, as lists grow with sqrt(N)): rebuilding at each doubling costs O(N) over the index's life
+RETRAIN_GROWTH = 1.4
 
 
 class VectorSearcher(Protocol):
@@ -98,6 +101,15 @@ def ivf_lists_for(n: int) -> int:
 def nprobe_for(nlist: int) -> int:
     """32 lists, or 1/128 of them on very large indexes: recall@10 >= 0.98 from 20k to 1M vectors (benchmarks/)."""
     return min(nlist, max(IVF_MIN_NPROBE, math.ceil(nlist * IVF_NPROBE_FRACTION)))
+
+
+def outgrown(index: faiss.Index, n: int) -> bool:
+    """Whether an IVF (or compressed) index was trained for far fewer than the `n` vectors it is to hold: its lists
+    keep the count it was trained with, so they grow long and every query scans more of them."""
+    if not _is_ivf(index):
+        return False
+    want = compressed_index.lists_for(n) if is_compressed(index) else ivf_lists_for(n)
+    return want > RETRAIN_GROWTH * faiss.extract_index_ivf(index).nlist
 
 
 def update_index(index: faiss.Index, add_ids: np.ndarray, add_vectors: np.ndarray, remove_ids: np.ndarray) -> faiss.Index:

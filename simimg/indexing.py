@@ -29,7 +29,8 @@ from simimg.compressed_index import Part, PartEncoder, encode_here
 from simimg.device import loader_workers, resolve_compute
 from simimg.embed import EmbeddedBatch, EmbedSettings, embed_files
 from simimg.errors import SimimgError
-from simimg.faiss_index import build_from_stored, check_kind, index_kind_for, load_index, save_index, update_index
+from simimg.faiss_index import (build_from_stored, check_kind, index_kind_for, load_index, outgrown, save_index,
+                                update_index)
 from simimg.fsutil import atomic_copy, atomic_write_bytes
 from simimg.layout import IndexFolder
 from simimg.lock import writer_lock
@@ -368,13 +369,8 @@ def _publish(catalog: Catalog, folder: IndexFolder, pending: int, model: LoadedM
     if unchanged and published.index_kind == kind:
         atomic_copy(folder.faiss(published.version), folder.faiss(pending))  # a new head on the same vectors
     else:
-        index = None
-        if previous is not None and published.index_kind == kind:
-            new_ids, new_vectors = catalog.vectors(pending, emb, where="added = :v")
-            index = update_index(previous, new_ids, new_vectors, catalog.removed_ids(pending))
-            if index.ntotal != total:
-                log.warning("FAISS file of version %d disagreed with the catalog; rebuilding it", published.version)
-                index = None
+        same_kind = previous if published is not None and published.index_kind == kind else None
+        index = _updated(catalog, same_kind, pending, emb, total)
         if index is None:
             stored = catalog.stored_vectors(pending, emb)
             index = build_from_stored(stored.ids, stored, model.bundle.dim, kind, encode)
@@ -384,6 +380,24 @@ def _publish(catalog: Catalog, folder: IndexFolder, pending: int, model: LoadedM
     log.info("published version %d of '%s': %d vectors (+%d, -%d), model %s", pending, folder.name, total, added,
              removed, model.bundle.fingerprint)
     return pending, total
+
+
+def _updated(catalog: Catalog, previous: faiss.Index | None, pending: int, embedding: str,
+             total: int) -> faiss.Index | None:
+    """The published index of the same kind with the pending version's changes applied; None: build it afresh
+    (there is none, it was trained for far fewer vectors, or it disagrees with the catalog)."""
+    if previous is None:
+        return None
+    if outgrown(previous, total):
+        log.info("the index has outgrown the %d lists it was trained with: training it afresh for %d vectors",
+                 faiss.extract_index_ivf(previous).nlist, total)
+        return None
+    new_ids, new_vectors = catalog.vectors(pending, embedding, where="added = :v")
+    index = update_index(previous, new_ids, new_vectors, catalog.removed_ids(pending))
+    if index.ntotal != total:
+        log.warning("the published FAISS file disagreed with the catalog; rebuilding it")
+        return None
+    return index
 
 
 def _tidy(catalog: Catalog, folder: IndexFolder) -> None:

@@ -12,7 +12,9 @@ import torch
 
 from conftest import make_class_images
 from simimg import api, compressed_index
-from simimg.faiss_index import FaissSearcher, RefinedSearcher, build_index, index_kind_for, is_compressed, make_searcher
+from simimg.catalog import reading
+from simimg.faiss_index import (FaissSearcher, RefinedSearcher, build_index, index_kind_for, is_compressed, load_index,
+                                make_searcher)
 from simimg.indexing import IndexJob, read_index_job, run_index
 from simimg.layout import IndexFolder
 from simimg.vectors import StoredVectors, append_rows, shard_path
@@ -129,6 +131,31 @@ def test_index_kind_ivfpq_end_to_end_is_kept_added_to_removed_from_and_served(tm
     assert "circles/circles_010.png" not in {n.path for n in service.search(image, k=20).neighbors}
     flat = run_index(IndexJob(data_dir=str(photos), name="p", home=str(home), index_kind="flat"))
     assert flat.total == 300 and service.refresh() and service.info()["index_kind"] == "flat"
+
+
+def test_an_index_that_doubled_is_trained_afresh_and_one_that_grew_a_little_is_updated(tmp_path):
+    photos = make_class_images(tmp_path / "photos", {"circles": 150, "squares": 150}, size=40)
+    home = tmp_path / "home"
+    options = dict(home=home, weights="none", image_size=32, batch_size=64, index_kind="ivfpq")
+
+    def lists() -> int:
+        folder = IndexFolder.of(home, "p")
+        with reading(folder.catalog) as catalog:
+            version = catalog.published().version
+        return faiss.extract_index_ivf(load_index(folder.faiss(version))).nlist
+
+    api.build_index(photos, "p", **options)
+    assert lists() == compressed_index.lists_for(300)
+    make_class_images(tmp_path / "more", {"circles": 150, "squares": 150}, size=40, seed=5)
+    for image in (tmp_path / "more").rglob("*.png"):
+        image.rename(photos / image.parent.name / f"more_{image.name}")
+    assert api.build_index(photos, "p", **options).total == 600
+    assert lists() == compressed_index.lists_for(600) > 1.4 * compressed_index.lists_for(300)
+    (photos / "circles" / "more_circles_000.png").rename(tmp_path / "out.png")
+    assert api.build_index(photos, "p", **options).total == 599 and lists() == compressed_index.lists_for(600)
+    service = api.open_index("p", home)
+    assert service.search(photos / "squares" / "more_squares_007.png", k=1).neighbors[0].path == \
+        "squares/more_squares_007.png"
 
 
 @pytest.mark.datasets

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 import torch
 
 from simimg.faiss_index import (FLAT_LIMIT, FaissSearcher, TorchFlatSearcher, build_index, index_kind_for, ivf_lists_for,
-                          make_searcher, nprobe_for)
+                                make_searcher, nprobe_for, outgrown)
 
 
 def clustered(n: int, dim: int = 32, clusters: int = 40, seed: int = 0) -> np.ndarray:
@@ -74,3 +75,12 @@ def test_torch_search_pads_when_fewer_match():
     searcher = TorchFlatSearcher.from_index(build_index(ids, vectors, 32, "flat"), torch.device("cpu"))
     _, found = searcher.search(vectors[:2], 5, allowed=np.array([3, 4], np.int64))
     assert sorted(found[0][:2]) == [3, 4] and (found[:, 2:] == -1).all()
+
+
+def test_an_ivf_index_has_outgrown_its_lists_once_its_size_asks_for_many_more():
+    ids, vectors = np.arange(700, dtype=np.int64), clustered(700)
+    index = build_index(ids, vectors, 32, "ivf")
+    nlist = faiss.extract_index_ivf(index).nlist
+    assert nlist == ivf_lists_for(700) and not outgrown(index, 700) and not outgrown(index, 900)
+    assert outgrown(index, 3000) and ivf_lists_for(3000) > 1.4 * nlist
+    assert not outgrown(build_index(ids, vectors, 32, "flat"), 10**6)  # exact search has no lists
