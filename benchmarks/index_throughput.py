@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="the default precision to measure")
     args = p.parse_args()
     reuse_freed_memory()
-    default = resolve_compute(args.device, args.precision, runtime="torch" if args.compile else "auto")
+    default = resolve_compute(args.device, args.precision, compile=args.compile)
     reference = resolve_compute(args.device, "fp32", runtime="torch")
     computes = {"": default} if default == reference else {"": default, "fp32_": reference}
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,7 +58,8 @@ def main() -> None:
                                                 args.batch_size, args.compile) for prefix, compute in computes.items()}
         rows = [_repeat(args, r, folder, images, Path(tmp), computes, model_only) for r in range(args.repeats)]
     summary = {"benchmark": "index_throughput", "device": str(default.device), "precision": default.precision,
-               "runtime": default.runtime, "convert_s": _convert_seconds(args, default), "images": images, "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size,
+               "runtime": default.runtime, "convert_s": _convert_seconds(args, default), "images": images,
+               "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size,
                "workers": loader_workers(args.workers, default.device), "compile": args.compile,
                "repeats": args.repeats, **{key: median([row[key] for row in rows]) for key in rows[0] if key != "repeat"},
                "hardware": hardware(default.device)}

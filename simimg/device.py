@@ -51,20 +51,20 @@ class Compute:
 
 
 def resolve_compute(device: str = "auto", precision: str = "auto", training: bool = False,
-                    runtime: str = "auto") -> Compute:
+                    runtime: str = "auto", compile: bool = False) -> Compute:
     """The device, and bf16 where it is native (CUDA with bf16, a CPU with AVX512-BF16 or AMX), else float32.
 
     "fp32" forces float32 anywhere; "bf16" forces bf16 even where it is emulated (slower, same results).
     For `training`, "auto" keeps the CPU in float32: a bf16 CPU train step took 0.69x the CPU time, but equal
     accuracy over a real run is not measured yet (benchmarks/README.md); `--precision bf16` opts in.
-    The runtime: see `resolve_runtime`.
+    The runtime: see `resolve_runtime`; a job that `compile`s its forward (torch.compile) runs it on torch.
     """
     if precision not in PRECISIONS:
         raise SimimgError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
     dev = resolve_device(device)
     native = native_bf16(dev) and not (training and dev.type == "cpu")
     chosen = precision if precision != "auto" else "bf16" if native else "fp32"
-    runtime = resolve_runtime(dev, chosen, training, runtime)
+    runtime = "torch" if compile else resolve_runtime(dev, chosen, training, runtime)
     if chosen == "fp32":
         return Compute(dev, "fp32", runtime=runtime)
     return Compute(dev, "bf16", functools.partial(torch.autocast, device_type=dev.type, dtype=torch.bfloat16),

@@ -186,7 +186,7 @@ def open_engine(job: IndexJob, folder: IndexFolder) -> AbstractContextManager[En
                                          ("--ray-shards", job.ray_shards)) if value is not None]
     if ray_only:
         raise SimimgError(f"{', '.join(ray_only)} only apply with --engine ray")
-    compute = resolve_compute(job.device, job.precision, runtime="torch" if job.compile else "auto")
+    compute = resolve_compute(job.device, job.precision, compile=job.compile)
     workers = loader_workers(job.workers, compute.device)
     return nullcontext(LocalEngine(EmbedSettings(compute, job.batch_size, workers, job.compile)))
 
@@ -369,7 +369,7 @@ def _publish(catalog: Catalog, folder: IndexFolder, pending: int, model: LoadedM
     if unchanged and published.index_kind == kind:
         atomic_copy(folder.faiss(published.version), folder.faiss(pending))  # a new head on the same vectors
     else:
-        same_kind = previous if published is not None and published.index_kind == kind else None
+        same_kind = previous if previous is not None and published.index_kind == kind else None
         index = _updated(catalog, same_kind, pending, emb, total)
         if index is None:
             stored = catalog.stored_vectors(pending, emb)

@@ -177,7 +177,7 @@ class EmbedActor:
     """One model replica per actor: decoded pixels in, unit-length float32 vectors out (zeros for bad files)."""
 
     def __init__(self, model: LoadedModel, use_gpu: bool, precision: str, compile: bool) -> None:
-        self.compute = resolve_compute("cuda" if use_gpu else "cpu", precision, runtime="torch" if compile else "auto")
+        self.compute = resolve_compute("cuda" if use_gpu else "cpu", precision, compile=compile)
         if not use_gpu:
             torch.set_num_threads(CPUS_PER_ACTOR)  # this worker process's own setting: it reserved these CPUs
         self.model = model

@@ -64,6 +64,7 @@ def test_cpu_inference_runs_on_openvino_and_training_on_torch(monkeypatch):
     assert str(resolve_compute("cpu", "fp32")) == "cpu (fp32, openvino)"
     assert resolve_compute("cpu", training=True).runtime == "torch"
     assert resolve_compute("cpu", "fp32", runtime="torch").runtime == "torch"
+    assert resolve_compute("cpu", "fp32", compile=True).runtime == "torch"  # torch.compile needs torch
     native = native_bf16(torch.device("cpu"))
     assert resolve_compute("cpu", "bf16").runtime == ("openvino" if native else "torch")  # forced bf16 is emulated
 
