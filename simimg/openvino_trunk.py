@@ -8,11 +8,11 @@ of 0.99999 (tests/test_openvino_trunk.py), so the embedding fingerprint ignores 
 
 The converted model takes the uint8 NCHW batches `Preprocess.to_uint8` makes and normalises them itself. It is
 converted from a copy of the trunk traced with `torch.jit.trace`, whose tracing state is per thread: unlike
-torch.fx it changes nothing that a training step in another thread uses. Converting densenet121 takes 1.4 s, so the
-result is kept in a per-user cache (`cache_root()`) under a hash of the trunk's tensors and preprocessing, like
-torchvision's downloaded weights: the second process to use a model reads it back in ~0.1 s, and every index of
-the same model shares it; nothing is written into an index folder, which a reader may have read-only. Training
-stays on torch: OpenVINO here only runs inference.
+torch.fx it changes nothing that a training step in another thread uses. Converting densenet121 takes 1.4 s, so
+the result is kept in a per-user cache (`cache_root()`) under a hash of the trunk's tensors and preprocessing, like
+torchvision's downloaded weights: the second process to use a model reads and compiles it in ~0.2 s, and every
+index of the same model shares it; nothing is written into an index folder, which a reader may have read-only.
+Training stays on torch: OpenVINO here only runs inference.
 """
 
 from __future__ import annotations
