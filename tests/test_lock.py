@@ -17,25 +17,33 @@ from simimg.lock import writer_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Holds the lock until killed; with 'fork' it first forks a sleeping child, as DataLoader workers are forked.
+# Holds the lock until killed; with 'fork' it first forks a sleeping child, as DataLoader workers are forked, and
+# says "held" only once the child runs Python code (so its at-fork handlers have run: CI caught the parent being
+# killed before a slow child had closed its copy).
 HOLDER = """
 import os, sys, time
 from pathlib import Path
 from simimg.lock import writer_lock
 with writer_lock(Path(sys.argv[1]), "index 'x'"):
-    if sys.argv[2] == "fork" and os.fork() == 0:
-        time.sleep(60)
-        os._exit(0)
-    print("held", flush=True)
+    if sys.argv[2] == "fork":
+        ready_r, ready_w = os.pipe()
+        if os.fork() == 0:
+            os.write(ready_w, str(os.getpid()).encode())
+            time.sleep(60)
+            os._exit(0)
+        print("held", os.read(ready_r, 32).decode(), flush=True)
+    else:
+        print("held", flush=True)
     time.sleep(60)
 """
 
 
-def hold_lock(lock: Path, mode: str = "plain") -> subprocess.Popen:
-    """A real process that holds `lock` until killed; returns once it says it holds it."""
+def hold_lock(lock: Path, mode: str = "plain") -> tuple[subprocess.Popen, list[int]]:
+    """A real process that holds `lock` until killed, and the pids of its forked children; returns once it holds it."""
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock), mode], stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    assert proc.stdout.readline().strip() == "held"
-    return proc
+    said = proc.stdout.readline().split()
+    assert said[:1] == ["held"]
+    return proc, [int(pid) for pid in said[1:]]
 
 
 def kill(proc: subprocess.Popen) -> None:
@@ -45,7 +53,7 @@ def kill(proc: subprocess.Popen) -> None:
 
 def test_second_index_fails_at_once_naming_the_holder(tmp_path: Path) -> None:
     data = make_class_images(tmp_path / "data", {"a": 2}, size=32)
-    holder = hold_lock(IndexFolder.of(tmp_path / "home", "busy").lock)
+    holder, _ = hold_lock(IndexFolder.of(tmp_path / "home", "busy").lock)
     try:
         proc = run_cli("index", str(data), "--home", str(tmp_path / "home"), "--name", "busy", "--weights", "none",
                        "--image-size", "32", check=False)
@@ -60,13 +68,17 @@ def test_second_index_fails_at_once_naming_the_holder(tmp_path: Path) -> None:
 def test_lock_is_freed_when_the_holder_is_killed_even_with_forked_children(tmp_path: Path) -> None:
     """DataLoader workers are forked children: a SIGKILLed writer's children must not keep its lock."""
     lock = tmp_path / "writer.lock"
-    holder = hold_lock(lock, "fork")
-    with pytest.raises(SimimgError, match=f"process {holder.pid}"):
+    holder, (child,) = hold_lock(lock, "fork")
+    try:
+        with pytest.raises(SimimgError, match=f"process {holder.pid}"):
+            with writer_lock(lock, "index 'x'"):
+                pass
+        kill(holder)
+        os.kill(child, 0)  # the child still runs: only its at-fork handler let go of the lock
         with writer_lock(lock, "index 'x'"):
-            pass
-    kill(holder)
-    with writer_lock(lock, "index 'x'"):
-        assert str(os.getpid()) in lock.read_text()
+            assert str(os.getpid()) in lock.read_text()
+    finally:
+        os.kill(child, signal.SIGKILL)
 
 
 def test_same_process_cannot_take_the_lock_twice(tmp_path: Path) -> None:
