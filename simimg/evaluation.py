@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from simimg.catalog import reading
 from simimg.data import Split, split_dataset
 from simimg.device import Compute, loader_workers, resolve_compute
-from simimg.embed import Trunk, infer, make_loader, prepare_net
+from simimg.embed import Trunk, infer, make_loader, prepare_net, read_ahead
 from simimg.errors import SimimgError
 from simimg.layout import IndexFolder
 from simimg.model import LoadedModel, Net
@@ -126,7 +126,7 @@ def predict_loader(net: Net, loader: DataLoader, preprocess: Preprocess, compute
     logits: list[torch.Tensor] = []
     failures: list[tuple[int, str]] = []
     total, done = len(loader.dataset), 0
-    for batch_positions, batch, _, batch_failures in loader:
+    for batch_positions, batch, _, batch_failures in read_ahead(loader, loader.num_workers):
         if batch_positions:
             emb, out = infer(net, batch, preprocess, compute, with_logits=net.head is not None, trunk=trunk)
             positions += batch_positions

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from conftest import make_class_images
 from test_images import write_broken
 
 from simimg.device import resolve_compute
-from simimg.embed import EmbedSettings, Encoder, FileDataset, collate, embed_files, infer
+from simimg.embed import EmbedSettings, Encoder, FileDataset, collate, embed_files, infer, read_ahead
 from simimg.model import LoadedModel, build_model, with_classes
 
 IMAGE_SIZE = 32
@@ -58,6 +59,41 @@ def test_collate_stacks_the_good_and_passes_failures_through():
     assert tuple(batch.shape) == (2, 3, 4, 4) and batch[1].max() == 1
     positions, batch, hashes, failures = collate([(5, None, "x")])
     assert positions == [] and len(batch) == 0 and failures == [(5, "x")]
+
+
+def test_read_ahead_keeps_order_reads_one_ahead_and_passes_errors_on():
+    read: list[int] = []
+
+    def batches():
+        for i in range(4):
+            read.append(i)
+            yield i
+        raise OSError("disk gone")
+
+    got = read_ahead(batches(), workers=0)
+    assert next(got) == 0
+    for _ in range(100):  # the next batch is read in another thread while the caller holds this one
+        if read == [0, 1]:
+            break
+        threading.Event().wait(0.01)
+    assert read == [0, 1]
+    assert [next(got) for _ in range(3)] == [1, 2, 3]
+    with pytest.raises(OSError, match="disk gone"):
+        next(got)
+
+
+def test_read_ahead_stops_reading_when_the_caller_stops():
+    read: list[int] = []
+
+    def batches():
+        for i in range(100):
+            read.append(i)
+            yield i
+
+    got = read_ahead(batches(), workers=0)
+    assert next(got) == 0
+    got.close()
+    assert len(read) <= 2 and not any(t.name.startswith("simimg-read-ahead") for t in threading.enumerate())
 
 
 def test_infer_gives_unit_float32_vectors_and_logits_only_with_a_head(model):

@@ -61,19 +61,24 @@ def test_the_converted_trunk_agrees_with_torch_float32(arch, precision):
 
 
 def test_a_vector_does_not_depend_on_its_batch():
+    """A batch runs in sub-batches on several streams (a remainder included), a single image on one: same rows,
+    in the same order."""
     model = build_model("densenet121", "none", SIZE)
     trunk = compile_trunk(model.net.trunk, model.bundle.preprocess, "bf16" if native_bf16(torch.device("cpu"))
-                          else "fp32")
-    batch = pixels(8)
-    torch.testing.assert_close(trunk(batch)[:1], trunk(batch[:1]), atol=1e-4, rtol=1e-4)
+                          else "fp32", threads=2)
+    batch = pixels(openvino_trunk.MIN_STREAMED_BATCH + openvino_trunk.SUB_BATCH + 1)
+    one_by_one = torch.cat([trunk(batch[i:i + 1]) for i in range(len(batch))])
+    torch.testing.assert_close(trunk(batch), one_by_one, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(trunk(batch[:3]), one_by_one[:3], atol=1e-4, rtol=1e-4)
     assert trunk(batch[:0]).shape == (0, model.net.dim)
 
 
 def test_threads_share_one_compiled_trunk():
-    """The app's sessions and a server's threads call one trunk at once: each gets its own infer request."""
+    """The app's sessions and a server's threads call one trunk at once, with single images and batches: each gets
+    its own infer request and queue of requests."""
     model = build_model("densenet121", "none", SIZE)
-    trunk = compile_trunk(model.net.trunk, model.bundle.preprocess, "fp32")
-    batches = [pixels(2, seed=s) for s in range(4)]
+    trunk = compile_trunk(model.net.trunk, model.bundle.preprocess, "fp32", threads=2)
+    batches = [pixels(2 if s % 2 else openvino_trunk.MIN_STREAMED_BATCH + 1, seed=s) for s in range(4)]
     alone = [trunk(b) for b in batches]
     together: dict[int, torch.Tensor] = {}
 
