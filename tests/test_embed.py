@@ -61,16 +61,18 @@ def test_collate_stacks_the_good_and_passes_failures_through():
     assert positions == [] and len(batch) == 0 and failures == [(5, "x")]
 
 
+def counted(read: list[int], n: int, then: Exception | None = None):
+    """Yields 0..n-1, noting each in `read` as it is produced; then raises `then`, if given."""
+    for i in range(n):
+        read.append(i)
+        yield i
+    if then:
+        raise then
+
+
 def test_read_ahead_keeps_order_reads_one_ahead_and_passes_errors_on():
     read: list[int] = []
-
-    def batches():
-        for i in range(4):
-            read.append(i)
-            yield i
-        raise OSError("disk gone")
-
-    got = read_ahead(batches(), workers=0)
+    got = read_ahead(counted(read, 4, OSError("disk gone")), workers=0)
     assert next(got) == 0
     for _ in range(100):  # the next batch is read in another thread while the caller holds this one
         if read == [0, 1]:
@@ -84,13 +86,7 @@ def test_read_ahead_keeps_order_reads_one_ahead_and_passes_errors_on():
 
 def test_read_ahead_stops_reading_when_the_caller_stops():
     read: list[int] = []
-
-    def batches():
-        for i in range(100):
-            read.append(i)
-            yield i
-
-    got = read_ahead(batches(), workers=0)
+    got = read_ahead(counted(read, 100), workers=0)
     assert next(got) == 0
     got.close()
     assert len(read) <= 2 and not any(t.name.startswith("simimg-read-ahead") for t in threading.enumerate())
