@@ -203,7 +203,7 @@ def embed_files(net: Net, paths: Sequence[Path], preprocess: Preprocess, setting
     compute = settings.compute
     trunk = prepare_net(net, compute, preprocess, settings.compile)
     loader = make_loader(paths, preprocess, settings.batch_size, settings.workers, compute.device)
-    for positions, batch, hashes, failures in read_ahead(loader, settings.workers):
+    for positions, batch, hashes, failures in read_ahead(loader, loader.num_workers):
         vectors = (infer(net, batch, preprocess, compute, trunk=trunk)[0].cpu().numpy() if positions
                    else np.empty((0, net.dim), np.float32))
         yield EmbeddedBatch(positions, vectors, hashes, failures)

@@ -60,8 +60,8 @@ class OpenVinoTrunk:
 
     Two compilations of one model, because one shape of work does not fit both: a single image (a query) runs as
     one stream across every thread (LATENCY), while a batch (indexing, evaluation, the server's micro-batches) is cut
-    into sub-batches of `SUB_BATCH` run side by side, one stream per thread (THROUGHPUT, compiled on the first
-    batch): densenet121 at 224 px on 2 cores gave 143 img/s that way against 118 as one stream (benchmarks/
+    into near-equal sub-batches of about `SUB_BATCH` run side by side, one stream per thread (THROUGHPUT, compiled
+    on the first batch): densenet121 at 224 px on 2 cores gave 143 img/s that way against 118 as one stream (benchmarks/
     README.md). An OpenVINO infer request (or queue of them) serves one call at a time, so each calling thread gets
     its own.
     """

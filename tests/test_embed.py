@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,7 @@ def test_read_ahead_keeps_order_reads_one_ahead_and_passes_errors_on():
     for _ in range(100):  # the next batch is read in another thread while the caller holds this one
         if read == [0, 1]:
             break
-        threading.Event().wait(0.01)
+        time.sleep(0.01)
     assert read == [0, 1]
     assert [next(got) for _ in range(3)] == [1, 2, 3]
     with pytest.raises(OSError, match="disk gone"):
