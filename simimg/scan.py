@@ -1,4 +1,4 @@
-"""Find the images under a folder in torchvision ImageFolder layout: root/<class>/<file>."""
+"""Find the images under a folder in ImageFolder layout: root/<class>/<file>, or root/<split>/<class>/<file>."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def is_image_name(name: str) -> bool:
 def scan_folder(root: str | Path) -> Scan:
     """Walk `root` once, following links but never a loop; files in `root` itself get no label.
 
-    A root holding `train/` and `val/` is read as a split dataset: the class is the folder below the split.
+    A root holding only split folders (train/, val/, test/) is read as a split dataset when they hold class folders
+    (or are train/ and val/ together): the class is the folder below the split, so `val/` alone is still labelled.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -83,6 +84,15 @@ def scan_folder(root: str | Path) -> Scan:
     return Scan(root, tuple(records), tuple(skipped))
 
 
+def visible_subfolders(folder: Path) -> list[Path]:
+    """Subfolders (links followed) other than hidden ones such as .ipynb_checkpoints; none when unreadable."""
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError as err:
+        log.warning("cannot read folder %s: %s", folder, err.strerror or err)
+        return []
+
+
 def _subfolders_to_walk(parent: Path, names: list[str], real_root: Path) -> list[str]:
     """Skip hidden folders, and links back into the collection, whose images are found by their real path."""
     keep = []
@@ -98,9 +108,12 @@ def _subfolders_to_walk(parent: Path, names: list[str], real_root: Path) -> list
 
 
 def _is_split_root(root: Path) -> bool:
-    """train/ and val/ (and maybe test/) beside nothing but hidden folders such as .ipynb_checkpoints."""
-    subdirs = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    return {"train", "val"} <= subdirs and subdirs <= SPLIT_NAMES
+    """Nothing but split folders, which hold class folders; train/ with val/ counts even without (as it always did)."""
+    splits = visible_subfolders(root)
+    names = {p.name for p in splits}
+    if not names or not names <= SPLIT_NAMES:
+        return False
+    return {"train", "val"} <= names or any(visible_subfolders(p) for p in splits)
 
 
 def _log_walk_error(err: OSError) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from simimg.data import split_dataset
+from simimg.data import VAL_SPLIT, class_counts, split_dataset
 from simimg.errors import SimimgError
 from simimg.layout import IndexFolder, list_indexes, resolve_home
 from simimg.model import DEFAULT_ARCH, imagenet_cached, weights_file
@@ -74,19 +74,23 @@ def kept_models() -> dict[str, str]:
 def class_preview(folder: Path) -> None:
     """The classes a training run would see in `folder`, with their train and validation counts."""
     try:
-        counts = _class_counts(str(folder), folder.stat().st_mtime_ns)
+        counts, unreadable = _class_counts(str(folder), folder.stat().st_mtime_ns)
     except SimimgError as err:
         st.warning(f"This folder cannot train a classifier yet: {err}", icon=":material/warning:")
         return
     st.dataframe(counts, hide_index=True, width="stretch")
+    if unreadable:
+        st.warning("Some files do not open as images: they are not counted above and training skips them. Fix or "
+                   "remove them first. " + "; ".join(unreadable), icon=":material/broken_image:")
 
 
 @st.cache_data(max_entries=32, show_spinner="Reading the class folders…")
-def _class_counts(folder: str, mtime_ns: int) -> pd.DataFrame:
-    split = split_dataset(folder)
-    rows = {c: {"class": c, "train": 0, "validation": 0} for c in split.classes}
-    for records, column in ((split.train, "train"), (split.val, "validation")):
-        for r in records:
-            rows[r.label][column] += 1
-    note = "train/ and val/ folders" if split.kind == "folders" else "a seeded 80/20 split"
-    return pd.DataFrame(list(rows.values())).rename(columns={"validation": f"validation ({note})"})
+def _class_counts(folder: str, mtime_ns: int) -> tuple[pd.DataFrame, list[str]]:
+    """Per class, the images that open (headers only); and per class with files that do not, how many and which."""
+    split = split_dataset(folder, VAL_SPLIT)
+    counts = class_counts(split)
+    validation = f"validation ({split.source(VAL_SPLIT)})"
+    table = pd.DataFrame([{"class": c.label, "train": c.train, validation: c.val} for c in counts])
+    unreadable = [f"**{c.label}**: {len(c.unreadable)} (" + ", ".join(f"`{p}`" for p in c.unreadable[:3])
+                  + (", …)" if len(c.unreadable) > 3 else ")") for c in counts if c.unreadable]
+    return table, unreadable

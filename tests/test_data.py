@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import make_class_images
-from simimg.data import TrainAugment, class_weights, split_dataset
+from simimg.data import TrainAugment, class_counts, class_weights, opens_as_image, split_dataset
 from simimg.embed import make_loader
 from simimg.errors import SimimgError
 from simimg.images import load_image
@@ -44,6 +44,58 @@ def test_train_and_val_folders_are_used_as_they_are(tmp_path: Path) -> None:
     assert all(r.path.startswith("val/") for r in split.val) and len(split.val) == 3
     assert split.files(split.val[:1]) == [tmp_path / "d" / split.val[0].path]
     assert split.describe()["val_paths"] == [r.path for r in split.val]
+
+
+def test_train_without_val_is_a_seeded_split_of_train(tmp_path: Path) -> None:
+    make_class_images(tmp_path / "d" / "train", {"ants": 5, "bees": 10}, size=16)
+    make_class_images(tmp_path / "d" / "test", {"ants": 2}, size=16)
+    split = split_dataset(tmp_path / "d", val_split=0.2, seed=1)
+    assert (split.kind, split.seeded_from, split.classes) == ("seeded", "train", ("ants", "bees"))
+    assert Counter(r.label for r in split.val) == {"ants": 1, "bees": 2}
+    assert Counter(r.label for r in split.train) == {"ants": 4, "bees": 8}
+    assert all(r.path.startswith("train/") for r in split.train + split.val)
+    assert split.describe()["seeded_from"] == "train" and split.describe()["val_paths"] == [r.path for r in split.val]
+    assert split.source(0.2) == "a seeded 80/20 split of train/, as there is no val/ folder"
+    assert split_dataset(tmp_path / "d", val_split=0.2, seed=1) == split
+
+
+def test_train_without_val_still_needs_two_images_a_class(tmp_path: Path) -> None:
+    make_class_images(tmp_path / "d" / "train", {"ants": 1, "bees": 3}, size=16)
+    with pytest.raises(SimimgError, match="ants in .*train have fewer than 2"):
+        split_dataset(tmp_path / "d")
+
+
+@pytest.mark.parametrize("splits", [("val",), ("val", "test")])
+def test_val_without_train_says_there_is_nothing_to_train_on(tmp_path: Path, splits: tuple[str, ...]) -> None:
+    for name in splits:
+        make_class_images(tmp_path / "d" / name, {"ants": 2, "bees": 2}, size=16)
+    with pytest.raises(SimimgError, match=r"holds .*val/.* but no train/ folder .*: put training images in .*/train/"):
+        split_dataset(tmp_path / "d")
+
+
+def test_an_empty_val_folder_is_not_taken_for_a_missing_one(tmp_path: Path) -> None:
+    make_class_images(tmp_path / "d" / "train", {"ants": 3, "bees": 3}, size=16)
+    (tmp_path / "d" / "val" / "ants").mkdir(parents=True)
+    with pytest.raises(SimimgError, match="val holds no images"):
+        split_dataset(tmp_path / "d")
+
+
+def test_class_counts_set_apart_files_that_do_not_open_as_images(tmp_path: Path) -> None:
+    data = make_class_images(tmp_path / "d", {"a": 4, "b": 4}, size=16, ext="jpg")
+    (data / "a" / "notes.jpg").write_text("not a picture, just text with a .jpg name\n")
+    (data / "b" / "empty.png").write_bytes(b"")
+    split = split_dataset(data, val_split=0.25)
+    counts = {c.label: c for c in class_counts(split)}
+    assert [(c.train + c.val, c.unreadable) for c in counts.values()] == [(4, ("a/notes.jpg",)), (4, ("b/empty.png",))]
+    assert sum(c.train + c.val for c in counts.values()) == len(split.train) + len(split.val) - 2
+
+
+def test_opening_as_an_image_reads_the_header_only(tmp_path: Path) -> None:
+    good = make_class_images(tmp_path / "d", {"a": 1}, size=64) / "a" / "a_000.png"
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:100])
+    assert opens_as_image(good) and opens_as_image(truncated)
+    assert not opens_as_image(tmp_path / "missing.jpg")
 
 
 @pytest.mark.parametrize("layout, message", [

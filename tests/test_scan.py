@@ -56,6 +56,22 @@ def test_train_val_layout_labels_by_the_class_below_the_split(tmp_path):
                                "val/bees/4.jpg": "bees", "test/bees/5.jpg": "bees", "train/6.jpg": None}
 
 
+@pytest.mark.parametrize("split", ["val", "train", "test"])
+def test_one_split_folder_of_class_folders_is_still_labelled_by_class(tmp_path, split):
+    touch(tmp_path, f"{split}/ants/1.jpg", f"{split}/bees/2.jpg", f"{split}/3.jpg", ".ipynb_checkpoints/x/y.jpg")
+    assert found(tmp_path) == {f"{split}/ants/1.jpg": "ants", f"{split}/bees/2.jpg": "bees", f"{split}/3.jpg": None}
+
+
+def test_train_and_test_without_val_are_a_split_layout(tmp_path):
+    touch(tmp_path, "train/ants/1.jpg", "test/bees/2.jpg")
+    assert found(tmp_path) == {"train/ants/1.jpg": "ants", "test/bees/2.jpg": "bees"}
+
+
+def test_a_lone_split_folder_of_images_is_a_class_folder(tmp_path):
+    touch(tmp_path, "train/a.jpg", "train/.hidden/b.jpg")
+    assert found(tmp_path) == {"train/a.jpg": "train"}
+
+
 def test_train_and_val_beside_other_folders_are_plain_classes(tmp_path):
     touch(tmp_path, "train/a.jpg", "val/b.jpg", "other/c.jpg")
     assert found(tmp_path) == {"train/a.jpg": "train", "val/b.jpg": "val", "other/c.jpg": "other"}
