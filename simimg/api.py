@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from PIL import Image
 
@@ -26,7 +26,7 @@ from simimg.heatmaps import Explanation, overlay
 from simimg.fsutil import atomic_target
 from simimg.images import load_image
 from simimg.evaluation import run_evaluation
-from simimg.indexing import IndexJob, IndexReport, Progress, run_index, serve_model
+from simimg.indexing import IndexJob, IndexReport, Phase, Progress, run_index, serve_model
 from simimg.layout import IndexFolder, resolve_home
 from simimg.model_store import ModelEntry, list_models as _list_models, load_model, resolve_fingerprint
 from simimg.search import SearchService
@@ -38,8 +38,10 @@ __all__ = ["build_index", "open_index", "train", "evaluate", "audit", "explain",
 
 
 def build_index(data_dir: str | Path, name: str | None = None, home: str | Path | None = None,
-                progress: Progress | None = None, **options: Any) -> IndexReport:
+                progress: Progress | None = None, on_phase: Phase | None = None, **options: Any) -> IndexReport:
     """Build or update the index NAME (default: the folder's name) of a folder of class folders.
+
+    `progress(done, total)` hears the embedding; `on_phase(step)` each step as it starts.
 
     `options` are `IndexJob` fields: arch, weights ("imagenet", "none" or a path), image_size, device, precision
     ("auto", "bf16", "fp32"), batch_size, workers, chunk_size, compile, index_kind ("auto", "flat", "ivf",
@@ -48,7 +50,7 @@ def build_index(data_dir: str | Path, name: str | None = None, home: str | Path 
     """
     job = _config(IndexJob, data_dir=str(data_dir), name=name or folder_name(data_dir), home=str(resolve_home(home)),
                   **options)
-    return run_index(job, progress)
+    return run_index(job, progress, on_phase)
 
 
 def open_index(name: str, home: str | Path | None = None, device: str = "auto",
@@ -62,15 +64,18 @@ def open_index(name: str, home: str | Path | None = None, device: str = "auto",
 
 
 def train(data_dir: str | Path, name: str | None = None, home: str | Path | None = None, head_only: bool = False,
-          hooks: Hooks | None = None, **options: Any) -> TrainReport:
+          hooks: Hooks | None = None, embed_missing: bool = False, **options: Any) -> TrainReport:
     """Train a new model of index NAME on class folders and, unless `index=False`, serve it when done.
 
-    `head_only` fits a classifier on the embeddings the index already stores (seconds, nothing re-embedded);
-    otherwise the backbone is fine-tuned (or trained from scratch with weights="none"). `options` are
-    `TrainConfig` fields (arch, weights, epochs, lr, image_size, batch_size, device, precision, resume, ...).
+    `head_only` fits a classifier on the embeddings the index already stores (seconds, nothing re-embedded). It
+    refuses, before embedding anything, a folder with readable images the index does not hold (new, changed, or
+    another collection's) unless `embed_missing`, which embeds them with the serving model (not added; the hooks
+    hear an "embedding" phase and its progress). Otherwise the backbone is fine-tuned (or trained from scratch with
+    weights="none"). `options` are `TrainConfig` fields (arch, weights, epochs, lr, image_size, batch_size, device,
+    precision, resume, ...).
     """
     config = _config(TrainConfig, data_dir=str(data_dir), name=name or folder_name(data_dir),
-                     home=str(resolve_home(home)), head_only=head_only, **options)
+                     home=str(resolve_home(home)), head_only=head_only, embed_missing=embed_missing, **options)
     return run_training(config, hooks or Hooks())
 
 
@@ -83,16 +88,19 @@ def evaluate(data_dir: str | Path | None, name: str, home: str | Path | None = N
 
 
 def audit(data_dir: str | Path, name: str | None = None, home: str | Path | None = None,
-          progress: Progress | None = None, **options: Any) -> AuditReport:
+          progress: Progress | None = None, on_phase: Callable[[str], None] | None = None,
+          **options: Any) -> AuditReport:
     """Likely label errors, exact and near duplicates (cross-class, cross-split), outliers and class imbalance of
     a labelled folder, judged with index NAME's serving model; kept as the index's audit.json.
 
-    `options` are `AuditJob` fields: device, batch_size, workers, val_split, seed, folds. Images the index does
-    not hold are embedded on the fly and not added.
+    The folder must be NAME's collection folder or inside it (another collection is refused: index it and audit
+    it with that index). Images the index does not hold yet are embedded on the fly and not added. `on_phase`
+    hears "reading", "embedding" (only when some images need it; `progress` counts them), "fitting" and "saving".
+    `options` are `AuditJob` fields: device, batch_size, workers, val_split, seed, folds.
     """
     job = _config(AuditJob, data_dir=str(data_dir), name=name or folder_name(data_dir), home=str(resolve_home(home)),
                   **options)
-    return run_audit(job, progress)
+    return run_audit(job, progress, on_phase)
 
 
 def explain(image: str | Path | Image.Image, name: str, home: str | Path | None = None,
@@ -126,11 +134,12 @@ def list_models(name: str, home: str | Path | None = None) -> list[ModelEntry]:
 
 
 def use_model(model: str, name: str, home: str | Path | None = None, device: str = "auto",
-              progress: Progress | None = None, precision: str = "auto") -> IndexReport:
+              progress: Progress | None = None, precision: str = "auto",
+              on_phase: Phase | None = None) -> IndexReport:
     """Serve a kept model (a fingerprint, or a unique prefix of one), embedding only what it has no vectors for."""
     folder = IndexFolder.of(home, name)
     return serve_model(str(resolve_home(home)), name, resolve_fingerprint(folder, model), device=device,
-                       progress=progress, precision=precision)
+                       progress=progress, precision=precision, on_phase=on_phase)
 
 
 def export_model(name: str, out: str | Path, format: str = "onnx", home: str | Path | None = None,

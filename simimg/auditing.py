@@ -4,6 +4,10 @@ Reads DATA_DIR's split (train/ and val/ folders, else the seeded split `simimg t
 image's vector and content hash from the catalog when it holds the file unchanged and embeds the others with the
 serving model (without adding them), then runs findings.py's findings. The report is kept as `audit.json` in the index
 folder, with the job that made it, so the app can show the last audit without running it again.
+
+DATA_DIR must be the index's collection folder or a folder inside it: a report is kept under the index it judges,
+so another collection is refused (index it, and audit it with that index). Images of the collection that the index
+does not hold yet (new or changed files) are embedded on the fly.
 """
 
 from __future__ import annotations
@@ -12,18 +16,19 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from simimg.findings import class_balance, crosses, exact_duplicates, label_issues, near_duplicates, \
     out_of_fold_probabilities, outliers
-from simimg.data import split_dataset
+from simimg.data import Split, split_dataset
 from simimg.device import loader_workers, resolve_compute
 from simimg.embed import EmbedSettings
 from simimg.errors import SimimgError
 from simimg.fsutil import atomic_write_bytes
-from simimg.head import serving_model, split_vectors
+from simimg.head import SplitVectors, collection_folder, held_vectors, serving_model, split_vectors
 from simimg.layout import IndexFolder
 
 log = logging.getLogger(__name__)
@@ -70,27 +75,33 @@ class Collection:
     classes: tuple[str, ...]
 
 
-def run_audit(job: AuditJob, progress: Callable[[int, int], None] | None = None) -> AuditReport:
-    """Audit `job.data_dir` with index `job.name`'s serving model and keep the report as its audit.json."""
+def run_audit(job: AuditJob, progress: Callable[[int, int], None] | None = None,
+              on_phase: Callable[[str], None] | None = None) -> AuditReport:
+    """Audit `job.data_dir` with index `job.name`'s serving model and keep the report as its audit.json.
+
+    `on_phase` hears "reading", then "embedding" (only when the index lacks some images; `progress` then counts
+    them), "fitting" and "saving".
+    """
     started = time.perf_counter()
+    phase = on_phase or (lambda _: None)
     folder = IndexFolder.of(job.home, job.name)
+    phase("reading")
     base = serving_model(folder)
     split = split_dataset(job.data_dir, job.val_split, job.seed)
+    refuse_foreign(folder, split.root.resolve())
+    held = held_vectors(folder, base, split)
+    if held.missing:
+        phase("embedding")
     compute = resolve_compute(job.device)
     settings = EmbedSettings(compute, job.batch_size, loader_workers(job.workers, compute.device))
-    found = split_vectors(folder, base, split, settings, progress)
-    records = split.train + split.val
-    keep = sorted(found.vectors)
-    if len(keep) < 3:
-        raise SimimgError(f"only {len(keep)} images of {split.root} could be read: an audit needs at least 3")
-    splits = ["train"] * len(split.train) + ["val"] * len(split.val)
-    collection = Collection([records[i].path for i in keep], split.labels(records)[keep], [splits[i] for i in keep],
-                            [found.hashes[i] for i in keep], np.stack([found.vectors[i] for i in keep]), split.classes)
+    found = split_vectors(held, base, split, settings, progress)
+    collection = _collection(split, found)
+    phase("fitting")
     issues, duplicates, atypical, threshold = find_all(collection, job.folds, job.seed)
     summary = {
         "name": job.name, "data_dir": str(split.root.resolve()), "model": base.bundle.fingerprint,
         "embedding": base.bundle.embedding, "model_kind": base.bundle.kind, "split": split.kind,
-        "images": len(keep), "classes": list(split.classes), **found.counts, "skipped": found.skipped,
+        "images": len(collection.paths), "classes": list(split.classes), **found.counts, "skipped": found.skipped,
         "label_issues": len(issues), "exact_duplicates": sum(d["kind"] == "exact" for d in duplicates),
         "near_duplicates": sum(d["kind"] == "near" for d in duplicates),
         "cross_class": sum(d["cross_class"] for d in duplicates),
@@ -99,10 +110,33 @@ def run_audit(job: AuditJob, progress: Callable[[int, int], None] | None = None)
         "imbalance": class_balance(collection.labels, split.classes),
         "seconds": round(time.perf_counter() - started, 3), "job": asdict(job)}
     report = AuditReport(issues, duplicates, atypical, summary)
+    phase("saving")
     atomic_write_bytes(folder.audit, json.dumps(report.to_dict(), indent=1).encode())
     log.info("audit of %s: %d label issues, %d duplicate findings, %d outliers", split.root, len(issues),
              len(duplicates), len(atypical))
     return report
+
+
+def refuse_foreign(folder: IndexFolder, root: Path) -> None:
+    """A report is kept under the index it judges: refuse a folder outside the index's collection folder."""
+    collection = collection_folder(folder)
+    if collection is not None and root.is_relative_to(collection):
+        return
+    raise SimimgError(f"{root} is not index '{folder.name}''s collection folder "
+                      f"({collection or 'none recorded'}) or inside it, and an audit is kept with the index it "
+                      f"judges: build an index of that folder first (`simimg index {root} --name {root.name}`) and "
+                      f"audit it with that index (`simimg audit {root} --name {root.name}`)")
+
+
+def _collection(split: Split, found: SplitVectors) -> Collection:
+    """The readable images of the split, in split order; an audit needs at least 3."""
+    records = split.train + split.val
+    keep = sorted(found.vectors)
+    if len(keep) < 3:
+        raise SimimgError(f"only {len(keep)} images of {split.root} could be read: an audit needs at least 3")
+    splits = ["train"] * len(split.train) + ["val"] * len(split.val)
+    return Collection([records[i].path for i in keep], split.labels(records)[keep], [splits[i] for i in keep],
+                      [found.hashes[i] for i in keep], np.stack([found.vectors[i] for i in keep]), split.classes)
 
 
 def find_all(c: Collection, folds: int, seed: int) -> tuple[list[dict], list[dict], list[dict], float]:

@@ -248,7 +248,11 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-efficient", action="store_true", help="DenseNet checkpointing: less memory, slower")
     p.add_argument("--head-only", action="store_true",
                    help="fit only a classifier on the embeddings the index already stores: seconds, nothing "
-                        "re-embedded")
+                        "re-embedded; a folder with images the index does not hold (new, changed, or another "
+                        "collection's) is refused")
+    p.add_argument("--embed-missing", action="store_true",
+                   help="with --head-only (ignored without it): embed the images the index does not hold with its "
+                        "serving model (not added to the index) instead of refusing")
     p.add_argument("--no-index", dest="index", action="store_false",
                    help="stop after training: keep the new model without serving it (`simimg use` serves it later)")
 
@@ -272,8 +276,7 @@ class TrainBars:
 def _run_train(args: argparse.Namespace) -> int:
     options = {key: getattr(args, key) for key in ("arch", "epochs", "lr", "freeze_epochs", "patience", "seed",
                                                    "val_split", "device", "precision", "resume", "workers",
-                                                   "memory_efficient",
-                                                   "batch_size", "index")}
+                                                   "memory_efficient", "embed_missing", "batch_size", "index")}
     bars = TrainBars()
     hooks = api.Hooks(on_epoch=bars.on_epoch, progress=lambda done, total: bars.bar(done, total),
                       on_phase=bars.on_phase)

@@ -5,8 +5,13 @@ model's embedding, and serving it publishes a version over the same vectors with
 is scikit-learn's logistic regression on the unit-length embeddings, class-weighted, its C chosen by
 cross-validation, then carried as a torch linear layer that reads the normalised embedding.
 
-`split_vectors` (a split's vectors: stored ones read from the catalog, the rest embedded on the fly) and
-`serving_model` serve the dataset audit too.
+Every image of the folder must be held by the index as it is now: a folder with images the index does not hold
+(new, changed, or another collection's) is refused before anything is embedded, unless `embed_missing` asks for
+them to be embedded here with the serving model (and not added). Files no decoder can read do not count: the
+index skips them too, so indexing again could never make them held.
+
+`held_vectors`, `split_vectors` (a split's vectors: stored ones read from the catalog, the rest embedded on the
+fly), `collection_folder` and `serving_model` serve the dataset audit too.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,9 +31,10 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from simimg.catalog import reading
 from simimg.data import Split
 from simimg.device import Compute, loader_workers
-from simimg.embed import EmbedSettings, embed_files
+from simimg.embed import EmbedSettings, FileDataset, embed_files
 from simimg.errors import SimimgError
 from simimg.evaluation import classification_metrics
+from simimg.indexing import read_index_job
 from simimg.layout import IndexFolder
 from simimg.model import LoadedModel, ModelBundle, describe, with_classes
 from simimg.model_store import load_model, publish_model
@@ -75,11 +81,17 @@ def train_head(config: TrainConfig, split: Split, folder: IndexFolder, compute: 
                hooks: Hooks) -> TrainReport:
     """Fit a head on the serving model's stored embeddings of the split and keep it as a model version.
 
-    `training.run_training` calls this under the training lock, and serves the result.
+    `training.run_training` calls this under the training lock, and serves the result. Images the index does not
+    hold are refused (`refuse_unheld`) before anything is embedded, unless `config.embed_missing`.
     """
     base = serving_model(folder)
+    held = held_vectors(folder, base, split)
+    if not config.embed_missing:
+        held = refuse_unheld(folder, split, held, base)
+    if held.missing:
+        hooks.on_phase("embedding")
     settings = EmbedSettings(compute, config.batch_size, loader_workers(config.workers, compute.device))
-    found = split_vectors(folder, base, split, settings)
+    found = split_vectors(held, base, split, settings, hooks.progress)
     vectors = found.vectors
     hooks.on_phase("training")
     train_rows = [i for i in range(len(split.train)) if i in vectors]
@@ -110,6 +122,61 @@ def serving_model(folder: IndexFolder) -> LoadedModel:
     return load_model(folder, published.model)
 
 
+def collection_folder(folder: IndexFolder) -> Path | None:
+    """The folder the index holds (the catalog's data_root, else index_job.json's data_dir); None if unrecorded."""
+    with reading(folder.catalog) as catalog:
+        root = catalog.get_meta("data_root")
+    if root is None:
+        job = read_index_job(folder)
+        root = job.data_dir if job is not None else None
+    return None if root is None else Path(root).resolve()
+
+
+@dataclass(frozen=True)
+class HeldVectors:
+    """What the published version holds of a split, by position (train, then val): (vector, sha256) of each file
+    it holds unchanged, the positions of the others still to embed, and files already known to be unreadable."""
+
+    files: list[Path]
+    stored: dict[int, tuple[np.ndarray, str]]
+    missing: list[int]
+    unreadable: dict[int, str] = field(default_factory=dict)
+
+
+def held_vectors(folder: IndexFolder, base: LoadedModel, split: Split) -> HeldVectors:
+    """A catalog lookup only (no image is read): which split files the index holds as they are now."""
+    root = split.root.resolve()
+    files = [Path(os.path.normpath(root / r.path)) for r in split.train + split.val]
+    stored = _stored_vectors(folder, base.bundle.embedding, files)
+    return HeldVectors(files, stored, [i for i in range(len(files)) if i not in stored])
+
+
+def refuse_unheld(folder: IndexFolder, split: Split, held: HeldVectors, base: LoadedModel) -> HeldVectors:
+    """Raise SimimgError if the index does not hold a readable image of the split; else `held` with its unheld
+    files marked unreadable. Reads the unheld files only until the first one that decodes, so the count in the
+    message leaves out the unreadable files met before it (all of them, when it is the last one)."""
+    dataset = FileDataset(held.files, base.bundle.preprocess)
+    unreadable: dict[int, str] = {}
+    for i in held.missing:
+        _, image, why = dataset[i]
+        if image is not None:
+            missing = len(held.missing) - len(unreadable)
+            raise SimimgError(_unheld_message(folder, split.root.resolve(), missing, len(held.files)))
+        unreadable[i] = why
+    return replace(held, missing=[], unreadable={**held.unreadable, **unreadable})
+
+
+def _unheld_message(folder: IndexFolder, root: Path, missing: int, total: int) -> str:
+    collection = collection_folder(folder)
+    inside = collection is not None and root.is_relative_to(collection)
+    first = (f"update the index first (`simimg index {collection} --name {folder.name}`)" if inside else
+             f"index that folder first (`simimg index {root} --name {root.name}`, then train with --name {root.name})")
+    return (f"{missing:,} of the {total:,} images in {root} are not in index '{folder.name}' (new, changed, or from "
+            f"another folder; the index holds {collection or 'a folder it did not record'}), and --head-only fits on the "
+            f"embeddings the index holds: {first}, train a full model (without --head-only), or pass "
+            f"--embed-missing to embed them with the serving model (not added to the index)")
+
+
 @dataclass(frozen=True)
 class SplitVectors:
     """A model's embedding and the content hash of each readable split image, by position (train, then val)."""
@@ -120,29 +187,28 @@ class SplitVectors:
     counts: dict[str, int]
 
 
-def split_vectors(folder: IndexFolder, base: LoadedModel, split: Split, settings: EmbedSettings,
+def split_vectors(held: HeldVectors, base: LoadedModel, split: Split, settings: EmbedSettings,
                   progress: Callable[[int, int], None] | None = None) -> SplitVectors:
-    """Vectors of every split image: from the catalog when it holds the file as it is now, else embedded here
-    with `base` (and not added). Unreadable files are skipped and reported."""
+    """Vectors of every split image: the held ones from the catalog, `held.missing` embedded here with `base`
+    (and not added), reporting (done, len(held.missing)). Unreadable files are skipped and reported."""
     records = split.train + split.val
-    root = split.root.resolve()
-    files = [Path(os.path.normpath(root / r.path)) for r in records]
-    stored = _stored_vectors(folder, base.bundle.embedding, files)
-    vectors = {i: vector for i, (vector, _) in stored.items()}
-    hashes = {i: sha for i, (_, sha) in stored.items()}
-    missing = [i for i in range(len(files)) if i not in stored]
+    vectors = {i: vector for i, (vector, _) in held.stored.items()}
+    hashes = {i: sha for i, (_, sha) in held.stored.items()}
+    missing = held.missing
     skipped: list[dict] = [{"path": s.path, "reason": s.reason} for s in split.skipped]
+    skipped += [{"path": records[i].path, "reason": why} for i, why in held.unreadable.items()]
     if missing:
-        log.info("%d of %d images are not in the index as they are now: embedding them", len(missing), len(files))
+        log.info("%d of %d images are not in the index as they are now: embedding them", len(missing),
+                 len(held.files))
         done = 0
-        for batch in embed_files(base.net, [files[i] for i in missing], base.bundle.preprocess, settings):
+        for batch in embed_files(base.net, [held.files[i] for i in missing], base.bundle.preprocess, settings):
             for p, vector, sha in zip(batch.positions, batch.vectors, batch.hashes):
                 vectors[missing[p]], hashes[missing[p]] = vector, sha
             skipped += [{"path": records[missing[p]].path, "reason": why} for p, why in batch.failures]
             done += len(batch.positions) + len(batch.failures)
             if progress is not None:
                 progress(done, len(missing))
-    counts = {"from_catalog": len(stored), "embedded": len(missing)}
+    counts = {"from_catalog": len(held.stored), "embedded": len(missing)}
     return SplitVectors(vectors, hashes, skipped, counts)
 
 

@@ -68,6 +68,7 @@ class TrainConfig:
     workers: int | None = None  # decode processes: all cores feeding a GPU, none on the CPU (device.loader_workers)
     memory_efficient: bool = False
     head_only: bool = False  # fit a classifier on the catalog's stored embeddings instead (head.py)
+    embed_missing: bool = False  # head_only: embed images the index does not hold (not added), rather than refuse
     index: bool = True  # end by serving the new model: embed the index's collection with it and publish
 
 
@@ -116,7 +117,8 @@ class Hooks:
 
     on_epoch: Callable[[EpochStats], None] = _nothing
     progress: Callable[[int, int], None] = _nothing  # (done, total) within the current phase
-    on_phase: Callable[[str], None] = _nothing  # "loading", "training", "validating", "saving", "indexing"
+    # "loading", ("embedding": head-only with embed_missing), "training", "validating", "saving", "indexing"
+    on_phase: Callable[[str], None] = _nothing
     should_stop: Callable[[], bool] = lambda: False
 
 

@@ -120,7 +120,10 @@ INJECTED = {("train/circles/circles_000.png", "train/squares/copy_a.png"): (True
 def test_audit_finds_every_injected_exact_duplicate_and_keeps_its_report(dirty):
     data, home = dirty
     shutil.copy(data / "val/squares/squares_000.png", data / "train/triangles/late.png")  # not in the index
-    report = simimg.audit(data, "shapes", home, workers=0)
+    phases, progress = [], []
+    report = simimg.audit(data, "shapes", home, workers=0, on_phase=phases.append,
+                          progress=lambda done, total: progress.append((done, total)))
+    assert phases == ["reading", "embedding", "fitting", "saving"] and progress == [(1, 1)]
     exact = {tuple(d["paths"]): (d["cross_class"], d["cross_split"]) for d in report.duplicates if d["kind"] == "exact"}
     assert exact == {**INJECTED, ("train/triangles/late.png", "val/squares/squares_000.png"): (True, True)}
     s = report.summary
@@ -139,6 +142,33 @@ def test_audit_skips_a_bad_image_and_reports_it(dirty):
     report = simimg.audit(data, "shapes", home, workers=0)
     assert [s["path"] for s in report.summary["skipped"]] == ["train/circles/broken.png"]
     assert len([d for d in report.duplicates if d["kind"] == "exact"]) == 3
+
+
+def test_audit_of_a_held_folder_reports_no_embedding_phase_and_a_folder_inside_the_collection_is_audited(dirty):
+    data, home = dirty
+    phases, progress = [], []
+    simimg.audit(data, "shapes", home, workers=0, on_phase=phases.append, progress=lambda *a: progress.append(a))
+    assert phases == ["reading", "fitting", "saving"] and progress == []
+    inside = simimg.audit(data / "train", "shapes", home, workers=0)  # train/<class>/: a seeded split of it
+    assert (inside.summary["images"], inside.summary["embedded"]) == (25, 0)
+    assert read_audit(IndexFolder.of(home, "shapes")) == inside
+
+
+def test_audit_of_another_collection_is_refused_and_keeps_the_last_report(dirty, tmp_path, monkeypatch):
+    data, home = dirty
+    kept = simimg.audit(data, "shapes", home, workers=0)
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    monkeypatch.setattr("simimg.auditing.split_vectors", lambda *a, **k: pytest.fail("embedded before refusing"))
+    with pytest.raises(SimimgError) as refused:
+        simimg.audit(other, "shapes", home, workers=0)
+    assert str(refused.value) == (
+        f"{other.resolve()} is not index 'shapes''s collection folder ({data.resolve()}) or inside it, and an audit "
+        f"is kept with the index it judges: build an index of that folder first (`simimg index {other.resolve()} "
+        f"--name other`) and audit it with that index (`simimg audit {other.resolve()} --name other`)")
+    assert read_audit(IndexFolder.of(home, "shapes")) == kept
+    code = run_cli("audit", str(other), "--name", "shapes", "--home", str(home), check=False)
+    assert code.returncode == 2 and code.stderr.strip() == f"simimg: error: {refused.value}"
 
 
 def test_audit_cli_json_contract_and_errors(dirty, tmp_path):

@@ -274,6 +274,20 @@ def test_train_without_serving_and_a_wrong_model_prefix(cli, photos):
     assert_one_line_error(*cli("use", "zzzz", "--name", "photos"), "'zzzz' matches no kept model of index 'photos'")
 
 
+def test_head_only_on_another_collection_is_refused_unless_embed_missing(cli, photos, tmp_path):
+    json_of(cli, "index", str(photos), *TINY)
+    other = tmp_path / "other"
+    shutil.copytree(photos, other)
+    models = json_of(cli, "models", "--name", "photos")
+    refused = cli("train", str(other), "--name", "photos", "--head-only")
+    assert_one_line_error(*refused, f"6 of the 6 images in {other.resolve()} are not in index 'photos'",
+                          f"the index holds {photos.resolve()}", f"`simimg index {other.resolve()} --name other`",
+                          "--embed-missing")
+    assert json_of(cli, "models", "--name", "photos") == models  # nothing trained, nothing kept
+    head = json_of(cli, "train", str(other), "--name", "photos", "--head-only", "--embed-missing", "--no-index")
+    assert (head["head"]["from_catalog"], head["head"]["embedded"], head["index"]) == (0, 6, None)
+
+
 def test_query_of_several_images_reports_the_unreadable_one_and_answers_the_rest(cli, photos, tmp_path):
     json_of(cli, "index", str(photos), *TINY)
     (tmp_path / "bad.jpg").write_bytes(b"")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
+
+import simimg
 
 from conftest import make_class_images
 from simimg.catalog import reading
@@ -76,16 +79,57 @@ def test_head_only_uses_the_stored_vectors_keeps_a_head_model_and_serves_it(inde
     assert result.prediction is not None and result.prediction.label in CLASSES
 
 
-def test_head_only_embeds_images_the_index_does_not_hold(indexed, tmp_path):
+def test_head_only_refuses_a_folder_the_index_does_not_hold_before_embedding_anything(indexed, tmp_path, monkeypatch):
     data, home = indexed
     other = tmp_path / "other"
     shutil.copytree(data, other)  # same pictures, other paths: none of them is in the index
+    folder = IndexFolder.of(home, "shapes")
+    before = ([m.fingerprint for m in list_models(folder, None)], folder.catalog.read_bytes())
+    monkeypatch.setattr("simimg.head.embed_files", lambda *a, **k: pytest.fail("embedded before refusing"))
+    phases: list[str] = []
+    with pytest.raises(SimimgError) as refused:
+        simimg.train(other, "shapes", home, head_only=True, hooks=Hooks(on_phase=phases.append))
+    message = str(refused.value)
+    assert message.startswith(f"33 of the 33 images in {other.resolve()} are not in index 'shapes' (new, changed, "
+                              f"or from another folder; the index holds {data.resolve()})")
+    assert f"index that folder first (`simimg index {other.resolve()} --name other`" in message
+    assert "train a full model (without --head-only)" in message and "--embed-missing" in message
+    assert phases == ["loading"]
+    assert ([m.fingerprint for m in list_models(folder, None)], folder.catalog.read_bytes()) == before
+
+
+def test_head_only_embeds_images_the_index_does_not_hold_when_asked(indexed, tmp_path):
+    data, home = indexed
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
     (other / "val" / "circles" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    report = run_training(TrainConfig(str(other), "shapes", str(home), head_only=True, index=False))
+    phases, progress = [], []
+    hooks = Hooks(on_phase=phases.append, progress=lambda done, total: progress.append((done, total)))
+    report = simimg.train(other, "shapes", home, head_only=True, embed_missing=True, index=False, hooks=hooks)
     assert report.head["from_catalog"] == 0 and report.head["embedded"] == 34 and report.index is None
     assert [s["path"] for s in report.skipped] == ["val/circles/broken.png"]
-    with reading(IndexFolder.of(home, "shapes").catalog) as catalog:
+    assert phases == ["loading", "embedding", "training", "validating", "saving"]
+    assert progress[-1] == (34, 34) and {total for _, total in progress} == {34}
+    folder = IndexFolder.of(home, "shapes")
+    with reading(folder.catalog) as catalog:
         assert catalog.published().model != report.model  # --no-index: kept, not served
+    assert json.loads((folder.model_dir(report.model) / "train_job.json").read_text())["embed_missing"] is True
+
+
+def test_head_only_refuses_new_files_of_its_own_collection_until_indexed_and_ignores_unreadable_ones(indexed):
+    data, home = indexed
+    (data / "train" / "circles" / "broken.png").write_bytes(b"not a png")  # the index skips it too
+    phases: list[str] = []
+    report = run_training(TrainConfig(str(data), "shapes", str(home), head_only=True, index=False),
+                          Hooks(on_phase=phases.append))
+    assert (report.head["from_catalog"], report.head["embedded"]) == (33, 0) and "embedding" not in phases
+    assert [s["path"] for s in report.skipped] == ["train/circles/broken.png"]
+    shutil.copy(data / "train" / "squares" / "squares_000.png", data / "train" / "circles" / "late.png")
+    with pytest.raises(SimimgError, match=r"^1 of the 35 images in .* are not in index 'shapes' .*: update the index "
+                                          rf"first \(`simimg index {data.resolve()} --name shapes`\)"):
+        run_training(TrainConfig(str(data), "shapes", str(home), head_only=True))
+    run_index(IndexJob(str(data), "shapes", str(home)))
+    assert run_training(TrainConfig(str(data), "shapes", str(home), head_only=True)).head["from_catalog"] == 34
 
 
 def test_head_only_needs_an_index(tmp_path):
