@@ -14,5 +14,6 @@ navigation = st.navigation([
     st.Page("app_pages/build.py", title="Build", icon=":material/library_add:"),
     st.Page("app_pages/inspect.py", title="Inspect", icon=":material/insights:"),
 ])
+ui.style()
 ui.sidebar()
 navigation.run()

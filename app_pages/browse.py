@@ -25,10 +25,23 @@ def main() -> None:
                           f"{ALL} · {len(snapshot.paths):,}")
         rows = [(p, lab) for p, lab in zip(snapshot.paths, snapshot.labels) if choice in (None, ALL) or lab == choice]
         pages = max(1, math.ceil(len(rows) / PAGE_SIZE))
-        page = st.pagination(pages, key=f"browse-page-{choice}") if pages > 1 else 1
+        page = pager(pages, f"browse-page-{choice}", "top")
         first = (page - 1) * PAGE_SIZE
         st.caption(f"Images {first + 1:,}–{min(first + PAGE_SIZE, len(rows)):,} of {len(rows):,}")
         gallery_ui(rows[first:first + PAGE_SIZE], service.data_root)
+        pager(pages, f"browse-page-{choice}", "bottom")
+
+
+def pager(pages: int, key: str, where: str) -> int:
+    """Page numbers above and below the grid, kept in step: the bottom one saves scrolling back up."""
+    if pages <= 1:
+        return 1
+    mine, other = f"{key}-{where}", f"{key}-{'bottom' if where == 'top' else 'top'}"
+    return st.pagination(pages, key=mine, on_change=_copy, args=(mine, other))
+
+
+def _copy(source: str, target: str) -> None:
+    st.session_state[target] = st.session_state[source]
 
 
 def gallery_ui(rows: list[tuple[str, str | None]], data_root: Path) -> None:
@@ -38,7 +51,7 @@ def gallery_ui(rows: list[tuple[str, str | None]], data_root: Path) -> None:
             with st.container(border=True):
                 full = ui.gallery_path(data_root, path)
                 ui.card_image(full)
-                st.caption(f"{label or 'no class'} · {path}")
+                st.caption(f"{label or 'no class'} · {path}", wrap=False)
                 if st.button("Find similar", key=f"browse-{path}", icon=":material/search:", width="stretch"):
                     ui.search_from(full)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import streamlit as st
 
@@ -10,7 +11,8 @@ from simimg import ui
 from simimg.indexing import IndexReport
 from simimg.jobs import Task
 from simimg.model import ARCHITECTURES, DEFAULT_ARCH
-from simimg.ui_forms import folder_input, resolve_folder, weights_input
+from simimg.errors import SimimgError
+from simimg.ui_forms import checked_folder, folder_input, other_folder, weights_input
 
 JOB_KIND = "build"
 
@@ -24,7 +26,7 @@ def main() -> None:
 
 def form_ui() -> None:
     with st.container(border=True):
-        typed = folder_input("index")
+        typed = folder_input("index", ui.current_index())
         name = st.text_input("Index name", value="", placeholder="the folder's name", key="index-name",
                              persist_state="session",
                              help="A new name builds a new index; an existing one is updated with its own model.")
@@ -34,23 +36,37 @@ def form_ui() -> None:
             weights = weights_input("index", arch)
             image_size = st.select_slider("Image size", [64, 96, 128, 160, 192, 224], value=224, key="index-size",
                                           persist_state="session")
+        folder = checked_folder(typed)
+        name = name.strip() or (folder.name if folder else "")
+        if folder is not None:
+            replaced_ui(folder, name)
         if not st.button("Build or update", type="primary", icon=":material/play_arrow:"):
             return
-    folder = resolve_folder(typed)
-    name = name.strip() or folder.name
+    if folder is None:  # a wrong box already says why under it; an empty one is told what to choose
+        if not typed.strip():
+            raise SimimgError("choose a folder of images (root/<class>/<image>)")
+        return
     fresh = name not in ui.index_names()
     options = {"arch": arch if weights in ("imagenet", "none") else None, "weights": weights,
                "image_size": image_size} if fresh else {}
     ui.start_job(name, JOB_KIND, f"Indexing {folder.name} into '{name}'", Task(
-        "simimg.api:build_index", {"data_dir": str(folder), "name": name, "home": str(ui.home()), **options}))
+        "simimg.api:build_index", {"data_dir": str(folder), "name": name, "home": str(ui.home()), **options},
+        callbacks="phases"))
     st.session_state[ui.INDEX_KEY] = name
     st.rerun()
 
 
+def replaced_ui(folder: Path, name: str) -> None:
+    """Say so before an update replaces an index's images with another folder's."""
+    own = other_folder(folder, name)
+    if own is not None:
+        st.warning(f"Index **{name}** was built from `{own}`. Updating it from `{folder}` replaces its images with "
+                   "this folder's: the files of its own folder leave it. Give a new index name to keep both.",
+                   icon=":material/warning:")
+
+
 def progress_ui(job: ui.Job) -> None:
-    text = f"Embedded {job.done:,} of {job.total:,} images" if job.total else "Starting: scanning the folder…"
-    st.progress(job.fraction(), text=text)
-    st.caption(f"{job.seconds():.0f} s so far; the app stays usable meanwhile.")
+    ui.job_progress(job)
 
 
 def result_ui(job: ui.Job) -> None:
@@ -61,8 +77,10 @@ def result_ui(job: ui.Job) -> None:
     cols = st.columns(5)
     for col, (label, value) in zip(cols, [("Embedded", report.indexed), ("Removed", report.removed),
                                           ("In the index", report.total), ("Skipped", len(report.skipped)),
-                                          ("Seconds", f"{report.seconds:.1f}")]):
+                                          ("Time", ui.duration(job.seconds()))]):
         col.metric(label, value)
+    st.caption(f"{ui.duration(job.seconds())} in all: {report.seconds:.1f} s scanning, loading the model, embedding "
+               "and publishing; the rest starting the job's process and loading its libraries.")
     if report.rebuilt:
         st.info("The model's embedding changed since the last version, so the search index was rebuilt with it.")
     ui.skipped_table([asdict(s) for s in report.skipped])

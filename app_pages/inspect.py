@@ -48,7 +48,8 @@ def evaluation_ui(name: str, has_classifier: bool) -> None:
     job = ui.own_job("evaluate")
     job = job if job is not None and job.index == name else None
     if job is not None and job.running:
-        ui.watch(job, lambda j: st.progress(j.fraction(), text=f"Evaluating: {j.done} of {j.total} images"))
+        ui.watch(job, lambda j: ui.job_progress(j, f"Evaluating: {j.done:,} of {j.total:,} images" if j.total
+                                                else None))
         return
     if st.button("Evaluate on the validation images", type="primary", icon=":material/fact_check:"):
         ui.start_job(name, "evaluate", f"Evaluation of '{name}'",
@@ -106,15 +107,19 @@ def models_ui(name: str) -> None:
                                                         format="percent")})
     job = ui.own_job("use")
     if job is not None and job.running and job.index == name:
-        ui.watch(job, lambda j: st.progress(j.fraction(), text=f"Embedding with that model: {j.done} of {j.total}"))
+        ui.watch(job, ui.job_progress)
         return
-    chosen = st.selectbox("Model", [m.fingerprint for m in entries], key="chosen-model",
-                          format_func=lambda fp: _describe_model(fp, entries))
+    fingerprints = [m.fingerprint for m in entries]
+    serving = next((i for i, m in enumerate(entries) if m.serving), 0)
+    ui.follow("chosen-model", fingerprints[serving], (name, fingerprints[serving]))
+    chosen = st.selectbox("Model", fingerprints, key="chosen-model",
+                          format_func=lambda fp: _describe_model(fp, entries),
+                          help="The serving model is chosen first: it is what Search answers with.")
     serve, onnx, bundle = st.columns(3)
     if serve.button("Serve this model", icon=":material/swap_horiz:", width="stretch",
                     disabled=next(m.serving for m in entries if m.fingerprint == chosen)):
         ui.start_job(name, "use", f"Switching '{name}' to model {chosen}", Task(
-            "simimg.api:use_model", {"model": chosen, "name": name, "home": str(ui.home())}))
+            "simimg.api:use_model", {"model": chosen, "name": name, "home": str(ui.home())}, callbacks="phases"))
         st.rerun()
     with onnx:
         export_ui(name, chosen, "onnx")
@@ -146,7 +151,8 @@ def export_ui(name: str, model: str, format: str) -> None:
 def _describe_model(fingerprint: str, entries: list) -> str:
     m = next(e for e in entries if e.fingerprint == fingerprint)
     accuracy = "" if m.val_accuracy is None else f", val {m.val_accuracy:.1%}"
-    return f"{fingerprint} ({m.kind}{accuracy}, {m.created[:16].replace('T', ' ')})"
+    serving = " · serving" if m.serving else ""
+    return f"{fingerprint} ({m.kind}{accuracy}, {m.created[:16].replace('T', ' ')}){serving}"
 
 
 # --- embedding map -------------------------------------------------------------------------------------

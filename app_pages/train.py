@@ -7,6 +7,7 @@ from the current model meanwhile. The run itself happens in a child process (sim
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import altair as alt
 import pandas as pd
@@ -16,14 +17,11 @@ from simimg import ui
 from simimg.jobs import Task
 from simimg.model import ARCHITECTURES, DEFAULT_ARCH
 from simimg.training import TrainReport
-from simimg.ui_forms import class_preview, folder_input, resolve_folder, weights_input
+from simimg.ui_forms import checked_folder, class_preview, folder_input, other_folder, weights_input
 
 JOB_KIND = "train"
 QUICK, FULL = "quick", "full"
 MODES = {QUICK: "Quick: train the classifier only", FULL: "Full: fine-tune the whole network"}
-PHASES = {"": "Starting (loading the libraries)", "loading": "Loading the images", "training": "Training",
-          "validating": "Validating", "saving": "Saving the model",
-          "indexing": "Re-indexing the collection with the new model"}
 
 
 def main() -> None:
@@ -38,8 +36,8 @@ def form_ui() -> None:
                     help="Quick fits a classifier on the embeddings the index already holds: seconds, and nothing "
                          "is embedded again. Full fine-tunes the network itself: better features, minutes to hours.")
     with st.container(border=True):
-        typed = folder_input("train")
-        data_dir = resolve_folder(typed) if typed.strip() else None
+        typed = folder_input("train", ui.current_index())
+        data_dir = checked_folder(typed)
         if data_dir is not None:
             class_preview(data_dir)
         if mode == QUICK:
@@ -48,18 +46,29 @@ def form_ui() -> None:
             full_form_ui(data_dir)
 
 
-def quick_form_ui(data_dir) -> None:
+def quick_form_ui(data_dir: Path | None) -> None:
     name = ui.current_index()
     if name is None:
         st.info("Quick training fits on an index's stored embeddings: build one on the **Build** page first.")
         return
     st.markdown(f"The classifier learns from the embeddings of index **{name}**'s serving model.")
+    embed_missing = False
+    own = other_folder(data_dir, name) if data_dir is not None else None
+    if own is not None:
+        st.warning(f"`{data_dir}` is not the folder index **{name}** was built from (`{own}`). Quick training "
+                   "fits on the images the index holds, so it stops when the folder's images are not in the index, "
+                   "unless you let it embed them here (slower; they are not added, and the classifier serves "
+                   f"**{name}** with this folder's classes). To search another collection, build an index of it on "
+                   "the **Build** page.", icon=":material/warning:")
+        embed_missing = st.checkbox("Embed the images the index does not hold", value=False,
+                                    key="train-embed-missing")
     if st.button("Train the classifier", type="primary", icon=":material/bolt:") and data_dir is not None:
         start(name, f"Quick training of '{name}'", Task("simimg.api:train", {
-            "data_dir": str(data_dir), "name": name, "home": str(ui.home()), "head_only": True}, callbacks="hooks"))
+            "data_dir": str(data_dir), "name": name, "home": str(ui.home()), "head_only": True,
+            "embed_missing": embed_missing}, callbacks="hooks"))
 
 
-def full_form_ui(data_dir) -> None:
+def full_form_ui(data_dir: Path | None) -> None:
     name = st.text_input("Model / index name", value="", placeholder="the folder's name", key="train-name",
                          persist_state="session",
                          help="The new model joins this index's kept models and serves it when training ends.")
@@ -90,17 +99,10 @@ def start(name: str, label: str, task: Task) -> None:
 
 
 def progress_ui(job: ui.Job) -> None:
-    phase = PHASES.get(job.phase, job.phase)
+    text = None
     if job.phase == "training" and job.total:
-        phase = f"Epoch {len(job.events) + 1}: batch {job.done} of {job.total}"
-    elif job.total:
-        phase = f"{phase}: {job.done} of {job.total} images"
-    st.progress(job.fraction(), text=f"{phase}…")
-    if job.stop.is_set():
-        st.info("Stopping after this batch; the best epoch so far is kept as a model.")
-    elif job.phase in ("training", "validating") and st.button("Cancel training", icon=":material/stop_circle:"):
-        job.stop.set()
-    st.caption(f"{job.seconds():.0f} s elapsed. Search keeps answering from the current model meanwhile.")
+        text = f"Epoch {len(job.events) + 1}: batch {job.done} of {job.total}"
+    ui.job_progress(job, text)
 
 
 def curves_ui(events: list) -> None:

@@ -43,6 +43,7 @@ from simimg.upgrade import needs_upgrade, upgrade
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
+Phase = Callable[[str], None]  # told the step a job has reached ("scanning", "loading the model", ...)
 Work = Sequence[Record | Row]  # what needs a vector: new files (Record) and catalog rows lacking one (Row)
 
 
@@ -100,10 +101,16 @@ class Plan:
     deleted: int
 
 
-def run_index(job: IndexJob, progress: Progress | None = None) -> IndexReport:
-    """Bring the named index up to date with `job.data_dir`; the one entry point for every caller and engine."""
+def run_index(job: IndexJob, progress: Progress | None = None, on_phase: Phase | None = None) -> IndexReport:
+    """Bring the named index up to date with `job.data_dir`; the one entry point for every caller and engine.
+
+    `on_phase` hears each step as it starts (scanning, loading the model, embedding, publishing), so a caller can
+    say what a long run is doing before the first image is embedded.
+    """
     started = time.perf_counter()
+    phase = on_phase or (lambda _: None)
     folder = IndexFolder.of(job.home, job.name)
+    phase("scanning")
     scan = scan_folder(job.data_dir)
     if not scan.records:
         raise SimimgError(f"no images found in {scan.root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
@@ -111,6 +118,7 @@ def run_index(job: IndexJob, progress: Progress | None = None) -> IndexReport:
     if needs_upgrade(folder):
         upgrade(folder)
     job = replace(job, index_kind=_asked_kind(job, folder))
+    phase("loading the model")
     with open_engine(job, folder) as engine, writer_lock(folder.lock, f"index '{job.name}'", wait=job.wait):
         model = _model_for(job, folder)  # before the catalog exists: a first run that cannot get a model leaves none
         catalog = Catalog(folder.catalog)
@@ -122,7 +130,9 @@ def run_index(job: IndexJob, progress: Progress | None = None) -> IndexReport:
             run = f"v{pending:06d}-{model.bundle.embedding}"
             work = _work(catalog, plan, pending, model)
             batches = engine.embed(model, scan.root, run, work)
+            phase("embedding")
             embedded, failures = _apply(catalog, pending, model, scan.root, work, batches, job.chunk_size, progress)
+            phase("publishing")
             version, total = _publish(catalog, folder, pending, model, job.index_kind, engine.encode_parts)
             engine.finish(run)
             _tidy(catalog, folder)
@@ -444,7 +454,8 @@ def _sha256_file(path: Path) -> str | None:
 
 
 def serve_model(home: str | Path | None, name: str, model: str, data_dir: str | None = None, device: str = "auto",
-                workers: int | None = None, progress: Progress | None = None, precision: str = "auto") -> IndexReport:
+                workers: int | None = None, progress: Progress | None = None, precision: str = "auto",
+                on_phase: Phase | None = None) -> IndexReport:
     """Publish a version of NAME answered by its kept `model`, over the index's own collection.
 
     The collection is the folder the index was last built from (index_job.json), else `data_dir`, else the
@@ -461,7 +472,7 @@ def serve_model(home: str | Path | None, name: str, model: str, data_dir: str | 
     job = replace(base, name=name, home=str(folder.root.parent), arch=None, weights=None, image_size=None,
                   device=device, precision=precision, workers=workers, model=model, wait=True, engine="local",
                   address=None, ray_actors=None, ray_shards=None)
-    return run_index(job, progress)
+    return run_index(job, progress, on_phase)
 
 
 def read_index_job(folder: IndexFolder) -> IndexJob | None:

@@ -30,14 +30,17 @@ log = logging.getLogger(__name__)
 WRITERS = frozenset({"build", "train", "use"})
 NICENESS = 10  # a job yields the cores to the server when both want them
 POLL_S = 0.2
+# Steps in which a training run stops by itself at a cancel, keeping its best epoch; elsewhere a job is ended.
+COOPERATIVE = frozenset({"training", "validating", "saving"})
 
 
 @dataclass(frozen=True)
 class Task:
     """What a job runs: `module:function` called with `kwargs` (picklable) plus the callbacks it takes.
 
-    `callbacks` is "hooks" (a training run: progress, phase, epochs, cancel), "progress" (a `progress=` callable)
-    or "" (none).
+    `callbacks` is "hooks" (a training run: progress, phase, epochs, cooperative cancel), "phases" (`progress=`
+    and `on_phase=` callables), "progress" (a `progress=` callable) or "" (none). A job is cancelled by ending its
+    process, except a training run in a COOPERATIVE step: the index jobs resume from what a killed run committed.
     """
 
     function: str
@@ -60,7 +63,9 @@ class Job:
     events: list = field(default_factory=list)
     result: object = None
     error: str | None = None
+    cancelled: bool = False
     started: float = field(default_factory=time.time)
+    phase_started: float = field(default_factory=time.time)
     finished: float | None = None
 
     @property
@@ -73,13 +78,19 @@ class Job:
     def fraction(self) -> float:
         return min(1.0, self.done / self.total) if self.total else 0.0
 
+    def seconds_left(self) -> float | None:
+        """The current phase's time to go at its rate so far; None until it has counted some progress."""
+        if not self.total or not self.done or not self.running:
+            return None
+        return (time.time() - self.phase_started) * (self.total - self.done) / self.done
+
     def apply(self, message: tuple) -> None:
         """One message from the child: progress, a phase, an epoch, the result or the error."""
         kind, *body = message
         if kind == "progress":
             self.done, self.total = body
         elif kind == "phase":
-            self.phase, self.done, self.total = body[0], 0, 0
+            self.phase, self.done, self.total, self.phase_started = body[0], 0, 0, time.time()
         elif kind == "epoch":
             self.events.append(body[0])
         elif kind == "result":
@@ -127,12 +138,15 @@ def _supervise(job: Job, task: Task) -> None:
         while child.is_alive() or not messages.empty():
             if job.stop.is_set():
                 stop.set()
+                if child.is_alive() and (task.callbacks != "hooks" or job.phase not in COOPERATIVE):
+                    job.cancelled = True
+                    child.terminate()  # no cooperative stop here: what it committed is kept, the next run resumes
             try:
                 job.apply(messages.get(timeout=POLL_S))
             except queue.Empty:
                 continue
         child.join()
-        if job.result is None and job.error is None:
+        if job.result is None and job.error is None and not job.cancelled:
             job.error = f"the job's process ended without an answer (exit code {child.exitcode})"
     except Exception as err:  # noqa: BLE001 - a supervisor has nobody else to tell
         log.exception("%s of '%s' failed", job.kind, job.index)
@@ -144,6 +158,7 @@ def _supervise(job: Job, task: Task) -> None:
 def run_task(task: Task, messages: "multiprocessing.Queue", stop: "multiprocessing.synchronize.Event") -> None:
     """The child: call the task with callbacks that report through `messages`; SimimgError becomes the message."""
     os.nice(NICENESS)
+    messages.put(("phase", "starting"))  # importing torch and the rest comes first: seconds on a cold machine
     from simimg.embed import reuse_freed_memory
 
     reuse_freed_memory()
@@ -155,8 +170,10 @@ def run_task(task: Task, messages: "multiprocessing.Queue", stop: "multiprocessi
         kwargs["hooks"] = Hooks(on_epoch=lambda s: messages.put(("epoch", s)),
                                 progress=lambda d, t: messages.put(("progress", d, t)),
                                 on_phase=lambda p: messages.put(("phase", p)), should_stop=stop.is_set)
-    elif task.callbacks == "progress":
+    elif task.callbacks in ("progress", "phases"):
         kwargs["progress"] = lambda d, t: messages.put(("progress", d, t))
+    if task.callbacks == "phases":
+        kwargs["on_phase"] = lambda p: messages.put(("phase", p))
     try:
         messages.put(("result", getattr(importlib.import_module(module), name)(**kwargs)))
     except SimimgError as err:

@@ -32,6 +32,7 @@ from simimg.search import SearchService
 log = logging.getLogger(__name__)
 
 INDEX_KEY = "index_name"
+INDEX_PARAM = "index"  # the URL's query parameter naming the chosen index
 SIMILAR_KEY = "similar_to"  # a gallery path the Search page queries with ("Find similar")
 UPLOADER_KEY = "uploader_generation"
 SCROLL_KEY = "scroll_to_query"
@@ -46,6 +47,9 @@ APP_ADVICE = [
     (r"(?:re-)?run `simimg index[^`]*`(?: on it| once)?(?: first)?(?: to (?:rebuild|repair) it)?",
      "build it on the **Build** page"),
     (r"build it with `simimg index[^`]*`", "build it on the **Build** page"),
+    (r" \(`simimg index [^`]*`(?:, then train with --name \S+)?\)", " on the **Build** page"),
+    (r"pass --embed-missing", "tick **Embed the images the index does not hold**"),
+    (r" \(without --head-only\)", " (**Full** training)"),
     (r"`simimg train[^`]*`(?: \(add --head-only[^)]*\))?", "the **Train** page"),
     (r"`simimg use[^`]*`", "the Models tab of the **Inspect** page"),
     (r"`simimg models[^`]*` lists the ones it has", "the Models tab of the **Inspect** page lists them"),
@@ -73,31 +77,73 @@ def friendly_errors() -> Iterator[None]:
         st.error(app_message(str(err)), icon=":material/error:")
 
 
+# --- the page's look ----------------------------------------------------------------------------------
+STYLE = """<style>
+/* A narrow window keeps room for the page: the sidebar shrinks from 300 px. */
+@media (max-width: 1000px) {
+  section[data-testid="stSidebar"] { width: 220px !important; min-width: 220px !important; }
+}
+</style>"""
+
+
+def style() -> None:
+    """The app's few style rules (an entry point's choice: `app.py` calls it once per run)."""
+    st.html(STYLE)
+
+
 # --- the index picker and warm services ----------------------------------------------------------------
 def home() -> Path:
     return resolve_home()
 
 
 def index_names() -> list[str]:
-    """Indexes under $SIMIMG_HOME, newest first (the default)."""
+    """Indexes under $SIMIMG_HOME, newest first."""
     return [p.name for p in list_indexes(home())]
 
 
 def sidebar() -> None:
-    """The index selector every page shares; its choice survives switching pages."""
+    """The index selector every page shares. The choice survives switching pages, and the URL keeps it
+    (`?index=NAME`), so a reload or a shared link opens the same index."""
     names = index_names()
     if not names:
         st.sidebar.caption(f"No index yet under `{home()}`.")
         st.session_state.pop(INDEX_KEY, None)
         return
-    current = st.session_state.get(INDEX_KEY)
-    st.session_state[INDEX_KEY] = st.sidebar.selectbox(
-        "Index", names, index=names.index(current) if current in names else 0,
-        help=f"Indexes under {home()}; the most recently built is the default.")
+    chosen = st.sidebar.selectbox("Index", names, index=names.index(default_index(names)),
+                                  help=f"Indexes under {home()}. A new tab opens the one in its URL, else the most "
+                                       "recently built that can be searched.")
+    st.session_state[INDEX_KEY] = chosen
+    st.query_params[INDEX_PARAM] = chosen
+
+
+def default_index(names: list[str]) -> str:
+    """This session's choice, else the URL's, else the newest index with a published version: an index whose
+    first build is still running cannot answer yet, so a new tab opens one that can."""
+    for wanted in (st.session_state.get(INDEX_KEY), st.query_params.get(INDEX_PARAM)):
+        if wanted in names:
+            return wanted
+    return next((n for n in names if published(n)), names[0])
+
+
+def published(name: str) -> bool:
+    """Whether the index has a version readers can load (its first build finished)."""
+    try:
+        with reading(IndexFolder.of(home(), name).catalog) as catalog:
+            return catalog.published() is not None
+    except SimimgError:
+        return False
 
 
 def current_index() -> str | None:
     return st.session_state.get(INDEX_KEY)
+
+
+def follow(key: str, default: object, source: object) -> None:
+    """Reset the widget `key` to `default` whenever `source` changes (the selected index, its serving model):
+    a form never keeps a value that belonged to another index. Call it before drawing the widget (no `value=`)."""
+    if key not in st.session_state or st.session_state.get(f"{key}:for") != source:
+        st.session_state[key] = default
+        st.session_state[f"{key}:for"] = source
 
 
 def search_service(name: str) -> SearchService:
@@ -106,10 +152,9 @@ def search_service(name: str) -> SearchService:
     The catalog's inode is part of the key, so an index deleted and built again under the same name loads anew.
     """
     paths = IndexFolder.of(home(), name)
-    with reading(paths.catalog) as catalog:
-        if catalog.published() is None:
-            raise SimimgError(f"index '{name}' is not finished: its first build stopped before the end. Run it again "
-                              "on the **Build** page with the same folder: the work already done is kept.")
+    if not published(name):
+        raise SimimgError(f"index '{name}' is not finished: its first build stopped before the end. Run it again "
+                          "on the **Build** page with the same folder: the work already done is kept.")
     return _service(str(home()), name, paths.catalog.stat().st_ino)
 
 
@@ -120,13 +165,21 @@ def _service(home_dir: str, name: str, catalog_inode: int) -> SearchService:
 
 
 def open_index(title: str) -> SearchService | None:
-    """A page's header for the chosen index, or the first-run guide (and None) when there is no index yet."""
+    """A page's header for the chosen index, or the first-run guide (and None) when there is no index yet, or
+    the progress of its first build (and None) while that runs."""
     name = current_index()
     if name is None:
         first_run_guide()
         return None
     st.title(title, anchor=False)
+    building = [j for j in board().running(name) if j.kind == "build"]
+    if building and not published(name):
+        st.info(f"**{name}** is being built: it can be searched once its first version is published. Meanwhile "
+                "choose another index in the sidebar.", icon=":material/hourglass_top:")
+        watch(building[0], job_progress)
+        return None
     service = search_service(name)
+    service.refresh(wait=False)  # the header and the page's answers then come from the same version
     st.caption(describe_index(service.info()))
     return service
 
@@ -134,8 +187,13 @@ def open_index(title: str) -> SearchService | None:
 def describe_index(info: dict) -> str:
     """One line a user reads under a page's title: size, model, classifier."""
     kind = f"classifier over {len(info['classes'])} classes" if info["classifier"] else "no classifier yet"
-    return (f"**{info['total']:,}** images · `{info['arch']}` {info['kind']} model `{info['model'][:8]}` "
-            f"({info['source']}) · {info['image_size']} px · {kind} · version {info['version']}")
+    if info["untrained"]:  # random weights are no "pretrained" model, whatever the bundle's kind says
+        model = f"`{info['arch']}` {'head on a ' if info['kind'] == 'head' else ''}random-init (untrained) model"
+    else:
+        model = f"`{info['arch']}` {info['kind']} model"
+    source = "" if info["untrained"] else f" ({info['source']})"
+    return (f"**{info['total']:,}** images · {model} `{info['model'][:8]}`{source} · {info['image_size']} px · "
+            f"{kind} · version {info['version']}")
 
 
 def untrained_notice(info: dict) -> None:
@@ -302,7 +360,8 @@ def job_page(kind: str, form: Callable[[], None], progress: Callable[[Job], None
     """A page around one kind of background job: this session's running job, else the form and its last result.
 
     `progress` is redrawn every `every` seconds, so it must stay light; `live` (curves, tables) is drawn once per
-    full run, which `watch` triggers whenever the job reports a new event.
+    full run, which `watch` triggers whenever the job reports a new event. A writer another tab started on this
+    index is shown with its progress and a Cancel of its own.
     """
     job = own_job(kind)
     if job is not None and job.running:
@@ -315,6 +374,7 @@ def job_page(kind: str, form: Callable[[], None], progress: Callable[[Job], None
         st.info(f"**{others[0].label}** is running on this index (started {others[0].seconds():.0f} s ago, in "
                 "another tab or session). Searches keep working meanwhile; a new job on this index waits for it.",
                 icon=":material/hourglass_top:")
+        watch(others[0], job_progress, every)
     try:
         form()
     except SimimgError as err:  # a new attempt's error stands alone: no older result under it
@@ -325,10 +385,13 @@ def job_page(kind: str, form: Callable[[], None], progress: Callable[[Job], None
 
 
 def job_failed(job: Job) -> bool:
-    """Show a finished job's error, if it had one."""
-    if job.error:
+    """Show a finished job's error or cancellation; True when it has no result to show."""
+    if job.cancelled:
+        st.warning(f"**{job.label}** was cancelled after {duration(job.seconds())}. {CANCELLED[job.kind]}",
+                   icon=":material/stop_circle:")
+    elif job.error:
         st.error(app_message(job.error), icon=":material/error:")
-    return job.error is not None
+    return job.error is not None or job.cancelled
 
 
 def watch(job: Job, render: Callable[[Job], None], every: float = 0.5) -> None:
@@ -342,3 +405,61 @@ def watch(job: Job, render: Callable[[Job], None], every: float = 0.5) -> None:
             st.rerun()
 
     panel()
+
+
+# What each step of a job is called on screen (jobs report them as `on_phase` / `Hooks.on_phase` names).
+PHASES = {"": "Starting", "starting": "Starting (loading the libraries)", "scanning": "Scanning the folder",
+          "loading the model": "Loading the model", "embedding": "Embedding", "publishing": "Publishing the new version",
+          "loading": "Loading the images", "training": "Training", "validating": "Validating",
+          "saving": "Saving the model", "indexing": "Re-indexing the collection with the new model"}
+# What a cancel keeps, by job kind: said before (to confirm) and after.
+CANCELLED = {"build": "The images embedded so far are kept: building again continues from there.",
+             "train": "The best epoch so far is kept as a model; serve it from the Models tab of **Inspect**.",
+             "use": "The index keeps serving its current model; the images embedded so far are kept.",
+             "audit": "The previous audit, if any, is kept.", "evaluate": "Nothing was changed."}
+
+
+def duration(seconds: float) -> str:
+    """'42 s', '3 min 05 s', '1 h 02 min': as precise as a person reads it."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def job_progress(job: Job, text: str | None = None, unit: str = "images") -> None:
+    """A running job's step, a bar, the time elapsed and left, and a Cancel (any tab may stop it)."""
+    step = PHASES.get(job.phase, job.phase.capitalize())
+    counted = f"{step}: {job.done:,} of {job.total:,} {unit}" if job.total else f"{step}…"
+    st.progress(job.fraction(), text=text or counted)
+    left = job.seconds_left()
+    st.caption(f"{duration(job.seconds())} elapsed" + (f" · about {duration(left)} left in this step"
+                                                      if left is not None else "")
+               + ". Search keeps answering meanwhile.")
+    cancel_ui(job)
+
+
+def cancel_ui(job: Job) -> None:
+    """Cancel, then a confirmation that says what is kept; from the tab that started the job or any other."""
+    if job.stop.is_set():
+        st.info("Stopping…", icon=":material/hourglass_top:")
+        return
+    asking = f"cancel-{job.kind}-{job.index}-{job.started}"
+    if not st.session_state.get(asking):
+        st.button("Cancel", icon=":material/stop_circle:", key=f"{asking}-ask", on_click=_set, args=(asking, True))
+        return
+    st.warning(f"Stop **{job.label}**? {CANCELLED.get(job.kind, '')}", icon=":material/help:")
+    yes, no = st.columns(2)
+    yes.button("Yes, stop it", type="primary", key=f"{asking}-yes", width="stretch", on_click=_stop, args=(job, asking))
+    no.button("Keep it running", key=f"{asking}-no", width="stretch", on_click=_set, args=(asking, False))
+
+
+def _set(key: str, value: object) -> None:
+    st.session_state[key] = value
+
+
+def _stop(job: Job, asking: str) -> None:
+    job.stop.set()
+    st.session_state[asking] = False

@@ -11,6 +11,8 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from simimg import ui
+from simimg.catalog import reading
 from simimg.data import VAL_SPLIT, class_counts, split_dataset
 from simimg.errors import SimimgError
 from simimg.layout import IndexFolder, list_indexes, resolve_home
@@ -21,17 +23,52 @@ from simimg.roots import data_roots, list_collections, resolve_data_dir
 WEIGHTS = {"imagenet": "ImageNet weights", "none": "Scratch (random init)", "model": "An earlier simimg model"}
 
 
-def folder_input(key: str) -> str:
-    """A folder box prefilled with the first collection under the data roots; checked by `resolve_folder`."""
+def folder_input(key: str, index: str | None) -> str:
+    """A folder box prefilled with the selected index's own collection (else the first one found under the data
+    roots); checked by `resolve_folder`. Its state is kept per index, so switching index in the sidebar brings
+    that index's folder back rather than keeping the previous one's."""
     roots = data_roots()
     choices = [str(p) for p in list_collections(roots)]
-    typed = st.text_input("Image folder", value=choices[0] if choices else "", key=f"{key}-folder",
-                          placeholder="data/my-photos", persist_state="session",
+    own = index_collection(index)
+    ui.follow(f"{key}-folder", str(own) if own is not None else choices[0] if choices else "", index)
+    typed = st.text_input("Image folder", key=f"{key}-folder", placeholder="data/my-photos", persist_state="session",
                           help="A folder of class folders (<folder>/<class>/<image>) under "
                                + ", ".join(f"`{r}`" for r in roots) + ". Add more roots with $SIMIMG_DATA_ROOTS.")
     if choices:
         st.caption("Collections found: " + " · ".join(f"`{Path(c).name}`" for c in choices))
     return typed
+
+
+def checked_folder(typed: str) -> Path | None:
+    """The folder typed, resolved; an empty box is None, a wrong one says why under the box (the form stays)."""
+    if not typed.strip():
+        return None
+    try:
+        return resolve_folder(typed)
+    except SimimgError as err:
+        st.error(str(err), icon=":material/error:")
+        return None
+
+
+def index_collection(index: str | None) -> Path | None:
+    """The folder index INDEX was built from (its catalog's record), or None when there is no such index."""
+    if index is None:
+        return None
+    folder = IndexFolder.of(resolve_home(), index)
+    if not folder.catalog.exists():
+        return None
+    try:
+        with reading(folder.catalog) as catalog:
+            root = catalog.get_meta("data_root", None)
+    except SimimgError:
+        return None
+    return Path(root) if root else None
+
+
+def other_folder(folder: Path, index: str | None) -> Path | None:
+    """The index's own collection when `folder` is another one (a warning is due), else None."""
+    own = index_collection(index)
+    return own if own is not None and own.resolve() != folder.resolve() else None
 
 
 def resolve_folder(typed: str) -> Path:
