@@ -4,6 +4,10 @@
 The maps come from the `grad-cam` library (Grad-CAM by default) on the serving model's last convolutional block.
 They are computed on exactly what the model sees, the centre crop of the resized image, and put back where that
 crop came from: outside it the map is zero, since the model never saw those pixels.
+
+A map can say nothing: a one-cell feature map, a score whose gradient vanishes (an image against itself, where
+the cosine is at its maximum), or one every region lowers. The library still scales such a map to [0, 1], which
+draws noise or a uniform colour; `informative` tells them apart, and `Explanation.informative` carries its answer.
 """
 
 from __future__ import annotations
@@ -25,6 +29,13 @@ from simimg.preprocess import Preprocess
 log = logging.getLogger(__name__)
 
 METHODS = ("gradcam", "gradcam++", "layercam")
+# A map the library scaled to [0, 1] spans ~1 when it singles out a region and ~0 when it does not (it divides by
+# its own range plus 1e-7), so any threshold well inside (0, 1) tells the two apart.
+FLAT_SPAN = 0.5
+# A score (a cosine, a logit) is of order 1, where float32 steps are ~1e-7: regions whose first-order shares of it
+# differ by less than ten such steps differ by rounding alone. Random-init densenet features against a real
+# neighbour (cosine 0.97-0.998) differ by ~1e-3, against the image itself by under 1e-8.
+NOISE_SPAN = 1e-6
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,7 @@ class Explanation:
     heatmap: np.ndarray  # H x W float32 in [0, 1], the explained image's size
     method: str
     layer: str
+    informative: bool  # False: the map singles out no region (see `informative`), and is all zero
 
     @property
     def size(self) -> tuple[int, int]:
@@ -52,7 +64,7 @@ class Explanation:
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "target": self.target, "score": round(self.score, 6), "method": self.method,
-                "layer": self.layer, "size": list(self.size)}
+                "layer": self.layer, "size": list(self.size), "informative": self.informative}
 
 
 def explain_class(model: LoadedModel, image: Image.Image, label: str | None = None, method: str = "gradcam",
@@ -83,6 +95,20 @@ def explain_similarity(model: LoadedModel, image: Image.Image, other: Image.Imag
     with torch.no_grad():
         score = float(scores(x)[0, 0])
     return _explain(scores, model, x, 0, image.size, method, "similarity", other_name, score)
+
+
+def informative(heatmap: np.ndarray, contributions: np.ndarray) -> bool:
+    """Whether a map says anything: its regions' first-order shares of the score (gradient x activation) differ
+    by more than float32 noise, and the method's map, scaled to [0, 1], is not uniform (as it is when every region
+    lowers the score)."""
+    return not is_flat(contributions, NOISE_SPAN) and not is_flat(heatmap, FLAT_SPAN)
+
+
+def is_flat(values: np.ndarray, min_span: float) -> bool:
+    """True for values that single out nothing: none, any not finite, or all within `min_span` of each other."""
+    if values.size == 0 or not np.isfinite(values).all():
+        return True
+    return float(values.max() - values.min()) < min_span
 
 
 def target_layer(net: Net, arch: str) -> tuple[str, nn.Module]:
@@ -133,20 +159,33 @@ def _explain(scores: _Scores, model: LoadedModel, x: torch.Tensor, index: int, s
     if method not in METHODS:
         raise SimimgError(f"unknown explanation method {method!r}; choose one of {', '.join(METHODS)}")
     name, layer = target_layer(scores.net, model.bundle.arch)
-    cam = _cam(scores, layer, x, index, method)
+    cam, contributions = _cam(scores, layer, x, index, method)
+    meaningful = informative(cam, contributions)
+    if not meaningful:  # the library scaled noise, or nothing, to [0, 1]: show nothing rather than that
+        cam = np.zeros_like(cam)
     heatmap = to_image_frame(cam, size, model.bundle.preprocess)
-    log.info("%s map of %s (%.3f) by %s on %s", kind, target, score, method, name)
-    return Explanation(kind, target, score, heatmap, method, name)
+    log.info("%s map of %s (%.3f) by %s on %s%s", kind, target, score, method, name, "" if meaningful else ": flat")
+    return Explanation(kind, target, score, heatmap, method, name, meaningful)
 
 
-def _cam(scores: _Scores, layer: nn.Module, x: torch.Tensor, index: int, method: str) -> np.ndarray:
-    """The crop-sized map in [0, 1] of output `index` at `layer`, by the grad-cam library."""
+def _cam(scores: _Scores, layer: nn.Module, x: torch.Tensor, index: int,
+         method: str) -> tuple[np.ndarray, np.ndarray]:
+    """The crop-sized map in [0, 1] of output `index` at `layer`, by the grad-cam library, and the layer's
+    contributions (what `informative` judges the map by)."""
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     cam_class = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "layercam": LayerCAM}[method]
     with torch.enable_grad(), cam_class(model=scores, target_layers=[layer]) as cam:
-        return cam(input_tensor=x.requires_grad_(True), targets=[ClassifierOutputTarget(index)])[0]
+        scaled = cam(input_tensor=x.requires_grad_(True), targets=[ClassifierOutputTarget(index)])[0]
+        saved = cam.activations_and_grads  # what the library hooked; released when the block ends
+        return scaled, _contributions(saved.activations[0], saved.gradients[0])
+
+
+def _contributions(activations: torch.Tensor, gradients: torch.Tensor) -> np.ndarray:
+    """Each location's first-order share of the score (gradient x activation summed over channels), in the
+    score's units: unlike the library's maps, never rescaled, and the same whichever method draws the map."""
+    return (activations.float() * gradients.float()).sum(dim=1)[0].numpy()
 
 
 def _copy(net: Net, device: torch.device) -> Net:

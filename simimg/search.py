@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 ImageInput = str | Path | Image.Image
 LOAD_ATTEMPTS = 5
 QUERY_BATCH = 32
+# A result at this cosine or above is the query itself (or a copy of it): the cosine is at its maximum there, so
+# its gradient, and any map of it, vanishes. Random-init features put distinct images at 0.97-0.998; scores are
+# rounded to 6 decimals, and a gallery file queried with itself reads 1.0.
+SELF_MATCH_SCORE = 0.9999
 
 
 @dataclass(frozen=True)
@@ -277,6 +281,13 @@ class SearchService:
             return explain_class(model, seen, label, method, self.device)
         name = "<image>" if isinstance(neighbor, Image.Image) else str(neighbor)
         return explain_similarity(model, seen, self._decoded(neighbor), name, method, self.device)
+
+    def explain_targets(self, result: QueryResult, query: str | Path | None = None) -> list[Neighbor]:
+        """The results whose similarity to the query can be explained: all but the query itself, which is its
+        own gallery file `query` (a "Find similar" query) or any result at SELF_MATCH_SCORE or above (a copy)."""
+        own = None if query is None else self.gallery_file(query).resolve()
+        return [n for n in result.neighbors
+                if n.score < SELF_MATCH_SCORE and (own is None or self.gallery_file(n.path).resolve() != own)]
 
     def _decoded(self, image: ImageInput) -> Image.Image:
         """A PIL image as it is; a path (a gallery path is relative to the indexed folder) decoded as queries are."""

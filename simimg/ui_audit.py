@@ -107,13 +107,17 @@ def _duplicate_header(d: dict) -> str:
 
 # --- the Search page's explanation toggle -----------------------------------------------------------
 def explain_ui(service: SearchService, image: Image.Image, result: QueryResult) -> None:
-    """A toggle: where the model looks in the query, for its predicted class or for its likeness to a result."""
+    """A toggle: where the model looks in the query, for its predicted class or for its likeness to a result
+    other than the query itself (whose map is flat: the cosine is at its maximum there)."""
     if not st.toggle("Explain: where the model looks", key="explain",
                      help="Grad-CAM on the model's last convolutional block: the class's score, or the cosine "
                           "similarity between the query and the chosen result."):
         return
-    choices = ([CLASS_TARGET] if result.prediction is not None else []) + [n.path for n in result.neighbors]
+    others = service.explain_targets(result, st.session_state.get(ui.SIMILAR_KEY))  # the "Find similar" query
+    choices = ([CLASS_TARGET] if result.prediction is not None else []) + [n.path for n in others]
     if not choices:
+        st.info("Nothing to explain: this model has no classifier, and the only results are the query itself.",
+                icon=":material/info:")
         return
     target = st.selectbox("Explain", choices, key="explain-target",
                           format_func=lambda c: c if c == CLASS_TARGET else f"its similarity to {c}")
@@ -122,4 +126,17 @@ def explain_ui(service: SearchService, image: Image.Image, result: QueryResult) 
         explanation = service.explain(image, neighbor)
     what = f"class {explanation.target} ({explanation.score:.1%})" if explanation.kind == "class" else \
         f"similarity to {target} (cosine {explanation.score:.3f})"
-    st.image(overlay(image, explanation.heatmap), width="stretch", caption=f"Red: what drives its {what}")
+    if not explanation.informative:
+        st.info(flat_map_message(what, service.model.bundle.random_features), icon=":material/blur_on:")
+        return
+    st.image(overlay(image, explanation.heatmap), width="stretch",
+             caption=f"Grad-CAM of its {what}: red marks the regions that raise it most, blue those that raise "
+                     "it least or not at all (and what lies outside the centre crop the model sees).")
+
+
+def flat_map_message(what: str, untrained: bool) -> str:
+    """Why a flat map is not drawn, and what to do about it."""
+    advice = ("An untrained (random-init) model often gives this: train one on the **Train** page." if untrained
+              else "Try another target.")
+    return (f"The map of its {what} is flat: this model's features single out no region of the image for it, so "
+            f"there is nothing to show. {advice}")

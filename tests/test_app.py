@@ -458,3 +458,21 @@ def test_explain_toggle_maps_the_query_over_itself(indexed: Path):
     assert at.image[1].captions == ["Red: what drives its similarity to circles/circles_000.png (cosine 1.000)"]
     chooser.set_value(chooser.options[3].removeprefix("its similarity to ")).run()
     assert not at.exception and "cosine" in at.image[1].captions[0]
+
+
+def test_explain_skips_the_query_itself_and_draws_no_flat_map(indexed: Path):
+    """Issue 18: the default target was the query itself (cosine 1.000), drawn as a uniform blue overlay."""
+    at = open_app()
+    upload(at, "query.png", png_bytes(indexed / "data" / "shapes" / "circles" / "circles_000.png"))
+    at.toggle(key="explain").set_value(True).run()
+    assert not at.exception, at.exception
+    chooser = at.selectbox(key="explain-target")  # no classifier: the results but the copy of the query
+    assert chooser.value != "circles/circles_000.png" and len(chooser.options) == 11
+    assert not any(o.endswith("circles/circles_000.png") for o in chooser.options)
+    # 32 px into a densenet leaves a one-cell feature map: nothing to draw, and the page says why
+    assert len(at.image) == 13 and any("is flat" in i.value and "**Train** page" in i.value for i in at.info)
+    picked = chooser.value
+    at.button(key=f"similar-2-{picked}").click().run()  # "Find similar" on the first other result
+    assert not at.exception and at.image[0].captions == [Path(picked).name]
+    chooser = at.selectbox(key="explain-target")
+    assert len(chooser.options) == 11 and not any(o.endswith(picked) for o in chooser.options)

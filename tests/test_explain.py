@@ -10,8 +10,9 @@ from PIL import Image
 
 import simimg
 from simimg.errors import SimimgError
-from simimg.heatmaps import Explanation, to_image_frame
+from simimg.heatmaps import Explanation, informative, is_flat, to_image_frame
 from simimg.preprocess import Preprocess
+from simimg.search import SELF_MATCH_SCORE, Neighbor, QueryResult, SearchService
 from tests.conftest import cli_json, make_class_images, run_cli, synthetic_image
 
 CLASSES = {"circles": 6, "squares": 6}
@@ -48,6 +49,7 @@ def test_explain_the_predicted_class_of_a_head_trained_here(indexed, tmp_path):
     assert result.size == (70, 45) and result.heatmap.shape == (45, 70) and 0 < result.score <= 1
     assert result.heatmap.min() >= 0 and result.heatmap.max() == pytest.approx(1, abs=0.02)
     assert result.layer == "trunk.features" and result.heatmap[:, 0].max() == 0  # the crop's left, never seen
+    assert result.informative and result.to_dict()["informative"] is True
     with Image.open(out) as png:
         assert png.size == (70, 45) and png.mode == "RGB"
     other = next(c for c in CLASSES if c != result.target)
@@ -68,6 +70,52 @@ def test_a_model_without_a_classifier_explains_similarity(indexed, tmp_path):
     itself = simimg.explain(data / "circles" / "circles_000.png", "shapes", home, neighbor=data / "circles" /
                             "circles_000.png")
     assert itself.score == pytest.approx(1.0, abs=1e-4) and itself.size == (40, 40)
+    assert result.informative and not itself.informative and itself.heatmap.max() == 0  # the cosine's maximum
+
+
+def peak(size: int = 8, amplitude: float = 1.0) -> np.ndarray:
+    """A map with one bump in a corner, as a model that looks at one place gives."""
+    y, x = np.mgrid[:size, :size]
+    return (amplitude * np.exp(-((y - 2) ** 2 + (x - 2) ** 2) / 4.0)).astype(np.float32)
+
+
+@pytest.mark.parametrize("values, span, flat", [
+    (np.zeros((7, 7), np.float32), 0.5, True),  # every region lowers the score: relu leaves nothing
+    (np.full((7, 7), 0.3, np.float32), 0.5, True),  # uniform
+    (np.zeros((1, 1), np.float32), 1e-6, True),  # a one-cell feature map (32 px into a densenet)
+    (np.where(np.eye(4, dtype=bool), np.nan, peak(4)), 0.5, True),  # NaN anywhere
+    (np.full((3, 3), np.inf, np.float32), 1e-6, True),
+    (np.empty((0, 0), np.float32), 0.5, True),
+    (peak(), 0.5, False),
+    (peak(amplitude=1e-3), 1e-6, False),
+])
+def test_is_flat_on_synthetic_maps(values, span, flat):
+    assert is_flat(values, span) is flat
+
+
+def test_informative_needs_both_a_real_signal_and_a_drawn_map():
+    noise = (2.5e-8 + 1e-9 * np.random.default_rng(0).standard_normal((4, 4))).astype(np.float32)
+    assert informative(peak(), peak(amplitude=1e-3))
+    assert not informative(peak(), noise)  # the library scales even rounding noise up to [0, 1]
+    assert not informative(np.zeros((8, 8), np.float32), peak(amplitude=1e-3))  # all relu'd away: blue everywhere
+    assert not informative(peak(), np.full((4, 4), np.nan, np.float32))
+
+
+def test_a_gallery_query_never_explains_its_likeness_to_itself(indexed):
+    data, home = indexed
+    service = SearchService(home, "shapes")
+    own = data / "circles" / "circles_000.png"
+    result = service.query_file(own, k=6)
+    assert result.neighbors[0].path == "circles/circles_000.png"  # what the Search page used to explain first
+    targets = service.explain_targets(result, own)
+    assert len(targets) == 5 and all(n.path != "circles/circles_000.png" for n in targets)
+    assert targets == service.explain_targets(result, "circles/circles_000.png")  # as results name it
+    first = service.explain(service.load(own), targets[0].path)
+    assert first.target == targets[0].path and first.score < SELF_MATCH_SCORE and first.informative
+    copy = service.query(service.load(own), k=6)  # an upload of the same file: no path, its cosine says it
+    assert [n.path for n in service.explain_targets(copy)] == [n.path for n in targets]
+    bf16 = QueryResult("", None, [Neighbor("circles/circles_000.png", "circles", 0.999)])  # indexed elsewhere
+    assert service.explain_targets(bf16, own) == [] and service.explain_targets(bf16) == bf16.neighbors
 
 
 def test_explain_a_resnet_fine_tuned_here_from_the_cli(tmp_path):
