@@ -14,6 +14,9 @@ from simimg.search import Neighbor, Prediction, SearchService
 from simimg.uploads import UPLOAD_TYPES, validate_upload
 
 SEEN_UPLOAD_KEY = "upload_seen"
+# What the browser may send: larger than the cap (server.maxUploadSize), so a file over the cap reaches
+# validate_upload and is refused in the page with the limit, not only by a red chip on the file.
+UPLOAD_TRANSPORT_MB = 200
 CARD_MIN_PX = 210  # the results grid fits as many columns of at least this width as the window allows
 
 
@@ -27,8 +30,8 @@ def main() -> None:
         k, label, min_score = controls_ui(info)
         query = query_ui(service)
         if query is None:
-            st.info(f"Drop an image above, or take one with the camera, to find the most similar pictures in "
-                    f"**{info['name']}**.", icon=":material/image_search:")
+            st.info(f"Drop an image above (up to {cap_mb()} MB), or take one with the camera, to find the most "
+                    f"similar pictures in **{info['name']}**.", icon=":material/image_search:")
             return
         results_ui(service, *query, k, label, min_score)
 
@@ -50,7 +53,8 @@ def query_ui(service: SearchService) -> tuple[Image.Image, str, bool] | None:
     generation = st.session_state.setdefault(ui.UPLOADER_KEY, 0)
     upload_tab, camera_tab = st.tabs(["Upload", "Camera"])
     upload = upload_tab.file_uploader("Drop an image to search with", type=list(UPLOAD_TYPES),
-                                      key=f"upload-{generation}", help="JPEG, PNG, WebP, BMP, GIF or TIFF")
+                                      key=f"upload-{generation}", max_upload_size=max(UPLOAD_TRANSPORT_MB, cap_mb()),
+                                      help=f"JPEG, PNG, WebP, BMP, GIF or TIFF, up to {cap_mb()} MB")
     photo = camera_tab.camera_input("Take a picture to search with", key=f"camera-{generation}")
     fresh = photo or upload
     if fresh is not None and fresh.file_id != st.session_state.get(SEEN_UPLOAD_KEY):
@@ -61,9 +65,13 @@ def query_ui(service: SearchService) -> tuple[Image.Image, str, bool] | None:
         return service.load(path), path.name, True
     if fresh is None:
         return None
-    image = validate_upload(fresh.name, fresh.getvalue(), st.get_option("server.maxUploadSize"),
-                            draft_size=service.draft_size)
+    image = validate_upload(fresh.name, fresh.getvalue(), cap_mb(), draft_size=service.draft_size)
     return image, fresh.name, False
+
+
+def cap_mb() -> int:
+    """The largest upload the page accepts, in MB (server.maxUploadSize, .streamlit/config.toml)."""
+    return int(st.get_option("server.maxUploadSize"))
 
 
 def results_ui(service: SearchService, image: Image.Image, caption: str, from_gallery: bool, k: int,
@@ -71,14 +79,14 @@ def results_ui(service: SearchService, image: Image.Image, caption: str, from_ga
     result = service.query(image, k, label, min_score, query=caption)
     if st.session_state.pop(ui.SCROLL_KEY, False):
         scroll_to_top()
-    left, right = st.columns([1, 2], gap="large")
+    left, right = st.columns(2, gap="large")
     with left:
         st.image(image, caption=caption, width="stretch")
         if from_gallery:
             st.caption(f"Searching with **{caption}** from the collection (Find similar).")
-        ui_audit.explain_ui(service, image, result)
-    with right:
+    with right:  # the prediction, then the explanation beside the query rather than an empty block
         prediction_ui(result.prediction)
+        ui_audit.explain_ui(service, image, result)
     if not result.neighbors:
         st.warning("Nothing matches: lower the minimum score or clear the label filter.")
         return
@@ -120,7 +128,7 @@ def grid_ui(neighbors: list[Neighbor], data_root: Path) -> None:
 def card_ui(rank: int, n: Neighbor, path: Path) -> None:
     ui.card_image(path)
     st.markdown(f"**#{rank}** :green-badge[score {n.score:.3f}] :blue-badge[{n.label or 'no label'}]")
-    st.caption(n.path)
+    st.caption(n.path, wrap=False)
     st.button("Find similar", key=f"similar-{rank}-{n.path}", icon=":material/search:", width="stretch",
               on_click=ui.queue_similar, args=(path,))
 

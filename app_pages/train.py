@@ -52,7 +52,6 @@ def quick_form_ui(data_dir: Path | None) -> None:
         st.info("Quick training fits on an index's stored embeddings: build one on the **Build** page first.")
         return
     st.markdown(f"The classifier learns from the embeddings of index **{name}**'s serving model.")
-    embed_missing = False
     own = other_folder(data_dir, name) if data_dir is not None else None
     if own is not None:
         st.warning(f"`{data_dir}` is not the folder index **{name}** was built from (`{own}`). Quick training "
@@ -60,8 +59,10 @@ def quick_form_ui(data_dir: Path | None) -> None:
                    "unless you let it embed them here (slower; they are not added, and the classifier serves "
                    f"**{name}** with this folder's classes). To search another collection, build an index of it on "
                    "the **Build** page.", icon=":material/warning:")
-        embed_missing = st.checkbox("Embed the images the index does not hold", value=False,
-                                    key="train-embed-missing")
+    embed_missing = st.checkbox("Embed the images the index does not hold", value=False, key="train-embed-missing",
+                                help="Off: only images the index holds as they are now are used, and the run stops "
+                                     "if the folder has others. On: those are embedded with the serving model for "
+                                     "this fit (not added to the index).")
     if st.button("Train the classifier", type="primary", icon=":material/bolt:") and data_dir is not None:
         start(name, f"Quick training of '{name}'", Task("simimg.api:train", {
             "data_dir": str(data_dir), "name": name, "home": str(ui.home()), "head_only": True,

@@ -27,20 +27,28 @@ CLASS_TARGET = "its predicted class"
 
 # --- the Audit tab -------------------------------------------------------------------------------------
 def audit_tab(name: str, data_root: Path) -> None:
-    """Audit a folder (the indexed one by default) in the background; show the last audit's findings."""
+    """Audit the index's own collection in the background; show the last audit's findings.
+
+    The folder box is kept per index, so switching index in the sidebar never audits one index's folder with
+    another's model (the audit refuses a folder outside the index's collection anyway).
+    """
     job = ui.own_job("audit")
     job = job if job is not None and job.index == name else None
     if job is not None and job.running:
-        ui.watch(job, lambda j: st.progress(j.fraction(), text=f"Auditing: {j.done} of {j.total} new images "
-                                                                  "embedded"))
+        ui.watch(job, ui.job_progress)
         return
-    typed = st.text_input("Folder to audit", value=str(data_root), key="audit-folder",
-                          help="Class folders (<folder>/<class>/<image>), with train/ and val/ folders or without; "
-                               "images the index does not hold are embedded with its model, not added.")
+    ui.follow("audit-folder", str(data_root), name)
+    typed = st.text_input("Folder to audit", key="audit-folder",
+                          help="The index's collection (<folder>/<class>/<image>), with train/ and val/ folders or "
+                               "without; images in it that the index does not hold yet are embedded with its model, "
+                               "not added.")
+    if typed.strip() and Path(typed.strip()).resolve() != data_root.resolve():
+        st.warning(f"This is not the folder **{name}** was built from (`{data_root}`): an audit belongs to the "
+                   "index's own collection.", icon=":material/warning:")
     if st.button("Audit this folder", type="primary", icon=":material/health_and_safety:"):
         folder = resolve_folder(typed)
-        ui.start_job(name, "audit", f"Audit of '{name}'",
-                     Task("simimg.api:audit", {"data_dir": str(folder), "name": name, "home": str(ui.home())}))
+        ui.start_job(name, "audit", f"Audit of '{name}'", Task(
+            "simimg.api:audit", {"data_dir": str(folder), "name": name, "home": str(ui.home())}, callbacks="phases"))
         st.rerun()
     if job is not None and ui.job_failed(job):
         return
@@ -109,9 +117,9 @@ def _duplicate_header(d: dict) -> str:
 def explain_ui(service: SearchService, image: Image.Image, result: QueryResult) -> None:
     """A toggle: where the model looks in the query, for its predicted class or for its likeness to a result
     other than the query itself (whose map is flat: the cosine is at its maximum there)."""
-    if not st.toggle("Explain: where the model looks", key="explain",
-                     help="Grad-CAM on the model's last convolutional block: the class's score, or the cosine "
-                          "similarity between the query and the chosen result."):
+    if not st.toggle("Explain", key="explain",
+                     help="Where the model looks: Grad-CAM on its last convolutional block, for the class's score "
+                          "or for the cosine similarity between the query and the chosen result."):
         return
     others = service.explain_targets(result, st.session_state.get(ui.SIMILAR_KEY))  # the "Find similar" query
     choices = ([CLASS_TARGET] if result.prediction is not None else []) + [n.path for n in others]
