@@ -24,7 +24,7 @@ def main() -> None:
     ui.job_page(JOB_KIND, form_ui, progress_ui, result_ui)
 
 
-def form_ui() -> None:
+def form_ui() -> bool | None:
     with st.container(border=True):
         typed = folder_input("index", ui.current_index())
         name = st.text_input("Index name", value="", placeholder="the folder's name", key="index-name",
@@ -45,14 +45,14 @@ def form_ui() -> None:
     if folder is None:  # a wrong box already says why under it; an empty one is told what to choose
         if not typed.strip():
             raise SimimgError("choose a folder of images (root/<class>/<image>)")
-        return
+        return False
     fresh = name not in ui.index_names()
     options = {"arch": arch if weights in ("imagenet", "none") else None, "weights": weights,
                "image_size": image_size} if fresh else {}
     ui.start_job(name, JOB_KIND, f"Indexing {folder.name} into '{name}'", Task(
         "simimg.api:build_index", {"data_dir": str(folder), "name": name, "home": str(ui.home()), **options},
         callbacks="phases"))
-    st.session_state[ui.INDEX_KEY] = name
+    ui.select_index(name, keeping="index-folder")
     st.rerun()
 
 

@@ -95,7 +95,7 @@ def full_form_ui(data_dir: Path | None) -> None:
 
 def start(name: str, label: str, task: Task) -> None:
     ui.start_job(name, JOB_KIND, label, task)
-    st.session_state[ui.INDEX_KEY] = name
+    ui.select_index(name, keeping="train-folder")
     st.rerun()
 
 

@@ -138,6 +138,14 @@ def current_index() -> str | None:
     return st.session_state.get(INDEX_KEY)
 
 
+def select_index(name: str, keeping: str | None = None) -> None:
+    """Make `name` the selected index (a job started on it); the widget `keeping` keeps its value (the folder the
+    job was started with) instead of following the switch."""
+    st.session_state[INDEX_KEY] = name
+    if keeping is not None:
+        st.session_state[f"{keeping}:for"] = name
+
+
 def follow(key: str, default: object, source: object) -> None:
     """Reset the widget `key` to `default` whenever `source` changes (the selected index, its serving model):
     a form never keeps a value that belonged to another index. Call it before drawing the widget (no `value=`)."""
@@ -355,7 +363,7 @@ def start_job(index: str, kind: str, label: str, task: Task) -> Job:
     return job
 
 
-def job_page(kind: str, form: Callable[[], None], progress: Callable[[Job], None],
+def job_page(kind: str, form: Callable[[], bool | None], progress: Callable[[Job], None],
              result: Callable[[Job], None], every: float = 0.5, live: Callable[[Job], None] | None = None) -> None:
     """A page around one kind of background job: this session's running job, else the form and its last result.
 
@@ -376,9 +384,11 @@ def job_page(kind: str, form: Callable[[], None], progress: Callable[[Job], None
                 icon=":material/hourglass_top:")
         watch(others[0], job_progress, every)
     try:
-        form()
-    except SimimgError as err:  # a new attempt's error stands alone: no older result under it
+        refused = form() is False  # a form returns False when it refused a new attempt (and said why)
+    except SimimgError as err:
         st.error(app_message(str(err)), icon=":material/error:")
+        refused = True
+    if refused:  # a new attempt's error stands alone: no older result under it
         return
     if job is not None and not job_failed(job):
         result(job)
