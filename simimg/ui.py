@@ -423,8 +423,10 @@ PHASES = {"": "Starting", "starting": "Starting (loading the libraries)", "scann
           "loading": "Loading the images", "training": "Training", "validating": "Validating",
           "saving": "Saving the model", "indexing": "Re-indexing the collection with the new model"}
 # What a cancel keeps, by job kind: said before (to confirm) and after.
-CANCELLED = {"build": "The images embedded so far are kept: building again continues from there.",
-             "train": "The best epoch so far is kept as a model; serve it from the Models tab of **Inspect**.",
+CANCELLED = {"build": "The images embedded so far are kept, up to the last 512 committed: building again "
+                      "continues from there.",
+             "train": "A full training keeps its best epoch so far as a model, if one finished (the Models tab of "
+                      "**Inspect** lists it); quick training keeps nothing.",
              "use": "The index keeps serving its current model; the images embedded so far are kept.",
              "audit": "The previous audit, if any, is kept.", "evaluate": "Nothing was changed."}
 
