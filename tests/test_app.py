@@ -269,15 +269,19 @@ def test_quick_training_then_switching_models_from_the_models_tab(indexed: Path,
                                                                   monkeypatch: pytest.MonkeyPatch):
     shutil.copytree(indexed / "indexes", tmp_path / "home")  # this test changes the index: a copy of its own
     monkeypatch.setenv("SIMIMG_HOME", str(tmp_path / "home"))
+    header = open_app().caption[0].value  # Search loads the service, at version 1
+    assert "random-init (untrained) model" in header and "pretrained" not in header  # issue 18, item 9
     at = open_app("app_pages/train.py")
     assert at.radio(key="train-mode").value == "quick"  # offered first
-    at.button[0].click().run()
+    next(b for b in at.button if b.label == "Train the classifier").click().run()
     run_until(at, lambda a: bool(a.success) or bool(a.error))
     assert not at.error, at.error[0].value
     assert "now serves it (version 2)" in at.success[0].value
     at.switch_page("app_pages/search.py").run()
     upload(at, "q.png", png_bytes(indexed / "data" / "shapes" / "circles" / "circles_000.png"))
     assert at.metric[0].label == "Predicted class"
+    header = at.caption[0].value  # item 5: the header agrees with the prediction under it
+    assert "classifier over 3 classes" in header and "version 2" in header, header
     at.switch_page("app_pages/inspect.py").run()
     models = at.dataframe[0].value
     assert list(models["kind"]) == ["head", "pretrained"] and list(models["serving"]) == ["✔", ""]
@@ -285,6 +289,8 @@ def test_quick_training_then_switching_models_from_the_models_tab(indexed: Path,
     next(b for b in at.button if b.label == "Serve this model").click().run()
     run_until(at, lambda a: any("serves **shapes** from version 3" in s.value for s in a.success))
     assert list(at.dataframe[0].value["serving"]) == ["", "✔"]
+    fresh = open_app("app_pages/inspect.py")  # item 10: a new session offers the serving model, not the newest
+    assert fresh.selectbox(key="chosen-model").value == models["model"][1]
 
 
 def test_a_second_session_cannot_start_a_writer_on_a_busy_index(indexed: Path, tmp_path: Path,
