@@ -32,3 +32,13 @@ def bug() -> None:
 
 def die() -> None:
     os._exit(3)
+
+
+def steps(names: list[str], progress: Callable[[int, int], None], on_phase: Callable[[str], None]) -> list[str]:
+    """Report each step, then a little progress within it, slowly enough for a poller to see them."""
+    for name in names:
+        on_phase(name)
+        for i in range(1, 3):
+            progress(i, 2)
+            time.sleep(0.05)
+    return names

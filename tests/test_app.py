@@ -312,6 +312,31 @@ def test_a_second_session_cannot_start_a_writer_on_a_busy_index(indexed: Path, t
         release.touch()
 
 
+def test_another_tab_cancels_a_running_build_after_confirming(indexed: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch):
+    """Issue 18, item 7: a job whose tab was closed can still be stopped, from any tab, after a confirmation."""
+    from simimg import ui
+    from simimg.jobs import JobBoard, Task
+
+    board = JobBoard()
+    job = board.start("shapes", "build", "Indexing shapes into 'shapes'",
+                      Task("job_tasks:wait_for", {"path": str(tmp_path / "never")}), owner="a closed tab")
+    monkeypatch.setattr(ui, "board", lambda: board)
+    at = open_app("app_pages/build.py")
+    assert any("is running on this index" in i.value for i in at.info)
+    at.button(key=f"cancel-build-shapes-{job.started}-ask").click().run()
+    assert any("Stop **Indexing shapes into 'shapes'**?" in w.value for w in at.warning)
+    assert job.running and not job.stop.is_set()  # nothing stops before the confirmation
+    at.button(key=f"cancel-build-shapes-{job.started}-no").click().run()
+    assert not any("Stop **" in w.value for w in at.warning) and not job.stop.is_set()
+    at.button(key=f"cancel-build-shapes-{job.started}-ask").click().run()
+    at.button(key=f"cancel-build-shapes-{job.started}-yes").click().run()
+    deadline = time.time() + 30
+    while job.running and time.time() < deadline:
+        time.sleep(0.1)
+    assert job.cancelled and not job.running and job.error is None  # its process was ended, not failed
+
+
 # --- issue 13: what a first walk through every page hit ------------------------------------------------
 def test_weights_forms_check_the_cache_first_and_use_the_same_words(workdir: Path, monkeypatch: pytest.MonkeyPatch):
     from test_model import write_densenet121_checkpoint

@@ -49,3 +49,34 @@ def test_a_second_writer_on_the_same_index_is_refused_naming_the_first(tmp_path:
 def test_errors_and_a_dead_child_become_the_jobs_message(function: str, message: str):
     job = finished(JobBoard().start("a", "build", "A", Task(f"job_tasks:{function}", callbacks="")))
     assert job.error == message and job.result is None
+
+
+def test_a_job_reports_its_steps_from_the_start_and_estimates_the_time_left():
+    job = JobBoard().start("pets", "build", "Indexing pets", Task("job_tasks:steps", {"names": ["scanning", "embedding"]},
+                                                                 callbacks="phases"))
+    seen = set()
+    while job.running:
+        seen.add(job.phase)
+        time.sleep(0.01)
+    assert {"starting", "scanning", "embedding"} <= seen | {job.phase}  # "starting" covers the imports
+    assert job.result == ["scanning", "embedding"] and job.phase == "embedding" and (job.done, job.total) == (2, 2)
+    assert job.seconds_left() is None  # a finished job has nothing left
+
+
+def test_seconds_left_follows_the_current_steps_rate():
+    from simimg.jobs import Job
+
+    job = Job("pets", "build", "Indexing pets")
+    assert job.seconds_left() is None  # nothing counted yet
+    job.apply(("phase", "embedding"))
+    job.phase_started -= 10  # ten seconds into the step, a quarter done
+    job.apply(("progress", 25, 100))
+    assert job.seconds_left() == pytest.approx(30, rel=0.05)
+
+
+def test_cancelling_a_job_without_hooks_ends_its_process_and_is_no_error(tmp_path: Path):
+    job = JobBoard().start("pets", "build", "Indexing pets", Task("job_tasks:wait_for", {"path": str(tmp_path / "x")}))
+    time.sleep(0.5)
+    job.stop.set()
+    finished(job, timeout=30)
+    assert job.cancelled and job.error is None and job.result is None
