@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, make_class_images, run_cli
+from conftest import ROOT, cli_json, make_class_images, run_cli
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -233,3 +234,110 @@ def test_audit_tab_finds_a_cross_class_copy_and_opens_it_in_search(server, brows
     page.get_by_text(f"{K} most similar").wait_for(timeout=90_000)
     expect(page.get_by_text("copy.png", exact=True).first).to_be_attached(timeout=30_000)
     expect(page.get_by_text("score 1.000").first).to_be_attached(timeout=30_000)
+
+
+# --- issue 18: the second walk ---------------------------------------------------------------------------
+def open_page(browser, url: str, path: str = "", width: int = 1400):
+    page = browser.new_page(viewport={"width": width, "height": 1000})
+    page.goto(f"{url}/{path}", wait_until="domcontentloaded")
+    return page
+
+
+def choose_index(page, name: str) -> None:
+    """Pick an index in the sidebar's selector, as a user does."""
+    page.get_by_role("combobox", name="Index").click()
+    page.get_by_role("option", name=name, exact=True).click()
+
+
+def expect_index(page, name: str, timeout_ms: int = 90_000) -> None:
+    """The sidebar's selector shows `name`."""
+    from playwright.sync_api import expect
+
+    expect(page.get_by_role("combobox", name="Index")).to_have_value(name, timeout=timeout_ms)
+
+
+def test_quick_training_defaults_to_the_index_folder_and_refuses_another_collection(server, browser):
+    """Blocker 1: another collection sorting first is neither the default nor silently embedded and served."""
+    from playwright.sync_api import expect
+
+    url, data = server
+    other = make_class_images(data.parent / "aaa-other", {"cats": 4, "dogs": 4}, size=48, seed=3)
+    page = open_page(browser, url, "train")
+    folder = page.get_by_role("textbox", name="Image folder")
+    expect(folder).to_have_value(str(data.resolve()), timeout=90_000)
+    assert page.get_by_text("is not the folder index").count() == 0
+    folder.fill(str(other))
+    folder.press("Enter")
+    page.get_by_text("is not the folder index shapes was built from").wait_for(timeout=60_000)
+    page.get_by_role("button", name="Train the classifier").click()
+    page.get_by_text("are not in index 'shapes'").wait_for(timeout=120_000)
+    assert page.get_by_text("Embed the images the index does not hold").count() >= 1
+    info = cli_json("info", "--name", "shapes", "--home", str(data.parents[1] / "indexes"))
+    assert info["classifier"] is False and info["version"] == 1  # nothing was served
+    assert page.locator("[data-testid=stException]").count() == 0
+
+
+def test_a_new_tab_loads_during_a_build_and_another_tab_can_cancel_it(server, browser):
+    """Blocker 2 and item 7: a tab opened mid-build finds the uploader in 10 s; a tab that did not start the
+    build stops it after a confirmation, and the tab that started it says so."""
+    from playwright.sync_api import expect
+
+    url, data = server
+    big = make_class_images(data.parent / "big", {"a": 500, "b": 500, "c": 500, "d": 500}, size=48, seed=5)
+    builder = open_page(browser, url, "build")
+    folder = builder.get_by_role("textbox", name="Image folder")
+    folder.wait_for(timeout=90_000)
+    folder.fill(str(big))
+    folder.press("Enter")
+    builder.get_by_text("Model for a new index").click()
+    builder.get_by_role("radio", name="Scratch (random init)").check()
+    builder.get_by_role("button", name="Build or update").click()
+    builder.get_by_text("Embedding:").wait_for(timeout=120_000)  # past the start: images are going in
+
+    fresh = open_page(browser, url)
+    started = time.time()
+    fresh.get_by_text("Drop an image to search with").wait_for(timeout=10_000)
+    assert time.time() - started < 10
+    expect_index(fresh, "shapes", 5_000)  # the newest published index, not the one being built
+    fresh.goto(f"{url}/?index=big", wait_until="domcontentloaded")
+    fresh.get_by_text("is being built").wait_for(timeout=30_000)
+
+    other = open_page(browser, url, "build?index=big")
+    other.get_by_text("is running on this index").wait_for(timeout=60_000)
+    other.get_by_role("button", name="Cancel").click()
+    other.get_by_text("The images embedded so far are kept").wait_for(timeout=30_000)
+    other.get_by_role("button", name="Yes, stop it").click()
+    builder.get_by_text("was cancelled").wait_for(timeout=60_000)
+    assert builder.get_by_text("Embedding:").count() == 0
+    for page in (builder, fresh, other):
+        assert page.locator("[data-testid=stException]").count() == 0
+
+
+def test_the_url_keeps_the_index_and_an_audit_follows_the_switch(server, browser, tmp_path: Path):
+    """Items 17 and 4: ?index= opens (and reloads) that index; after switching index in the sidebar the Audit tab
+    audits the new index's own folder, and its findings are kept with that index only."""
+    from playwright.sync_api import expect
+
+    url, data = server
+    home = tmp_path / "indexes"
+    pets = make_class_images(data.parent / "pets", {"cats": 5, "dogs": 5}, size=48, seed=7)
+    run_cli("index", str(pets), "--home", str(home), "--weights", "none", "--image-size", "32", "--workers", "0")
+    page = open_page(browser, url, "?index=shapes")
+    expect_index(page, "shapes")  # not the newest index, which is pets
+    page.reload(wait_until="domcontentloaded")
+    expect_index(page, "shapes")
+
+    page.goto(f"{url}/inspect?index=shapes", wait_until="domcontentloaded")
+    page.get_by_role("tab", name="Audit").click(timeout=180_000)
+    expect(page.get_by_role("textbox", name="Folder to audit")).to_have_value(str(data.resolve()), timeout=60_000)
+    choose_index(page, "pets")
+    page.wait_for_url("**index=pets**", timeout=30_000)
+    page.get_by_role("tab", name="Audit").click(timeout=60_000)
+    expect(page.get_by_role("textbox", name="Folder to audit")).to_have_value(str(pets.resolve()), timeout=60_000)
+    page.get_by_role("button", name="Audit this folder").click()
+    page.get_by_test_id("stMetricLabel").filter(has_text="Exact duplicates").wait_for(timeout=180_000)  # the report
+    page.get_by_text(re.compile(r"10 images \(seeded split\)")).wait_for(timeout=30_000)
+    audit = json.loads((home / "pets" / "audit.json").read_text())
+    assert Path(audit["summary"]["data_dir"]).resolve() == pets.resolve()
+    assert not (home / "shapes" / "audit.json").exists()
+    assert page.locator("[data-testid=stException]").count() == 0
