@@ -11,12 +11,9 @@ from PIL import Image
 
 from simimg import ui, ui_audit
 from simimg.search import Neighbor, Prediction, SearchService
-from simimg.uploads import UPLOAD_TYPES, validate_upload
+from simimg.uploads import DEFAULT_MAX_MB, UPLOAD_TYPES, validate_upload
 
 SEEN_UPLOAD_KEY = "upload_seen"
-# What the browser may send: larger than the cap (server.maxUploadSize), so a file over the cap reaches
-# validate_upload and is refused in the page with the limit, not only by a red chip on the file.
-UPLOAD_TRANSPORT_MB = 200
 CARD_MIN_PX = 210  # the results grid fits as many columns of at least this width as the window allows
 
 
@@ -53,7 +50,7 @@ def query_ui(service: SearchService) -> tuple[Image.Image, str, bool] | None:
     generation = st.session_state.setdefault(ui.UPLOADER_KEY, 0)
     upload_tab, camera_tab = st.tabs(["Upload", "Camera"])
     upload = upload_tab.file_uploader("Drop an image to search with", type=list(UPLOAD_TYPES),
-                                      key=f"upload-{generation}", max_upload_size=max(UPLOAD_TRANSPORT_MB, cap_mb()),
+                                      key=f"upload-{generation}",
                                       help=f"JPEG, PNG, WebP, BMP, GIF or TIFF, up to {cap_mb()} MB")
     photo = camera_tab.camera_input("Take a picture to search with", key=f"camera-{generation}")
     fresh = photo or upload
@@ -70,8 +67,12 @@ def query_ui(service: SearchService) -> tuple[Image.Image, str, bool] | None:
 
 
 def cap_mb() -> int:
-    """The largest upload the page accepts, in MB (server.maxUploadSize, .streamlit/config.toml)."""
-    return int(st.get_option("server.maxUploadSize"))
+    """The largest image the page accepts, in MB: simimg's cap, or server.maxUploadSize when that is smaller.
+
+    The server takes files up to server.maxUploadSize (200 MB in .streamlit/config.toml), so a file over the cap
+    reaches `validate_upload` and is refused in the page with the limit, not only by a red chip on the file.
+    """
+    return min(DEFAULT_MAX_MB, int(st.get_option("server.maxUploadSize")))
 
 
 def results_ui(service: SearchService, image: Image.Image, caption: str, from_gallery: bool, k: int,

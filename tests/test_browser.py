@@ -116,6 +116,10 @@ def test_upload_shows_a_result_grid(server, browser, tmp_path: Path):
     expect(page.get_by_text("score 1.000").first).to_be_attached(timeout=30_000)
     page.screenshot(path=str(tmp_path / "search.png"), full_page=True)
     assert (tmp_path / "search.png").stat().st_size > 10_000
+    big = tmp_path / "big.png"  # issue 18, item 8: over the 20 MB cap, refused in the page with the limit
+    big.write_bytes(b"\x89PNG" + bytes(21 * 2**20))
+    page.locator("input[type=file]").set_input_files(str(big))
+    page.get_by_text("the limit is 20 MB").wait_for(timeout=60_000)
 
 
 def test_search_keeps_working_and_new_tabs_load_while_a_model_trains(server, browser):
