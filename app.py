@@ -1,4 +1,7 @@
-"""simimg's web app: `streamlit run app.py`. Search is the landing page; Browse, Train, Build and Inspect sit beside it."""
+"""simimg's web app: `streamlit run app.py`.
+
+Search is the landing page; Browse, Train, Build and Inspect sit beside it.
+"""
 
 import streamlit as st
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import streamlit as st
 
 from simimg import ui
+from simimg.errors import SimimgError
 from simimg.indexing import IndexReport
 from simimg.jobs import Task
 from simimg.model import ARCHITECTURES, DEFAULT_ARCH
-from simimg.errors import SimimgError
 from simimg.ui_forms import checked_folder, folder_input, other_folder, weights_input
 
 JOB_KIND = "build"

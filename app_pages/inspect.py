@@ -9,7 +9,6 @@ import pandas as pd
 import streamlit as st
 
 from simimg import api, ui, ui_audit
-from simimg.catalog import reading
 from simimg.explore import PROJECTIONS, confusion_cell, near_duplicates, project_2d, sample_positions
 from simimg.jobs import Task
 from simimg.layout import IndexFolder

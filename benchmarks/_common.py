@@ -12,9 +12,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ def make_jpegs(folder: Path, count: int, size: tuple[int, int] = PHOTO_SIZE, cla
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     for i in range(count):
-        fx, fy, phase = rng.uniform(0.005, 0.04, 2).tolist() + [rng.uniform(0, 6.3)]
+        fx, fy, phase = [*rng.uniform(0.005, 0.04, 2).tolist(), rng.uniform(0, 6.3)]
         base = 127 + 90 * np.sin(xx * fx + phase)[..., None] * np.cos(yy * fy)[..., None] * rng.uniform(0.3, 1, 3)
         pixels = np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
         target = folder / f"class{i % classes}"

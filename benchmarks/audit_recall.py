@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from _common import finish, hardware, make_jpegs, parser
 import simimg
+from _common import finish, hardware, make_jpegs, parser
 from simimg.device import resolve_device
 
 SPLITS = ("train", "val")

@@ -9,14 +9,15 @@
 2. Exact top-10 of every query, streamed shard by shard (faiss.knn + ResultHeap): the ground truth.
 3. In a fresh child process (so its peak RSS is the build's own): the build simimg runs for `--index-kind ivfpq`
    (compressed_index.build: train on a sample drawn across all shards, encode part by part, merge_from; or with
-   --on-disk, merge_ondisk into one list file), the index written and read back as a reader would, then single queries through the searcher a SearchService
-   serves on --device (RefinedSearcher: IVF-PQ candidates, on faiss' GPU index where there is one, re-ranked
-   from the memory-mapped shards). The build runs on the CPU either way.
+   --on-disk, merge_ondisk into one list file), the index written and read back as a reader would, then single
+   queries through the searcher a SearchService serves on --device (RefinedSearcher: IVF-PQ candidates, on faiss'
+   GPU index where there is one, re-ranked from the memory-mapped shards). The build runs on the CPU either way.
 
 index_bytes is the serialized index (what a reader holds in RAM); flat_bytes is N x dim float32, what a flat or
 IVF-Flat index holds. peak_rss_mib is the build process's high-water RSS, which counts the shard pages it read
-through memory maps (page cache); peak_anon_mib is its anonymous memory alone. serving_rss_anon_mib is the child's anonymous resident memory while it answers queries: the
-index plus the interpreter and libraries; the shards it re-ranks from are page cache, shared and evictable.
+through memory maps (page cache); peak_anon_mib is its anonymous memory alone. serving_rss_anon_mib is the child's
+anonymous resident memory while it answers queries: the index plus the interpreter and libraries; the shards it
+re-ranks from are page cache, shared and evictable.
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ class _PeakAnon:
     """The highest anonymous RSS seen while the block runs, polled every 50 ms: peak RSS proper also counts the
     shard pages the build read through its memory maps, which are page cache the kernel can take back."""
 
-    def __enter__(self) -> "_PeakAnon":
+    def __enter__(self) -> _PeakAnon:
         self.mib, self._stop = _rss_anon_mib(), threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()

@@ -16,12 +16,19 @@ import time
 
 import faiss
 import numpy as np
-import torch
 
 from _common import EmbeddingLike, finish, hardware, median, parser
 from simimg.device import resolve_device
-from simimg.faiss_index import FaissSearcher, TorchFlatSearcher, VectorSearcher, build_index, index_kind_for
-from simimg.faiss_index import ivf_lists_for, make_searcher, nprobe_for
+from simimg.faiss_index import (
+    FaissSearcher,
+    TorchFlatSearcher,
+    VectorSearcher,
+    build_index,
+    index_kind_for,
+    ivf_lists_for,
+    make_searcher,
+)
+
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])

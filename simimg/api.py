@@ -12,9 +12,10 @@ shells over these, so there is one code path for every job.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from PIL import Image
 
@@ -22,19 +23,35 @@ from simimg.auditing import AuditJob, AuditReport, run_audit
 from simimg.catalog import reading
 from simimg.embed import Encoder
 from simimg.errors import SimimgError
-from simimg.heatmaps import Explanation, overlay
-from simimg.fsutil import atomic_target
-from simimg.images import load_image
 from simimg.evaluation import run_evaluation
+from simimg.fsutil import atomic_target
+from simimg.heatmaps import Explanation, overlay
+from simimg.images import load_image
 from simimg.indexing import IndexJob, IndexReport, Phase, Progress, run_index, serve_model
 from simimg.layout import IndexFolder, resolve_home
 from simimg.model_store import ModelEntry, list_models as _list_models, load_model, resolve_fingerprint
 from simimg.search import SearchService
 from simimg.training import Hooks, TrainConfig, TrainReport, run_training
 
-__all__ = ["build_index", "open_index", "train", "evaluate", "audit", "explain", "list_models", "use_model",
-           "export_model", "serve", "Encoder", "SearchService", "IndexReport", "TrainReport", "AuditReport",
-           "Explanation", "Hooks"]
+__all__ = [  # noqa: RUF022 - as simimg._API lists them: the functions in the order defined here, then types
+    "build_index",
+    "open_index",
+    "train",
+    "evaluate",
+    "audit",
+    "explain",
+    "list_models",
+    "use_model",
+    "export_model",
+    "serve",
+    "Encoder",
+    "SearchService",
+    "IndexReport",
+    "TrainReport",
+    "AuditReport",
+    "Explanation",
+    "Hooks",
+]
 
 
 def build_index(data_dir: str | Path, name: str | None = None, home: str | Path | None = None,

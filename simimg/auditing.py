@@ -15,18 +15,25 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
-from simimg.findings import class_balance, crosses, exact_duplicates, label_issues, near_duplicates, \
-    out_of_fold_probabilities, outliers
 from simimg.data import Split, split_dataset
 from simimg.device import loader_workers, resolve_compute
 from simimg.embed import EmbedSettings
 from simimg.errors import SimimgError
+from simimg.findings import (
+    class_balance,
+    crosses,
+    exact_duplicates,
+    label_issues,
+    near_duplicates,
+    out_of_fold_probabilities,
+    outliers,
+)
 from simimg.fsutil import atomic_write_bytes
 from simimg.head import SplitVectors, collection_folder, held_vectors, serving_model, split_vectors
 from simimg.layout import IndexFolder

@@ -17,9 +17,10 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -120,7 +121,7 @@ class MicroBatcher(Generic[T, R]):
             results = list(self.run([e.item for e in live]))
             if len(results) != len(live):
                 raise RuntimeError(f"the batch function gave {len(results)} results for {len(live)} items")
-        except Exception as err:  # noqa: BLE001 - a failed batch fails its requests, never the model thread
+        except Exception as err:  # a failed batch fails its requests, never the model thread
             log.exception("a batch of %d failed", len(live))
             for e in live:
                 e.future.set_exception(err)

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -150,7 +150,7 @@ class Catalog:
     def close(self) -> None:
         self.db.close()
 
-    def transaction(self) -> "_Transaction":
+    def transaction(self) -> _Transaction:
         """`with catalog.transaction():` — BEGIN IMMEDIATE ... COMMIT, rolled back on error."""
         return _Transaction(self.db)
 

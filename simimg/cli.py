@@ -7,8 +7,8 @@ import dataclasses
 import json
 import logging
 import sys
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from simimg import api
 from simimg.device import PRECISIONS
@@ -169,7 +169,7 @@ def _run_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_index_report(report: "api.IndexReport") -> None:
+def print_index_report(report: api.IndexReport) -> None:
     print(f"{report.name}: embedded {report.indexed}, removed {report.removed}, {report.total} in the index "
           f"(version {report.version}, model {report.model}, {report.seconds:.1f} s on {report.device})")
     if report.rebuilt:
@@ -267,7 +267,7 @@ class TrainBars:
         self.bar.close()
         self.bar = ProgressBar(phase, unit="batch" if phase == "training" else "img")
 
-    def on_epoch(self, s: "EpochStats") -> None:
+    def on_epoch(self, s: EpochStats) -> None:
         print(f"\repoch {s.epoch:>3} {s.phase:<8} train loss {s.train_loss:.4f} acc {s.train_accuracy:.3f} | "
               f"val loss {s.val_loss:.4f} acc {s.val_accuracy:.3f} | lr {s.lr:.2e} | {s.images_per_s:.1f} img/s "
               f"| {s.seconds:.1f} s", file=sys.stderr)
@@ -289,7 +289,7 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_train_report(report: "api.TrainReport") -> None:
+def print_train_report(report: api.TrainReport) -> None:
     if report.kind == "head":
         h = report.head
         print(f"{report.name}: fitted a classifier on {h['from_catalog']} stored and {h['embedded']} new embeddings "
@@ -392,7 +392,7 @@ def _run_audit(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_audit_report(report: "api.AuditReport", show: int) -> None:
+def print_audit_report(report: api.AuditReport, show: int) -> None:
     s = report.summary
     balance = s["imbalance"]
     print(f"{s['data_dir']}: {s['images']} images in {len(s['classes'])} classes ({s['split']} split), model "

@@ -6,8 +6,8 @@ import contextlib
 import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager
 
 import torch
 
@@ -43,7 +43,7 @@ class Compute:
 
     device: torch.device
     precision: str  # "bf16" or "fp32"
-    autocast: Callable[[], ContextManager] = field(compare=False, repr=False, default=contextlib.nullcontext)
+    autocast: Callable[[], contextlib.AbstractContextManager] = field(compare=False, repr=False, default=contextlib.nullcontext)
     runtime: str = "torch"
 
     def __str__(self) -> str:

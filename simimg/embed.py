@@ -6,10 +6,11 @@ import ctypes
 import functools
 import hashlib
 import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -84,7 +85,7 @@ class FileDataset(Dataset):
             return i, self.preprocess.to_uint8(image), hashlib.sha256(data).hexdigest()
         except BadImageError as err:
             return i, None, err.reason
-        except Exception as err:  # noqa: BLE001 - one odd file must never stop a batch
+        except Exception as err:  # one odd file must never stop a batch
             log.exception("unexpected failure reading %s", self.paths[i])
             return i, None, f"unexpected error: {type(err).__name__}: {err}"
 

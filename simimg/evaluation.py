@@ -8,9 +8,9 @@ this model's embedding of the same folder (the query itself left out), else the 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -218,7 +218,7 @@ def _retrieval(paths: IndexFolder, model: LoadedModel, split: Split, val: Predic
         vectors, gallery_labels = train.embeddings, split.labels(split.train)[train.positions]
         exclude, source = None, "train split"
     metrics = retrieval_metrics(val.embeddings, labels, vectors, gallery_labels, exclude)
-    return {**metrics, "gallery": source, "gallery_size": int(len(vectors))}
+    return {**metrics, "gallery": source, "gallery_size": len(vectors)}
 
 
 def _index_gallery(paths: IndexFolder, model: LoadedModel,

@@ -77,8 +77,7 @@ def _max_difference(module: nn.Module, session: object, batch: torch.Tensor) -> 
 
 def export_bundle(model_dir: Path, out: Path) -> dict:
     """The model folder as one zip (model.json, model.safetensors, and its pictures and job record)."""
-    with atomic_target(out) as tmp:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
-            for file in sorted(model_dir.iterdir()):
-                archive.write(file, f"{model_dir.name}/{file.name}")
+    with atomic_target(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+        for file in sorted(model_dir.iterdir()):
+            archive.write(file, f"{model_dir.name}/{file.name}")
     return {"format": "bundle", "path": str(out), "files": sorted(f.name for f in model_dir.iterdir())}

@@ -159,7 +159,7 @@ def is_compressed(index: faiss.Index) -> bool:
 class RefinedSearcher:
     """Approximate candidates from a compressed index, ordered exactly by their stored float32 vectors."""
 
-    def __init__(self, inner: "FaissSearcher", stored: VectorFetch) -> None:
+    def __init__(self, inner: FaissSearcher, stored: VectorFetch) -> None:
         self.inner, self.stored = inner, stored
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -193,7 +193,7 @@ class TorchFlatSearcher:
         self.device = device
 
     @classmethod
-    def from_index(cls, index: faiss.Index, device: torch.device) -> "TorchFlatSearcher":
+    def from_index(cls, index: faiss.Index, device: torch.device) -> TorchFlatSearcher:
         """From a Flat or an IVF index: on a GPU, exact search over all vectors beats IVF on the CPU."""
         ids, vectors = ivf_contents(index) if _is_ivf(index) else flat_contents(index)
         return cls(ids, vectors, device)

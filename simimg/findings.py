@@ -12,8 +12,8 @@ every pair near 0.99 cosine and the threshold near 0.9995; trained features spre
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

@@ -55,7 +55,7 @@ class Explanation:
         """(width, height), as PIL says it."""
         return self.heatmap.shape[1], self.heatmap.shape[0]
 
-    def resized(self, size: tuple[int, int]) -> "Explanation":
+    def resized(self, size: tuple[int, int]) -> Explanation:
         """The same map over the same image decoded at another size (a JPEG decoded in full, say)."""
         if size == self.size:
             return self
@@ -125,7 +125,7 @@ def to_image_frame(cam: np.ndarray, size: tuple[int, int], preprocess: Preproces
     resized_long = int(preprocess.resize_size * long / short)  # torchvision's resize of the shorter side
     rw, rh = (preprocess.resize_size, resized_long) if w <= h else (resized_long, preprocess.resize_size)
     crop = preprocess.crop_size
-    top, left = int(round((rh - crop) / 2.0)), int(round((rw - crop) / 2.0))  # torchvision's center_crop
+    top, left = round((rh - crop) / 2.0), round((rw - crop) / 2.0)  # torchvision's center_crop
     frame = np.zeros((rh, rw), np.float32)
     frame[top:top + crop, left:left + crop] = cam
     full = Image.fromarray(frame).resize((w, h), Image.Resampling.BILINEAR)

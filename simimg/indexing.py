@@ -16,10 +16,11 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Protocol
 
 import faiss
 import numpy as np
@@ -29,14 +30,28 @@ from simimg.compressed_index import Part, PartEncoder, encode_here
 from simimg.device import loader_workers, resolve_compute
 from simimg.embed import EmbeddedBatch, EmbedSettings, embed_files
 from simimg.errors import SimimgError
-from simimg.faiss_index import (build_from_stored, check_kind, index_kind_for, load_index, outgrown, save_index,
-                                update_index)
+from simimg.faiss_index import (
+    build_from_stored,
+    check_kind,
+    index_kind_for,
+    load_index,
+    outgrown,
+    save_index,
+    update_index,
+)
 from simimg.fsutil import atomic_copy, atomic_write_bytes
 from simimg.layout import IndexFolder
 from simimg.lock import writer_lock
 from simimg.model import LoadedModel, build_model
-from simimg.model_store import kept_embeddings, load_model, prune_models, publish_model, read_model, \
-    resolve_fingerprint, resolve_weights
+from simimg.model_store import (
+    kept_embeddings,
+    load_model,
+    prune_models,
+    publish_model,
+    read_model,
+    resolve_fingerprint,
+    resolve_weights,
+)
 from simimg.scan import IMAGE_EXTENSIONS, Record, Skipped, scan_folder
 from simimg.upgrade import needs_upgrade, upgrade
 

@@ -148,14 +148,14 @@ def _supervise(job: Job, task: Task) -> None:
         child.join()
         if job.result is None and job.error is None and not job.cancelled:
             job.error = f"the job's process ended without an answer (exit code {child.exitcode})"
-    except Exception as err:  # noqa: BLE001 - a supervisor has nobody else to tell
+    except Exception as err:  # a supervisor has nobody else to tell
         log.exception("%s of '%s' failed", job.kind, job.index)
         job.error = f"unexpected failure: {type(err).__name__}: {err}"
     finally:
         job.finished = time.time()
 
 
-def run_task(task: Task, messages: "multiprocessing.Queue", stop: "multiprocessing.synchronize.Event") -> None:
+def run_task(task: Task, messages: multiprocessing.Queue, stop: multiprocessing.synchronize.Event) -> None:
     """The child: call the task with callbacks that report through `messages`; SimimgError becomes the message."""
     os.nice(NICENESS)
     messages.put(("phase", "starting"))  # importing torch and the rest comes first: seconds on a cold machine
@@ -178,6 +178,6 @@ def run_task(task: Task, messages: "multiprocessing.Queue", stop: "multiprocessi
         messages.put(("result", getattr(importlib.import_module(module), name)(**kwargs)))
     except SimimgError as err:
         messages.put(("error", str(err)))
-    except Exception as err:  # noqa: BLE001 - the server shows it short; the child's log has the traceback
+    except Exception as err:  # the server shows it short; the child's log has the traceback
         logging.getLogger(__name__).exception("job %s failed", task.function)
         messages.put(("error", f"unexpected failure: {type(err).__name__}: {err}"))

@@ -30,7 +30,7 @@ class IndexFolder:
     root: Path
 
     @classmethod
-    def of(cls, home: str | Path | None, name: str) -> "IndexFolder":
+    def of(cls, home: str | Path | None, name: str) -> IndexFolder:
         return cls(resolve_home(home) / check_name(name))
 
     @property

@@ -7,10 +7,11 @@ import json
 import logging
 import os
 import re
-from datetime import datetime
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -121,7 +122,7 @@ class ModelBundle:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelBundle":
+    def from_dict(cls, d: dict) -> ModelBundle:
         if d.get("format", 1) != BUNDLE_FORMAT:
             raise ValueError(f"bundle format {d.get('format', 1)}, this simimg reads format {BUNDLE_FORMAT}")
         known = {"format", "arch", "classes", "preprocess", "source", "fingerprint", "embedding", "kind", "created",
@@ -191,7 +192,7 @@ def model_fingerprint(embedding: str, net: Net, classes: tuple[str, ...]) -> str
     return h.hexdigest()[:16]
 
 
-def hash_tensors(h: "hashlib._Hash", state: dict[str, torch.Tensor]) -> None:
+def hash_tensors(h: hashlib._Hash, state: dict[str, torch.Tensor]) -> None:
     for key, tensor in sorted(state.items()):
         h.update(key.encode())
         h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())

@@ -22,6 +22,7 @@ import copy
 import functools
 import hashlib
 import importlib.util
+import itertools
 import json
 import logging
 import os
@@ -66,10 +67,10 @@ class OpenVinoTrunk:
     its own.
     """
 
-    def __init__(self, model: "ov.Model", config: dict) -> None:
+    def __init__(self, model: ov.Model, config: dict) -> None:
         self._model, self._config = model, config
         self._latency = _core().compile_model(model, "CPU", {**config, "PERFORMANCE_HINT": "LATENCY"})
-        self._throughput: "ov.CompiledModel | None" = None
+        self._throughput: ov.CompiledModel | None = None
         self.dim = self._latency.output(0).get_partial_shape()[1].get_length()
         self._local = threading.local()
         self._compiling = threading.Lock()
@@ -100,19 +101,19 @@ class OpenVinoTrunk:
             queue = self._local.queue = self._streams_queue()
         out = np.empty((len(pixels), self.dim), dtype=np.float32)
 
-        def done(request: "ov.InferRequest", start: int) -> None:
+        def done(request: ov.InferRequest, start: int) -> None:
             rows = request.get_output_tensor(0).data
             out[start:start + len(rows)] = rows
         queue.set_callback(done)
         streams = len(queue)
         parts = streams * max(1, round(len(pixels) / (streams * SUB_BATCH)))
         bounds = np.linspace(0, len(pixels), parts + 1).round().astype(int)
-        for start, stop in zip(bounds[:-1], bounds[1:]):
+        for start, stop in itertools.pairwise(bounds):
             queue.start_async({0: pixels[start:stop]}, int(start))
         queue.wait_all()
         return out
 
-    def _streams_queue(self) -> "ov.AsyncInferQueue":
+    def _streams_queue(self) -> ov.AsyncInferQueue:
         import openvino as ov
 
         with self._compiling:
@@ -144,7 +145,7 @@ def compile_trunk(trunk: nn.Module, preprocess: Preprocess, precision: str, thre
     return compiled
 
 
-def convert(trunk: nn.Module, preprocess: Preprocess) -> "ov.Model":
+def convert(trunk: nn.Module, preprocess: Preprocess) -> ov.Model:
     """The trunk as an OpenVINO model of uint8 NCHW input (any batch, `crop_size` square) with its normalisation.
 
     Through OpenVINO's PyTorch frontend, not `ov.convert_model`: that tool sends usage telemetry to Intel unless the
@@ -178,7 +179,7 @@ def trunk_key(trunk: nn.Module, preprocess: Preprocess) -> str:
     return h.hexdigest()[:24]
 
 
-def _cached_or_converted(trunk: nn.Module, preprocess: Preprocess, target: Path) -> "ov.Model":
+def _cached_or_converted(trunk: nn.Module, preprocess: Preprocess, target: Path) -> ov.Model:
     """The converted model from `target` when it holds a readable one, else converted now (and kept there)."""
     if (target / MODEL_XML).is_file():
         try:
@@ -198,7 +199,7 @@ def _cached_or_converted(trunk: nn.Module, preprocess: Preprocess, target: Path)
     return model
 
 
-def _publish(model: "ov.Model", target: Path) -> bool:
+def _publish(model: ov.Model, target: Path) -> bool:
     """Write the model beside `target` and rename it into place: readers see a whole model or none. True if this
     call wrote it; a cache that cannot be written (read-only, full) costs a conversion per process, nothing else."""
     import openvino as ov
@@ -244,7 +245,7 @@ def _version_folder() -> str:
 
 
 @functools.cache
-def _core() -> "ov.Core":
+def _core() -> ov.Core:
     import openvino as ov
 
     return ov.Core()

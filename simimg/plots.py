@@ -6,7 +6,7 @@ Drawn on matplotlib `Figure` objects, never through pyplot, so no plotting backe
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure

@@ -6,8 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as F
+from torchvision.transforms import InterpolationMode, functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -23,12 +22,12 @@ class Preprocess:
     std: tuple[float, float, float] = IMAGENET_STD
 
     @classmethod
-    def for_image_size(cls, image_size: int) -> "Preprocess":
+    def for_image_size(cls, image_size: int) -> Preprocess:
         """torchvision's 256/224 resize-to-crop ratio at any crop size."""
         return cls(crop_size=image_size, resize_size=round(image_size * 256 / 224))
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Preprocess":
+    def from_dict(cls, d: dict) -> Preprocess:
         return cls(int(d["crop_size"]), int(d["resize_size"]), tuple(d["mean"]), tuple(d["std"]))
 
     def to_dict(self) -> dict:

@@ -28,10 +28,11 @@ import os
 import socket
 import uuid
 from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
@@ -73,13 +74,13 @@ class RayEngine:
 
     job: IndexJob
     folder: IndexFolder
-    store: "ShardStore"
+    store: ShardStore
     use_gpu: bool
     actors: int
 
     @classmethod
     @contextmanager
-    def connect(cls, job: IndexJob, folder: IndexFolder) -> Iterator["RayEngine"]:
+    def connect(cls, job: IndexJob, folder: IndexFolder) -> Iterator[RayEngine]:
         """Join the cluster (or start a local instance) for the block; leave it after, if this call joined it."""
         joined = _join(job.address)
         try:
@@ -126,7 +127,7 @@ class RayEngine:
         while in_flight:
             yield faiss.deserialize_index(ray.get(in_flight.popleft()))
 
-    def _shards(self, model: LoadedModel, root: Path, run: "RunFolder", work: Work) -> Iterator[str]:
+    def _shards(self, model: LoadedModel, root: Path, run: RunFolder, work: Work) -> Iterator[str]:
         """Run `work` through Ray Data; yields each shard's name once it is written whole."""
         job = self.job
         ds = ray.data.read_json(run.write_manifest(work), override_num_blocks=math.ceil(
@@ -238,7 +239,7 @@ def _vectors(table: pa.Table) -> np.ndarray:
     return out
 
 
-def _reusable(run: "RunFolder", root: Path, waiting: dict[str, int]) -> dict[str, set[str]]:
+def _reusable(run: RunFolder, root: Path, waiting: dict[str, int]) -> dict[str, set[str]]:
     """{shard: paths} of embedded rows left by earlier attempts that still match their file's size and mtime."""
     chosen: dict[str, set[str]] = {}
     seen: set[str] = set()
@@ -270,11 +271,11 @@ class ShardStore:
     key: str
 
     @classmethod
-    def at(cls, location: str | Path, key: str) -> "ShardStore":
+    def at(cls, location: str | Path, key: str) -> ShardStore:
         location = str(location)
         return cls(location if "://" in location else str(Path(location).expanduser().resolve()), key)
 
-    def run(self, run: str) -> "RunFolder":
+    def run(self, run: str) -> RunFolder:
         return RunFolder(f"{self.location.rstrip('/')}/{self.key}-{run}")
 
     def clear(self) -> None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -268,7 +269,7 @@ class SearchService:
         return embeddings.cpu().numpy(), None if logits is None else logits.cpu()
 
     def explain(self, image: ImageInput, neighbor: ImageInput | None = None, label: str | None = None,
-                method: str = "gradcam") -> "Explanation":
+                method: str = "gradcam") -> Explanation:
         """Where the served model looks in `image`: at the predicted class (or `label`), or, given a `neighbor`
         (a gallery path, any file or a PIL image), at what makes the two similar. The map has the decoded image's
         size; see simimg/heatmaps.py."""

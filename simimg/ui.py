@@ -9,9 +9,9 @@ import io
 import logging
 import re
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -433,7 +433,7 @@ CANCELLED = {"build": "The images embedded so far are kept, up to the last 512 c
 
 def duration(seconds: float) -> str:
     """'42 s', '3 min 05 s', '1 h 02 min': as precise as a person reads it."""
-    s = int(round(seconds))
+    s = round(seconds)
     if s < 60:
         return f"{s} s"
     if s < 3600:

@@ -54,14 +54,14 @@ def test_the_public_names_and_a_light_import():
 def test_importing_the_library_changes_nothing_process_wide():
     """No plotting backend chosen, no allocator tuning: only the entry points opt in."""
     code = ("import matplotlib; before = matplotlib.get_backend(); import simimg.api, simimg.training, simimg.plots; "
-            "import simimg.embed; print(before == matplotlib.get_backend(), simimg.embed.reuse_freed_memory.cache_info().hits "
-            "+ simimg.embed.reuse_freed_memory.cache_info().misses)")
+            "import simimg.embed; print(before == matplotlib.get_backend(), "
+            "simimg.embed.reuse_freed_memory.cache_info().hits + simimg.embed.reuse_freed_memory.cache_info().misses)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.split() == ["True", "0"], out.stderr[-2000:]
 
 
 def test_options_are_checked_by_name(tmp_path: Path):
-    with pytest.raises(SimimgError, match="unknown option.*epoch.*choose from"):
+    with pytest.raises(SimimgError, match=r"unknown option.*epoch.*choose from"):
         simimg.build_index(tmp_path, epoch=3)
 
 

@@ -12,8 +12,16 @@ import pytest
 import simimg
 from simimg.auditing import read_audit
 from simimg.errors import SimimgError
-from simimg.findings import class_balance, crosses, exact_duplicates, label_issues, near_duplicate_threshold, \
-    near_duplicates, out_of_fold_probabilities, outliers
+from simimg.findings import (
+    class_balance,
+    crosses,
+    exact_duplicates,
+    label_issues,
+    near_duplicate_threshold,
+    near_duplicates,
+    out_of_fold_probabilities,
+    outliers,
+)
 from simimg.indexing import IndexJob, run_index
 from simimg.layout import IndexFolder
 from tests.conftest import cli_json, make_class_images, run_cli

@@ -65,7 +65,7 @@ def test_work_waiting_behind_a_busy_model_runs_in_full_batches_in_order(gated):
     gate.opened.set()
     assert [f.result(10) for f in futures] == [(i + 1) * 10 for i in range(8)] and held[0].result(10) == 0
     assert gate.batches[0] == [0] and [len(b) for b in gate.batches[1:]] == [4, 4]
-    assert sorted(sum(gate.batches[1:], [])) == list(range(1, 9))
+    assert sorted(i for batch in gate.batches[1:] for i in batch) == list(range(1, 9))
     assert (batcher.batches, batcher.items) == (3, 9)
 
 

@@ -183,7 +183,7 @@ def test_a_900_px_window_keeps_the_grid_readable(server, browser, tmp_path: Path
 
 
 def test_the_offline_weights_form_browsing_a_class_and_exporting(server, browser, tmp_path: Path):
-    url, data = server
+    url, _data = server
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     from playwright.sync_api import expect
 
@@ -284,8 +284,6 @@ def test_quick_training_defaults_to_the_index_folder_and_refuses_another_collect
 def test_a_new_tab_loads_during_a_build_and_another_tab_can_cancel_it(server, browser):
     """Blocker 2 and item 7: a tab opened mid-build finds the uploader in 10 s; a tab that did not start the
     build stops it after a confirmation, and the tab that started it says so."""
-    from playwright.sync_api import expect
-
     url, data = server
     big = make_class_images(data.parent / "big", {"a": 500, "b": 500, "c": 500, "d": 500}, size=48, seed=5)
     builder = open_page(browser, url, "build")

@@ -124,17 +124,15 @@ def test_removing_a_pending_row_deletes_it_and_its_vector(catalog):
 
 
 def test_a_path_is_live_at_most_once(catalog):
-    with pytest.raises(sqlite3.IntegrityError):
-        with catalog.transaction():
-            catalog.add([image("x.png", seed=5)], vec(5), EMB, 2)
+    with pytest.raises(sqlite3.IntegrityError), catalog.transaction():
+        catalog.add([image("x.png", seed=5)], vec(5), EMB, 2)
     assert catalog.count(2) == 3 and catalog.pending_changes(2) == (0, 0)
 
 
 def test_a_rolled_back_append_leaves_bytes_that_the_next_append_overwrites(catalog):
-    with pytest.raises(RuntimeError):
-        with catalog.transaction():
-            catalog.add([image("w.png", seed=4)], vec(4), EMB, 2)
-            raise RuntimeError("crash after the shard write, before the commit")
+    with pytest.raises(RuntimeError), catalog.transaction():
+        catalog.add([image("w.png", seed=4)], vec(4), EMB, 2)
+        raise RuntimeError("crash after the shard write, before the commit")
     shard = next((catalog.vectors_dir / EMB).glob("*.f32"))
     assert shard.stat().st_size == 4 * DIM * 4  # the uncommitted row is still there
     with catalog.transaction():

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cli_json, make_class_images, run_cli, synthetic_image
-from test_images import BROKEN, write_broken
-from test_indexing import assert_consistent
-from test_model import DENSENET121_FILE, assert_trunk_equals, write_densenet121_checkpoint
 
+from conftest import cli_json, make_class_images, run_cli, synthetic_image
 from simimg.catalog import Catalog
 from simimg.cli import main
 from simimg.device import resolve_compute
 from simimg.layout import IndexFolder
 from simimg.model_store import load_model
+from test_images import BROKEN, write_broken
+from test_indexing import assert_consistent
+from test_model import DENSENET121_FILE, assert_trunk_equals, write_densenet121_checkpoint
 
 INDEX_KEYS = {"name", "indexed", "removed", "total", "skipped", "seconds", "device"}
 QUERY_KEYS = {"query", "prediction", "neighbors"}
@@ -66,7 +66,7 @@ def assert_one_line_error(code: int, out: str, err: str, *phrases: str) -> None:
 
 
 def check_index_json(report: dict) -> None:
-    assert INDEX_KEYS <= set(report)
+    assert set(report) >= INDEX_KEYS
     assert all(isinstance(report[k], int) for k in ("indexed", "removed", "total"))
     assert isinstance(report["seconds"], float) and report["device"] == str(resolve_compute("cpu"))
     assert all(set(s) == {"path", "reason"} for s in report["skipped"])
@@ -91,7 +91,7 @@ def test_json_output_is_exactly_the_contract(cli, photos):
     check_query_json(results, queries)
     assert [r["neighbors"][0]["path"] for r in results] == ["a/a_000.png", "b/b_002.png"]
     info = json_of(cli, "info", "--name", "photos")
-    assert INFO_KEYS <= set(info) and info["labels"] == {"a": 3, "b": 3} and info["dim"] == 1024
+    assert set(info) >= INFO_KEYS and info["labels"] == {"a": 3, "b": 3} and info["dim"] == 1024
 
 
 def test_without_json_a_human_summary_and_progress_on_stderr(cli, photos):
@@ -269,7 +269,7 @@ def test_head_only_training_models_and_use(cli, photos):
 
 def test_train_without_serving_and_a_wrong_model_prefix(cli, photos):
     json_of(cli, "index", str(photos), *TINY)
-    code, out, err = cli("train", str(photos), "--name", "photos", "--head-only", "--no-index")
+    code, out, _err = cli("train", str(photos), "--name", "photos", "--head-only", "--no-index")
     assert code == 0 and "not serving it yet: `simimg use" in out
     assert_one_line_error(*cli("use", "zzzz", "--name", "photos"), "'zzzz' matches no kept model of index 'photos'")
 
@@ -299,12 +299,12 @@ def test_query_of_several_images_reports_the_unreadable_one_and_answers_the_rest
 
 def test_index_kind_is_chosen_kept_and_refused_when_unknown(cli, photos, tmp_path, caplog):
     job = tmp_path / "home" / "p" / "index_job.json"
-    code, out, err = cli("index", str(photos), "--name", "p", *TINY, "--index-kind", "ivf")
+    code, _out, err = cli("index", str(photos), "--name", "p", *TINY, "--index-kind", "ivf")
     assert code == 0 and "6 vectors are too few for an ivf index" in caplog.text  # so exact search instead
     assert json_of(cli, "info", "--name", "p")["index_kind"] == "flat"
     json_of(cli, "index", str(photos), "--name", "p", *TINY)
     assert json.loads(job.read_text())["index_kind"] == "ivf"  # not given again: the index keeps the one asked for
     json_of(cli, "index", str(photos), "--name", "p", *TINY, "--index-kind", "auto")
     assert json.loads(job.read_text())["index_kind"] == "auto"
-    code, out, err = cli("index", str(photos), "--name", "p", *TINY, "--index-kind", "hnsw")
+    code, _out, err = cli("index", str(photos), "--name", "p", *TINY, "--index-kind", "hnsw")
     assert code == 2 and "invalid choice: 'hnsw'" in err

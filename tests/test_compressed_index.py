@@ -13,8 +13,15 @@ import torch
 from conftest import make_class_images
 from simimg import api, compressed_index
 from simimg.catalog import reading
-from simimg.faiss_index import (FaissSearcher, RefinedSearcher, build_index, index_kind_for, is_compressed, load_index,
-                                make_searcher)
+from simimg.faiss_index import (
+    FaissSearcher,
+    RefinedSearcher,
+    build_index,
+    index_kind_for,
+    is_compressed,
+    load_index,
+    make_searcher,
+)
 from simimg.indexing import IndexJob, read_index_job, run_index
 from simimg.layout import IndexFolder
 from simimg.vectors import StoredVectors, append_rows, shard_path

@@ -61,7 +61,7 @@ def test_train_without_val_is_a_seeded_split_of_train(tmp_path: Path) -> None:
 
 def test_train_without_val_still_needs_two_images_a_class(tmp_path: Path) -> None:
     make_class_images(tmp_path / "d" / "train", {"ants": 1, "bees": 3}, size=16)
-    with pytest.raises(SimimgError, match="ants in .*train have fewer than 2"):
+    with pytest.raises(SimimgError, match=r"ants in .*train have fewer than 2"):
         split_dataset(tmp_path / "d")
 
 

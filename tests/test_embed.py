@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_class_images
-from test_images import write_broken
 
+from conftest import make_class_images
 from simimg.device import resolve_compute
 from simimg.embed import EmbedSettings, Encoder, FileDataset, collate, embed_files, infer, read_ahead
 from simimg.model import LoadedModel, build_model, with_classes
+from test_images import write_broken
 
 IMAGE_SIZE = 32
 

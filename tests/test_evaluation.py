@@ -87,7 +87,7 @@ def test_evaluate_then_serve_then_query_then_evaluate_again(trained: dict) -> No
     assert (served["model"], served["version"], served["indexed"], served["total"]) == (model, 1, 42, 42)
     assert json.loads(run_cli("models", "--name", "toys", "--home", home, "--json").stdout)[0]["serving"]
     result = SearchService(home, "toys", "cpu").query_file(trained["data"] / "circle" / "circle_000.png", k=5)
-    assert result.prediction is not None and [n.path for n in result.neighbors][0] == "circle/circle_000.png"
+    assert result.prediction is not None and result.neighbors[0].path == "circle/circle_000.png"
     assert sum(t["probability"] for t in result.prediction.top) == pytest.approx(1.0, abs=1e-5)
 
     after = json.loads(run_cli("evaluate", "--name", "toys", "--home", home, "--workers", "0", "--json",

@@ -20,7 +20,8 @@ CLASSES = {"circles": 6, "squares": 6}
 
 @pytest.fixture
 def indexed(tmp_path: Path) -> tuple[Path, Path]:
-    """(a folder of two classes, home) with an index of it made with random-init densenet121 features at 64 px (2 x 2 maps)."""
+    """(a folder of two classes, home) with an index of it made with random-init densenet121 features at 64 px
+    (2 x 2 maps)."""
     data = make_class_images(tmp_path / "shapes", CLASSES, size=40)
     simimg.build_index(data, "shapes", tmp_path / "home", weights="none", image_size=64, workers=0)
     return data, tmp_path / "home"

@@ -7,8 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from simimg.faiss_index import (FLAT_LIMIT, FaissSearcher, TorchFlatSearcher, build_index, index_kind_for, ivf_lists_for,
-                                make_searcher, nprobe_for, outgrown)
+from simimg.faiss_index import (
+    FLAT_LIMIT,
+    FaissSearcher,
+    TorchFlatSearcher,
+    build_index,
+    index_kind_for,
+    ivf_lists_for,
+    make_searcher,
+    nprobe_for,
+    outgrown,
+)
 
 
 def clustered(n: int, dim: int = 32, clusters: int = 40, seed: int = 0) -> np.ndarray:

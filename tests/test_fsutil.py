@@ -19,8 +19,7 @@ def test_a_finished_write_replaces_the_file_whole(tmp_path: Path) -> None:
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path) -> None:
     target = tmp_path / "x.bin"
     atomic_write_bytes(target, b"old")
-    with pytest.raises(RuntimeError):
-        with atomic_target(target) as tmp:
-            tmp.write_bytes(b"half")
-            raise RuntimeError("the writer failed")
+    with pytest.raises(RuntimeError), atomic_target(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("the writer failed")
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]

@@ -11,7 +11,6 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 import simimg
-
 from conftest import make_class_images
 from simimg.catalog import reading
 from simimg.errors import SimimgError
@@ -70,7 +69,7 @@ def test_head_only_uses_the_stored_vectors_keeps_a_head_model_and_serves_it(inde
     assert phases == ["loading", "training", "validating", "saving", "indexing"]
     assert (report.index.version, report.index.indexed, report.index.model) == (2, 0, report.model)
     folder = IndexFolder.of(home, "shapes")
-    head, base = read_model(folder, report.model), [m for m in list_models(folder, report.model) if not m.serving][0]
+    head, base = read_model(folder, report.model), next(m for m in list_models(folder, report.model) if not m.serving)
     assert head.kind == "head" and head.unit_head and head.embedding == base.embedding
     assert head.classes == tuple(sorted(CLASSES)) and head.val_accuracy == report.val_accuracy
     assert (folder.model_dir(report.model) / "confusion.png").is_file()

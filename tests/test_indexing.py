@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_class_images
-from test_images import write_awkward, write_broken
-from test_model import densenet121_state
 
+from conftest import make_class_images
 from simimg.catalog import Catalog, Snapshot
 from simimg.device import resolve_compute
 from simimg.embed import Encoder
@@ -21,6 +19,8 @@ from simimg.indexing import IndexJob, read_index_job, run_index
 from simimg.layout import IndexFolder
 from simimg.model import build_model
 from simimg.model_store import load_model, model_fingerprints, publish_model, read_model
+from test_images import write_awkward, write_broken
+from test_model import densenet121_state
 
 
 def assert_consistent(home: Path, name: str) -> Snapshot:

@@ -70,9 +70,8 @@ def test_lock_is_freed_when_the_holder_is_killed_even_with_forked_children(tmp_p
     lock = tmp_path / "writer.lock"
     holder, (child,) = hold_lock(lock, "fork")
     try:
-        with pytest.raises(SimimgError, match=f"process {holder.pid}"):
-            with writer_lock(lock, "index 'x'"):
-                pass
+        with pytest.raises(SimimgError, match=f"process {holder.pid}"), writer_lock(lock, "index 'x'"):
+            pass
         kill(holder)
         os.kill(child, 0)  # the child still runs: only its at-fork handler let go of the lock
         with writer_lock(lock, "index 'x'"):
@@ -84,10 +83,8 @@ def test_lock_is_freed_when_the_holder_is_killed_even_with_forked_children(tmp_p
 def test_same_process_cannot_take_the_lock_twice(tmp_path: Path) -> None:
     """The app runs jobs in threads of one process: a second job on the same index must still be refused."""
     lock = tmp_path / "writer.lock"
-    with writer_lock(lock, "index 'x'"):
-        with pytest.raises(SimimgError, match="is busy"):
-            with writer_lock(lock, "training 'x'"):
-                pass
+    with writer_lock(lock, "index 'x'"), pytest.raises(SimimgError, match="is busy"), writer_lock(lock, "training 'x'"):
+        pass
     with writer_lock(lock, "index 'x'"):
         pass
 
@@ -96,4 +93,4 @@ def test_a_stale_holder_record_does_not_block(tmp_path: Path) -> None:
     lock = tmp_path / "writer.lock"
     lock.write_text('{"pid": 999999, "host": "gone", "command": "simimg index", "started": "long ago"}')
     with writer_lock(lock, "index 'x'"):
-        assert '"pid": %d' % os.getpid() in lock.read_text()
+        assert f'"pid": {os.getpid()}' in lock.read_text()

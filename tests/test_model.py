@@ -15,8 +15,17 @@ from safetensors.torch import save_file
 from torchvision import models
 
 from simimg.errors import SimimgError
-from simimg.model import (ARCHITECTURES, build_model, describe, embedding_fingerprint, load_bundle, read_bundle,
-                          save_bundle, weights_file, with_classes)
+from simimg.model import (
+    ARCHITECTURES,
+    build_model,
+    describe,
+    embedding_fingerprint,
+    load_bundle,
+    read_bundle,
+    save_bundle,
+    weights_file,
+    with_classes,
+)
 from simimg.preprocess import Preprocess
 
 EMBEDDING_DIMS = {"densenet121": 1024, "densenet169": 1664, "densenet201": 1920, "densenet161": 2208,

@@ -105,7 +105,7 @@ def test_converting_leaves_training_in_other_threads_alone():
         try:
             while not stop.is_set():
                 net.embed(torch.randn(2, 3, SIZE, SIZE)).sum().backward()
-        except BaseException as err:  # what a training thread would have died of
+        except BaseException as err:  # noqa: BLE001 - what a training thread would have died of
             errors.append(err)
 
     worker = threading.Thread(target=train_steps)

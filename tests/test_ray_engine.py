@@ -23,10 +23,6 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, make_class_images, run_cli, synthetic_image
-from test_cli import assert_one_line_error
-from test_faiss_index import clustered
-from test_images import write_awkward, write_broken
-from test_reliability import Rows, catalog_progress, consistent_state, second_model
 from simimg import compressed_index
 from simimg.catalog import reading
 from simimg.errors import SimimgError
@@ -34,6 +30,10 @@ from simimg.indexing import IndexJob, read_index_job, run_index
 from simimg.layout import IndexFolder
 from simimg.model_store import publish_model
 from simimg.search import SearchService
+from test_cli import assert_one_line_error
+from test_faiss_index import clustered
+from test_images import write_awkward, write_broken
+from test_reliability import Rows, catalog_progress, consistent_state, second_model
 
 CLASSES = {"circles": 8, "squares": 8, "triangles": 8}
 TINY = {"weights": "none", "image_size": 32, "batch_size": 4, "chunk_size": 4}

@@ -379,7 +379,7 @@ def awkward_images(folder: Path) -> list[str]:
     exif[0x0112] = 6
     makers = {
         "cmyk.jpg": lambda p: rgb.convert("CMYK").save(p),
-        "deep16.png": lambda p: Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257)).save(p),
+        "deep16.png": lambda p: Image.fromarray(np.asarray(rgb.convert("L"), np.uint16) * 257).save(p),
         "rgba.png": lambda p: rgb.convert("RGBA").save(p),
         "la.png": lambda p: rgb.convert("LA").save(p),
         "palette.png": lambda p: rgb.convert("P", palette=Image.Palette.ADAPTIVE).save(p, transparency=0),

@@ -38,7 +38,7 @@ def test_folders_under_a_root_resolve(layout: Path):
 @pytest.mark.parametrize("typed", ["secret", "data/../secret", "data/pets/../../secret", "data/escape", "/etc",
                                    "data/missing", "  "])
 def test_anything_else_is_refused_with_what_to_do(layout: Path, typed: str):
-    with pytest.raises(SimimgError, match="data roots|choose a folder"):
+    with pytest.raises(SimimgError, match=r"data roots|choose a folder"):
         resolve_data_dir(typed, data_roots(""))
 
 

@@ -1,4 +1,4 @@
-"""search.py: a warm SearchService answers queries by file or PIL image, with label and score filters and predictions."""
+"""search.py: a warm SearchService answers queries by file or PIL image, with label and score filters, predictions."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_class_images, synthetic_image
 from PIL import Image
 
+from conftest import make_class_images, synthetic_image
 from simimg.catalog import Snapshot
 from simimg.errors import BadImageError, SimimgError
 from simimg.indexing import IndexJob, run_index
@@ -145,14 +145,14 @@ def test_search_takes_paths_and_images_and_reports_bad_files_in_a_list(built, se
     assert [r.query for r in many] == [str(good), str(tmp_path / "bad.png"), "<image 2>"]
     assert many[0] == single and many[2].neighbors == single.neighbors
     assert many[1].error and "not an image" in many[1].error and many[1].neighbors == []
-    with pytest.raises(BadImageError, match="cannot query .*bad.png: not an image"):
+    with pytest.raises(BadImageError, match=r"cannot query .*bad\.png: not an image"):
         service.search(tmp_path / "bad.png")
-    with pytest.raises(SimimgError, match="no classifier.*--head-only"):
+    with pytest.raises(SimimgError, match=r"no classifier.*--head-only"):
         service.predict(good)
 
 
 def test_unknown_or_invalid_names_are_user_errors(built):
-    with pytest.raises(SimimgError, match="no index named 'nope'.*simimg index DATA_DIR --name nope"):
+    with pytest.raises(SimimgError, match=r"no index named 'nope'.*simimg index DATA_DIR --name nope"):
         SearchService(built[1], "nope", "cpu")
     with pytest.raises(SimimgError, match="is not allowed"):
         SearchService(built[1], "../shapes", "cpu")

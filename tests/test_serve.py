@@ -44,7 +44,7 @@ def free_port() -> int:
 
 def start_cli_server(home: Path, *flags: str, token: str | None = None) -> tuple[str, subprocess.Popen]:
     """The real `simimg serve` in a subprocess on a free port, its output in a file (a pipe nobody reads fills)."""
-    port, log = free_port(), tempfile.TemporaryFile("w+")
+    port, log = free_port(), tempfile.TemporaryFile("w+")  # noqa: SIM115 - the server writes it after we return
     env = {k: v for k, v in os.environ.items() if k != "SIMIMG_API_TOKEN"}
     env.update({"SIMIMG_OFFLINE": "1", **({"SIMIMG_API_TOKEN": token} if token else {})})
     proc = subprocess.Popen([sys.executable, "-m", "simimg.cli", "serve", "--home", str(home), "--port", str(port),

@@ -3,6 +3,7 @@ queries that never fail while a model trains, model-info, bad folders."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from dataclasses import asdict, replace
@@ -199,8 +200,8 @@ def test_recipe_defaults_depend_on_the_start() -> None:
 def test_learning_rate_warms_up_then_decays_to_zero() -> None:
     factors = [lr_factor(step, 100, 10) for step in range(101)]
     assert factors[0] == pytest.approx(0.04) and factors[10] == pytest.approx(1.0)
-    assert all(a < b for a, b in zip(factors[:10], factors[1:11]))
-    assert all(a >= b for a, b in zip(factors[10:], factors[11:])) and factors[-1] == pytest.approx(0.0)
+    assert all(a < b for a, b in itertools.pairwise(factors[:11]))
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:])) and factors[-1] == pytest.approx(0.0)
 
 
 def test_model_info_counts_densenet121() -> None:
