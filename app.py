@@ -10,13 +10,15 @@ from simimg.embed import reuse_freed_memory
 
 reuse_freed_memory()  # process-wide allocator tuning: the entry point opts in (once per process)
 st.set_page_config(page_title="simimg", page_icon="🔎", layout="wide")
-navigation = st.navigation([
-    st.Page("app_pages/search.py", title="Search", icon=":material/image_search:", default=True),
-    st.Page("app_pages/browse.py", title="Browse", icon=":material/photo_library:"),
-    st.Page("app_pages/train.py", title="Train", icon=":material/model_training:"),
-    st.Page("app_pages/build.py", title="Build", icon=":material/library_add:"),
-    st.Page("app_pages/inspect.py", title="Inspect", icon=":material/insights:"),
-])
+navigation = st.navigation(
+    [
+        st.Page("app_pages/search.py", title="Search", icon=":material/image_search:", default=True),
+        st.Page("app_pages/browse.py", title="Browse", icon=":material/photo_library:"),
+        st.Page("app_pages/train.py", title="Train", icon=":material/model_training:"),
+        st.Page("app_pages/build.py", title="Build", icon=":material/library_add:"),
+        st.Page("app_pages/inspect.py", title="Inspect", icon=":material/insights:"),
+    ]
+)
 ui.style()
 ui.sidebar()
 navigation.run()

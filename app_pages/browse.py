@@ -20,15 +20,21 @@ def main() -> None:
             return
         snapshot = service.snapshot
         counts = service.info()["labels"]
-        choice = st.pills("Class", [ALL, *counts], default=ALL, key="browse-class",
-                          format_func=lambda c: f"{c or '(no class)'} · {counts[c]:,}" if c != ALL else
-                          f"{ALL} · {len(snapshot.paths):,}")
+        choice = st.pills(
+            "Class",
+            [ALL, *counts],
+            default=ALL,
+            key="browse-class",
+            format_func=lambda c: (
+                f"{c or '(no class)'} · {counts[c]:,}" if c != ALL else f"{ALL} · {len(snapshot.paths):,}"
+            ),
+        )
         rows = [(p, lab) for p, lab in zip(snapshot.paths, snapshot.labels) if choice in (None, ALL) or lab == choice]
         pages = max(1, math.ceil(len(rows) / PAGE_SIZE))
         page = pager(pages, f"browse-page-{choice}", "top")
         first = (page - 1) * PAGE_SIZE
         st.caption(f"Images {first + 1:,}–{min(first + PAGE_SIZE, len(rows)):,} of {len(rows):,}")
-        gallery_ui(rows[first:first + PAGE_SIZE], service.data_root)
+        gallery_ui(rows[first : first + PAGE_SIZE], service.data_root)
         pager(pages, f"browse-page-{choice}", "bottom")
 
 

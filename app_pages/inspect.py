@@ -24,8 +24,9 @@ def main() -> None:
         if service is None:
             return
         name = service.folder.name
-        evaluation, models, embedding_map, duplicates, audit = st.tabs(["Evaluation", "Models", "Embedding map",
-                                                                        "Near-duplicates", "Audit"])
+        evaluation, models, embedding_map, duplicates, audit = st.tabs(
+            ["Evaluation", "Models", "Embedding map", "Near-duplicates", "Audit"]
+        )
         with evaluation:
             evaluation_ui(name, service.info()["classifier"])
         with models:
@@ -41,18 +42,25 @@ def main() -> None:
 # --- evaluation ----------------------------------------------------------------------------------------
 def evaluation_ui(name: str, has_classifier: bool) -> None:
     if not has_classifier:
-        st.info("This index has no classifier: train one on the **Train** page, then evaluate it here.",
-                icon=":material/school:")
+        st.info(
+            "This index has no classifier: train one on the **Train** page, then evaluate it here.",
+            icon=":material/school:",
+        )
         return
     job = ui.own_job("evaluate")
     job = job if job is not None and job.index == name else None
     if job is not None and job.running:
-        ui.watch(job, lambda j: ui.job_progress(j, f"Evaluating: {j.done:,} of {j.total:,} images" if j.total
-                                                else None))
+        ui.watch(
+            job, lambda j: ui.job_progress(j, f"Evaluating: {j.done:,} of {j.total:,} images" if j.total else None)
+        )
         return
     if st.button("Evaluate on the validation images", type="primary", icon=":material/fact_check:"):
-        ui.start_job(name, "evaluate", f"Evaluation of '{name}'",
-                     Task("simimg.api:evaluate", {"data_dir": None, "name": name, "home": str(ui.home())}))
+        ui.start_job(
+            name,
+            "evaluate",
+            f"Evaluation of '{name}'",
+            Task("simimg.api:evaluate", {"data_dir": None, "name": name, "home": str(ui.home())}),
+        )
         st.rerun()
     if job is None or ui.job_failed(job):
         return
@@ -62,15 +70,24 @@ def evaluation_ui(name: str, has_classifier: bool) -> None:
 
 def metrics_ui(result: dict) -> None:
     retrieval = result.get("retrieval") or {}
-    values = [("Accuracy", result["accuracy"]), ("Macro F1", result["macro_f1"]),
-              ("Precision@1", retrieval.get("p_at_1")), ("Precision@10", retrieval.get("p_at_10")),
-              ("mAP", retrieval.get("map"))]
+    values = [
+        ("Accuracy", result["accuracy"]),
+        ("Macro F1", result["macro_f1"]),
+        ("Precision@1", retrieval.get("p_at_1")),
+        ("Precision@10", retrieval.get("p_at_10")),
+        ("mAP", retrieval.get("map")),
+    ]
     for col, (label, value) in zip(st.columns(len(values)), values):
         col.metric(label, "–" if value is None else f"{value:.1%}")
     per_class = pd.DataFrame(result["per_class"]).T
-    st.dataframe(per_class, width="stretch", column_config={
-        c: st.column_config.ProgressColumn(c, min_value=0.0, max_value=1.0, format="percent")
-        for c in ("precision", "recall", "f1")})
+    st.dataframe(
+        per_class,
+        width="stretch",
+        column_config={
+            c: st.column_config.ProgressColumn(c, min_value=0.0, max_value=1.0, format="percent")
+            for c in ("precision", "recall", "f1")
+        },
+    )
 
 
 def confusion_ui(result: dict) -> None:
@@ -79,8 +96,12 @@ def confusion_ui(result: dict) -> None:
     matrix = pd.DataFrame(result["confusion_matrix"], index=classes, columns=classes)
     st.subheader("Confusion matrix", anchor=False)
     st.caption("Rows are the true classes, columns the predictions. Choose a cell to see its images.")
-    event = st.dataframe(matrix.style.background_gradient(cmap="Reds", axis=None), key="confusion",
-                         on_select="rerun", selection_mode="single-cell")
+    event = st.dataframe(
+        matrix.style.background_gradient(cmap="Reds", axis=None),
+        key="confusion",
+        on_select="rerun",
+        selection_mode="single-cell",
+    )
     cells = event.selection.cells if event else []
     if not cells:
         return
@@ -98,12 +119,30 @@ def confusion_ui(result: dict) -> None:
 def models_ui(name: str) -> None:
     """Every model the index keeps, newest first; any of them can be served again."""
     entries = api.list_models(name, ui.home())
-    table = pd.DataFrame([{"serving": "✔" if m.serving else "", "model": m.fingerprint, "kind": m.kind,
-                           "arch": m.arch, "val accuracy": m.val_accuracy, "created": m.created[:19].replace("T", " "),
-                           "source": m.source} for m in entries])
-    st.dataframe(table, hide_index=True, width="stretch", column_config={
-        "val accuracy": st.column_config.ProgressColumn("val accuracy", min_value=0.0, max_value=1.0,
-                                                        format="percent")})
+    table = pd.DataFrame(
+        [
+            {
+                "serving": "✔" if m.serving else "",
+                "model": m.fingerprint,
+                "kind": m.kind,
+                "arch": m.arch,
+                "val accuracy": m.val_accuracy,
+                "created": m.created[:19].replace("T", " "),
+                "source": m.source,
+            }
+            for m in entries
+        ]
+    )
+    st.dataframe(
+        table,
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "val accuracy": st.column_config.ProgressColumn(
+                "val accuracy", min_value=0.0, max_value=1.0, format="percent"
+            )
+        },
+    )
     job = ui.own_job("use")
     if job is not None and job.running and job.index == name:
         ui.watch(job, ui.job_progress)
@@ -111,26 +150,43 @@ def models_ui(name: str) -> None:
     fingerprints = [m.fingerprint for m in entries]
     serving = next((i for i, m in enumerate(entries) if m.serving), 0)
     ui.follow("chosen-model", fingerprints[serving], (name, fingerprints[serving]))
-    chosen = st.selectbox("Model", fingerprints, key="chosen-model",
-                          format_func=lambda fp: _describe_model(fp, entries),
-                          help="The serving model is chosen first: it is what Search answers with.")
+    chosen = st.selectbox(
+        "Model",
+        fingerprints,
+        key="chosen-model",
+        format_func=lambda fp: _describe_model(fp, entries),
+        help="The serving model is chosen first: it is what Search answers with.",
+    )
     serve, onnx, bundle = st.columns(3)
-    if serve.button("Serve this model", icon=":material/swap_horiz:", width="stretch",
-                    disabled=next(m.serving for m in entries if m.fingerprint == chosen)):
-        ui.start_job(name, "use", f"Switching '{name}' to model {chosen}", Task(
-            "simimg.api:use_model", {"model": chosen, "name": name, "home": str(ui.home())}, callbacks="phases"))
+    if serve.button(
+        "Serve this model",
+        icon=":material/swap_horiz:",
+        width="stretch",
+        disabled=next(m.serving for m in entries if m.fingerprint == chosen),
+    ):
+        ui.start_job(
+            name,
+            "use",
+            f"Switching '{name}' to model {chosen}",
+            Task("simimg.api:use_model", {"model": chosen, "name": name, "home": str(ui.home())}, callbacks="phases"),
+        )
         st.rerun()
     with onnx:
         export_ui(name, chosen, "onnx")
     with bundle:
         export_ui(name, chosen, "bundle")
     if job is not None and job.index == name and not ui.job_failed(job):
-        st.success(f"Model {job.result.model} serves **{name}** from version {job.result.version} "
-                   f"({job.result.indexed} images needed embedding).", icon=":material/check_circle:")
+        st.success(
+            f"Model {job.result.model} serves **{name}** from version {job.result.version} "
+            f"({job.result.indexed} images needed embedding).",
+            icon=":material/check_circle:",
+        )
 
 
-EXPORTS = {"onnx": ("model.onnx", "ONNX", "application/octet-stream"),
-           "bundle": ("model.zip", "safetensors bundle", "application/zip")}
+EXPORTS = {
+    "onnx": ("model.onnx", "ONNX", "application/octet-stream"),
+    "bundle": ("model.zip", "safetensors bundle", "application/zip"),
+}
 
 
 def export_ui(name: str, model: str, format: str) -> None:
@@ -143,8 +199,15 @@ def export_ui(name: str, model: str, format: str) -> None:
                 api.export_model(name, target, format, ui.home(), model)
             st.rerun()
         return
-    st.download_button(f"Download {what}", target.read_bytes(), file_name=f"{name}-{model[:8]}-{filename}",
-                       mime=mime, icon=":material/download:", width="stretch", key=f"download-{format}")
+    st.download_button(
+        f"Download {what}",
+        target.read_bytes(),
+        file_name=f"{name}-{model[:8]}-{filename}",
+        mime=mime,
+        icon=":material/download:",
+        width="stretch",
+        key=f"download-{format}",
+    )
 
 
 def _describe_model(fingerprint: str, entries: list) -> str:
@@ -161,9 +224,18 @@ def map_ui(name: str, version: int, data_root: Path) -> None:
     limit = left.select_slider("Points", [500, 1000, 2000, MAP_LIMIT], value=1000)
     points = embedding_map(str(ui.home()), name, version, method, limit)
     pick = alt.selection_point(name="pick", fields=["path"], on="click")
-    chart = alt.Chart(points).mark_circle(size=70, opacity=0.8).encode(
-        x=alt.X("x:Q", axis=None), y=alt.Y("y:Q", axis=None), color=alt.Color("label:N", title="label", scale=alt.Scale(scheme="tableau10")),
-        tooltip=["label:N", "path:N"]).add_params(pick).properties(height=520)
+    chart = (
+        alt.Chart(points)
+        .mark_circle(size=70, opacity=0.8)
+        .encode(
+            x=alt.X("x:Q", axis=None),
+            y=alt.Y("y:Q", axis=None),
+            color=alt.Color("label:N", title="label", scale=alt.Scale(scheme="tableau10")),
+            tooltip=["label:N", "path:N"],
+        )
+        .add_params(pick)
+        .properties(height=520)
+    )
     with right:
         event = st.altair_chart(chart, width="stretch", key="map", on_select="rerun")
     chosen = (event.selection.get("pick") or [{}])[0].get("path") if event else None
@@ -180,29 +252,41 @@ def embedding_map(home: str, name: str, version: int, method: str, limit: int) -
     paths, labels, vectors = ui.published_vectors(home, name, version)
     keep = sample_positions(len(paths), limit)
     xy = project_2d(vectors[keep], method)
-    return pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "label": [labels[i] or "(none)" for i in keep],
-                         "path": [paths[i] for i in keep]})
+    return pd.DataFrame(
+        {"x": xy[:, 0], "y": xy[:, 1], "label": [labels[i] or "(none)" for i in keep], "path": [paths[i] for i in keep]}
+    )
 
 
 # --- near-duplicates -----------------------------------------------------------------------------------
 def duplicates_ui(name: str, version: int, data_root: Path) -> None:
     marks = ui.landmarks(str(ui.home()), name, version)
     start = round(min(0.999, max(0.8, marks.get("nearest", 0.98) + 0.5 * (1 - marks.get("nearest", 0.98)))), 3)
-    threshold = st.slider("Similarity threshold", 0.80, 1.0, start, 0.001,
-                          help="Pairs at least this similar (cosine). 1.0 means identical embeddings. It starts "
-                               "halfway between the index's median nearest-neighbour score and 1.")
+    threshold = st.slider(
+        "Similarity threshold",
+        0.80,
+        1.0,
+        start,
+        0.001,
+        help="Pairs at least this similar (cosine). 1.0 means identical embeddings. It starts "
+        "halfway between the index's median nearest-neighbour score and 1.",
+    )
     st.caption(ui.landmarks_caption(str(ui.home()), name, version))
     pairs = duplicate_pairs(str(ui.home()), name, version, threshold)
     if pairs.empty:
         st.success("No pairs above this threshold.", icon=":material/check_circle:")
         return
-    st.markdown(f"**{len(pairs)}** pairs at or above {threshold:.3f}" + (" (the first 500)" if len(pairs) >= 500 else ""))
+    st.markdown(
+        f"**{len(pairs)}** pairs at or above {threshold:.3f}" + (" (the first 500)" if len(pairs) >= 500 else "")
+    )
     rows = list(pairs.head(PAIRS_SHOWN).itertuples())
     for start in range(0, len(rows), 2):
-        for column, row in zip(st.columns(2), rows[start:start + 2]):
+        for column, row in zip(st.columns(2), rows[start : start + 2]):
             with column.container(border=True):
-                ui.image_strip([(data_root / row.a, row.a), (data_root / row.b, row.b)], columns=2,
-                               header=f":orange-badge[score {row.score:.4f}]")
+                ui.image_strip(
+                    [(data_root / row.a, row.a), (data_root / row.b, row.b)],
+                    columns=2,
+                    header=f":orange-badge[score {row.score:.4f}]",
+                )
     st.dataframe(pairs, hide_index=True, width="stretch")
 
 
@@ -211,8 +295,13 @@ def duplicate_pairs(home: str, name: str, version: int, threshold: float) -> pd.
     paths, _, vectors = ui.published_vectors(home, name, version)
     keep = sample_positions(len(paths), DUPLICATE_LIMIT)
     pairs = near_duplicates(vectors[keep], threshold)
-    return pd.DataFrame({"score": [p.score for p in pairs], "a": [paths[keep[p.a]] for p in pairs],
-                         "b": [paths[keep[p.b]] for p in pairs]})
+    return pd.DataFrame(
+        {
+            "score": [p.score for p in pairs],
+            "a": [paths[keep[p.a]] for p in pairs],
+            "b": [paths[keep[p.b]] for p in pairs],
+        }
+    )
 
 
 main()

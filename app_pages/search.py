@@ -27,8 +27,11 @@ def main() -> None:
         k, label, min_score = controls_ui(info)
         query = query_ui(service)
         if query is None:
-            st.info(f"Drop an image above (up to {cap_mb()} MB), or take one with the camera, to find the most "
-                    f"similar pictures in **{info['name']}**.", icon=":material/image_search:")
+            st.info(
+                f"Drop an image above (up to {cap_mb()} MB), or take one with the camera, to find the most "
+                f"similar pictures in **{info['name']}**.",
+                icon=":material/image_search:",
+            )
             return
         results_ui(service, *query, k, label, min_score)
 
@@ -49,9 +52,12 @@ def query_ui(service: SearchService) -> tuple[Image.Image, str, bool] | None:
     """The image to search with: a fresh upload or photo, or a gallery image chosen with "Find similar"."""
     generation = st.session_state.setdefault(ui.UPLOADER_KEY, 0)
     upload_tab, camera_tab = st.tabs(["Upload", "Camera"])
-    upload = upload_tab.file_uploader("Drop an image to search with", type=list(UPLOAD_TYPES),
-                                      key=f"upload-{generation}",
-                                      help=f"JPEG, PNG, WebP, BMP, GIF or TIFF, up to {cap_mb()} MB")
+    upload = upload_tab.file_uploader(
+        "Drop an image to search with",
+        type=list(UPLOAD_TYPES),
+        key=f"upload-{generation}",
+        help=f"JPEG, PNG, WebP, BMP, GIF or TIFF, up to {cap_mb()} MB",
+    )
     photo = camera_tab.camera_input("Take a picture to search with", key=f"camera-{generation}")
     fresh = photo or upload
     if fresh is not None and fresh.file_id != st.session_state.get(SEEN_UPLOAD_KEY):
@@ -75,8 +81,15 @@ def cap_mb() -> int:
     return min(DEFAULT_MAX_MB, int(st.get_option("server.maxUploadSize")))
 
 
-def results_ui(service: SearchService, image: Image.Image, caption: str, from_gallery: bool, k: int,
-               label: str | None, min_score: float | None) -> None:
+def results_ui(
+    service: SearchService,
+    image: Image.Image,
+    caption: str,
+    from_gallery: bool,
+    k: int,
+    label: str | None,
+    min_score: float | None,
+) -> None:
     result = service.query(image, k, label, min_score, query=caption)
     if st.session_state.pop(ui.SCROLL_KEY, False):
         scroll_to_top()
@@ -97,23 +110,33 @@ def results_ui(service: SearchService, image: Image.Image, caption: str, from_ga
 
 def scroll_to_top() -> None:
     """Bring the new query into view after "Find similar" was clicked at the bottom of the grid."""
-    st.html("<script>window.parent.document.querySelector('section.stMain, [data-testid=stMain]')"
-            "?.scrollTo({top: 0, behavior: 'smooth'});</script>", unsafe_allow_javascript=True)
+    st.html(
+        "<script>window.parent.document.querySelector('section.stMain, [data-testid=stMain]')"
+        "?.scrollTo({top: 0, behavior: 'smooth'});</script>",
+        unsafe_allow_javascript=True,
+    )
 
 
 def prediction_ui(prediction: Prediction | None) -> None:
     if prediction is None:
-        st.info("This index has no classifier yet: train one on the **Train** page to see predicted classes.",
-                icon=":material/school:")
+        st.info(
+            "This index has no classifier yet: train one on the **Train** page to see predicted classes.",
+            icon=":material/school:",
+        )
         return
     st.metric("Predicted class", prediction.label)
     st.caption(f"{prediction.probability:.1%} probability")
     top = pd.DataFrame(prediction.top)
-    chart = alt.Chart(top).mark_bar(cornerRadiusEnd=4).encode(
-        x=alt.X("probability:Q", title="probability", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
-        y=alt.Y("label:N", sort="-x", title=None),
-        color=alt.condition(alt.datum.label == prediction.label, alt.value("#ff4b4b"), alt.value("#9aa5b1")),
-        tooltip=["label", alt.Tooltip("probability:Q", format=".1%")])
+    chart = (
+        alt.Chart(top)
+        .mark_bar(cornerRadiusEnd=4)
+        .encode(
+            x=alt.X("probability:Q", title="probability", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
+            y=alt.Y("label:N", sort="-x", title=None),
+            color=alt.condition(alt.datum.label == prediction.label, alt.value("#ff4b4b"), alt.value("#9aa5b1")),
+            tooltip=["label", alt.Tooltip("probability:Q", format=".1%")],
+        )
+    )
     # The pixel height goes to Streamlit itself: set only on the chart, it was squeezed to a sliver.
     st.altair_chart(chart.properties(height=alt.Step(30)), width="stretch", height=30 * len(top) + 60)
 
@@ -130,8 +153,14 @@ def card_ui(rank: int, n: Neighbor, path: Path) -> None:
     ui.card_image(path)
     st.markdown(f"**#{rank}** :green-badge[score {n.score:.3f}] :blue-badge[{n.label or 'no label'}]")
     st.caption(n.path, wrap=False)
-    st.button("Find similar", key=f"similar-{rank}-{n.path}", icon=":material/search:", width="stretch",
-              on_click=ui.queue_similar, args=(path,))
+    st.button(
+        "Find similar",
+        key=f"similar-{rank}-{n.path}",
+        icon=":material/search:",
+        width="stretch",
+        on_click=ui.queue_similar,
+        args=(path,),
+    )
 
 
 main()

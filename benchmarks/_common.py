@@ -88,8 +88,14 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def hardware(device: torch.device) -> dict:
     """What ran it, and how busy the machine was (other processes share the cores)."""
-    info = {"cpu": _cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_avg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__, "python": platform.python_version()}
+    info = {
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -154,7 +160,7 @@ class EmbeddingLike:
             c = self.rng.choice(self.clusters, m, p=self.p)
             x = self.mean + self.centers[c] + self.subs[c, self.rng.integers(self.SUBCLUSTERS, size=m)]
             x += _unit_rows(self.rng.standard_normal((m, self.dim), dtype=np.float32)) * np.float32(0.5)
-            out[start:start + m] = _unit_rows(x)
+            out[start : start + m] = _unit_rows(x)
         return out
 
 

@@ -63,10 +63,17 @@ def main() -> None:
         report = simimg.audit(copy, "audit", home, device=args.device, seed=args.seed)
     rows, figures = score(report.to_dict(), truth, identical)
     model = f"densenet121 trained from scratch, {args.epochs} epochs" if args.epochs else "random-init densenet121"
-    summary = {"benchmark": "audit_recall", "data": str(args.data or "generated"), "images": report.summary["images"],
-               "image_size": args.image_size, "model": model, **figures,
-               "near_threshold": report.summary["near_threshold"], "audit_s": report.summary["seconds"],
-               "hardware": hardware(resolve_device(args.device))}
+    summary = {
+        "benchmark": "audit_recall",
+        "data": str(args.data or "generated"),
+        "images": report.summary["images"],
+        "image_size": args.image_size,
+        "model": model,
+        **figures,
+        "near_threshold": report.summary["near_threshold"],
+        "audit_s": report.summary["seconds"],
+        "hardware": hardware(resolve_device(args.device)),
+    }
     finish(f"simimg audit on injected problems ({model})", rows, summary, args.json)
 
 
@@ -78,8 +85,9 @@ def copy_dataset(data: str | None, copy: Path, images: int, per_class: int, seed
         return
     rng = np.random.default_rng(seed)
     for split in SPLITS:
-        folders = sorted(d for d in (Path(data) / split).iterdir() if d.is_dir()) if (Path(data) / split).is_dir() \
-            else []
+        folders = (
+            sorted(d for d in (Path(data) / split).iterdir() if d.is_dir()) if (Path(data) / split).is_dir() else []
+        )
         if not folders:
             raise SystemExit(f"{data} has no {split}/ class folders: the injected leaks need train/ and val/")
         for folder in folders:
@@ -98,14 +106,15 @@ def inject(copy: Path, flips: int, exact: int, near: int, rng: np.random.Generat
     train = [f for f in files if f.startswith("train/")]
     near_sources = [train[i] for i in rng.permutation(len(train))[:near]]
     rest = [f for f in files if f not in set(near_sources)]
-    picked = [rest[i] for i in rng.permutation(len(rest))[:flips + exact]]
+    picked = [rest[i] for i in rng.permutation(len(rest))[: flips + exact]]
     truth = Injected()
     for i, source in enumerate(near_sources):
         target = f"val/{source.split('/')[1]}/near_{i:03d}.jpg"
         with Image.open(copy / source) as image:
             rgb = image.convert("RGB")
-            rgb.resize((rgb.width * 3 // 4, rgb.height * 3 // 4), Image.Resampling.BILINEAR).save(copy / target,
-                                                                                                   quality=75)
+            rgb.resize((rgb.width * 3 // 4, rgb.height * 3 // 4), Image.Resampling.BILINEAR).save(
+                copy / target, quality=75
+            )
         truth.near.append((source, target))
     for i, source in enumerate(picked[flips:]):
         split, label, name = source.split("/")
@@ -138,28 +147,43 @@ def score(report: dict, truth: Injected, identical: list[set[str]]) -> tuple[lis
         return next((d for paths, d in groups if {a, b} <= paths and kind in (None, d["kind"])), None)
 
     exact = [found(a, b, "exact") for a, b, _ in truth.exact]
-    exact_ok = sum(d is not None and d["cross_class"] and d["cross_split"] == crosses
-                   for d, (_, _, crosses) in zip(exact, truth.exact))
+    exact_ok = sum(
+        d is not None and d["cross_class"] and d["cross_split"] == crosses
+        for d, (_, _, crosses) in zip(exact, truth.exact)
+    )
     near_ok = sum(d is not None and d["cross_split"] for d in (found(a, b) for a, b in truth.near))
     flagged = [i["path"] for i in report["label_issues"]]
     hits = [p for p in flagged if p in truth.flips]
-    top = flagged[:len(truth.flips)]
+    top = flagged[: len(truth.flips)]
     reported = [set(d["paths"]) for d in report["duplicates"] if d["kind"] == "exact"]
     every_exact = sum(g in reported for g in identical)
-    rows = [{"kind": "exact copy, cross-class (half cross-split)", "injected": len(truth.exact), "found": exact_ok},
-            {"kind": "near-duplicate (3/4 size, JPEG q75), cross-split", "injected": len(truth.near), "found": near_ok},
-            {"kind": "label flip (among all label issues)", "injected": len(truth.flips), "found": len(hits)},
-            {"kind": "byte-identical groups in the copy (ours by sha256)", "injected": len(identical),
-             "found": every_exact}]
+    rows = [
+        {"kind": "exact copy, cross-class (half cross-split)", "injected": len(truth.exact), "found": exact_ok},
+        {"kind": "near-duplicate (3/4 size, JPEG q75), cross-split", "injected": len(truth.near), "found": near_ok},
+        {"kind": "label flip (among all label issues)", "injected": len(truth.flips), "found": len(hits)},
+        {
+            "kind": "byte-identical groups in the copy (ours by sha256)",
+            "injected": len(identical),
+            "found": every_exact,
+        },
+    ]
     for row in rows:
         row["recall"] = row["found"] / row["injected"] if row["injected"] else None
-    figures = {"exact_recall": rows[0]["recall"], "near_recall": rows[1]["recall"], "flip_recall": rows[2]["recall"],
-               "flip_precision": len(hits) / len(flagged) if flagged else None, "label_issues": len(flagged),
-               "flip_precision_at_injected": sum(p in truth.flips for p in top) / len(top) if top else None,
-               "flip_suggested_true_class": sum(i["suggested"] == truth.flips[i["path"]] for i in report["label_issues"]
-                                                if i["path"] in truth.flips),
-               "identical_groups": len(identical), "identical_groups_reported": every_exact,
-               "near_findings": report["summary"]["near_duplicates"], "outliers": len(report["outliers"])}
+    figures = {
+        "exact_recall": rows[0]["recall"],
+        "near_recall": rows[1]["recall"],
+        "flip_recall": rows[2]["recall"],
+        "flip_precision": len(hits) / len(flagged) if flagged else None,
+        "label_issues": len(flagged),
+        "flip_precision_at_injected": sum(p in truth.flips for p in top) / len(top) if top else None,
+        "flip_suggested_true_class": sum(
+            i["suggested"] == truth.flips[i["path"]] for i in report["label_issues"] if i["path"] in truth.flips
+        ),
+        "identical_groups": len(identical),
+        "identical_groups_reported": every_exact,
+        "near_findings": report["summary"]["near_duplicates"],
+        "outliers": len(report["outliers"]),
+    }
     return rows, figures
 
 

@@ -65,10 +65,14 @@ class Step:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(ROOT / ".device-data"), help="folder made by prepare_device_data.py")
-    p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "artifacts" / "gpu_suite"),
-                   help="where gpu_suite.json and gpu_suite.log go (default $OUT, else artifacts/gpu_suite)")
-    p.add_argument("--budget-s", type=float, help="start no step after this many seconds (default 570; no limit "
-                                                  "with --cpu-smoke)")
+    p.add_argument(
+        "--out",
+        default=os.environ.get("OUT") or str(ROOT / "artifacts" / "gpu_suite"),
+        help="where gpu_suite.json and gpu_suite.log go (default $OUT, else artifacts/gpu_suite)",
+    )
+    p.add_argument(
+        "--budget-s", type=float, help="start no step after this many seconds (default 570; no limit with --cpu-smoke)"
+    )
     p.add_argument("--cpu-smoke", action="store_true", help="every step at tiny sizes on the CPU, generated data")
     p.add_argument("--only", help="comma list of step names to run (default: all)")
     args = p.parse_args()
@@ -81,16 +85,29 @@ def main() -> None:
         data = _smoke_data(Path(tmp)) if args.cpu_smoke else Path(args.data)
         steps = _steps(sizes, data, Path(tmp))
         wanted = set(args.only.split(",")) if args.only else set(steps)
-        env = {**os.environ, "SIMIMG_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "SIMIMG_DATASETS": str(data),
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        env = {
+            **os.environ,
+            "SIMIMG_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "SIMIMG_DATASETS": str(data),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        }
         results = {}
         for name, step in steps.items():
             if name in wanted:
                 left = budget - (time.monotonic() - started)
                 results[name] = _run_step(name, step, min(step.limit * sizes.slack, left), env, log)
-    summary = {"suite": "gpu", "cpu_smoke": args.cpu_smoke, "device": sizes.device, "data": str(data),
-               "seconds": round(time.monotonic() - started, 1), "ok": all(r["ok"] for r in results.values()),
-               "headline": _headline(results), "steps": results, "machine": _machine()}
+    summary = {
+        "suite": "gpu",
+        "cpu_smoke": args.cpu_smoke,
+        "device": sizes.device,
+        "data": str(data),
+        "seconds": round(time.monotonic() - started, 1),
+        "ok": all(r["ok"] for r in results.values()),
+        "headline": _headline(results),
+        "steps": results,
+        "machine": _machine(),
+    }
     (out / "gpu_suite.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
     sys.exit(0 if summary["ok"] else 1)
@@ -102,22 +119,92 @@ def _steps(sizes: Sizes, data: Path, tmp: Path) -> dict[str, Step]:
     cats_dogs, device, junit = str(data / "cats_dogs"), ["--device", sizes.device], tmp / "gpu_tests.xml"
     cli = [py, "-m", "simimg.cli"]
     return {
-        "gpu_tests": Step(lambda: [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-                                   f"--junitxml={junit}", *_files_with_gpu_tests()],
-                          lambda _: _junit_counts(junit), 150),
-        "train_cats_dogs": Step(lambda: [*cli, "train", cats_dogs, "--name", "cats_dogs", "--home", home, "--weights",
-                                         "none", *device, *sizes.tiny, *sizes.epochs, "--json"], _train_figures, 240),
-        "evaluate_cats_dogs": Step(lambda: [*cli, "evaluate", cats_dogs, "--name", "cats_dogs", "--home", home,
-                                            *device, "--json"], _evaluate_figures, 60),
-        "index_throughput": Step(lambda: [py, str(bench / "index_throughput.py"), *device, *sizes.tiny, "--folder",
-                                          str(_photos(data / "cats_dogs", tmp / "photos", sizes.index_images)),
-                                          "--batch-size", str(sizes.index_batch), "--repeats", str(sizes.repeats),
-                                          "--json"], _last_json_line, 180),
-        "search_1m": Step(lambda: [py, str(bench / "search.py"), *device, "--n", str(sizes.search_n), "--queries",
-                                   str(sizes.search_queries), "--json"], _last_json_line, 150),
-        "query_latency": Step(lambda: [py, str(bench / "query_latency.py"), *device, *sizes.tiny, "--images",
-                                       str(sizes.gallery), "--queries", str(sizes.queries), "--json"],
-                              _last_json_line, 60),
+        "gpu_tests": Step(
+            lambda: [
+                py,
+                "-m",
+                "pytest",
+                "-m",
+                "gpu",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                f"--junitxml={junit}",
+                *_files_with_gpu_tests(),
+            ],
+            lambda _: _junit_counts(junit),
+            150,
+        ),
+        "train_cats_dogs": Step(
+            lambda: [
+                *cli,
+                "train",
+                cats_dogs,
+                "--name",
+                "cats_dogs",
+                "--home",
+                home,
+                "--weights",
+                "none",
+                *device,
+                *sizes.tiny,
+                *sizes.epochs,
+                "--json",
+            ],
+            _train_figures,
+            240,
+        ),
+        "evaluate_cats_dogs": Step(
+            lambda: [*cli, "evaluate", cats_dogs, "--name", "cats_dogs", "--home", home, *device, "--json"],
+            _evaluate_figures,
+            60,
+        ),
+        "index_throughput": Step(
+            lambda: [
+                py,
+                str(bench / "index_throughput.py"),
+                *device,
+                *sizes.tiny,
+                "--folder",
+                str(_photos(data / "cats_dogs", tmp / "photos", sizes.index_images)),
+                "--batch-size",
+                str(sizes.index_batch),
+                "--repeats",
+                str(sizes.repeats),
+                "--json",
+            ],
+            _last_json_line,
+            180,
+        ),
+        "search_1m": Step(
+            lambda: [
+                py,
+                str(bench / "search.py"),
+                *device,
+                "--n",
+                str(sizes.search_n),
+                "--queries",
+                str(sizes.search_queries),
+                "--json",
+            ],
+            _last_json_line,
+            150,
+        ),
+        "query_latency": Step(
+            lambda: [
+                py,
+                str(bench / "query_latency.py"),
+                *device,
+                *sizes.tiny,
+                "--images",
+                str(sizes.gallery),
+                "--queries",
+                str(sizes.queries),
+                "--json",
+            ],
+            _last_json_line,
+            60,
+        ),
     }
 
 
@@ -156,26 +243,39 @@ def _last_json_line(stdout: str) -> dict:
 def _train_figures(stdout: str) -> dict:
     report = json.loads(stdout)
     kept = ("val_accuracy", "best_epoch", "seconds", "device", "stopped_early", "model")
-    return {**{key: report[key] for key in kept}, "epochs": len(report["history"]),
-            "images_per_s_last_epoch": report["history"][-1]["images_per_s"],
-            "indexed": (report["index"] or {}).get("total")}
+    return {
+        **{key: report[key] for key in kept},
+        "epochs": len(report["history"]),
+        "images_per_s_last_epoch": report["history"][-1]["images_per_s"],
+        "indexed": (report["index"] or {}).get("total"),
+    }
 
 
 def _evaluate_figures(stdout: str) -> dict:
     result = json.loads(stdout)
     retrieval = result["retrieval"]
-    return {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"], "images": result["images"],
-            **{key: retrieval[key] for key in ("p_at_1", "p_at_10", "map", "gallery", "gallery_size")}}
+    return {
+        "accuracy": result["accuracy"],
+        "macro_f1": result["macro_f1"],
+        "images": result["images"],
+        **{key: retrieval[key] for key in ("p_at_1", "p_at_10", "map", "gallery", "gallery_size")},
+    }
 
 
 def _junit_counts(junit: Path) -> dict:
     suite = ElementTree.parse(junit).getroot()
     suite = suite.find("testsuite") if suite.tag == "testsuites" else suite
     counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
-    failed = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
-              if case.find("failure") is not None or case.find("error") is not None]
-    return {**counts, "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
-            "failed": failed}
+    failed = [
+        f"{case.get('classname')}::{case.get('name')}"
+        for case in suite.iter("testcase")
+        if case.find("failure") is not None or case.find("error") is not None
+    ]
+    return {
+        **counts,
+        "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
+        "failed": failed,
+    }
 
 
 def _files_with_gpu_tests() -> list[str]:
@@ -205,22 +305,32 @@ def _smoke_data(tmp: Path) -> Path:
 
 def _headline(results: dict) -> dict:
     """The figures worth a glance, from the steps that ran."""
-    pick = {"gpu_tests": ("passed", "failures", "errors", "skipped"),
-            "train_cats_dogs": ("val_accuracy", "best_epoch", "epochs", "seconds", "images_per_s_last_epoch"),
-            "evaluate_cats_dogs": ("accuracy", "p_at_10", "map"),
-            "index_throughput": ("end_to_end_img_s", "model_only_img_s", "ratio_model_only", "ratio_baseline",
-                                 "precision"),
-            "search_1m": ("N", "gpu_ms_per_query", "gpu_recall_at_k", "ivf_ms_per_query", "ivf_recall_at_k"),
-            "query_latency": ("query_p50_ms", "query_p95_ms", "forward_p50_ms", "precision")}
-    return {f"{step}.{key}": results[step]["result"].get(key) for step, keys in pick.items() if step in results
-            for key in keys if results[step].get("result")}
+    pick = {
+        "gpu_tests": ("passed", "failures", "errors", "skipped"),
+        "train_cats_dogs": ("val_accuracy", "best_epoch", "epochs", "seconds", "images_per_s_last_epoch"),
+        "evaluate_cats_dogs": ("accuracy", "p_at_10", "map"),
+        "index_throughput": ("end_to_end_img_s", "model_only_img_s", "ratio_model_only", "ratio_baseline", "precision"),
+        "search_1m": ("N", "gpu_ms_per_query", "gpu_recall_at_k", "ivf_ms_per_query", "ivf_recall_at_k"),
+        "query_latency": ("query_p50_ms", "query_p95_ms", "forward_p50_ms", "precision"),
+    }
+    return {
+        f"{step}.{key}": results[step]["result"].get(key)
+        for step, keys in pick.items()
+        if step in results
+        for key in keys
+        if results[step].get("result")
+    }
 
 
 def _machine() -> dict:
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cores": os.cpu_count(),
-            "cuda": torch.cuda.is_available()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cores": os.cpu_count(),
+        "cuda": torch.cuda.is_available(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -43,23 +43,46 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             data = make_jpegs(Path(tmp) / "photos", args.images, classes=2)
             for r in range(args.repeats):
-                job = IndexJob(str(data), "bench", "", weights="none", image_size=args.image_size,
-                               batch_size=args.batch_size, device=args.device)
+                job = IndexJob(
+                    str(data),
+                    "bench",
+                    "",
+                    weights="none",
+                    image_size=args.image_size,
+                    batch_size=args.batch_size,
+                    device=args.device,
+                )
                 local = run_index(_fresh(job, Path(tmp) / f"local{r}"))
                 remote = run_index(_fresh(job, Path(tmp) / f"ray{r}", engine="ray", ray_actors=args.ray_actors))
-                rows.append({"repeat": r, "local_s": local.seconds, "ray_s": remote.seconds,
-                             "ratio_ray_over_local": remote.seconds / local.seconds, "total": remote.total,
-                             "same_result": (local.total, local.skipped) == (remote.total, remote.skipped),
-                             "min_cosine": _min_cosine(Path(tmp) / f"local{r}", Path(tmp) / f"ray{r}"),
-                             "ray_device": remote.device})
+                rows.append(
+                    {
+                        "repeat": r,
+                        "local_s": local.seconds,
+                        "ray_s": remote.seconds,
+                        "ratio_ray_over_local": remote.seconds / local.seconds,
+                        "total": remote.total,
+                        "same_result": (local.total, local.skipped) == (remote.total, remote.skipped),
+                        "min_cosine": _min_cosine(Path(tmp) / f"local{r}", Path(tmp) / f"ray{r}"),
+                        "ray_device": remote.device,
+                    }
+                )
     finally:
         ray.shutdown()
     local_s, ray_s = median([r["local_s"] for r in rows]), median([r["ray_s"] for r in rows])
-    summary = {"benchmark": "index_engines", "images": args.images, "image_size": args.image_size,
-               "batch_size": args.batch_size, "local_s": local_s, "ray_s": ray_s, "ray_init_s": ray_init_s,
-               "ratio_ray_over_local": ray_s / local_s, "ray_device": rows[-1]["ray_device"],
-               "same_result": all(r["same_result"] for r in rows),
-               "min_cosine": min(r["min_cosine"] for r in rows), "hardware": hardware(resolve_device(args.device))}
+    summary = {
+        "benchmark": "index_engines",
+        "images": args.images,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "local_s": local_s,
+        "ray_s": ray_s,
+        "ray_init_s": ray_init_s,
+        "ratio_ray_over_local": ray_s / local_s,
+        "ray_device": rows[-1]["ray_device"],
+        "same_result": all(r["same_result"] for r in rows),
+        "min_cosine": min(r["min_cosine"] for r in rows),
+        "hardware": hardware(resolve_device(args.device)),
+    }
     finish("simimg index: ray engine vs local engine (wall seconds, same process)", rows, summary, args.json)
 
 

@@ -54,15 +54,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.folder) if args.folder else make_jpegs(Path(tmp) / "photos", args.images)
         images = len(scan_folder(folder).records)
-        model_only = {prefix: _model_only_timer(build_model(args.arch, "none", args.image_size), compute, images,
-                                                args.batch_size, args.compile) for prefix, compute in computes.items()}
+        model_only = {
+            prefix: _model_only_timer(
+                build_model(args.arch, "none", args.image_size), compute, images, args.batch_size, args.compile
+            )
+            for prefix, compute in computes.items()
+        }
         rows = [_repeat(args, r, folder, images, Path(tmp), computes, model_only) for r in range(args.repeats)]
-    summary = {"benchmark": "index_throughput", "device": str(default.device), "precision": default.precision,
-               "runtime": default.runtime, "convert_s": _convert_seconds(args, default), "images": images,
-               "arch": args.arch, "image_size": args.image_size, "batch_size": args.batch_size,
-               "workers": loader_workers(args.workers, default.device), "compile": args.compile,
-               "repeats": args.repeats, **{key: median([row[key] for row in rows]) for key in rows[0] if key != "repeat"},
-               "hardware": hardware(default.device)}
+    summary = {
+        "benchmark": "index_throughput",
+        "device": str(default.device),
+        "precision": default.precision,
+        "runtime": default.runtime,
+        "convert_s": _convert_seconds(args, default),
+        "images": images,
+        "arch": args.arch,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "workers": loader_workers(args.workers, default.device),
+        "compile": args.compile,
+        "repeats": args.repeats,
+        **{key: median([row[key] for row in rows]) for key in rows[0] if key != "repeat"},
+        "hardware": hardware(default.device),
+    }
     finish("simimg index throughput (img/s; ratios are medians of per-repeat ratios)", rows, summary, args.json)
 
 
@@ -70,15 +84,26 @@ def _repeat(args, r: int, folder: Path, images: int, tmp: Path, computes: dict[s
     """One repeat: every precision's model-only and end-to-end rate, then the seed-style loop; and their ratios."""
     row: dict = {"repeat": r}
     for prefix, compute in computes.items():
-        job = IndexJob(str(folder), NAME, str(tmp / f"home{r}{prefix}"), arch=args.arch, weights="none",
-                       image_size=args.image_size, device=args.device, precision=compute.precision,
-                       batch_size=args.batch_size, workers=args.workers, compile=args.compile)
+        job = IndexJob(
+            str(folder),
+            NAME,
+            str(tmp / f"home{r}{prefix}"),
+            arch=args.arch,
+            weights="none",
+            image_size=args.image_size,
+            device=args.device,
+            precision=compute.precision,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            compile=args.compile,
+        )
         row[f"{prefix}model_only_img_s"] = images / model_only[prefix]()
         with runtime(compute.runtime):
             row[f"{prefix}end_to_end_img_s"] = images / seconds(lambda: _index(job, images), compute.device)
     device = computes[""].device
-    row["baseline_img_s"] = images / _baseline_seconds(folder, build_model(args.arch, "none", args.image_size),
-                                                       device, args.image_size)
+    row["baseline_img_s"] = images / _baseline_seconds(
+        folder, build_model(args.arch, "none", args.image_size), device, args.image_size
+    )
     row["ratio_model_only"] = row["end_to_end_img_s"] / row["model_only_img_s"]
     row["ratio_fp32_model_only"] = row["end_to_end_img_s"] / row.get("fp32_model_only_img_s", row["model_only_img_s"])
     row["ratio_baseline"] = row["end_to_end_img_s"] / row["baseline_img_s"]
@@ -103,6 +128,7 @@ def _model_only_timer(model: LoadedModel, compute: Compute, images: int, batch_s
 
     def run() -> float:
         return seconds(lambda: [infer(net, b, preprocess, compute, trunk=trunk)[0].cpu() for b in batches], device)
+
     return run
 
 
@@ -117,9 +143,14 @@ def _convert_seconds(args, compute: Compute) -> float | None:
 
 def _baseline_seconds(folder: Path, model: LoadedModel, device: torch.device, image_size: int) -> float:
     """The seed's way: ImageFolder + torchvision transforms, PIL decode, fp32 NCHW, batch 32, no workers."""
-    transform = transforms.Compose([
-        transforms.Resize(round(image_size * 256 / 224)), transforms.CenterCrop(image_size), transforms.ToTensor(),
-        transforms.Normalize(model.bundle.preprocess.mean, model.bundle.preprocess.std)])
+    transform = transforms.Compose(
+        [
+            transforms.Resize(round(image_size * 256 / 224)),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(model.bundle.preprocess.mean, model.bundle.preprocess.std),
+        ]
+    )
     loader = DataLoader(datasets.ImageFolder(str(folder), transform=transform), batch_size=32, num_workers=0)
     net = model.net.eval().to(device)
 
@@ -127,6 +158,7 @@ def _baseline_seconds(folder: Path, model: LoadedModel, device: torch.device, im
         with torch.no_grad():
             for x, _ in loader:
                 net.embed(x.to(device)).cpu()
+
     return seconds(run, device)
 
 

@@ -67,8 +67,9 @@ def downscale_tree(source: Path, target: Path, short_side: int, quality: int) ->
                 continue
             upright = ImageOps.exif_transpose(image).convert("RGB")
         scale = short_side / min(upright.size)
-        upright.resize((round(upright.width * scale), round(upright.height * scale)), Image.Resampling.LANCZOS) \
-            .save(copy, "JPEG", quality=quality)
+        upright.resize((round(upright.width * scale), round(upright.height * scale)), Image.Resampling.LANCZOS).save(
+            copy, "JPEG", quality=quality
+        )
     return count
 
 
@@ -76,9 +77,26 @@ def download_wheels(target: Path, python_version: str) -> None:
     """The wheels of WHEELS at the versions installed here, for the GPU machine's Python and platform."""
     pins = [f"{name}=={importlib.metadata.version(name)}" for name in WHEELS]
     platforms = [flag for platform in PLATFORMS for flag in ("--platform", platform)]
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                    "--python-version", python_version, "--implementation", "cp", *platforms, "-d", str(target),
-                    *pins], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            python_version,
+            "--implementation",
+            "cp",
+            *platforms,
+            "-d",
+            str(target),
+            *pins,
+        ],
+        check=True,
+    )
 
 
 def mib(folder: Path) -> float:

@@ -37,8 +37,18 @@ def main() -> None:
     reuse_freed_memory()
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_jpegs(Path(tmp) / "photos", args.images)
-        run_index(IndexJob(str(folder), NAME, str(Path(tmp) / "home"), arch=args.arch, weights="none",
-                           image_size=args.image_size, device=args.device, precision=args.precision))
+        run_index(
+            IndexJob(
+                str(folder),
+                NAME,
+                str(Path(tmp) / "home"),
+                arch=args.arch,
+                weights="none",
+                image_size=args.image_size,
+                device=args.device,
+                precision=args.precision,
+            )
+        )
         services = {"": SearchService(Path(tmp) / "home", NAME, args.device, args.precision)}
         if services[""].compute != resolve_compute(args.device, "fp32", runtime="torch"):
             with runtime("torch"):
@@ -46,17 +56,39 @@ def main() -> None:
         photos = [load_image(path) for path in sorted(folder.rglob("*.jpg"))[:8]]
         times = _interleaved(services, photos, args.queries)
     default = services[""].compute
-    rows = [{"what": f"{what} ({services[prefix].compute})", "p50_ms": median(ms),
-             "p95_ms": percentile(ms, 95), "min_ms": min(ms)} for (prefix, what), ms in times.items()]
-    summary = {"benchmark": "query_latency", "device": str(default.device), "precision": default.precision,
-               "runtime": default.runtime,
-               "gallery": args.images, "queries": args.queries, "arch": args.arch, "image_size": args.image_size}
+    rows = [
+        {
+            "what": f"{what} ({services[prefix].compute})",
+            "p50_ms": median(ms),
+            "p95_ms": percentile(ms, 95),
+            "min_ms": min(ms),
+        }
+        for (prefix, what), ms in times.items()
+    ]
+    summary = {
+        "benchmark": "query_latency",
+        "device": str(default.device),
+        "precision": default.precision,
+        "runtime": default.runtime,
+        "gallery": args.images,
+        "queries": args.queries,
+        "arch": args.arch,
+        "image_size": args.image_size,
+    }
     for prefix in services:
         query, forward = times[prefix, "query"], times[prefix, "forward"]
-        summary.update({f"{prefix}query_p50_ms": median(query), f"{prefix}query_p95_ms": percentile(query, 95),
-                        f"{prefix}forward_p50_ms": median(forward), f"{prefix}forward_p95_ms": percentile(forward, 95),
-                        f"{prefix}ratio_query_over_forward_p50": median(query) / median(forward)})
-    summary["ratio_fp32_query_p50"] = summary.get("fp32_query_p50_ms", summary["query_p50_ms"]) / summary["query_p50_ms"]
+        summary.update(
+            {
+                f"{prefix}query_p50_ms": median(query),
+                f"{prefix}query_p95_ms": percentile(query, 95),
+                f"{prefix}forward_p50_ms": median(forward),
+                f"{prefix}forward_p95_ms": percentile(forward, 95),
+                f"{prefix}ratio_query_over_forward_p50": median(query) / median(forward),
+            }
+        )
+    summary["ratio_fp32_query_p50"] = (
+        summary.get("fp32_query_p50_ms", summary["query_p50_ms"]) / summary["query_p50_ms"]
+    )
     summary["hardware"] = hardware(default.device)
     finish("warm single-image query latency (ms)", rows, summary, args.json)
 
@@ -70,8 +102,13 @@ def _interleaved(services: dict[str, SearchService], photos: list, queries: int)
             preprocess = served.model.bundle.preprocess
             batch = preprocess.to_uint8(photos[0]).unsqueeze(0).to(device)
             q = seconds(lambda: service.query(photos[i % len(photos)], k=10), device) * 1e3
-            f = seconds(lambda: infer(served.model.net, batch, preprocess, service.compute,
-                                      trunk=served.trunk)[0].cpu(), device) * 1e3
+            f = (
+                seconds(
+                    lambda: infer(served.model.net, batch, preprocess, service.compute, trunk=served.trunk)[0].cpu(),
+                    device,
+                )
+                * 1e3
+            )
             if i >= WARMUP:
                 times[prefix, "query"].append(q)
                 times[prefix, "forward"].append(f)

@@ -50,8 +50,12 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--nprobe", default="16,32,64", help="comma list swept besides simimg's choice")
-    p.add_argument("--on-disk", action="store_true", help="merge the parts into an on-disk list file "
-                   "(faiss.contrib.ondisk), as for an index larger than RAM, and serve it memory-mapped")
+    p.add_argument(
+        "--on-disk",
+        action="store_true",
+        help="merge the parts into an on-disk list file "
+        "(faiss.contrib.ondisk), as for an index larger than RAM, and serve it memory-mapped",
+    )
     p.add_argument("--work", help="where the shards go (default: a folder under the system temp dir, kept)")
     args = p.parse_args()
     work = Path(args.work or Path(tempfile.gettempdir()) / f"simimg-scale-{args.n}x{args.dim}")
@@ -59,20 +63,42 @@ def main() -> None:
     truth_s, truth = _ground_truth(work, args.n, args.dim)
     context = multiprocessing.get_context("spawn")  # a fresh process: peak RSS is the build's, not the generator's
     with context.Pool(1) as pool:
-        built = pool.apply(_build_and_query, (str(work), args.n, args.dim, truth, _sweep(args.nprobe), args.on_disk,
-                                              str(resolve_device(args.device))))
+        built = pool.apply(
+            _build_and_query,
+            (str(work), args.n, args.dim, truth, _sweep(args.nprobe), args.on_disk, str(resolve_device(args.device))),
+        )
     rows = built.pop("rows")
     chosen = next(r for r in rows if r["simimg"])
-    summary = {"benchmark": "scale", "device": str(resolve_device(args.device)), "n": args.n, "dim": args.dim, "index": built["index"],
-               "build_s": built["build_s"], "peak_rss_mib": built["peak_rss_mib"],
-               "peak_anon_mib": built["peak_anon_mib"], "index_bytes": built["index_bytes"],
-               "flat_bytes": args.n * args.dim * 4, "ratio_index_over_flat": built["index_bytes"] / (args.n * args.dim * 4),
-               "recall_at_10": chosen["recall_at_10"], "ms_per_query": chosen["ms_per_query"],
-               "p95_ms": chosen["p95_ms"], "nprobe": chosen["nprobe"], "refine_candidates": built["refine_candidates"],
-               "serving_rss_anon_mib": built["serving_rss_anon_mib"], "queries": args.queries,
-               "generate_s": gen_s, "truth_s": truth_s, "rows": rows, "hardware": hardware(resolve_device(args.device))}
-    finish(f"scale: IVF-PQ + re-rank, N={args.n} x {args.dim} (ms per single query; recall@10 vs exact)", rows,
-           summary, args.json)
+    summary = {
+        "benchmark": "scale",
+        "device": str(resolve_device(args.device)),
+        "n": args.n,
+        "dim": args.dim,
+        "index": built["index"],
+        "build_s": built["build_s"],
+        "peak_rss_mib": built["peak_rss_mib"],
+        "peak_anon_mib": built["peak_anon_mib"],
+        "index_bytes": built["index_bytes"],
+        "flat_bytes": args.n * args.dim * 4,
+        "ratio_index_over_flat": built["index_bytes"] / (args.n * args.dim * 4),
+        "recall_at_10": chosen["recall_at_10"],
+        "ms_per_query": chosen["ms_per_query"],
+        "p95_ms": chosen["p95_ms"],
+        "nprobe": chosen["nprobe"],
+        "refine_candidates": built["refine_candidates"],
+        "serving_rss_anon_mib": built["serving_rss_anon_mib"],
+        "queries": args.queries,
+        "generate_s": gen_s,
+        "truth_s": truth_s,
+        "rows": rows,
+        "hardware": hardware(resolve_device(args.device)),
+    }
+    finish(
+        f"scale: IVF-PQ + re-rank, N={args.n} x {args.dim} (ms per single query; recall@10 vs exact)",
+        rows,
+        summary,
+        args.json,
+    )
 
 
 def _write_vectors(work: Path, n: int, dim: int, queries: int) -> float:
@@ -88,7 +114,9 @@ def _write_vectors(work: Path, n: int, dim: int, queries: int) -> float:
     for shard, start in enumerate(range(0, n, per_shard)):
         rows = min(per_shard, n - start)
         for offset in range(0, rows, EmbeddingLike.CHUNK):
-            append_rows(shard_path(work / EMBEDDING, shard), offset, vectors.draw(min(EmbeddingLike.CHUNK, rows - offset)))
+            append_rows(
+                shard_path(work / EMBEDDING, shard), offset, vectors.draw(min(EmbeddingLike.CHUNK, rows - offset))
+            )
     np.save(work / "queries.npy", vectors.draw(queries))
     (work / "truth.npy").unlink(missing_ok=True)
     done.write_text(json.dumps(shape))
@@ -119,8 +147,9 @@ def _ground_truth(work: Path, n: int, dim: int) -> tuple[float, np.ndarray]:
     return round(time.perf_counter() - started, 1), heap.I
 
 
-def _build_and_query(work: str, n: int, dim: int, truth: np.ndarray, nprobes: list[int], on_disk: bool,
-                     device: str) -> dict:
+def _build_and_query(
+    work: str, n: int, dim: int, truth: np.ndarray, nprobes: list[int], on_disk: bool, device: str
+) -> dict:
     stored = _stored(Path(work), n, dim)
     folder = Path(work) / ("ivfpq-on-disk" if on_disk else "ivfpq")
     folder.mkdir(exist_ok=True)
@@ -132,8 +161,11 @@ def _build_and_query(work: str, n: int, dim: int, truth: np.ndarray, nprobes: li
     chosen, nlist, m = index.nprobe, index.nlist, index.pq.M
     del index
     # what a reader holds: the whole index, or (on disk) all but its lists, which it maps
-    index = faiss.read_index(str(folder / "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR) if on_disk else \
-        load_index(folder / "index.faiss")
+    index = (
+        faiss.read_index(str(folder / "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        if on_disk
+        else load_index(folder / "index.faiss")
+    )
     searcher = make_searcher(index, torch.device(device), stored)  # what a SearchService on `device` serves
     queries = np.load(Path(work) / "queries.npy")
     rows = []
@@ -141,11 +173,16 @@ def _build_and_query(work: str, n: int, dim: int, truth: np.ndarray, nprobes: li
         faiss.extract_index_ivf(searcher.inner.index).nprobe = nprobe
         rows.append({"nprobe": nprobe, "simimg": nprobe == chosen, **_measure(searcher, queries, truth)})
     where = " (lists on disk)" if on_disk else ""
-    return {"index": f"IVF{nlist},PQ{m} + re-rank of {compressed_index.candidates_for(K)}{where}",
-            "build_s": build_s, "index_bytes": sum(f.stat().st_size for f in folder.iterdir()),
-            "refine_candidates": compressed_index.candidates_for(K),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "peak_anon_mib": peak_anon.mib, "serving_rss_anon_mib": _rss_anon_mib(), "rows": rows}
+    return {
+        "index": f"IVF{nlist},PQ{m} + re-rank of {compressed_index.candidates_for(K)}{where}",
+        "build_s": build_s,
+        "index_bytes": sum(f.stat().st_size for f in folder.iterdir()),
+        "refine_candidates": compressed_index.candidates_for(K),
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_anon_mib": peak_anon.mib,
+        "serving_rss_anon_mib": _rss_anon_mib(),
+        "rows": rows,
+    }
 
 
 def _measure(searcher: VectorSearcher, queries: np.ndarray, truth: np.ndarray) -> dict:
@@ -154,11 +191,14 @@ def _measure(searcher: VectorSearcher, queries: np.ndarray, truth: np.ndarray) -
     times, hits = [], 0
     for i in range(len(queries)):
         start = time.perf_counter()
-        _, ids = searcher.search(queries[i:i + 1], K)
+        _, ids = searcher.search(queries[i : i + 1], K)
         times.append((time.perf_counter() - start) * 1e3)
         hits += len(np.intersect1d(ids[0], truth[i]))
-    return {"ms_per_query": round(median(times), 3), "p95_ms": round(float(np.percentile(times, 95)), 3),
-            "recall_at_10": round(hits / (len(queries) * K), 4)}
+    return {
+        "ms_per_query": round(median(times), 3),
+        "p95_ms": round(float(np.percentile(times, 95)), 3),
+        "recall_at_10": round(hits / (len(queries) * K), 4),
+    }
 
 
 class _PeakAnon:

@@ -54,26 +54,54 @@ def main() -> None:
     chosen = faiss.extract_index_ivf(ivf).nprobe
     for nprobe in sorted({chosen, *_sweep(args.nprobe, ivf_lists_for(args.n))}):
         faiss.extract_index_ivf(ivf).nprobe = nprobe
-        rows.append(_measure(f"ivf nprobe={nprobe}" + (" (simimg)" if nprobe == chosen else ""), FaissSearcher(ivf),
-                             queries, truth, args.k))
+        rows.append(
+            _measure(
+                f"ivf nprobe={nprobe}" + (" (simimg)" if nprobe == chosen else ""),
+                FaissSearcher(ivf),
+                queries,
+                truth,
+                args.k,
+            )
+        )
     faiss.extract_index_ivf(ivf).nprobe = chosen
     gpu = {}
     if device.type == "cuda":  # what a SearchService on this GPU serves the IVF index with
         searcher = make_searcher(ivf, device)
         rows.append(_measure(f"simimg on {device} ({type(searcher).__name__})", searcher, queries, truth, args.k))
-        gpu = {"gpu_searcher": type(searcher).__name__, "gpu_ms_per_query": rows[-1]["ms_per_query"],
-               "gpu_recall_at_k": rows[-1]["recall_at_k"]}
+        gpu = {
+            "gpu_searcher": type(searcher).__name__,
+            "gpu_ms_per_query": rows[-1]["ms_per_query"],
+            "gpu_recall_at_k": rows[-1]["recall_at_k"],
+        }
     if args.hnsw:
         rows += _hnsw_rows(gallery, queries, truth, args.k)
     simimg_row = next(r for r in rows if r["index"].endswith("(simimg)"))
-    summary = {"benchmark": "search", "device": str(device), "N": args.n, "dim": args.dim, "k": args.k,
-               "queries": args.queries, "simimg_kind_at_N": index_kind_for(args.n), "ivf_nlist": ivf_lists_for(args.n),
-               "ivf_nprobe": chosen, "ivf_build_s": round(build, 1), "ivf_ms_per_query": simimg_row["ms_per_query"],
-               "ivf_recall_at_k": simimg_row["recall_at_k"], "flat_ms_per_query": rows[0]["ms_per_query"],
-               "ratio_flat_over_ivf_ms": rows[0]["ms_per_query"] / simimg_row["ms_per_query"], **gpu,
-               "total_s": round(time.perf_counter() - started, 1), "rows": rows, "hardware": hardware(device)}
-    finish(f"search, N={args.n} x {args.dim}, k={args.k} (ms per single query; recall@k vs exact)", rows, summary,
-           args.json)
+    summary = {
+        "benchmark": "search",
+        "device": str(device),
+        "N": args.n,
+        "dim": args.dim,
+        "k": args.k,
+        "queries": args.queries,
+        "simimg_kind_at_N": index_kind_for(args.n),
+        "ivf_nlist": ivf_lists_for(args.n),
+        "ivf_nprobe": chosen,
+        "ivf_build_s": round(build, 1),
+        "ivf_ms_per_query": simimg_row["ms_per_query"],
+        "ivf_recall_at_k": simimg_row["recall_at_k"],
+        "flat_ms_per_query": rows[0]["ms_per_query"],
+        "ratio_flat_over_ivf_ms": rows[0]["ms_per_query"] / simimg_row["ms_per_query"],
+        **gpu,
+        "total_s": round(time.perf_counter() - started, 1),
+        "rows": rows,
+        "hardware": hardware(device),
+    }
+    finish(
+        f"search, N={args.n} x {args.dim}, k={args.k} (ms per single query; recall@k vs exact)",
+        rows,
+        summary,
+        args.json,
+    )
 
 
 def embedding_like(n: int, queries: int, dim: int, clusters: int) -> tuple[np.ndarray, np.ndarray]:
@@ -92,18 +120,23 @@ class _ExactSearcher:
         return faiss.knn(queries, self.gallery, k, metric=faiss.METRIC_INNER_PRODUCT)
 
 
-def _measure(name: str, searcher: VectorSearcher, queries: np.ndarray, truth: np.ndarray, k: int,
-             limit: int | None = None) -> dict:
+def _measure(
+    name: str, searcher: VectorSearcher, queries: np.ndarray, truth: np.ndarray, k: int, limit: int | None = None
+) -> dict:
     """Median ms per single query, and recall@k against `truth`, over the first `limit` queries."""
     searcher.search(queries[:1], k)
     times, hits = [], 0
     for i in range(min(limit or len(queries), len(queries))):
         start = time.perf_counter()
-        _, ids = searcher.search(queries[i:i + 1], k)
+        _, ids = searcher.search(queries[i : i + 1], k)
         times.append((time.perf_counter() - start) * 1e3)
         hits += len(np.intersect1d(ids[0], truth[i]))
-    return {"index": name, "ms_per_query": round(median(times), 3), "p95_ms": round(float(np.percentile(times, 95)), 3),
-            "recall_at_k": round(hits / (len(times) * k), 4)}
+    return {
+        "index": name,
+        "ms_per_query": round(median(times), 3),
+        "p95_ms": round(float(np.percentile(times, 95)), 3),
+        "recall_at_k": round(hits / (len(times) * k), 4),
+    }
 
 
 def _sweep(spec: str, nlist: int) -> list[int]:

@@ -65,8 +65,9 @@ def main() -> None:
             asyncio.run(_load(url, args.name, payloads, 2 * args.concurrency, args.concurrency, headers, args))
         for _ in range(args.repeats):
             for kind in runs:  # interleaved, so both see the same load from other processes
-                runs[kind].append(asyncio.run(_load(urls[kind], args.name, payloads, args.requests, args.concurrency,
-                                                    headers, args)))
+                runs[kind].append(
+                    asyncio.run(_load(urls[kind], args.name, payloads, args.requests, args.concurrency, headers, args))
+                )
     _report(runs, args)
 
 
@@ -102,10 +103,13 @@ def _start_servers(stack: ExitStack, args) -> dict[str, str]:
 
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
     data = Path(args.data) if args.data else make_jpegs(tmp / "photos", args.gallery)
-    simimg.build_index(data, args.name, tmp / "home", arch=args.arch, weights="none", image_size=args.image_size,
-                       device=args.device)
-    servers = {kind: _serve(stack, tmp / "home", args, batch) for kind, batch in (("batched", args.max_batch),
-                                                                                   ("unbatched", 1))}
+    simimg.build_index(
+        data, args.name, tmp / "home", arch=args.arch, weights="none", image_size=args.image_size, device=args.device
+    )
+    servers = {
+        kind: _serve(stack, tmp / "home", args, batch)
+        for kind, batch in (("batched", args.max_batch), ("unbatched", 1))
+    }
     for url, proc in servers.values():
         wait_until_ready(url, os.environ.get(TOKEN_ENV), START_TIMEOUT_S, proc)
     return {kind: url for kind, (url, _) in servers.items()}
@@ -113,11 +117,29 @@ def _start_servers(stack: ExitStack, args) -> dict[str, str]:
 
 def _serve(stack: ExitStack, home: Path, args, max_batch: int) -> tuple[str, subprocess.Popen]:
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "simimg.cli", "serve", "--home", str(home), "--port", str(port),
-                             "--device", args.device, "--max-batch", str(max_batch),
-                             "--max-queue", str(max(64, 2 * args.concurrency)), "--timeout", str(args.timeout),
-                             *(["--threads", str(args.threads)] if args.threads else [])],
-                            env={**os.environ, "SIMIMG_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "simimg.cli",
+            "serve",
+            "--home",
+            str(home),
+            "--port",
+            str(port),
+            "--device",
+            args.device,
+            "--max-batch",
+            str(max_batch),
+            "--max-queue",
+            str(max(64, 2 * args.concurrency)),
+            "--timeout",
+            str(args.timeout),
+            *(["--threads", str(args.threads)] if args.threads else []),
+        ],
+        env={**os.environ, "SIMIMG_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL,
+    )
     stack.enter_context(proc)  # on the way out: SIGTERM (uvicorn shuts down), then wait for it
     stack.callback(proc.terminate)
     return f"http://127.0.0.1:{port}", proc
@@ -150,8 +172,9 @@ def _payloads(url: str, args, headers: dict) -> list[tuple[str, bytes]]:
     return [(p.name, p.read_bytes()) for p in files]
 
 
-async def _load(url: str, name: str, payloads: list[tuple[str, bytes]], requests: int, concurrency: int,
-                headers: dict, args) -> Load:
+async def _load(
+    url: str, name: str, payloads: list[tuple[str, bytes]], requests: int, concurrency: int, headers: dict, args
+) -> Load:
     """`requests` uploads from `concurrency` clients at once; latency and status of each."""
     latencies, errors, next_request = [], 0, iter(range(requests))
     before = _stats(url, headers)
@@ -162,8 +185,9 @@ async def _load(url: str, name: str, payloads: list[tuple[str, bytes]], requests
             file = payloads[i % len(payloads)]
             start = time.perf_counter()
             try:
-                response = await http.post(f"{url}/v1/indexes/{name}/query", params={"k": 10},
-                                           files={"file": file}, headers=headers)
+                response = await http.post(
+                    f"{url}/v1/indexes/{name}/query", params={"k": 10}, files={"file": file}, headers=headers
+                )
             except httpx.HTTPError:
                 response = None
             if response is not None and response.status_code == 200:
@@ -195,20 +219,42 @@ def _report(runs: dict[str, list[Load]], args) -> None:
     for kind, loads in runs.items():
         latencies = [ms for load in loads for ms in load.latencies_ms] or [float("nan")]
         batches = sum(load.batches or 0 for load in loads)
-        rows.append({"server": f"{kind} (max batch {args.max_batch if kind == 'batched' else 1})",
-                     "rps": median([load.rps for load in loads]), "p50_ms": percentile(latencies, 50),
-                     "p99_ms": percentile(latencies, 99), "errors": sum(load.errors for load in loads),
-                     "mean_batch": sum(load.images or 0 for load in loads) / batches if batches else None})
+        rows.append(
+            {
+                "server": f"{kind} (max batch {args.max_batch if kind == 'batched' else 1})",
+                "rps": median([load.rps for load in loads]),
+                "p50_ms": percentile(latencies, 50),
+                "p99_ms": percentile(latencies, 99),
+                "errors": sum(load.errors for load in loads),
+                "mean_batch": sum(load.images or 0 for load in loads) / batches if batches else None,
+            }
+        )
     batched, unbatched = rows[0], rows[1] if len(rows) > 1 else None
-    summary = {"benchmark": "serve_load", "requests": args.requests, "concurrency": args.concurrency,
-               "repeats": args.repeats, "errors": batched["errors"], "p50_ms": batched["p50_ms"],
-               "p99_ms": batched["p99_ms"], "rps": batched["rps"], "mean_batch": batched["mean_batch"],
-               "rps_unbatched": unbatched and unbatched["rps"], "errors_unbatched": unbatched and unbatched["errors"],
-               "p99_ms_unbatched": unbatched and unbatched["p99_ms"],
-               "ratio": unbatched and batched["rps"] / unbatched["rps"], "image_size": args.image_size,
-               "arch": args.arch, "server_threads": args.threads, "hardware": hardware(torch.device("cpu"))}
-    finish(f"simimg serve under load: {args.requests} requests x {args.repeats}, {args.concurrency} at once", rows,
-           summary, args.json)
+    summary = {
+        "benchmark": "serve_load",
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "repeats": args.repeats,
+        "errors": batched["errors"],
+        "p50_ms": batched["p50_ms"],
+        "p99_ms": batched["p99_ms"],
+        "rps": batched["rps"],
+        "mean_batch": batched["mean_batch"],
+        "rps_unbatched": unbatched and unbatched["rps"],
+        "errors_unbatched": unbatched and unbatched["errors"],
+        "p99_ms_unbatched": unbatched and unbatched["p99_ms"],
+        "ratio": unbatched and batched["rps"] / unbatched["rps"],
+        "image_size": args.image_size,
+        "arch": args.arch,
+        "server_threads": args.threads,
+        "hardware": hardware(torch.device("cpu")),
+    }
+    finish(
+        f"simimg serve under load: {args.requests} requests x {args.repeats}, {args.concurrency} at once",
+        rows,
+        summary,
+        args.json,
+    )
 
 
 if __name__ == "__main__":

@@ -42,22 +42,45 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_jpegs(Path(tmp) / "photos", args.images, classes=CLASSES)
         for r in range(args.repeats):
-            config = TrainConfig(str(folder), "bench", str(Path(tmp) / f"home{r}"), arch=args.arch, weights="none",
-                                 epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size,
-                                 freeze_epochs=0, patience=args.epochs, device=args.device,
-                                 precision=args.precision, workers=args.workers, index=False)
+            config = TrainConfig(
+                str(folder),
+                "bench",
+                str(Path(tmp) / f"home{r}"),
+                arch=args.arch,
+                weights="none",
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                image_size=args.image_size,
+                freeze_epochs=0,
+                patience=args.epochs,
+                device=args.device,
+                precision=args.precision,
+                workers=args.workers,
+                index=False,
+            )
             epochs = []
             run_training(config, Hooks(on_epoch=epochs.append))
-            row = {"repeat": r, "train_img_s": epochs[-1].images_per_s,
-                   "raw_step_img_s": _raw_step_rate(args, compute, steps=max(2, args.images // args.batch_size // 2))}
+            row = {
+                "repeat": r,
+                "train_img_s": epochs[-1].images_per_s,
+                "raw_step_img_s": _raw_step_rate(args, compute, steps=max(2, args.images // args.batch_size // 2)),
+            }
             row["ratio_raw"] = row["train_img_s"] / row["raw_step_img_s"]
             rows.append(row)
-    summary = {"benchmark": "train_throughput", "device": str(compute.device), "precision": compute.precision,
-               "images": args.images, "arch": args.arch,
-               "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers,
-               "epochs": args.epochs, "repeats": args.repeats,
-               **{key: median([row[key] for row in rows]) for key in rows[0] if key != "repeat"},
-               "hardware": hardware(compute.device)}
+    summary = {
+        "benchmark": "train_throughput",
+        "device": str(compute.device),
+        "precision": compute.precision,
+        "images": args.images,
+        "arch": args.arch,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "epochs": args.epochs,
+        "repeats": args.repeats,
+        **{key: median([row[key] for row in rows]) for key in rows[0] if key != "repeat"},
+        "hardware": hardware(compute.device),
+    }
     finish("training throughput (img/s; ratio = median of per-repeat ratios)", rows, summary, args.json)
 
 
@@ -79,6 +102,7 @@ def _raw_step_rate(args, compute: Compute, steps: int) -> float:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
     step()
     return steps * args.batch_size / seconds(lambda: [step() for _ in range(steps)], device)
 

@@ -3,6 +3,7 @@
 Usage: python scripts/screenshot.py http://127.0.0.1:8501 path/to/query.jpg docs/screenshot.png
 (needs the dev extra's playwright and Debian's chromium, as the browser tests do).
 """
+
 from __future__ import annotations
 
 import sys

@@ -16,9 +16,25 @@ from typing import Any
 from simimg.errors import BadImageError, SimimgError
 
 __version__ = "0.2.0"
-_API = ("build_index", "open_index", "train", "evaluate", "audit", "explain", "list_models", "use_model",
-        "export_model", "serve", "Encoder", "SearchService", "IndexReport", "TrainReport", "AuditReport",
-        "Explanation", "Hooks")
+_API = (
+    "build_index",
+    "open_index",
+    "train",
+    "evaluate",
+    "audit",
+    "explain",
+    "list_models",
+    "use_model",
+    "export_model",
+    "serve",
+    "Encoder",
+    "SearchService",
+    "IndexReport",
+    "TrainReport",
+    "AuditReport",
+    "Explanation",
+    "Hooks",
+)
 __all__ = [*_API, "SimimgError", "BadImageError", "__version__"]
 
 

@@ -54,8 +54,14 @@ __all__ = [  # noqa: RUF022 - as simimg._API lists them: the functions in the or
 ]
 
 
-def build_index(data_dir: str | Path, name: str | None = None, home: str | Path | None = None,
-                progress: Progress | None = None, on_phase: Phase | None = None, **options: Any) -> IndexReport:
+def build_index(
+    data_dir: str | Path,
+    name: str | None = None,
+    home: str | Path | None = None,
+    progress: Progress | None = None,
+    on_phase: Phase | None = None,
+    **options: Any,
+) -> IndexReport:
     """Build or update the index NAME (default: the folder's name) of a folder of class folders.
 
     `progress(done, total)` hears the embedding; `on_phase(step)` each step as it starts.
@@ -65,13 +71,15 @@ def build_index(data_dir: str | Path, name: str | None = None, home: str | Path 
     "ivfpq"); engine="ray" embeds on Ray Data (address, ray_actors, ray_shards). Only new or changed files are
     embedded.
     """
-    job = _config(IndexJob, data_dir=str(data_dir), name=name or folder_name(data_dir), home=str(resolve_home(home)),
-                  **options)
+    job = _config(
+        IndexJob, data_dir=str(data_dir), name=name or folder_name(data_dir), home=str(resolve_home(home)), **options
+    )
     return run_index(job, progress, on_phase)
 
 
-def open_index(name: str, home: str | Path | None = None, device: str = "auto",
-               precision: str = "auto") -> SearchService:
+def open_index(
+    name: str, home: str | Path | None = None, device: str = "auto", precision: str = "auto"
+) -> SearchService:
     """A warm index for queries: `.search(images, k, label, min_score)`, `.predict(images)`, `.info()`.
 
     It follows newly published versions (and their models) by itself, without being opened again. `precision`
@@ -80,8 +88,15 @@ def open_index(name: str, home: str | Path | None = None, device: str = "auto",
     return SearchService(home, name, device, precision)
 
 
-def train(data_dir: str | Path, name: str | None = None, home: str | Path | None = None, head_only: bool = False,
-          hooks: Hooks | None = None, embed_missing: bool = False, **options: Any) -> TrainReport:
+def train(
+    data_dir: str | Path,
+    name: str | None = None,
+    home: str | Path | None = None,
+    head_only: bool = False,
+    hooks: Hooks | None = None,
+    embed_missing: bool = False,
+    **options: Any,
+) -> TrainReport:
     """Train a new model of index NAME on class folders and, unless `index=False`, serve it when done.
 
     `head_only` fits a classifier on the embeddings the index already stores (seconds, nothing re-embedded). It
@@ -91,22 +106,46 @@ def train(data_dir: str | Path, name: str | None = None, home: str | Path | None
     weights="none"). `options` are `TrainConfig` fields (arch, weights, epochs, lr, image_size, batch_size, device,
     precision, resume, ...).
     """
-    config = _config(TrainConfig, data_dir=str(data_dir), name=name or folder_name(data_dir),
-                     home=str(resolve_home(home)), head_only=head_only, embed_missing=embed_missing, **options)
+    config = _config(
+        TrainConfig,
+        data_dir=str(data_dir),
+        name=name or folder_name(data_dir),
+        home=str(resolve_home(home)),
+        head_only=head_only,
+        embed_missing=embed_missing,
+        **options,
+    )
     return run_training(config, hooks or Hooks())
 
 
-def evaluate(data_dir: str | Path | None, name: str, home: str | Path | None = None, model: str | None = None,
-             progress: Progress | None = None, **options: Any) -> dict:
+def evaluate(
+    data_dir: str | Path | None,
+    name: str,
+    home: str | Path | None = None,
+    model: str | None = None,
+    progress: Progress | None = None,
+    **options: Any,
+) -> dict:
     """Accuracy, macro-F1, per-class metrics, confusion and retrieval (P@1, P@10, mAP) of NAME's serving model
     (or the kept `model`) on DATA_DIR/val, or on the validation images the model recorded when DATA_DIR is None."""
-    return run_evaluation(name, str(resolve_home(home)), None if data_dir is None else str(data_dir),
-                          model=model, progress=progress, **options)
+    return run_evaluation(
+        name,
+        str(resolve_home(home)),
+        None if data_dir is None else str(data_dir),
+        model=model,
+        progress=progress,
+        **options,
+    )
 
 
-def audit(data_dir: str | Path, name: str | None = None, home: str | Path | None = None,
-          progress: Progress | None = None, on_phase: Callable[[str], None] | None = None,
-          **options: Any) -> AuditReport:
+def audit(
+    data_dir: str | Path,
+    name: str | None = None,
+    home: str | Path | None = None,
+    progress: Progress | None = None,
+    on_phase: Callable[[str], None] | None = None,
+    **options: Any,
+) -> AuditReport:
     """Likely label errors, exact and near duplicates (cross-class, cross-split), outliers and class imbalance of
     a labelled folder, judged with index NAME's serving model; kept as the index's audit.json.
 
@@ -115,14 +154,22 @@ def audit(data_dir: str | Path, name: str | None = None, home: str | Path | None
     hears "reading", "embedding" (only when some images need it; `progress` counts them), "fitting" and "saving".
     `options` are `AuditJob` fields: device, batch_size, workers, val_split, seed, folds.
     """
-    job = _config(AuditJob, data_dir=str(data_dir), name=name or folder_name(data_dir), home=str(resolve_home(home)),
-                  **options)
+    job = _config(
+        AuditJob, data_dir=str(data_dir), name=name or folder_name(data_dir), home=str(resolve_home(home)), **options
+    )
     return run_audit(job, progress, on_phase)
 
 
-def explain(image: str | Path | Image.Image, name: str, home: str | Path | None = None,
-            neighbor: str | Path | Image.Image | None = None, label: str | None = None, out: str | Path | None = None,
-            method: str = "gradcam", device: str = "auto") -> Explanation:
+def explain(
+    image: str | Path | Image.Image,
+    name: str,
+    home: str | Path | None = None,
+    neighbor: str | Path | Image.Image | None = None,
+    label: str | None = None,
+    out: str | Path | None = None,
+    method: str = "gradcam",
+    device: str = "auto",
+) -> Explanation:
     """Where NAME's serving model looks in `image`: a class activation map of the predicted class (or `label`),
     or, given a `neighbor`, of the two images' cosine similarity (no classifier needed). The map has the image's
     own size; `out` also writes it over the image as a PNG of that size."""
@@ -150,17 +197,31 @@ def list_models(name: str, home: str | Path | None = None) -> list[ModelEntry]:
     return _list_models(folder, published.model if published else None)
 
 
-def use_model(model: str, name: str, home: str | Path | None = None, device: str = "auto",
-              progress: Progress | None = None, precision: str = "auto",
-              on_phase: Phase | None = None) -> IndexReport:
+def use_model(
+    model: str,
+    name: str,
+    home: str | Path | None = None,
+    device: str = "auto",
+    progress: Progress | None = None,
+    precision: str = "auto",
+    on_phase: Phase | None = None,
+) -> IndexReport:
     """Serve a kept model (a fingerprint, or a unique prefix of one), embedding only what it has no vectors for."""
     folder = IndexFolder.of(home, name)
-    return serve_model(str(resolve_home(home)), name, resolve_fingerprint(folder, model), device=device,
-                       progress=progress, precision=precision, on_phase=on_phase)
+    return serve_model(
+        str(resolve_home(home)),
+        name,
+        resolve_fingerprint(folder, model),
+        device=device,
+        progress=progress,
+        precision=precision,
+        on_phase=on_phase,
+    )
 
 
-def export_model(name: str, out: str | Path, format: str = "onnx", home: str | Path | None = None,
-                 model: str | None = None) -> dict:
+def export_model(
+    name: str, out: str | Path, format: str = "onnx", home: str | Path | None = None, model: str | None = None
+) -> dict:
     """Write NAME's serving model (or the kept `model`) to `out`: ONNX checked against onnxruntime, or the
     safetensors bundle folder as a zip. Returns what was written and checked."""
     from simimg.evaluation import serving_model
@@ -177,8 +238,14 @@ def export_model(name: str, out: str | Path, format: str = "onnx", home: str | P
     return {"model": fingerprint, **export_onnx(load_model(folder, fingerprint), out)}
 
 
-def serve(home: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
-          token: str | None = None, **options: Any) -> None:
+def serve(
+    home: str | Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+    token: str | None = None,
+    **options: Any,
+) -> None:
     """Serve HOME's indexes over HTTP until interrupted (`simimg serve`); see the README's "The HTTP API".
 
     `token` (default `$SIMIMG_API_TOKEN`) makes every request but /healthz need `Authorization: Bearer <token>`;
@@ -186,6 +253,7 @@ def serve(home: str | Path | None = None, host: str = "127.0.0.1", port: int = 8
     max_wait_ms, max_queue, timeout_s, max_mb, max_pixels, max_files, threads, access_log).
     """
     from simimg.server import TOKEN_ENV, ServeConfig, run_server  # FastAPI and uvicorn load only for a server
+
     config = _config(ServeConfig, home=str(resolve_home(home)), host=host, port=port, workers=workers, **options)
     run_server(config, token or os.environ.get(TOKEN_ENV) or None)
 
@@ -202,4 +270,3 @@ def _config(cls: type, **values: Any) -> Any:
     if unknown:
         raise SimimgError(f"unknown option(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
     return cls(**values)
-

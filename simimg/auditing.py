@@ -82,8 +82,9 @@ class Collection:
     classes: tuple[str, ...]
 
 
-def run_audit(job: AuditJob, progress: Callable[[int, int], None] | None = None,
-              on_phase: Callable[[str], None] | None = None) -> AuditReport:
+def run_audit(
+    job: AuditJob, progress: Callable[[int, int], None] | None = None, on_phase: Callable[[str], None] | None = None
+) -> AuditReport:
     """Audit `job.data_dir` with index `job.name`'s serving model and keep the report as its audit.json.
 
     `on_phase` hears "reading", then "embedding" (only when the index lacks some images; `progress` then counts
@@ -106,21 +107,37 @@ def run_audit(job: AuditJob, progress: Callable[[int, int], None] | None = None,
     phase("fitting")
     issues, duplicates, atypical, threshold = find_all(collection, job.folds, job.seed)
     summary = {
-        "name": job.name, "data_dir": str(split.root.resolve()), "model": base.bundle.fingerprint,
-        "embedding": base.bundle.embedding, "model_kind": base.bundle.kind, "split": split.kind,
-        "images": len(collection.paths), "classes": list(split.classes), **found.counts, "skipped": found.skipped,
-        "label_issues": len(issues), "exact_duplicates": sum(d["kind"] == "exact" for d in duplicates),
+        "name": job.name,
+        "data_dir": str(split.root.resolve()),
+        "model": base.bundle.fingerprint,
+        "embedding": base.bundle.embedding,
+        "model_kind": base.bundle.kind,
+        "split": split.kind,
+        "images": len(collection.paths),
+        "classes": list(split.classes),
+        **found.counts,
+        "skipped": found.skipped,
+        "label_issues": len(issues),
+        "exact_duplicates": sum(d["kind"] == "exact" for d in duplicates),
         "near_duplicates": sum(d["kind"] == "near" for d in duplicates),
         "cross_class": sum(d["cross_class"] for d in duplicates),
         "cross_split": sum(d["cross_split"] for d in duplicates),
-        "outliers": len(atypical), "near_threshold": round(threshold, 6),
+        "outliers": len(atypical),
+        "near_threshold": round(threshold, 6),
         "imbalance": class_balance(collection.labels, split.classes),
-        "seconds": round(time.perf_counter() - started, 3), "job": asdict(job)}
+        "seconds": round(time.perf_counter() - started, 3),
+        "job": asdict(job),
+    }
     report = AuditReport(issues, duplicates, atypical, summary)
     phase("saving")
     atomic_write_bytes(folder.audit, json.dumps(report.to_dict(), indent=1).encode())
-    log.info("audit of %s: %d label issues, %d duplicate findings, %d outliers", split.root, len(issues),
-             len(duplicates), len(atypical))
+    log.info(
+        "audit of %s: %d label issues, %d duplicate findings, %d outliers",
+        split.root,
+        len(issues),
+        len(duplicates),
+        len(atypical),
+    )
     return report
 
 
@@ -129,10 +146,12 @@ def refuse_foreign(folder: IndexFolder, root: Path) -> None:
     collection = collection_folder(folder)
     if collection is not None and root.is_relative_to(collection):
         return
-    raise SimimgError(f"{root} is not index '{folder.name}''s collection folder "
-                      f"({collection or 'none recorded'}) or inside it, and an audit is kept with the index it "
-                      f"judges: build an index of that folder first (`simimg index {root} --name {root.name}`) and "
-                      f"audit it with that index (`simimg audit {root} --name {root.name}`)")
+    raise SimimgError(
+        f"{root} is not index '{folder.name}''s collection folder "
+        f"({collection or 'none recorded'}) or inside it, and an audit is kept with the index it "
+        f"judges: build an index of that folder first (`simimg index {root} --name {root.name}`) and "
+        f"audit it with that index (`simimg audit {root} --name {root.name}`)"
+    )
 
 
 def _collection(split: Split, found: SplitVectors) -> Collection:
@@ -142,15 +161,28 @@ def _collection(split: Split, found: SplitVectors) -> Collection:
     if len(keep) < 3:
         raise SimimgError(f"only {len(keep)} images of {split.root} could be read: an audit needs at least 3")
     splits = ["train"] * len(split.train) + ["val"] * len(split.val)
-    return Collection([records[i].path for i in keep], split.labels(records)[keep], [splits[i] for i in keep],
-                      [found.hashes[i] for i in keep], np.stack([found.vectors[i] for i in keep]), split.classes)
+    return Collection(
+        [records[i].path for i in keep],
+        split.labels(records)[keep],
+        [splits[i] for i in keep],
+        [found.hashes[i] for i in keep],
+        np.stack([found.vectors[i] for i in keep]),
+        split.classes,
+    )
 
 
 def find_all(c: Collection, folds: int, seed: int) -> tuple[list[dict], list[dict], list[dict], float]:
     """(label issues, duplicates, outliers, the near-duplicate threshold) as the report lists them."""
     probs = out_of_fold_probabilities(c.vectors, c.labels, len(c.classes), folds, seed)
-    issues = [{"path": c.paths[i.position], "label": c.classes[c.labels[i.position]],
-               "suggested": c.classes[i.suggested], "score": round(i.score, 6)} for i in label_issues(c.labels, probs)]
+    issues = [
+        {
+            "path": c.paths[i.position],
+            "label": c.classes[c.labels[i.position]],
+            "suggested": c.classes[i.suggested],
+            "score": round(i.score, 6),
+        }
+        for i in label_issues(c.labels, probs)
+    ]
     near, threshold = near_duplicates(c.vectors, c.hashes)
     duplicates = [_duplicate(d.positions, d.kind, d.score, c) for d in exact_duplicates(c.hashes) + near]
     atypical = [{"path": c.paths[o.position], "score": round(o.score, 6)} for o in outliers(c.vectors)]
@@ -160,8 +192,14 @@ def find_all(c: Collection, folds: int, seed: int) -> tuple[list[dict], list[dic
 def _duplicate(positions: Sequence[int], kind: str, score: float, c: Collection) -> dict:
     labels = [c.classes[c.labels[i]] for i in positions]
     cross_class, cross_split = crosses(positions, c.labels.tolist(), c.splits)
-    return {"paths": [c.paths[i] for i in positions], "kind": kind, "score": round(float(score), 6),
-            "labels": labels, "cross_class": cross_class, "cross_split": cross_split}
+    return {
+        "paths": [c.paths[i] for i in positions],
+        "kind": kind,
+        "score": round(float(score), 6),
+        "labels": labels,
+        "cross_class": cross_class,
+        "cross_split": cross_split,
+    }
 
 
 def read_audit(folder: IndexFolder) -> AuditReport | None:

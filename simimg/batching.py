@@ -48,8 +48,14 @@ class _Entry(Generic[T]):
 class MicroBatcher(Generic[T, R]):
     """Runs `run(items) -> results` (one result per item, in order) on one thread, over batches of waiting items."""
 
-    def __init__(self, run: Callable[[list[T]], Sequence[R]], max_batch: int = 16, max_wait_s: float = 0.005,
-                 max_queue: int = 64, name: str = "simimg-model") -> None:
+    def __init__(
+        self,
+        run: Callable[[list[T]], Sequence[R]],
+        max_batch: int = 16,
+        max_wait_s: float = 0.005,
+        max_queue: int = 64,
+        name: str = "simimg-model",
+    ) -> None:
         if max_batch < 1 or max_queue < 1 or max_wait_s < 0:
             raise SimimgError("a batcher needs max_batch >= 1, max_queue >= 1 and max_wait_s >= 0")
         self.run, self.max_batch, self.max_wait_s, self.max_queue = run, max_batch, max_wait_s, max_queue
@@ -67,8 +73,10 @@ class MicroBatcher(Generic[T, R]):
             if self._closed:
                 raise SimimgError("the server is shutting down; try again on its next start")
             if len(self._queue) + len(items) > self.max_queue:
-                raise QueueFull(f"{len(self._queue)} images are already waiting for the model (the queue holds "
-                                f"{self.max_queue}); try again shortly")
+                raise QueueFull(
+                    f"{len(self._queue)} images are already waiting for the model (the queue holds "
+                    f"{self.max_queue}); try again shortly"
+                )
             now = time.monotonic()
             entries = [_Entry(item, Future(), now) for item in items]
             self._queue.extend(entries)
@@ -155,8 +163,7 @@ class Embedded:
     embedding: str
 
     def to_dict(self) -> dict:
-        return {"query": self.query, "model": self.model, "embedding": self.embedding,
-                "vector": self.vector.tolist()}
+        return {"query": self.query, "model": self.model, "embedding": self.embedding, "vector": self.vector.tolist()}
 
 
 def answer(works: Sequence[Work]) -> list[QueryResult | Embedded]:
@@ -170,8 +177,9 @@ def answer(works: Sequence[Work]) -> list[QueryResult | Embedded]:
             for i, vector in zip(rows, vectors):
                 results[i] = Embedded(works[i].name, vector, bundle.fingerprint, bundle.embedding)
             continue
-        found = first.service.query_batch(images, max(works[i].k for i in rows), first.label, None,
-                                          [works[i].name for i in rows])
+        found = first.service.query_batch(
+            images, max(works[i].k for i in rows), first.label, None, [works[i].name for i in rows]
+        )
         for i, result in zip(rows, found):
             results[i] = trim(result, works[i].k, works[i].min_score)
     return results

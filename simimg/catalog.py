@@ -111,23 +111,28 @@ class Catalog:
                 self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
                 return
             if readonly:
-                self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30, isolation_level=None,
-                                          check_same_thread=False)
+                self.db = sqlite3.connect(
+                    f"file:{self.path}?mode=ro", uri=True, timeout=30, isolation_level=None, check_same_thread=False
+                )
                 if not _has_table(self.db, "meta"):  # a first run killed before it made its tables left the file
                     self.db.close()
-                    raise SimimgError(f"index '{self.path.parent.name}' has no finished version yet: run "
-                                      "`simimg index` on it")
+                    raise SimimgError(
+                        f"index '{self.path.parent.name}' has no finished version yet: run `simimg index` on it"
+                    )
             else:
                 self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=NORMAL")
                 if not _has_table(self.db, "images"):  # a new catalog: tables and schema mark in one transaction
-                    self.db.executescript(f"BEGIN IMMEDIATE; {SCHEMA} INSERT OR REPLACE INTO meta VALUES "
-                                          f"('schema', '{SCHEMA_VERSION}'); COMMIT;")
+                    self.db.executescript(
+                        f"BEGIN IMMEDIATE; {SCHEMA} INSERT OR REPLACE INTO meta VALUES "
+                        f"('schema', '{SCHEMA_VERSION}'); COMMIT;"
+                    )
             self._check_schema()
         except sqlite3.DatabaseError as err:
-            raise SimimgError(f"index catalog {self.path} is unreadable ({err}); delete the index folder and "
-                              "rebuild") from None
+            raise SimimgError(
+                f"index catalog {self.path} is unreadable ({err}); delete the index folder and rebuild"
+            ) from None
 
     @staticmethod
     def initialised(path: Path) -> bool:
@@ -143,9 +148,11 @@ class Catalog:
     def _check_schema(self) -> None:
         schema = self.get_meta("schema")
         if schema != str(SCHEMA_VERSION):
-            raise SimimgError(f"index catalog {self.path} was written by another version of simimg (schema "
-                              f"{schema or 1}, this one reads {SCHEMA_VERSION}); run `simimg upgrade --name "
-                              f"{self.path.parent.name}` to convert it")
+            raise SimimgError(
+                f"index catalog {self.path} was written by another version of simimg (schema "
+                f"{schema or 1}, this one reads {SCHEMA_VERSION}); run `simimg upgrade --name "
+                f"{self.path.parent.name}` to convert it"
+            )
 
     def close(self) -> None:
         self.db.close()
@@ -163,8 +170,9 @@ class Catalog:
         return row[0] if row else default
 
     def set_meta(self, **values: object) -> None:
-        self.db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
-                            [(k, str(v)) for k, v in values.items()])
+        self.db.executemany(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", [(k, str(v)) for k, v in values.items()]
+        )
 
     @property
     def version(self) -> int:
@@ -174,8 +182,9 @@ class Catalog:
     def published(self, version: int | None = None) -> Published | None:
         """The latest published version (or `version`), None before the first publish."""
         version = self.version if version is None else version
-        row = self.db.execute("SELECT version, model, embedding, count, index_kind FROM versions WHERE version=?",
-                              (version,)).fetchone()
+        row = self.db.execute(
+            "SELECT version, model, embedding, count, index_kind FROM versions WHERE version=?", (version,)
+        ).fetchone()
         return Published(*row) if row else None
 
     def kept_versions(self) -> list[Published]:
@@ -189,9 +198,13 @@ class Catalog:
 
     def add(self, images: Sequence[NewImage], vectors: np.ndarray, embedding: str, version: int) -> list[int]:
         """New image rows in the pending `version`, each with its vector; inside a transaction."""
-        ids = [self.db.execute(
-            "INSERT INTO images(path, label, size, mtime_ns, sha256, added) VALUES (?,?,?,?,?,?) RETURNING id",
-            (im.path, im.label, im.size, im.mtime_ns, im.sha256, version)).fetchone()[0] for im in images]
+        ids = [
+            self.db.execute(
+                "INSERT INTO images(path, label, size, mtime_ns, sha256, added) VALUES (?,?,?,?,?,?) RETURNING id",
+                (im.path, im.label, im.size, im.mtime_ns, im.sha256, version),
+            ).fetchone()[0]
+            for im in images
+        ]
         self.add_vectors(embedding, ids, vectors)
         return ids
 
@@ -206,8 +219,10 @@ class Catalog:
             self.add_vectors(embedding, ids[:room], vectors[:room])
             return self.add_vectors(embedding, ids[room:], vectors[room:])
         append_rows(shard_path(self.vectors_dir / embedding, shard), committed, vectors)
-        self.db.executemany("INSERT OR REPLACE INTO vectors(embedding, image, shard, row) VALUES (?,?,?,?)",
-                            [(emb, int(i), shard, committed + n) for n, i in enumerate(ids)])
+        self.db.executemany(
+            "INSERT OR REPLACE INTO vectors(embedding, image, shard, row) VALUES (?,?,?,?)",
+            [(emb, int(i), shard, committed + n) for n, i in enumerate(ids)],
+        )
         self.db.execute("UPDATE shards SET rows = rows + ?, live = live + ? WHERE id=?", (len(ids), len(ids), shard))
 
     def remove(self, ids: Iterable[int], version: int) -> None:
@@ -228,7 +243,8 @@ class Catalog:
         rows = self.db.execute(
             f"SELECT id, path, label, size, mtime_ns, sha256 FROM images WHERE {VISIBLE} AND id NOT IN "
             "(SELECT image FROM vectors WHERE embedding=(SELECT id FROM embeddings WHERE fingerprint=:e)) ORDER BY id",
-            {"v": version, "e": embedding})
+            {"v": version, "e": embedding},
+        )
         return [Row(*r) for r in rows]
 
     def count(self, version: int) -> int:
@@ -248,15 +264,18 @@ class Catalog:
         rows = self.db.execute(
             f"SELECT i.id, v.shard, v.row FROM images i JOIN vectors v ON v.image = i.id AND "
             f"v.embedding = (SELECT id FROM embeddings WHERE fingerprint=:e) WHERE {where} ORDER BY i.id",
-            {"v": version, "e": embedding}).fetchall()
+            {"v": version, "e": embedding},
+        ).fetchall()
         return self._gather(embedding, rows)
 
     def vectors_for_ids(self, embedding: str, ids: np.ndarray) -> np.ndarray:
         """Vectors of `embedding` for these image ids, in the order given (an exact re-rank's candidates)."""
         emb = self.db.execute("SELECT id FROM embeddings WHERE fingerprint=?", (embedding,)).fetchone()
         marks = ",".join("?" * len(ids))
-        rows = self.db.execute(f"SELECT image, shard, row FROM vectors WHERE embedding=? AND image IN ({marks})",
-                               (emb[0] if emb else -1, *map(int, ids))).fetchall()
+        rows = self.db.execute(
+            f"SELECT image, shard, row FROM vectors WHERE embedding=? AND image IN ({marks})",
+            (emb[0] if emb else -1, *map(int, ids)),
+        ).fetchall()
         found_ids, vectors = self._gather(embedding, rows)
         where = {int(i): n for n, i in enumerate(found_ids)}
         if len(where) != len(ids):
@@ -268,10 +287,14 @@ class Catalog:
 
         SimimgError when a shard has gone meanwhile (a writer compacted after a newer version): read again.
         """
-        rows = np.array(self.db.execute(
-            f"SELECT i.id, v.shard, v.row FROM images i JOIN vectors v ON v.image = i.id AND "
-            f"v.embedding = (SELECT id FROM embeddings WHERE fingerprint=:e) WHERE {VISIBLE}",
-            {"v": version, "e": embedding}).fetchall(), dtype=np.int64).reshape(-1, 3)
+        rows = np.array(
+            self.db.execute(
+                f"SELECT i.id, v.shard, v.row FROM images i JOIN vectors v ON v.image = i.id AND "
+                f"v.embedding = (SELECT id FROM embeddings WHERE fingerprint=:e) WHERE {VISIBLE}",
+                {"v": version, "e": embedding},
+            ).fetchall(),
+            dtype=np.int64,
+        ).reshape(-1, 3)
         dim = self.db.execute("SELECT dim FROM embeddings WHERE fingerprint=?", (embedding,)).fetchone()
         try:
             return StoredVectors(self.vectors_dir, embedding, dim[0] if dim else 0, rows[:, 0], rows[:, 1], rows[:, 2])
@@ -288,21 +311,27 @@ class Catalog:
 
     def publish(self, version: int, model: str, embedding: str, index_kind: str) -> None:
         """Make `version` the one readers see; forget rows and versions no kept version can see any more."""
-        self.db.execute("INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?)",
-                        (version, model, embedding, self.count(version), index_kind, time.time()))
-        gone = [r[0] for r in self.db.execute("SELECT id FROM images WHERE removed IS NOT NULL AND removed < ?",
-                                              (version,))]
+        self.db.execute(
+            "INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?)",
+            (version, model, embedding, self.count(version), index_kind, time.time()),
+        )
+        gone = [
+            r[0] for r in self.db.execute("SELECT id FROM images WHERE removed IS NOT NULL AND removed < ?", (version,))
+        ]
         self._drop_vectors_of(gone)
         self.db.execute("DELETE FROM images WHERE removed IS NOT NULL AND removed < ?", (version,))
         self.db.execute("DELETE FROM versions WHERE version < ?", (version - 1,))
 
     def _drop_vectors_of(self, ids: list[int]) -> None:
         for start in range(0, len(ids), 900):
-            chunk = ids[start:start + 900]
+            chunk = ids[start : start + 900]
             marks = ",".join("?" * len(chunk))
-            self.db.execute(f"UPDATE shards SET live = live - (SELECT COUNT(*) FROM vectors v WHERE v.shard = "
-                            f"shards.id AND v.image IN ({marks})) WHERE id IN (SELECT shard FROM vectors WHERE "
-                            f"image IN ({marks}))", chunk + chunk)
+            self.db.execute(
+                f"UPDATE shards SET live = live - (SELECT COUNT(*) FROM vectors v WHERE v.shard = "
+                f"shards.id AND v.image IN ({marks})) WHERE id IN (SELECT shard FROM vectors WHERE "
+                f"image IN ({marks}))",
+                chunk + chunk,
+            )
             self.db.execute(f"DELETE FROM vectors WHERE image IN ({marks})", chunk)
 
     # --- housekeeping, by the writer -----------------------------------------------------------
@@ -321,10 +350,12 @@ class Catalog:
         sparse = self.db.execute(
             "SELECT s.id, e.fingerprint, e.dim FROM shards s JOIN embeddings e ON e.id = s.embedding "
             "WHERE s.live < ? * s.rows AND s.id < (SELECT MAX(id) FROM shards t WHERE t.embedding = s.embedding)",
-            (COMPACT_BELOW,)).fetchall()
+            (COMPACT_BELOW,),
+        ).fetchall()
         for shard, fp, dim in sparse:
-            rows = self.db.execute("SELECT image, shard, row FROM vectors WHERE shard=? ORDER BY image",
-                                   (shard,)).fetchall()
+            rows = self.db.execute(
+                "SELECT image, shard, row FROM vectors WHERE shard=? ORDER BY image", (shard,)
+            ).fetchall()
             ids, vectors = self._gather(fp, rows)
             self.db.execute("DELETE FROM vectors WHERE shard=?", (shard,))
             self.db.execute("DELETE FROM shards WHERE id=?", (shard,))
@@ -346,11 +377,13 @@ class Catalog:
 
     def _open_shard(self, emb: int, dim: int) -> tuple[int, int]:
         """(shard id, committed rows) of the embedding's current shard, starting a new one when it is full."""
-        row = self.db.execute("SELECT id, rows FROM shards WHERE embedding=? ORDER BY id DESC LIMIT 1",
-                              (emb,)).fetchone()
+        row = self.db.execute(
+            "SELECT id, rows FROM shards WHERE embedding=? ORDER BY id DESC LIMIT 1", (emb,)
+        ).fetchone()
         if row is None or row[1] >= rows_per_shard(dim):
-            shard = self.db.execute("INSERT INTO shards(embedding, rows, live) VALUES (?, 0, 0) RETURNING id",
-                                    (emb,)).fetchone()[0]
+            shard = self.db.execute(
+                "INSERT INTO shards(embedding, rows, live) VALUES (?, 0, 0) RETURNING id", (emb,)
+            ).fetchone()[0]
             return shard, 0
         return row
 
@@ -374,7 +407,8 @@ class Catalog:
                 rows = self.db.execute(
                     f"SELECT i.id, v.shard, v.row FROM images i JOIN vectors v ON v.image = i.id AND v.embedding = "
                     f"(SELECT id FROM embeddings WHERE fingerprint=:e) WHERE {VISIBLE} ORDER BY i.id",
-                    {"v": snapshot.version, "e": snapshot.embedding}).fetchall()
+                    {"v": snapshot.version, "e": snapshot.embedding},
+                ).fetchall()
                 try:
                     _, vectors = self._gather(snapshot.embedding, rows)
                 except FileNotFoundError:
@@ -387,20 +421,30 @@ class Catalog:
         published = self.published()
         if published is None:
             return None
-        rows = self.db.execute(f"SELECT id, path, label, sha256 FROM images WHERE {VISIBLE} ORDER BY id",
-                               {"v": published.version}).fetchall()
-        return Snapshot(published.version, published.model, published.embedding, published.index_kind,
-                        np.array([r[0] for r in rows], dtype=np.int64), [r[1] for r in rows], [r[2] for r in rows],
-                        [r[3] for r in rows])
+        rows = self.db.execute(
+            f"SELECT id, path, label, sha256 FROM images WHERE {VISIBLE} ORDER BY id", {"v": published.version}
+        ).fetchall()
+        return Snapshot(
+            published.version,
+            published.model,
+            published.embedding,
+            published.index_kind,
+            np.array([r[0] for r in rows], dtype=np.int64),
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            [r[3] for r in rows],
+        )
 
     def label_counts(self, version: int) -> dict[str, int]:
-        rows = self.db.execute(f"SELECT COALESCE(label, ''), COUNT(*) FROM images WHERE {VISIBLE} GROUP BY 1",
-                               {"v": version})
+        rows = self.db.execute(
+            f"SELECT COALESCE(label, ''), COUNT(*) FROM images WHERE {VISIBLE} GROUP BY 1", {"v": version}
+        )
         return {label: n for label, n in rows}
 
     def iter_rows(self, version: int) -> list[Row]:
-        rows = self.db.execute(f"SELECT id, path, label, size, mtime_ns, sha256 FROM images WHERE {VISIBLE} "
-                               "ORDER BY id", {"v": version})
+        rows = self.db.execute(
+            f"SELECT id, path, label, size, mtime_ns, sha256 FROM images WHERE {VISIBLE} ORDER BY id", {"v": version}
+        )
         return [Row(*r) for r in rows]
 
 

@@ -26,8 +26,11 @@ log = logging.getLogger("simimg")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     from simimg.embed import reuse_freed_memory
 
     reuse_freed_memory()  # process-wide allocator tuning: the entry point opts in, the library never does
@@ -87,20 +90,30 @@ def add_home(p: argparse.ArgumentParser, name_required: bool = True) -> None:
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", choices=sorted(ARCHITECTURES), help="backbone (default densenet121)")
-    p.add_argument("--weights", help="imagenet (default, torchvision's weights API), none (random init), "
-                                     "or PATH to a state dict or an earlier simimg model folder")
+    p.add_argument(
+        "--weights",
+        help="imagenet (default, torchvision's weights API), none (random init), "
+        "or PATH to a state dict or an earlier simimg model folder",
+    )
     p.add_argument("--image-size", type=positive_int, help="crop size in pixels (default 224)")
     add_compute(p)
     p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--workers", type=non_negative_int,
-                   help="decode processes (default: all cores feeding a GPU; none on the CPU, which decodes inline)")
+    p.add_argument(
+        "--workers",
+        type=non_negative_int,
+        help="decode processes (default: all cores feeding a GPU; none on the CPU, which decodes inline)",
+    )
 
 
 def add_compute(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto: CUDA when present)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto (default): bf16 where the device has native bf16 units (CUDA, or a CPU with "
-                        "AVX512-BF16 or AMX), else fp32 (CPU training: fp32); fp32 or bf16 force one")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto (default): bf16 where the device has native bf16 units (CUDA, or a CPU with "
+        "AVX512-BF16 or AMX), else fp32 (CPU training: fp32); fp32 or bf16 force one",
+    )
 
 
 def emit(args: argparse.Namespace, payload: object, human: Callable[[], None]) -> None:
@@ -135,34 +148,71 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data_dir", metavar="DATA_DIR", help="folder of images, root/<class>/<image>")
     add_home(p, name_required=False)
     add_model_options(p)
-    p.add_argument("--chunk-size", type=positive_int, default=512,
-                   help="commit embeddings every this many images, so an interrupted run resumes (default 512)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model first: minutes to start, faster per image on large folders")
-    p.add_argument("--index-kind", choices=("auto", *INDEX_KINDS),
-                   help="FAISS index: flat (exact), ivf, or ivfpq (compressed, 264 bytes a vector, exact re-rank "
-                        "from the stored vectors); auto picks by size (default: as last built, else auto)")
+    p.add_argument(
+        "--chunk-size",
+        type=positive_int,
+        default=512,
+        help="commit embeddings every this many images, so an interrupted run resumes (default 512)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model first: minutes to start, faster per image on large folders",
+    )
+    p.add_argument(
+        "--index-kind",
+        choices=("auto", *INDEX_KINDS),
+        help="FAISS index: flat (exact), ivf, or ivfpq (compressed, 264 bytes a vector, exact re-rank "
+        "from the stored vectors); auto picks by size (default: as last built, else auto)",
+    )
     group = p.add_argument_group("the ray engine (pip install 'simimg[ray]'; see docs/SCALING.md)")
-    group.add_argument("--engine", choices=("local", "ray"), default="local",
-                     help="where images are embedded: this process (default), or Ray Data on a cluster")
-    group.add_argument("--address", help="the Ray cluster: host:port, ray://host:port or auto (default: $RAY_ADDRESS, "
-                                       "else a local Ray instance)")
-    group.add_argument("--ray-actors", type=positive_int,
-                     help="embedding actors (default: one per GPU of the cluster, else one per 4 CPUs)")
-    group.add_argument("--ray-shards", metavar="URI", help="where the run's Parquet shards go: a folder every node "
-                                                         "reaches, or s3://..., gs://... (default HOME/NAME/runs)")
+    group.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="where images are embedded: this process (default), or Ray Data on a cluster",
+    )
+    group.add_argument(
+        "--address",
+        help="the Ray cluster: host:port, ray://host:port or auto (default: $RAY_ADDRESS, else a local Ray instance)",
+    )
+    group.add_argument(
+        "--ray-actors",
+        type=positive_int,
+        help="embedding actors (default: one per GPU of the cluster, else one per 4 CPUs)",
+    )
+    group.add_argument(
+        "--ray-shards",
+        metavar="URI",
+        help="where the run's Parquet shards go: a folder every node "
+        "reaches, or s3://..., gs://... (default HOME/NAME/runs)",
+    )
 
 
 def _run_index(args: argparse.Namespace) -> int:
     name = args.name or api.folder_name(args.data_dir)
     bar = ProgressBar(f"index {name}")
     try:
-        report = api.build_index(args.data_dir, name, args.home, progress=bar, arch=args.arch, weights=args.weights,
-                                 image_size=args.image_size, device=args.device, precision=args.precision,
-                                 batch_size=args.batch_size, workers=args.workers, chunk_size=args.chunk_size,
-                                 compile=args.compile, engine=args.engine, address=args.address,
-                                 ray_actors=args.ray_actors, ray_shards=args.ray_shards,
-                                 index_kind=args.index_kind)
+        report = api.build_index(
+            args.data_dir,
+            name,
+            args.home,
+            progress=bar,
+            arch=args.arch,
+            weights=args.weights,
+            image_size=args.image_size,
+            device=args.device,
+            precision=args.precision,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            chunk_size=args.chunk_size,
+            compile=args.compile,
+            engine=args.engine,
+            address=args.address,
+            ray_actors=args.ray_actors,
+            ray_shards=args.ray_shards,
+            index_kind=args.index_kind,
+        )
     finally:
         bar.close()
     emit(args, report.to_dict(), lambda: print_index_report(report))
@@ -170,11 +220,15 @@ def _run_index(args: argparse.Namespace) -> int:
 
 
 def print_index_report(report: api.IndexReport) -> None:
-    print(f"{report.name}: embedded {report.indexed}, removed {report.removed}, {report.total} in the index "
-          f"(version {report.version}, model {report.model}, {report.seconds:.1f} s on {report.device})")
+    print(
+        f"{report.name}: embedded {report.indexed}, removed {report.removed}, {report.total} in the index "
+        f"(version {report.version}, model {report.model}, {report.seconds:.1f} s on {report.device})"
+    )
     if report.rebuilt:
-        print(f"the model's embedding changed: the search index was rebuilt from its vectors "
-              f"({report.indexed} images needed one)")
+        print(
+            f"the model's embedding changed: the search index was rebuilt from its vectors "
+            f"({report.indexed} images needed one)"
+        )
     for s in report.skipped:
         print(f"skipped {s.path}: {s.reason}")
 
@@ -235,26 +289,41 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     add_home(p, name_required=False)
     add_model_options(p)
     p.set_defaults(batch_size=32)
-    p.add_argument("--epochs", type=positive_int,
-                   help="default: 15 from pretrained weights, 80 from scratch (--weights none)")
+    p.add_argument(
+        "--epochs", type=positive_int, help="default: 15 from pretrained weights, 80 from scratch (--weights none)"
+    )
     p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 pretrained, 2e-3 from scratch)")
     p.add_argument("--val-split", type=float, default=0.2, help="validation share when there is no val/ folder")
     p.add_argument("--freeze-epochs", type=int, help="head-only warm-up epochs (default: 3 pretrained, 0 scratch)")
-    p.add_argument("--patience", type=int, help="stop after this many epochs without a better validation loss, "
-                                                 "counted once the learning rate is below half its peak "
-                                                 "(default: 5 pretrained, 20 scratch)")
+    p.add_argument(
+        "--patience",
+        type=int,
+        help="stop after this many epochs without a better validation loss, "
+        "counted once the learning rate is below half its peak "
+        "(default: 5 pretrained, 20 scratch)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--memory-efficient", action="store_true", help="DenseNet checkpointing: less memory, slower")
-    p.add_argument("--head-only", action="store_true",
-                   help="fit only a classifier on the embeddings the index already stores: seconds, nothing "
-                        "re-embedded; a folder with images the index does not hold (new, changed, or another "
-                        "collection's) is refused")
-    p.add_argument("--embed-missing", action="store_true",
-                   help="with --head-only (ignored without it): embed the images the index does not hold with its "
-                        "serving model (not added to the index) instead of refusing")
-    p.add_argument("--no-index", dest="index", action="store_false",
-                   help="stop after training: keep the new model without serving it (`simimg use` serves it later)")
+    p.add_argument(
+        "--head-only",
+        action="store_true",
+        help="fit only a classifier on the embeddings the index already stores: seconds, nothing "
+        "re-embedded; a folder with images the index does not hold (new, changed, or another "
+        "collection's) is refused",
+    )
+    p.add_argument(
+        "--embed-missing",
+        action="store_true",
+        help="with --head-only (ignored without it): embed the images the index does not hold with its "
+        "serving model (not added to the index) instead of refusing",
+    )
+    p.add_argument(
+        "--no-index",
+        dest="index",
+        action="store_false",
+        help="stop after training: keep the new model without serving it (`simimg use` serves it later)",
+    )
 
 
 class TrainBars:
@@ -268,21 +337,50 @@ class TrainBars:
         self.bar = ProgressBar(phase, unit="batch" if phase == "training" else "img")
 
     def on_epoch(self, s: EpochStats) -> None:
-        print(f"\repoch {s.epoch:>3} {s.phase:<8} train loss {s.train_loss:.4f} acc {s.train_accuracy:.3f} | "
-              f"val loss {s.val_loss:.4f} acc {s.val_accuracy:.3f} | lr {s.lr:.2e} | {s.images_per_s:.1f} img/s "
-              f"| {s.seconds:.1f} s", file=sys.stderr)
+        print(
+            f"\repoch {s.epoch:>3} {s.phase:<8} train loss {s.train_loss:.4f} acc {s.train_accuracy:.3f} | "
+            f"val loss {s.val_loss:.4f} acc {s.val_accuracy:.3f} | lr {s.lr:.2e} | {s.images_per_s:.1f} img/s "
+            f"| {s.seconds:.1f} s",
+            file=sys.stderr,
+        )
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    options = {key: getattr(args, key) for key in ("arch", "epochs", "lr", "freeze_epochs", "patience", "seed",
-                                                   "val_split", "device", "precision", "resume", "workers",
-                                                   "memory_efficient", "embed_missing", "batch_size", "index")}
+    options = {
+        key: getattr(args, key)
+        for key in (
+            "arch",
+            "epochs",
+            "lr",
+            "freeze_epochs",
+            "patience",
+            "seed",
+            "val_split",
+            "device",
+            "precision",
+            "resume",
+            "workers",
+            "memory_efficient",
+            "embed_missing",
+            "batch_size",
+            "index",
+        )
+    }
     bars = TrainBars()
-    hooks = api.Hooks(on_epoch=bars.on_epoch, progress=lambda done, total: bars.bar(done, total),
-                      on_phase=bars.on_phase)
+    hooks = api.Hooks(
+        on_epoch=bars.on_epoch, progress=lambda done, total: bars.bar(done, total), on_phase=bars.on_phase
+    )
     try:
-        report = api.train(args.data_dir, args.name, args.home, head_only=args.head_only, hooks=hooks,
-                           weights=args.weights or "imagenet", image_size=args.image_size or 224, **options)
+        report = api.train(
+            args.data_dir,
+            args.name,
+            args.home,
+            head_only=args.head_only,
+            hooks=hooks,
+            weights=args.weights or "imagenet",
+            image_size=args.image_size or 224,
+            **options,
+        )
     finally:
         bars.bar.close()
     emit(args, report.to_dict(), lambda: print_train_report(report))
@@ -292,15 +390,20 @@ def _run_train(args: argparse.Namespace) -> int:
 def print_train_report(report: api.TrainReport) -> None:
     if report.kind == "head":
         h = report.head
-        print(f"{report.name}: fitted a classifier on {h['from_catalog']} stored and {h['embedded']} new embeddings "
-              f"in {report.seconds:.1f} s (C={h['C']:g}); val accuracy {report.val_accuracy:.1%}; model {report.model}")
+        print(
+            f"{report.name}: fitted a classifier on {h['from_catalog']} stored and {h['embedded']} new embeddings "
+            f"in {report.seconds:.1f} s (C={h['C']:g}); val accuracy {report.val_accuracy:.1%}; model {report.model}"
+        )
     else:
         how = "stopped early" if report.stopped_early else "cancelled" if report.cancelled else "finished"
-        print(f"{report.name}: {how} after {len(report.history)} epochs in {report.seconds:.1f} s on {report.device}; "
-              f"kept epoch {report.best_epoch} (val accuracy {report.val_accuracy:.1%}) as model {report.model or '-'}")
+        print(
+            f"{report.name}: {how} after {len(report.history)} epochs in {report.seconds:.1f} s on {report.device}; "
+            f"kept epoch {report.best_epoch} (val accuracy {report.val_accuracy:.1%}) as model {report.model or '-'}"
+        )
     if report.index is not None:
-        print(f"serving it: version {report.index.version}, {report.index.total} images "
-              f"({report.index.indexed} embedded)")
+        print(
+            f"serving it: version {report.index.version}, {report.index.total} images ({report.index.indexed} embedded)"
+        )
     elif report.model:
         print(f"not serving it yet: `simimg use {report.model} --name {report.name}` serves it")
     for s in report.skipped:
@@ -308,8 +411,12 @@ def print_train_report(report: api.TrainReport) -> None:
 
 
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data_dir", metavar="DATA_DIR", nargs="?",
-                   help="evaluate on DATA_DIR/val if it exists, else on the validation split the model recorded")
+    p.add_argument(
+        "data_dir",
+        metavar="DATA_DIR",
+        nargs="?",
+        help="evaluate on DATA_DIR/val if it exists, else on the validation split the model recorded",
+    )
     add_home(p)
     add_compute(p)
     p.add_argument("--batch-size", type=positive_int, default=64)
@@ -320,24 +427,40 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     bar = ProgressBar(f"evaluate {args.name}")
     try:
-        result = api.evaluate(args.data_dir, args.name, args.home, model=args.model, progress=bar,
-                              device=args.device, precision=args.precision, batch_size=args.batch_size,
-                              workers=args.workers)
+        result = api.evaluate(
+            args.data_dir,
+            args.name,
+            args.home,
+            model=args.model,
+            progress=bar,
+            device=args.device,
+            precision=args.precision,
+            batch_size=args.batch_size,
+            workers=args.workers,
+        )
     finally:
         bar.close()
 
     def human() -> None:
         r = result["retrieval"]
-        print(f"{result['name']} (model {result['model']}): {result['images']} validation images from "
-              f"{result['data_dir']}")
-        print(f"accuracy {result['accuracy']:.1%}, macro-F1 {result['macro_f1']:.3f}; retrieval against the "
-              f"{r['gallery']} ({r['gallery_size']}): P@1 {r['p_at_1']:.3f}, P@10 {r['p_at_10']:.3f}, "
-              f"mAP {r['map']:.3f}")
+        print(
+            f"{result['name']} (model {result['model']}): {result['images']} validation images from "
+            f"{result['data_dir']}"
+        )
+        print(
+            f"accuracy {result['accuracy']:.1%}, macro-F1 {result['macro_f1']:.3f}; retrieval against the "
+            f"{r['gallery']} ({r['gallery_size']}): P@1 {r['p_at_1']:.3f}, P@10 {r['p_at_10']:.3f}, "
+            f"mAP {r['map']:.3f}"
+        )
         for label, m in result["per_class"].items():
-            print(f"  {label:<20} precision {m['precision']:.3f} recall {m['recall']:.3f} f1 {m['f1']:.3f} "
-                  f"({m['support']})")
-        print("confusion (rows true, columns predicted): " + " | ".join(
-            f"{c}: {row}" for c, row in zip(result["classes"], result["confusion_matrix"])))
+            print(
+                f"  {label:<20} precision {m['precision']:.3f} recall {m['recall']:.3f} f1 {m['f1']:.3f} "
+                f"({m['support']})"
+            )
+        print(
+            "confusion (rows true, columns predicted): "
+            + " | ".join(f"{c}: {row}" for c, row in zip(result["classes"], result["confusion_matrix"]))
+        )
         for m in result["most_confused"][:10]:
             print(f"  {m['probability']:.1%} {m['predicted']} but is {m['label']}: {m['path']}")
 
@@ -358,6 +481,7 @@ def _run_model_info(args: argparse.Namespace) -> int:
     from simimg.model_info import model_info
 
     info = model_info(args.arch, args.image_size, args.device, args.batch_size, args.memory_efficient)
+
     def human() -> None:
         for key, value in info.items():
             print(f"{key:>24}: {value}")
@@ -373,8 +497,12 @@ def _audit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--workers", type=non_negative_int)
-    p.add_argument("--val-split", type=float, default=0.2,
-                   help="without train/ and val/ folders, the seeded split `simimg train` would make (default 0.2)")
+    p.add_argument(
+        "--val-split",
+        type=float,
+        default=0.2,
+        help="without train/ and val/ folders, the seeded split `simimg train` would make (default 0.2)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--folds", type=positive_int, default=5, help="cross-validation folds for the label check")
     p.add_argument("--show", type=non_negative_int, default=20, help="findings of each kind to print (default 20)")
@@ -383,9 +511,18 @@ def _audit_arguments(p: argparse.ArgumentParser) -> None:
 def _run_audit(args: argparse.Namespace) -> int:
     bar = ProgressBar(f"audit {args.name or api.folder_name(args.data_dir)}")
     try:
-        report = api.audit(args.data_dir, args.name, args.home, progress=bar, device=args.device,
-                           batch_size=args.batch_size, workers=args.workers, val_split=args.val_split, seed=args.seed,
-                           folds=args.folds)
+        report = api.audit(
+            args.data_dir,
+            args.name,
+            args.home,
+            progress=bar,
+            device=args.device,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            val_split=args.val_split,
+            seed=args.seed,
+            folds=args.folds,
+        )
     finally:
         bar.close()
     emit(args, report.to_dict(), lambda: print_audit_report(report, args.show))
@@ -395,13 +532,20 @@ def _run_audit(args: argparse.Namespace) -> int:
 def print_audit_report(report: api.AuditReport, show: int) -> None:
     s = report.summary
     balance = s["imbalance"]
-    print(f"{s['data_dir']}: {s['images']} images in {len(s['classes'])} classes ({s['split']} split), model "
-          f"{s['model']}; {s['embedded']} embedded here, {s['from_catalog']} from the index")
-    print(f"label issues {s['label_issues']} | exact duplicates {s['exact_duplicates']} | near duplicates "
-          f"{s['near_duplicates']} (cosine >= {s['near_threshold']:.6f}) | cross-class {s['cross_class']} | "
-          f"cross-split {s['cross_split']} | outliers {s['outliers']}")
-    print("classes: " + ", ".join(f"{c} {n}" for c, n in balance["counts"].items())
-          + (f" (imbalanced, {balance['ratio']:.2f}x)" if balance["imbalanced"] else ""))
+    print(
+        f"{s['data_dir']}: {s['images']} images in {len(s['classes'])} classes ({s['split']} split), model "
+        f"{s['model']}; {s['embedded']} embedded here, {s['from_catalog']} from the index"
+    )
+    print(
+        f"label issues {s['label_issues']} | exact duplicates {s['exact_duplicates']} | near duplicates "
+        f"{s['near_duplicates']} (cosine >= {s['near_threshold']:.6f}) | cross-class {s['cross_class']} | "
+        f"cross-split {s['cross_split']} | outliers {s['outliers']}"
+    )
+    print(
+        "classes: "
+        + ", ".join(f"{c} {n}" for c, n in balance["counts"].items())
+        + (f" (imbalanced, {balance['ratio']:.2f}x)" if balance["imbalanced"] else "")
+    )
     for d in report.duplicates[:show]:
         flags = " ".join(f for f, on in (("cross-class", d["cross_class"]), ("cross-split", d["cross_split"])) if on)
         print(f"  {d['kind']:<5} {d['score']:.6f} {flags:<23} " + " = ".join(d["paths"]))
@@ -417,21 +561,43 @@ def _explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("image", metavar="IMAGE")
     add_home(p)
     p.add_argument("--out", required=True, help="PNG to write: the map over the image, at the image's size")
-    p.add_argument("--neighbor", help="explain the similarity to this image (a gallery path as results show it, "
-                                      "or any file) instead of the predicted class")
+    p.add_argument(
+        "--neighbor",
+        help="explain the similarity to this image (a gallery path as results show it, "
+        "or any file) instead of the predicted class",
+    )
     p.add_argument("--label", help="explain this class instead of the predicted one")
-    p.add_argument("--method", choices=METHODS, default="gradcam", help="the grad-cam library's method (default gradcam)")
+    p.add_argument(
+        "--method", choices=METHODS, default="gradcam", help="the grad-cam library's method (default gradcam)"
+    )
     p.add_argument("--device", default="auto")
 
 
 def _run_explain(args: argparse.Namespace) -> int:
-    result = api.explain(args.image, args.name, args.home, neighbor=args.neighbor, label=args.label, out=args.out,
-                         method=args.method, device=args.device)
+    result = api.explain(
+        args.image,
+        args.name,
+        args.home,
+        neighbor=args.neighbor,
+        label=args.label,
+        out=args.out,
+        method=args.method,
+        device=args.device,
+    )
     payload = {"image": args.image, **result.to_dict(), "out": args.out}
-    what = f"class {result.target} ({result.score:.1%})" if result.kind == "class" else \
-        f"similarity to {result.target} (cosine {result.score:.4f})"
-    emit(args, payload, lambda: print(f"{args.out}: where the model looks for the {what}, {result.method} on "
-                                      f"{result.layer}, {result.size[0]}x{result.size[1]}"))
+    what = (
+        f"class {result.target} ({result.score:.1%})"
+        if result.kind == "class"
+        else f"similarity to {result.target} (cosine {result.score:.4f})"
+    )
+    emit(
+        args,
+        payload,
+        lambda: print(
+            f"{args.out}: where the model looks for the {what}, {result.method} on "
+            f"{result.layer}, {result.size[0]}x{result.size[1]}"
+        ),
+    )
     return 0
 
 
@@ -446,8 +612,10 @@ def _run_models(args: argparse.Namespace) -> int:
     def human() -> None:
         for m in entries:
             accuracy = "-" if m.val_accuracy is None else f"{m.val_accuracy:.1%}"
-            print(f"{'*' if m.serving else ' '} {m.fingerprint}  {m.created}  {m.kind:<10} {m.arch:<12} "
-                  f"val {accuracy:>6}  {m.source}")
+            print(
+                f"{'*' if m.serving else ' '} {m.fingerprint}  {m.created}  {m.kind:<10} {m.arch:<12} "
+                f"val {accuracy:>6}  {m.source}"
+            )
 
     emit(args, [dataclasses.asdict(m) for m in entries], human)
     return 0
@@ -462,8 +630,9 @@ def _use_arguments(p: argparse.ArgumentParser) -> None:
 def _run_use(args: argparse.Namespace) -> int:
     bar = ProgressBar(f"use {args.fingerprint}")
     try:
-        report = api.use_model(args.fingerprint, args.name, args.home, args.device, progress=bar,
-                               precision=args.precision)
+        report = api.use_model(
+            args.fingerprint, args.name, args.home, args.device, progress=bar, precision=args.precision
+        )
     finally:
         bar.close()
     emit(args, report.to_dict(), lambda: print_index_report(report))
@@ -473,15 +642,22 @@ def _run_use(args: argparse.Namespace) -> int:
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     add_home(p)
     p.add_argument("--out", required=True, help="the file to write (e.g. model.onnx, or model.zip for a bundle)")
-    p.add_argument("--format", choices=["onnx", "bundle"], default="onnx",
-                   help="onnx (checked against onnxruntime) or bundle (model.json + model.safetensors, zipped)")
+    p.add_argument(
+        "--format",
+        choices=["onnx", "bundle"],
+        default="onnx",
+        help="onnx (checked against onnxruntime) or bundle (model.json + model.safetensors, zipped)",
+    )
     p.add_argument("--model", help="a kept model's fingerprint (or a unique prefix); default: the one serving")
 
 
 def _run_export(args: argparse.Namespace) -> int:
     written = api.export_model(args.name, args.out, args.format, args.home, args.model)
-    emit(args, written, lambda: print(f"{args.name}: model {written['model']} written to {written['path']} "
-                                      f"({written['format']})"))
+    emit(
+        args,
+        written,
+        lambda: print(f"{args.name}: model {written['model']} written to {written['path']} ({written['format']})"),
+    )
     return 0
 
 
@@ -494,65 +670,134 @@ def _run_upgrade(args: argparse.Namespace) -> int:
     from simimg.upgrade import upgrade
 
     changed = upgrade(IndexFolder.of(args.home, args.name))
-    emit(args, {"name": args.name, "upgraded": changed},
-         lambda: print(f"{args.name}: {'upgraded to this layout' if changed else 'already in this layout'}"))
+    emit(
+        args,
+        {"name": args.name, "upgraded": changed},
+        lambda: print(f"{args.name}: {'upgraded to this layout' if changed else 'already in this layout'}"),
+    )
     return 0
 
 
 # --- serve ---------------------------------------------------------------------------------------------
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--home", help="where indexes live (default: $SIMIMG_HOME, else ./indexes)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1); any other than loopback needs $SIMIMG_API_TOKEN")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1); any other than loopback needs $SIMIMG_API_TOKEN",
+    )
     p.add_argument("--port", type=non_negative_int, default=8000)
-    p.add_argument("--workers", type=positive_int, default=1,
-                   help="server processes, each with its own warm models (default 1: one per machine suits a CPU)")
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="server processes, each with its own warm models (default 1: one per machine suits a CPU)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--max-batch", type=positive_int, default=16, help="images per forward pass at most (default 16)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="how long the oldest waiting image waits for others to join its batch (default 5)")
-    p.add_argument("--max-queue", type=positive_int, default=64,
-                   help="images (and requests) waiting at most; beyond, 503 at once (default 64)")
-    p.add_argument("--timeout", dest="timeout_s", type=float, default=30.0,
-                   help="seconds a request may wait for its answer; 504 after (default 30)")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="how long the oldest waiting image waits for others to join its batch (default 5)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=positive_int,
+        default=64,
+        help="images (and requests) waiting at most; beyond, 503 at once (default 64)",
+    )
+    p.add_argument(
+        "--timeout",
+        dest="timeout_s",
+        type=float,
+        default=30.0,
+        help="seconds a request may wait for its answer; 504 after (default 30)",
+    )
     p.add_argument("--max-mb", type=float, default=20.0, help="largest upload in MB (default 20)")
     p.add_argument("--max-files", type=positive_int, default=16, help="images per request at most (default 16)")
-    p.add_argument("--threads", type=positive_int,
-                   help="torch threads for the forward passes (default: torch's, one per core); 1 does better when "
-                        "other processes keep the cores busy")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        help="torch threads for the forward passes (default: torch's, one per core); 1 does better when "
+        "other processes keep the cores busy",
+    )
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    options = {key: getattr(args, key) for key in ("device", "max_batch", "max_wait_ms", "max_queue", "timeout_s",
-                                                   "max_mb", "max_files", "threads")}
+    options = {
+        key: getattr(args, key)
+        for key in ("device", "max_batch", "max_wait_ms", "max_queue", "timeout_s", "max_mb", "max_files", "threads")
+    }
     api.serve(args.home, args.host, args.port, args.workers, access_log=args.verbose, **options)
     return 0
 
 
 COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = [
-    ("index", "build or update an index of a folder (only new or changed files are embedded)",
-     _index_arguments, _run_index),
-    ("query", "find the images most similar to IMAGE (and its predicted class, with a trained model)",
-     _query_arguments, _run_query),
+    (
+        "index",
+        "build or update an index of a folder (only new or changed files are embedded)",
+        _index_arguments,
+        _run_index,
+    ),
+    (
+        "query",
+        "find the images most similar to IMAGE (and its predicted class, with a trained model)",
+        _query_arguments,
+        _run_query,
+    ),
     ("info", "what an index holds: counts per label, backbone, fingerprint, classifier", _info_arguments, _run_info),
-    ("train", "fine-tune a classifier on class folders (or train one from scratch) into NAME's model",
-     _train_arguments, _run_train),
-    ("evaluate", "accuracy, per-class F1, confusion and retrieval quality of NAME's trained model",
-     _evaluate_arguments, _run_evaluate),
-    ("audit", "find likely label errors, exact and near duplicates (cross-class, cross-split), outliers and "
-              "class imbalance in a labelled folder", _audit_arguments, _run_audit),
-    ("explain", "where the model looks: a heatmap of the predicted class, or of the similarity to a neighbour",
-     _explain_arguments, _run_explain),
+    (
+        "train",
+        "fine-tune a classifier on class folders (or train one from scratch) into NAME's model",
+        _train_arguments,
+        _run_train,
+    ),
+    (
+        "evaluate",
+        "accuracy, per-class F1, confusion and retrieval quality of NAME's trained model",
+        _evaluate_arguments,
+        _run_evaluate,
+    ),
+    (
+        "audit",
+        "find likely label errors, exact and near duplicates (cross-class, cross-split), outliers and "
+        "class imbalance in a labelled folder",
+        _audit_arguments,
+        _run_audit,
+    ),
+    (
+        "explain",
+        "where the model looks: a heatmap of the predicted class, or of the similarity to a neighbour",
+        _explain_arguments,
+        _run_explain,
+    ),
     ("models", "every model NAME keeps, newest first; * marks the one serving", _models_arguments, _run_models),
     ("use", "serve a kept model (re-embeds only images it has no vectors for)", _use_arguments, _run_use),
-    ("export", "write a kept model for use elsewhere: ONNX (checked with onnxruntime) or its safetensors bundle",
-     _export_arguments, _run_export),
-    ("upgrade", "convert an index made by simimg 0.1 to this version's layout, keeping every vector",
-     _upgrade_arguments, _run_upgrade),
-    ("serve", "serve the indexes over HTTP for programs (query, embed, info), with micro-batching",
-     _serve_arguments, _run_serve),
-    ("model-info", "parameters, GFLOPs per image, embedding size (and peak training memory on CUDA) of a backbone",
-     _model_info_arguments, _run_model_info),
+    (
+        "export",
+        "write a kept model for use elsewhere: ONNX (checked with onnxruntime) or its safetensors bundle",
+        _export_arguments,
+        _run_export,
+    ),
+    (
+        "upgrade",
+        "convert an index made by simimg 0.1 to this version's layout, keeping every vector",
+        _upgrade_arguments,
+        _run_upgrade,
+    ),
+    (
+        "serve",
+        "serve the indexes over HTTP for programs (query, embed, info), with micro-batching",
+        _serve_arguments,
+        _run_serve,
+    ),
+    (
+        "model-info",
+        "parameters, GFLOPs per image, embedding size (and peak training memory on CUDA) of a backbone",
+        _model_info_arguments,
+        _run_model_info,
+    ),
 ]
 
 if __name__ == "__main__":

@@ -119,8 +119,9 @@ def merge_on_disk(trained: faiss.Index, parts: Iterable[faiss.Index], folder: Pa
     return merged
 
 
-def build(dim: int, ids: np.ndarray, fetch: VectorFetch, on_disk: Path | None = None,
-          encode: PartEncoder = encode_here) -> faiss.Index:
+def build(
+    dim: int, ids: np.ndarray, fetch: VectorFetch, on_disk: Path | None = None, encode: PartEncoder = encode_here
+) -> faiss.Index:
     """Train on a sample, encode part by part with `encode`, merge (in RAM, or into `on_disk`'s list file): peak
     memory is the parts in flight plus the codes (one part here)."""
     trained = train(dim, ids, fetch)

@@ -53,8 +53,13 @@ class Split:
 
     def describe(self) -> dict:
         """What the bundle records, so `simimg evaluate` can find the same validation images later."""
-        return {"data_dir": str(self.root.resolve()), "kind": self.kind, "seeded_from": self.seeded_from,
-                "train": len(self.train), "val_paths": [r.path for r in self.val]}
+        return {
+            "data_dir": str(self.root.resolve()),
+            "kind": self.kind,
+            "seeded_from": self.seeded_from,
+            "train": len(self.train),
+            "val_paths": [r.path for r in self.val],
+        }
 
     def source(self, val_split: float | None = None) -> str:
         """Where the validation images come from, in words for the Train page and the log (with the share if given)."""
@@ -93,12 +98,14 @@ class TrainAugment:
 
     @cached_property
     def _compose(self) -> transforms.Compose:
-        return transforms.Compose([
-            transforms.RandomResizedCrop(self.crop_size, scale=self.scale, antialias=True),
-            transforms.RandomHorizontalFlip(),
-            transforms.ColorJitter(self.jitter, self.jitter, self.jitter),
-            transforms.PILToTensor(),
-        ])
+        return transforms.Compose(
+            [
+                transforms.RandomResizedCrop(self.crop_size, scale=self.scale, antialias=True),
+                transforms.RandomHorizontalFlip(),
+                transforms.ColorJitter(self.jitter, self.jitter, self.jitter),
+                transforms.PILToTensor(),
+            ]
+        )
 
 
 def split_dataset(data_dir: str | Path, val_split: float = VAL_SPLIT, seed: int = 0) -> Split:
@@ -113,18 +120,27 @@ def split_dataset(data_dir: str | Path, val_split: float = VAL_SPLIT, seed: int 
     scan = scan_folder(data_dir)
     labelled = [r for r in scan.records if r.label is not None]
     if not labelled:
-        raise SimimgError(f"no images in class folders under {scan.root} (looked for "
-                          f"{', '.join(sorted(IMAGE_EXTENSIONS))}); put them in <folder>/<class>/<image>")
+        raise SimimgError(
+            f"no images in class folders under {scan.root} (looked for "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))}); put them in <folder>/<class>/<image>"
+        )
     if len(labelled) < len(scan.records):
-        log.warning("ignoring %d images directly in %s: they have no class folder", len(scan.records) - len(labelled),
-                    scan.root)
+        log.warning(
+            "ignoring %d images directly in %s: they have no class folder", len(scan.records) - len(labelled), scan.root
+        )
     if _is_split(labelled):
         split = _folder_split(scan, labelled, val_split, seed)
     else:
         _check_classes(scan.root, labelled, minimum=2)
         split = _seeded_split(scan, labelled, val_split, seed)
-    log.info("%s of %s: %d classes, %d train, %d val", split.source(val_split), split.root, len(split.classes),
-             len(split.train), len(split.val))
+    log.info(
+        "%s of %s: %d classes, %d train, %d val",
+        split.source(val_split),
+        split.root,
+        len(split.classes),
+        len(split.train),
+        len(split.val),
+    )
     return split
 
 
@@ -163,8 +179,10 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor | None:
 
 def _is_split(records: Sequence[Record]) -> bool:
     """scan_folder labels a train/val root's images by the folder below the split: 'train/<label>/...'."""
+
     def parts(r: Record) -> list[str]:
         return r.path.split("/")
+
     return all(len(parts(r)) > 2 and parts(r)[0] in SPLIT_NAMES and parts(r)[1] == r.label for r in records)
 
 
@@ -174,9 +192,11 @@ def _folder_split(scan: Scan, records: Sequence[Record], val_split: float, seed:
     val = [r for r in records if r.path.startswith("val/")]
     if not train:
         present = ", ".join(sorted({f"{r.path.split('/')[0]}/" for r in records}))
-        raise SimimgError(f"{scan.root} holds {present} but no train/ folder of images, so there is nothing to train "
-                          f"on: put training images in {scan.root}/train/<class>/<image> (val/ stays for validation). "
-                          "To search these images without training, build an index of the folder instead")
+        raise SimimgError(
+            f"{scan.root} holds {present} but no train/ folder of images, so there is nothing to train "
+            f"on: put training images in {scan.root}/train/<class>/<image> (val/ stays for validation). "
+            "To search these images without training, build an index of the folder instead"
+        )
     if not val and not (scan.root / "val").is_dir():
         _check_classes(scan.root / "train", train, minimum=2)
         log.info("%s has no val/ folder: validating on a seeded split of train/", scan.root)
@@ -185,16 +205,19 @@ def _folder_split(scan: Scan, records: Sequence[Record], val_split: float, seed:
     classes = tuple(sorted({r.label for r in train}))
     unknown = sorted({r.label for r in val} - set(classes))
     if unknown:
-        raise SimimgError(f"{scan.root}/val has classes with no training images ({', '.join(unknown)}); "
-                          f"add them under {scan.root}/train or remove them from val")
+        raise SimimgError(
+            f"{scan.root}/val has classes with no training images ({', '.join(unknown)}); "
+            f"add them under {scan.root}/train or remove them from val"
+        )
     if not val:
-        raise SimimgError(f"{scan.root}/val holds no images: put validation images in val/<class>/, or remove the "
-                          "empty val/ folder to validate on a seeded split of train/")
+        raise SimimgError(
+            f"{scan.root}/val holds no images: put validation images in val/<class>/, or remove the "
+            "empty val/ folder to validate on a seeded split of train/"
+        )
     return Split(scan.root, classes, tuple(train), tuple(val), "folders", scan.skipped)
 
 
-def _seeded_split(scan: Scan, records: Sequence[Record], val_split: float, seed: int,
-                  seeded_from: str = "") -> Split:
+def _seeded_split(scan: Scan, records: Sequence[Record], val_split: float, seed: int, seeded_from: str = "") -> Split:
     """Per class, a seeded shuffle; round(n * val_split) images (at least one, never all) validate."""
     rng = np.random.default_rng(seed)
     classes = tuple(sorted({r.label for r in records}))
@@ -217,8 +240,11 @@ def _check_classes(folder: Path, records: Sequence[Record], minimum: int) -> Non
     short = sorted(label for label, n in counts.items() if n < minimum)
     if short:
         need = "no images" if minimum == 1 else f"fewer than {minimum} images (one must train, one validate)"
-        raise SimimgError(f"class folder(s) {', '.join(short)} in {folder} have {need}: add images or remove "
-                          "those folders")
+        raise SimimgError(
+            f"class folder(s) {', '.join(short)} in {folder} have {need}: add images or remove those folders"
+        )
     if len(counts) < 2:
-        raise SimimgError(f"{folder} has {len(counts)} class folder(s); a classifier needs at least two: "
-                          "put each class's images in its own folder, <folder>/<class>/<image>")
+        raise SimimgError(
+            f"{folder} has {len(counts)} class folder(s); a classifier needs at least two: "
+            "put each class's images in its own folder, <folder>/<class>/<image>"
+        )

@@ -39,8 +39,14 @@ def build_demo(job: DemoJob = DemoJob(), progress: Progress | None = None) -> In
     """Write the demo images (idempotent: same seed, same pixels) and index them."""
     written = write_demo_images(Path(job.data_dir), job.per_class, job.size, job.seed)
     log.info("demo collection: %d images in %s", written, job.data_dir)
-    index_job = IndexJob(data_dir=job.data_dir, name=job.name, home=str(resolve_home(job.home)), weights="none",
-                         image_size=job.image_size, workers=0)
+    index_job = IndexJob(
+        data_dir=job.data_dir,
+        name=job.name,
+        home=str(resolve_home(job.home)),
+        weights="none",
+        image_size=job.image_size,
+        workers=0,
+    )
     return run_index(index_job, progress=progress)
 
 
@@ -54,7 +60,9 @@ def write_demo_images(folder: Path, per_class: int, size: int, seed: int = 0) ->
     return per_class * len(DEMO_CLASSES)
 
 
-def _gradient(rng: np.random.Generator, size: int, top: tuple[int, int, int], bottom: tuple[int, int, int]) -> Image.Image:
+def _gradient(
+    rng: np.random.Generator, size: int, top: tuple[int, int, int], bottom: tuple[int, int, int]
+) -> Image.Image:
     """A vertical colour gradient with a little jitter in both ends and some grain."""
     t = np.linspace(0, 1, size)[:, None, None]
     a = np.clip(np.array(top) + rng.integers(-20, 20, 3), 0, 255)
@@ -96,5 +104,7 @@ def _ocean(rng: np.random.Generator, size: int) -> Image.Image:
 
 
 SCENES: dict[str, Callable[[np.random.Generator, int], Image.Image]] = {
-    "sunsets": _sunset, "forests": _forest, "oceans": _ocean,
+    "sunsets": _sunset,
+    "forests": _forest,
+    "oceans": _ocean,
 }

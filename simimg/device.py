@@ -43,15 +43,18 @@ class Compute:
 
     device: torch.device
     precision: str  # "bf16" or "fp32"
-    autocast: Callable[[], contextlib.AbstractContextManager] = field(compare=False, repr=False, default=contextlib.nullcontext)
+    autocast: Callable[[], contextlib.AbstractContextManager] = field(
+        compare=False, repr=False, default=contextlib.nullcontext
+    )
     runtime: str = "torch"
 
     def __str__(self) -> str:
         return f"{self.device} ({self.precision}{', openvino' if self.runtime == 'openvino' else ''})"
 
 
-def resolve_compute(device: str = "auto", precision: str = "auto", training: bool = False,
-                    runtime: str = "auto", compile: bool = False) -> Compute:
+def resolve_compute(
+    device: str = "auto", precision: str = "auto", training: bool = False, runtime: str = "auto", compile: bool = False
+) -> Compute:
     """The device, and bf16 where it is native (CUDA with bf16, a CPU with AVX512-BF16 or AMX), else float32.
 
     "fp32" forces float32 anywhere; "bf16" forces bf16 even where it is emulated (slower, same results).
@@ -67,8 +70,7 @@ def resolve_compute(device: str = "auto", precision: str = "auto", training: boo
     runtime = "torch" if compile else resolve_runtime(dev, chosen, training, runtime)
     if chosen == "fp32":
         return Compute(dev, "fp32", runtime=runtime)
-    return Compute(dev, "bf16", functools.partial(torch.autocast, device_type=dev.type, dtype=torch.bfloat16),
-                   runtime)
+    return Compute(dev, "bf16", functools.partial(torch.autocast, device_type=dev.type, dtype=torch.bfloat16), runtime)
 
 
 def resolve_runtime(device: torch.device, precision: str, training: bool, runtime: str = "auto") -> str:
@@ -79,16 +81,17 @@ def resolve_runtime(device: torch.device, precision: str, training: bool, runtim
     """
     runtime = os.environ.get(RUNTIME_ENV, "auto") if runtime == "auto" else runtime
     if runtime not in RUNTIMES:
-        raise SimimgError(f"unknown runtime {runtime!r} (from ${RUNTIME_ENV} or the caller): use "
-                          f"{', '.join(RUNTIMES)}")
+        raise SimimgError(f"unknown runtime {runtime!r} (from ${RUNTIME_ENV} or the caller): use {', '.join(RUNTIMES)}")
     if training or runtime == "torch":
         return "torch"
     from simimg import openvino_trunk
 
     usable = device.type == "cpu" and openvino_trunk.available() and (precision == "fp32" or native_bf16(device))
     if runtime == "openvino" and not usable:
-        raise SimimgError("the openvino runtime runs on the CPU only, in float32 or in bf16 on a CPU with bf16 units, "
-                          "and needs the openvino package (pip install openvino); use the torch runtime")
+        raise SimimgError(
+            "the openvino runtime runs on the CPU only, in float32 or in bf16 on a CPU with bf16 units, "
+            "and needs the openvino package (pip install openvino); use the torch runtime"
+        )
     return "openvino" if usable else "torch"
 
 

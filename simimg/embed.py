@@ -90,7 +90,9 @@ class FileDataset(Dataset):
             return i, None, f"unexpected error: {type(err).__name__}: {err}"
 
 
-def collate(items: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int], torch.Tensor, list[str], list[tuple[int, str]]]:
+def collate(
+    items: list[tuple[int, torch.Tensor | None, str]],
+) -> tuple[list[int], torch.Tensor, list[str], list[tuple[int, str]]]:
     """Stack the good images; pass the failures through beside them."""
     good = [(i, t, h) for i, t, h in items if t is not None]
     failures = [(i, reason) for i, t, reason in items if t is None]
@@ -99,8 +101,14 @@ def collate(items: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int
 
 
 @torch.inference_mode()
-def infer(net: Net, batch: torch.Tensor, preprocess: Preprocess, compute: Compute, with_logits: bool = False,
-          trunk: Trunk | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def infer(
+    net: Net,
+    batch: torch.Tensor,
+    preprocess: Preprocess,
+    compute: Compute,
+    with_logits: bool = False,
+    trunk: Trunk | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """uint8 NCHW (any device) to L2-normalised float32 embeddings on the device, and the head's logits if asked.
 
     `trunk` is what `prepare_net` returned for `net`; without one, `net` runs as it is on torch (training's
@@ -111,8 +119,9 @@ def infer(net: Net, batch: torch.Tensor, preprocess: Preprocess, compute: Comput
     return torch.nn.functional.normalize(features, dim=1), logits
 
 
-def torch_trunk(net: Net, preprocess: Preprocess, compute: Compute,
-                embed: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Trunk:
+def torch_trunk(
+    net: Net, preprocess: Preprocess, compute: Compute, embed: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> Trunk:
     """`net`'s embedding (or `embed`, a compiled form of it) on torch: normalised on the device, in the fast memory
     format, under the compute's autocast."""
     device, memory_format = compute.device, memory_format_for(compute.device)
@@ -122,6 +131,7 @@ def torch_trunk(net: Net, preprocess: Preprocess, compute: Compute,
         x = preprocess.normalize(batch.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
         with compute.autocast():
             return embed(x)
+
     return run
 
 
@@ -160,8 +170,16 @@ def reuse_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 1 << 31)
 
 
-def make_loader(files: Sequence[Path], transform: ImageTransform, batch_size: int, workers: int,
-                device: torch.device, shuffle: bool = False, seed: int = 0, drop_last: bool = False) -> DataLoader:
+def make_loader(
+    files: Sequence[Path],
+    transform: ImageTransform,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
     """Batches of (positions, uint8 NCHW, hashes, failures) from `collate`; unreadable files never raise.
 
     The one loader for indexing, training and evaluation: pinned memory when it feeds a GPU.
@@ -199,14 +217,19 @@ def read_ahead(batches: Iterable[T], workers: int) -> Iterator[T]:
             yield batch
 
 
-def embed_files(net: Net, paths: Sequence[Path], preprocess: Preprocess, settings: EmbedSettings) -> Iterator[EmbeddedBatch]:
+def embed_files(
+    net: Net, paths: Sequence[Path], preprocess: Preprocess, settings: EmbedSettings
+) -> Iterator[EmbeddedBatch]:
     """Yield a batch at a time, so callers can checkpoint and report progress as they go."""
     compute = settings.compute
     trunk = prepare_net(net, compute, preprocess, settings.compile)
     loader = make_loader(paths, preprocess, settings.batch_size, settings.workers, compute.device)
     for positions, batch, hashes, failures in read_ahead(loader, loader.num_workers):
-        vectors = (infer(net, batch, preprocess, compute, trunk=trunk)[0].cpu().numpy() if positions
-                   else np.empty((0, net.dim), np.float32))
+        vectors = (
+            infer(net, batch, preprocess, compute, trunk=trunk)[0].cpu().numpy()
+            if positions
+            else np.empty((0, net.dim), np.float32)
+        )
         yield EmbeddedBatch(positions, vectors, hashes, failures)
 
 
@@ -217,9 +240,17 @@ class Encoder:
     with the same model.
     """
 
-    def __init__(self, arch: str = "densenet121", weights: str = "imagenet", image_size: int = 224,
-                 device: str = "auto", batch_size: int = 64, model: LoadedModel | None = None,
-                 precision: str = "auto", runtime: str = "auto") -> None:
+    def __init__(
+        self,
+        arch: str = "densenet121",
+        weights: str = "imagenet",
+        image_size: int = 224,
+        device: str = "auto",
+        batch_size: int = 64,
+        model: LoadedModel | None = None,
+        precision: str = "auto",
+        runtime: str = "auto",
+    ) -> None:
         self.compute = resolve_compute(device, precision, runtime=runtime)
         self.model = model or build_model(arch, weights, image_size)
         self.batch_size = batch_size
@@ -229,8 +260,10 @@ class Encoder:
     def dim(self) -> int:
         return self.model.net.dim
 
-    def encode(self, images: Sequence[str | Path | Image.Image] | str | Path | Image.Image,
-               ) -> tuple[np.ndarray, list[Skipped]]:
+    def encode(
+        self,
+        images: Sequence[str | Path | Image.Image] | str | Path | Image.Image,
+    ) -> tuple[np.ndarray, list[Skipped]]:
         """(N x D float32 unit vectors, skipped): a row per readable input, in input order; every unreadable
         input is listed with its reason instead of raising."""
         items = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
@@ -238,14 +271,18 @@ class Encoder:
         vectors, skipped = [np.empty((0, self.dim), np.float32)], []
         for start in range(0, len(items), self.batch_size):
             tensors = []
-            for i, item in enumerate(items[start:start + self.batch_size], start):
+            for i, item in enumerate(items[start : start + self.batch_size], start):
                 try:
-                    image = to_rgb(item) if isinstance(item, Image.Image) else \
-                        decode_image(read_bytes(item), draft_size=preprocess.resize_size)
+                    image = (
+                        to_rgb(item)
+                        if isinstance(item, Image.Image)
+                        else decode_image(read_bytes(item), draft_size=preprocess.resize_size)
+                    )
                     tensors.append(preprocess.to_uint8(image))
                 except BadImageError as err:
-                    skipped.append(Skipped(str(item) if not isinstance(item, Image.Image) else f"<image {i}>",
-                                           err.reason))
+                    skipped.append(
+                        Skipped(str(item) if not isinstance(item, Image.Image) else f"<image {i}>", err.reason)
+                    )
             if tensors:
                 embedded, _ = infer(self.model.net, torch.stack(tensors), preprocess, self.compute, trunk=self._trunk)
                 vectors.append(embedded.cpu().numpy())

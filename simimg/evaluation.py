@@ -45,16 +45,26 @@ class Predictions:
     failures: list[tuple[int, str]]
 
 
-def run_evaluation(name: str, home: str | None, data_dir: str | None = None, device: str = "auto",
-                   progress: Progress | None = None, batch_size: int = 64, workers: int | None = None,
-                   model: str | None = None, precision: str = "auto") -> dict:
+def run_evaluation(
+    name: str,
+    home: str | None,
+    data_dir: str | None = None,
+    device: str = "auto",
+    progress: Progress | None = None,
+    batch_size: int = 64,
+    workers: int | None = None,
+    model: str | None = None,
+    precision: str = "auto",
+) -> dict:
     """The `simimg evaluate --json` object for the serving (or the named kept) model of index NAME."""
     paths = IndexFolder.of(home, name)
     fingerprint = resolve_fingerprint(paths, model) if model else serving_model(paths)
     model = load_model(paths, fingerprint)
     if not model.bundle.has_classifier:
-        raise SimimgError(f"model {fingerprint} of '{name}' has no trained classifier: run "
-                          f"`simimg train DATA_DIR --name {name}` (add --head-only for one in seconds)")
+        raise SimimgError(
+            f"model {fingerprint} of '{name}' has no trained classifier: run "
+            f"`simimg train DATA_DIR --name {name}` (add --head-only for one in seconds)"
+        )
     split = evaluation_split(model, data_dir)
     compute = resolve_compute(device, precision)
     trunk = prepare_net(model.net, compute, model.bundle.preprocess)
@@ -68,12 +78,17 @@ def run_evaluation(name: str, home: str | None, data_dir: str | None = None, dev
     labels = split.labels(split.val)[val.positions]
     probs = torch.softmax(val.logits, dim=1).numpy()
     val_paths = [split.val[p].path for p in val.positions]
-    result = {"name": name, "model": fingerprint, "data_dir": str(split.root), "images": len(val.positions),
-              **classification_metrics(labels, probs, split.classes),
-              "retrieval": _retrieval(paths, model, split, val, labels, lambda: predict(split.train, None)),
-              "most_confused": most_confused(val_paths, labels, probs, split.classes),
-              "predictions": prediction_rows(val_paths, labels, probs, split.classes),
-              "skipped": [{"path": split.val[i].path, "reason": why} for i, why in val.failures]}
+    result = {
+        "name": name,
+        "model": fingerprint,
+        "data_dir": str(split.root),
+        "images": len(val.positions),
+        **classification_metrics(labels, probs, split.classes),
+        "retrieval": _retrieval(paths, model, split, val, labels, lambda: predict(split.train, None)),
+        "most_confused": most_confused(val_paths, labels, probs, split.classes),
+        "predictions": prediction_rows(val_paths, labels, probs, split.classes),
+        "skipped": [{"path": split.val[i].path, "reason": why} for i, why in val.failures],
+    }
     return result
 
 
@@ -86,8 +101,10 @@ def serving_model(folder: IndexFolder) -> str:
         with reading(folder.catalog) as catalog:
             published = catalog.published()
     if published is None:
-        raise SimimgError(f"index '{folder.name}' has no finished version yet, so no model serves it: run "
-                          f"`simimg index` on it, `simimg use MODEL --name {folder.name}`, or pass --model")
+        raise SimimgError(
+            f"index '{folder.name}' has no finished version yet, so no model serves it: run "
+            f"`simimg index` on it, `simimg use MODEL --name {folder.name}`, or pass --model"
+        )
     return published.model
 
 
@@ -103,19 +120,35 @@ def evaluation_split(model: LoadedModel, data_dir: str | None) -> Split:
         everything = split.train + split.val
         val = tuple(r for r in everything if r.path in val_paths)
         if not val:
-            raise SimimgError(f"none of the validation images this model recorded are in {split.root}; "
-                              "evaluate on the folder it was trained on, or on one with train/ and val/ folders")
-        split = Split(split.root, split.classes, tuple(r for r in everything if r.path not in val_paths), val,
-                      "recorded", split.skipped)
+            raise SimimgError(
+                f"none of the validation images this model recorded are in {split.root}; "
+                "evaluate on the folder it was trained on, or on one with train/ and val/ folders"
+            )
+        split = Split(
+            split.root,
+            split.classes,
+            tuple(r for r in everything if r.path not in val_paths),
+            val,
+            "recorded",
+            split.skipped,
+        )
     unknown = sorted(set(split.classes) - set(model.bundle.classes))
     if unknown:
-        raise SimimgError(f"{split.root} has classes the model was not trained on ({', '.join(unknown)}); "
-                          f"it knows {', '.join(model.bundle.classes)}")
+        raise SimimgError(
+            f"{split.root} has classes the model was not trained on ({', '.join(unknown)}); "
+            f"it knows {', '.join(model.bundle.classes)}"
+        )
     return Split(split.root, model.bundle.classes, split.train, split.val, split.kind, split.skipped)
 
 
-def predict_loader(net: Net, loader: DataLoader, preprocess: Preprocess, compute: Compute,
-                   progress: Progress | None = None, trunk: Trunk | None = None) -> Predictions:
+def predict_loader(
+    net: Net,
+    loader: DataLoader,
+    preprocess: Preprocess,
+    compute: Compute,
+    progress: Progress | None = None,
+    trunk: Trunk | None = None,
+) -> Predictions:
     """Embeddings and logits (CPU float32) for every readable file of `loader`; failures are listed, not raised.
 
     `trunk` is `prepare_net`'s embedding function; training's validation passes none (its weights keep changing).
@@ -151,14 +184,22 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: Seque
         "classes": list(classes),
         "accuracy": float((predicted == labels).mean()),
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-        "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                          "support": int(support[i])} for i, c in enumerate(classes)},
+        "per_class": {
+            c: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, c in enumerate(classes)
+        },
         "confusion_matrix": confusion_matrix(labels, predicted, labels=every).tolist(),
     }
 
 
-def most_confused(paths: Sequence[str], labels: np.ndarray, probs: np.ndarray, classes: Sequence[str],
-                  limit: int = MOST_CONFUSED) -> list[dict]:
+def most_confused(
+    paths: Sequence[str], labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], limit: int = MOST_CONFUSED
+) -> list[dict]:
     """Misclassified images, the most confidently wrong first."""
     predicted = probs.argmax(axis=1)
     wrong = np.flatnonzero(predicted != labels)
@@ -166,17 +207,35 @@ def most_confused(paths: Sequence[str], labels: np.ndarray, probs: np.ndarray, c
     return prediction_rows(paths, labels, probs, classes, wrong)
 
 
-def prediction_rows(paths: Sequence[str], labels: np.ndarray, probs: np.ndarray, classes: Sequence[str],
-                    rows: Sequence[int] | None = None) -> list[dict]:
+def prediction_rows(
+    paths: Sequence[str],
+    labels: np.ndarray,
+    probs: np.ndarray,
+    classes: Sequence[str],
+    rows: Sequence[int] | None = None,
+) -> list[dict]:
     """One {path, label, predicted, probability} per evaluated image (or per `rows`): what a confusion cell shows."""
     predicted = probs.argmax(axis=1)
     rows = range(len(paths)) if rows is None else rows
-    return [{"path": paths[i], "label": classes[labels[i]], "predicted": classes[predicted[i]],
-             "probability": round(float(probs[i, predicted[i]]), 6)} for i in rows]
+    return [
+        {
+            "path": paths[i],
+            "label": classes[labels[i]],
+            "predicted": classes[predicted[i]],
+            "probability": round(float(probs[i, predicted[i]]), 6),
+        }
+        for i in rows
+    ]
 
 
-def retrieval_metrics(queries: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray, gallery_labels: np.ndarray,
-                      exclude: np.ndarray | None = None, k: int = 10) -> dict:
+def retrieval_metrics(
+    queries: np.ndarray,
+    query_labels: np.ndarray,
+    gallery: np.ndarray,
+    gallery_labels: np.ndarray,
+    exclude: np.ndarray | None = None,
+    k: int = 10,
+) -> dict:
     """P@1, P@k and mAP of cosine neighbours; a neighbour is relevant when its label matches.
 
     `exclude[i]` is the gallery position of query i itself (or -1), which is never counted as its neighbour.
@@ -186,25 +245,34 @@ def retrieval_metrics(queries: np.ndarray, query_labels: np.ndarray, gallery: np
     g_labels = torch.from_numpy(np.asarray(gallery_labels))
     p1, pk, ap = [], [], []
     for start in range(0, len(queries), QUERY_CHUNK):
-        q = torch.from_numpy(np.ascontiguousarray(queries[start:start + QUERY_CHUNK], np.float32))
+        q = torch.from_numpy(np.ascontiguousarray(queries[start : start + QUERY_CHUNK], np.float32))
         scores = q @ g.T
-        own = torch.from_numpy(exclude[start:start + QUERY_CHUNK])
+        own = torch.from_numpy(exclude[start : start + QUERY_CHUNK])
         rows = torch.nonzero(own >= 0).flatten()
         scores[rows, own[rows]] = -torch.inf
         order = scores.argsort(dim=1, descending=True, stable=True)
-        relevant = (g_labels[order] == torch.from_numpy(query_labels[start:start + QUERY_CHUNK])[:, None]).float()
+        relevant = (g_labels[order] == torch.from_numpy(query_labels[start : start + QUERY_CHUNK])[:, None]).float()
         relevant[rows, -1] = 0.0  # the excluded self sorts last
         hits = relevant.cumsum(dim=1)
         ranks = torch.arange(1, relevant.shape[1] + 1)
         p1.append(relevant[:, 0])
         pk.append(relevant[:, :k].sum(dim=1) / min(k, relevant.shape[1]))
         ap.append((hits / ranks * relevant).sum(dim=1) / relevant.sum(dim=1).clamp(min=1))
-    return {"p_at_1": float(torch.cat(p1).mean()), f"p_at_{k}": float(torch.cat(pk).mean()),
-            "map": float(torch.cat(ap).mean())}
+    return {
+        "p_at_1": float(torch.cat(p1).mean()),
+        f"p_at_{k}": float(torch.cat(pk).mean()),
+        "map": float(torch.cat(ap).mean()),
+    }
 
 
-def _retrieval(paths: IndexFolder, model: LoadedModel, split: Split, val: Predictions, labels: np.ndarray,
-               train_embeddings: Callable[[], Predictions]) -> dict:
+def _retrieval(
+    paths: IndexFolder,
+    model: LoadedModel,
+    split: Split,
+    val: Predictions,
+    labels: np.ndarray,
+    train_embeddings: Callable[[], Predictions],
+) -> dict:
     """Against the index when it holds this model's vectors of this folder, else against the training images."""
     gallery = _index_gallery(paths, model, split)
     queries = [split.val[p].path for p in val.positions]
@@ -221,8 +289,9 @@ def _retrieval(paths: IndexFolder, model: LoadedModel, split: Split, val: Predic
     return {**metrics, "gallery": source, "gallery_size": len(vectors)}
 
 
-def _index_gallery(paths: IndexFolder, model: LoadedModel,
-                   split: Split) -> tuple[np.ndarray, list[str], np.ndarray] | None:
+def _index_gallery(
+    paths: IndexFolder, model: LoadedModel, split: Split
+) -> tuple[np.ndarray, list[str], np.ndarray] | None:
     """(vectors, paths, label ids) of the published index, if it was built by this model from `split.root`."""
     if not paths.catalog.exists():
         return None
@@ -230,8 +299,11 @@ def _index_gallery(paths: IndexFolder, model: LoadedModel,
         same_root = Path(catalog.get_meta("data_root", "")).resolve() == split.root.resolve()
         read = catalog.snapshot_with_vectors() if same_root else None
     if read is None or read[0].embedding != model.bundle.embedding:
-        log.info("index '%s' does not hold this model's embedding of %s: retrieval uses the training images",
-                 paths.name, split.root)
+        log.info(
+            "index '%s' does not hold this model's embedding of %s: retrieval uses the training images",
+            paths.name,
+            split.root,
+        )
         return None
     snapshot, vectors = read
     index = {c: i for i, c in enumerate(split.classes)}

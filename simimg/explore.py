@@ -103,5 +103,8 @@ def score_landmarks(vectors: np.ndarray, sample: int = 500, k: int = 10, seed: i
     a, b = rng.integers(0, n, (2, min(5000, n * 4)))
     keep = a != b
     pairs = np.einsum("ij,ij->i", vectors[a[keep]], vectors[b[keep]])
-    return {"nearest": float(np.median(scores[:, 1])), f"neighbour_{min(k, n - 1)}": float(np.median(scores[:, -1])),
-            "random_pair": float(np.median(pairs))}
+    return {
+        "nearest": float(np.median(scores[:, 1])),
+        f"neighbour_{min(k, n - 1)}": float(np.median(scores[:, -1])),
+        "random_pair": float(np.median(pairs)),
+    }

@@ -50,8 +50,16 @@ def export_onnx(loaded: LoadedModel, out: Path) -> dict:
     sample = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with atomic_target(out) as tmp:
         batch_axes = {name: {0: "batch"} for name in ["images", *outputs]}
-        torch.onnx.export(module, (sample,), str(tmp), dynamo=False, opset_version=OPSET, input_names=["images"],
-                          output_names=outputs, dynamic_axes=batch_axes)
+        torch.onnx.export(
+            module,
+            (sample,),
+            str(tmp),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=["images"],
+            output_names=outputs,
+            dynamic_axes=batch_axes,
+        )
         graph = onnx.load(str(tmp))
         onnx.helper.set_model_props(graph, {"simimg_bundle": json.dumps(loaded.bundle.to_dict())})
         onnx.save(graph, str(tmp))
@@ -59,8 +67,17 @@ def export_onnx(loaded: LoadedModel, out: Path) -> dict:
         check = sample[:1].repeat(3, 1, 1, 1) + torch.linspace(0, 1, 3).view(3, 1, 1, 1)  # a batch size not traced
         difference = _max_difference(module, session, check)
     log.info("exported %s to %s (onnxruntime agrees to %.2g)", loaded.bundle.fingerprint, out, difference)
-    return {"format": "onnx", "path": str(out), "outputs": outputs, "max_abs_difference": difference,
-            "input": {"name": "images", "shape": ["batch", 3, size, size], "preprocess": loaded.bundle.preprocess.to_dict()}}
+    return {
+        "format": "onnx",
+        "path": str(out),
+        "outputs": outputs,
+        "max_abs_difference": difference,
+        "input": {
+            "name": "images",
+            "shape": ["batch", 3, size, size],
+            "preprocess": loaded.bundle.preprocess.to_dict(),
+        },
+    }
 
 
 def _max_difference(module: nn.Module, session: object, batch: torch.Tensor) -> float:
@@ -70,8 +87,9 @@ def _max_difference(module: nn.Module, session: object, batch: torch.Tensor) -> 
     got = session.run(None, {"images": batch.numpy()})
     difference = max(float(np.abs(a - b).max()) for a, b in zip(expected, got))
     if difference > TOLERANCE:
-        raise SimimgError(f"the ONNX export disagrees with the model (max difference {difference:.3g}); it was not "
-                          "kept")
+        raise SimimgError(
+            f"the ONNX export disagrees with the model (max difference {difference:.3g}); it was not kept"
+        )
     return difference
 
 

@@ -55,15 +55,20 @@ def index_kind_for(n: int, asked: str = "auto") -> str:
     """The kind asked for, or for "auto" the one that suits `n` vectors."""
     if check_kind(asked) != "auto":
         if n < MIN_VECTORS[asked]:
-            log.warning("%d vectors are too few for an %s index (%d at least): exact search instead", n, asked,
-                        MIN_VECTORS[asked])
+            log.warning(
+                "%d vectors are too few for an %s index (%d at least): exact search instead",
+                n,
+                asked,
+                MIN_VECTORS[asked],
+            )
             return "flat"
         return asked
     return "flat" if n < FLAT_LIMIT else "ivf" if n < COMPRESS_LIMIT else "ivfpq"
 
 
-def build_from_stored(ids: np.ndarray, fetch: VectorFetch, dim: int, kind: str,
-                      encode: PartEncoder = encode_here) -> faiss.Index:
+def build_from_stored(
+    ids: np.ndarray, fetch: VectorFetch, dim: int, kind: str, encode: PartEncoder = encode_here
+) -> faiss.Index:
     """A fresh index over the stored vectors of `ids`; IVF-PQ never loads them all at once, and `encode`s its parts
     where the indexing engine runs them."""
     if kind == "ivfpq":
@@ -112,7 +117,9 @@ def outgrown(index: faiss.Index, n: int) -> bool:
     return want > RETRAIN_GROWTH * faiss.extract_index_ivf(index).nlist
 
 
-def update_index(index: faiss.Index, add_ids: np.ndarray, add_vectors: np.ndarray, remove_ids: np.ndarray) -> faiss.Index:
+def update_index(
+    index: faiss.Index, add_ids: np.ndarray, add_vectors: np.ndarray, remove_ids: np.ndarray
+) -> faiss.Index:
     """Apply one version's changes in memory; the file on disk is replaced only by `save_index`."""
     if len(remove_ids):
         index.remove_ids(faiss.IDSelectorBatch(remove_ids.astype(np.int64)))
@@ -131,8 +138,9 @@ def load_index(path: str | Path) -> faiss.Index:
     try:
         return faiss.read_index(str(path))
     except RuntimeError as err:
-        raise SimimgError(f"FAISS index {path} is unreadable ({str(err).splitlines()[0]}); "
-                          "re-run `simimg index` to rebuild it") from None
+        raise SimimgError(
+            f"FAISS index {path} is unreadable ({str(err).splitlines()[0]}); re-run `simimg index` to rebuild it"
+        ) from None
 
 
 def make_searcher(index: faiss.Index, device: torch.device, stored: VectorFetch | None = None) -> VectorSearcher:
@@ -178,8 +186,11 @@ class FaissSearcher:
         params = None
         if allowed is not None:
             selector = faiss.IDSelectorBatch(allowed.astype(np.int64))
-            params = (faiss.SearchParametersIVF(sel=selector, nprobe=faiss.extract_index_ivf(self.index).nprobe)
-                      if _is_ivf(self.index) else faiss.SearchParameters(sel=selector))
+            params = (
+                faiss.SearchParametersIVF(sel=selector, nprobe=faiss.extract_index_ivf(self.index).nprobe)
+                if _is_ivf(self.index)
+                else faiss.SearchParameters(sel=selector)
+            )
         scores, ids = self.index.search(queries, k, params=params)
         return scores, ids
 

@@ -57,16 +57,18 @@ class Outlier:
     score: float
 
 
-def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, num_classes: int, folds: int = MAX_FOLDS,
-                              seed: int = 0) -> np.ndarray:
+def out_of_fold_probabilities(
+    x: np.ndarray, y: np.ndarray, num_classes: int, folds: int = MAX_FOLDS, seed: int = 0
+) -> np.ndarray:
     """N x classes probabilities, each row from a classifier that never saw that image (the head's kind: class-
     weighted logistic regression, C chosen once by `fit_head`'s cross-validation)."""
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     folds = min(folds, int(np.bincount(y, minlength=num_classes).min()))
     if folds < 2:
-        raise SimimgError("finding label issues needs at least 2 images in every class: add images or remove the "
-                          "classes with one")
+        raise SimimgError(
+            "finding label issues needs at least 2 images in every class: add images or remove the classes with one"
+        )
     c = fit_head(x, y, num_classes, seed).c
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
     return cross_val_predict(logistic_regression(c), x, y, cv=cv, method="predict_proba")
@@ -98,8 +100,9 @@ def near_duplicate_threshold(nn_similarity: np.ndarray, factor: float = NEAR_FAC
     return 1.0 - factor * max(float(np.median(1.0 - nn_similarity)), 0.0)
 
 
-def near_duplicates(vectors: np.ndarray, hashes: Sequence[str],
-                    neighbors: int = NEIGHBORS) -> tuple[list[Duplicates], float]:
+def near_duplicates(
+    vectors: np.ndarray, hashes: Sequence[str], neighbors: int = NEIGHBORS
+) -> tuple[list[Duplicates], float]:
     """Pairs of different contents above the collection's own threshold, most similar first; and the threshold.
 
     Exact copies are left to `exact_duplicates`: one image per content takes part, so copies neither pair up
@@ -139,8 +142,12 @@ def class_balance(labels: np.ndarray, classes: Sequence[str]) -> dict:
     even = counts.sum() / max(len(classes), 1)
     ratio = float(counts.max() / max(counts.min(), 1)) if len(counts) else 1.0
     rare = [c for c, n in zip(classes, counts) if n < RARE_SHARE * even]
-    return {"counts": {c: int(n) for c, n in zip(classes, counts)}, "ratio": round(ratio, 3),
-            "imbalanced": ratio >= IMBALANCE_RATIO, "rare": rare}
+    return {
+        "counts": {c: int(n) for c, n in zip(classes, counts)},
+        "ratio": round(ratio, 3),
+        "imbalanced": ratio >= IMBALANCE_RATIO,
+        "rare": rare,
+    }
 
 
 def crosses(positions: Sequence[int], labels: Sequence[object], splits: Sequence[str]) -> tuple[bool, bool]:

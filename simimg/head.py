@@ -61,8 +61,13 @@ def fit_head(x: np.ndarray, y: np.ndarray, num_classes: int, seed: int = 0) -> F
     folds = min(MAX_FOLDS, int(np.bincount(y, minlength=num_classes).min()))
     model = logistic_regression()
     if folds >= 2:
-        search = GridSearchCV(model, {"C": C_GRID}, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
-                              scoring="neg_log_loss", n_jobs=1)
+        search = GridSearchCV(
+            model,
+            {"C": C_GRID},
+            cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+            scoring="neg_log_loss",
+            n_jobs=1,
+        )
         model = search.fit(x, y).best_estimator_
     else:
         model.fit(x, y)
@@ -77,8 +82,7 @@ def logistic_regression(c: float = 1.0) -> LogisticRegression:
     return LogisticRegression(C=c, class_weight="balanced", max_iter=2000)
 
 
-def train_head(config: TrainConfig, split: Split, folder: IndexFolder, compute: Compute,
-               hooks: Hooks) -> TrainReport:
+def train_head(config: TrainConfig, split: Split, folder: IndexFolder, compute: Compute, hooks: Hooks) -> TrainReport:
     """Fit a head on the serving model's stored embeddings of the split and keep it as a model version.
 
     `training.run_training` calls this under the training lock, and serves the result. Images the index does not
@@ -98,23 +102,44 @@ def train_head(config: TrainConfig, split: Split, folder: IndexFolder, compute: 
     val_rows = [i + len(split.train) for i in range(len(split.val)) if i + len(split.train) in vectors]
     labels = np.concatenate([split.labels(split.train), split.labels(split.val)])
     x = np.stack([vectors[i] for i in train_rows + val_rows])
-    head = fit_head(x[:len(train_rows)], labels[train_rows], len(split.classes), config.seed)
+    head = fit_head(x[: len(train_rows)], labels[train_rows], len(split.classes), config.seed)
     hooks.on_phase("validating")
-    probs = _softmax(x[len(train_rows):] @ head.weight.T + head.bias)
+    probs = _softmax(x[len(train_rows) :] @ head.weight.T + head.bias)
     metrics = classification_metrics(labels[val_rows], probs, split.classes)
     hooks.on_phase("saving")
     bundle = _keep_head(folder, base, head, split, metrics, config, found.counts)
-    log.info("head-only '%s': val accuracy %.3f (C=%g) from %d stored and %d new embeddings", config.name,
-             metrics["accuracy"], head.c, found.counts["from_catalog"], found.counts["embedded"])
-    return TrainReport(config.name, 0, metrics["accuracy"], [], 0.0, str(compute), False, False, found.skipped,
-                       bundle.fingerprint, "head", None, {**found.counts, "C": head.c})
+    log.info(
+        "head-only '%s': val accuracy %.3f (C=%g) from %d stored and %d new embeddings",
+        config.name,
+        metrics["accuracy"],
+        head.c,
+        found.counts["from_catalog"],
+        found.counts["embedded"],
+    )
+    return TrainReport(
+        config.name,
+        0,
+        metrics["accuracy"],
+        [],
+        0.0,
+        str(compute),
+        False,
+        False,
+        found.skipped,
+        bundle.fingerprint,
+        "head",
+        None,
+        {**found.counts, "C": head.c},
+    )
 
 
 def serving_model(folder: IndexFolder) -> LoadedModel:
     """The model NAME's published version names; a missing index or version is a user error saying what to run."""
     if not folder.catalog.exists():
-        raise SimimgError(f"there is no index '{folder.name}' yet, and this works on its stored embeddings: run "
-                          f"`simimg index DATA_DIR --name {folder.name}` first")
+        raise SimimgError(
+            f"there is no index '{folder.name}' yet, and this works on its stored embeddings: run "
+            f"`simimg index DATA_DIR --name {folder.name}` first"
+        )
     with reading(folder.catalog) as catalog:
         published = catalog.published()
     if published is None:
@@ -169,12 +194,17 @@ def refuse_unheld(folder: IndexFolder, split: Split, held: HeldVectors, base: Lo
 def _unheld_message(folder: IndexFolder, root: Path, missing: int, total: int) -> str:
     collection = collection_folder(folder)
     inside = collection is not None and root.is_relative_to(collection)
-    first = (f"update the index first (`simimg index {collection} --name {folder.name}`)" if inside else
-             f"index that folder first (`simimg index {root} --name {root.name}`, then train with --name {root.name})")
-    return (f"{missing:,} of the {total:,} images in {root} are not in index '{folder.name}' (new, changed, or from "
-            f"another folder; the index holds {collection or 'a folder it did not record'}), and --head-only fits on the "
-            f"embeddings the index holds: {first}, train a full model (without --head-only), or pass "
-            f"--embed-missing to embed them with the serving model (not added to the index)")
+    first = (
+        f"update the index first (`simimg index {collection} --name {folder.name}`)"
+        if inside
+        else f"index that folder first (`simimg index {root} --name {root.name}`, then train with --name {root.name})"
+    )
+    return (
+        f"{missing:,} of the {total:,} images in {root} are not in index '{folder.name}' (new, changed, or from "
+        f"another folder; the index holds {collection or 'a folder it did not record'}), and --head-only fits on the "
+        f"embeddings the index holds: {first}, train a full model (without --head-only), or pass "
+        f"--embed-missing to embed them with the serving model (not added to the index)"
+    )
 
 
 @dataclass(frozen=True)
@@ -187,8 +217,13 @@ class SplitVectors:
     counts: dict[str, int]
 
 
-def split_vectors(held: HeldVectors, base: LoadedModel, split: Split, settings: EmbedSettings,
-                  progress: Callable[[int, int], None] | None = None) -> SplitVectors:
+def split_vectors(
+    held: HeldVectors,
+    base: LoadedModel,
+    split: Split,
+    settings: EmbedSettings,
+    progress: Callable[[int, int], None] | None = None,
+) -> SplitVectors:
     """Vectors of every split image: the held ones from the catalog, `held.missing` embedded here with `base`
     (and not added), reporting (done, len(held.missing)). Unreadable files are skipped and reported."""
     records = split.train + split.val
@@ -198,8 +233,7 @@ def split_vectors(held: HeldVectors, base: LoadedModel, split: Split, settings: 
     skipped: list[dict] = [{"path": s.path, "reason": s.reason} for s in split.skipped]
     skipped += [{"path": records[i].path, "reason": why} for i, why in held.unreadable.items()]
     if missing:
-        log.info("%d of %d images are not in the index as they are now: embedding them", len(missing),
-                 len(held.files))
+        log.info("%d of %d images are not in the index as they are now: embedding them", len(missing), len(held.files))
         done = 0
         for batch in embed_files(base.net, [held.files[i] for i in missing], base.bundle.preprocess, settings):
             for p, vector, sha in zip(batch.positions, batch.vectors, batch.hashes):
@@ -240,20 +274,44 @@ def _unchanged(path: Path, size: int, mtime_ns: int) -> bool:
     return (st.st_size, st.st_mtime_ns) == (size, mtime_ns)
 
 
-def _keep_head(folder: IndexFolder, base: LoadedModel, head: FittedHead, split: Split, metrics: dict,
-               config: TrainConfig, counts: dict[str, int]) -> ModelBundle:
+def _keep_head(
+    folder: IndexFolder,
+    base: LoadedModel,
+    head: FittedHead,
+    split: Split,
+    metrics: dict,
+    config: TrainConfig,
+    counts: dict[str, int],
+) -> ModelBundle:
     """The base trunk with the fitted head, kept as a model version of kind 'head' with its confusion plot."""
     model = with_classes(base, split.classes, unit_head=True)
     model.net.head.weight.data = torch.from_numpy(head.weight)
     model.net.head.bias.data = torch.from_numpy(head.bias)
-    training = {"config": asdict(config), "head": {"C": head.c, **counts}, "split": split.describe(),
-                "metrics": {"val_accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}}
-    info = {"weights": f"model:{base.bundle.fingerprint}", "random_features": base.bundle.random_features,
-            "training": training}
-    bundle = describe(model.net, base.bundle.arch, split.classes, base.bundle.preprocess,
-                      f"head on {base.bundle.fingerprint}", "head", embedding=base.bundle.embedding, **info)
-    extras = {"confusion.png": confusion_png(metrics["confusion_matrix"], split.classes),
-              "train_job.json": json.dumps(asdict(config), indent=2).encode()}
+    training = {
+        "config": asdict(config),
+        "head": {"C": head.c, **counts},
+        "split": split.describe(),
+        "metrics": {"val_accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]},
+    }
+    info = {
+        "weights": f"model:{base.bundle.fingerprint}",
+        "random_features": base.bundle.random_features,
+        "training": training,
+    }
+    bundle = describe(
+        model.net,
+        base.bundle.arch,
+        split.classes,
+        base.bundle.preprocess,
+        f"head on {base.bundle.fingerprint}",
+        "head",
+        embedding=base.bundle.embedding,
+        **info,
+    )
+    extras = {
+        "confusion.png": confusion_png(metrics["confusion_matrix"], split.classes),
+        "train_job.json": json.dumps(asdict(config), indent=2).encode(),
+    }
     publish_model(folder, model.net, bundle, extras)
     return bundle
 

@@ -63,17 +63,31 @@ class Explanation:
         return replace(self, heatmap=np.clip(np.asarray(resized, np.float32), 0.0, 1.0))
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "target": self.target, "score": round(self.score, 6), "method": self.method,
-                "layer": self.layer, "size": list(self.size), "informative": self.informative}
+        return {
+            "kind": self.kind,
+            "target": self.target,
+            "score": round(self.score, 6),
+            "method": self.method,
+            "layer": self.layer,
+            "size": list(self.size),
+            "informative": self.informative,
+        }
 
 
-def explain_class(model: LoadedModel, image: Image.Image, label: str | None = None, method: str = "gradcam",
-                  device: torch.device = torch.device("cpu")) -> Explanation:
+def explain_class(
+    model: LoadedModel,
+    image: Image.Image,
+    label: str | None = None,
+    method: str = "gradcam",
+    device: torch.device = torch.device("cpu"),
+) -> Explanation:
     """The map of `label` (default: the predicted class) over `image`."""
     classes = model.bundle.classes
     if not classes:
-        raise SimimgError("this model has no classifier, so there is no class to explain: explain a similarity to "
-                          "another image instead, or train a classifier (`simimg train DATA_DIR --name N --head-only`)")
+        raise SimimgError(
+            "this model has no classifier, so there is no class to explain: explain a similarity to "
+            "another image instead, or train a classifier (`simimg train DATA_DIR --name N --head-only`)"
+        )
     if label is not None and label not in classes:
         raise SimimgError(f"unknown class {label!r}: the model knows {', '.join(classes)}")
     net, x = _copy(model.net, device), _input(image, model.bundle.preprocess, device)
@@ -84,8 +98,14 @@ def explain_class(model: LoadedModel, image: Image.Image, label: str | None = No
     return _explain(scores, model, x, index, image.size, method, "class", classes[index], float(probs[index]))
 
 
-def explain_similarity(model: LoadedModel, image: Image.Image, other: Image.Image, other_name: str,
-                       method: str = "gradcam", device: torch.device = torch.device("cpu")) -> Explanation:
+def explain_similarity(
+    model: LoadedModel,
+    image: Image.Image,
+    other: Image.Image,
+    other_name: str,
+    method: str = "gradcam",
+    device: torch.device = torch.device("cpu"),
+) -> Explanation:
     """The map over `image` of its cosine similarity to `other` (whose embedding stays fixed)."""
     net, preprocess = _copy(model.net, device), model.bundle.preprocess
     with torch.no_grad():
@@ -127,7 +147,7 @@ def to_image_frame(cam: np.ndarray, size: tuple[int, int], preprocess: Preproces
     crop = preprocess.crop_size
     top, left = round((rh - crop) / 2.0), round((rw - crop) / 2.0)  # torchvision's center_crop
     frame = np.zeros((rh, rw), np.float32)
-    frame[top:top + crop, left:left + crop] = cam
+    frame[top : top + crop, left : left + crop] = cam
     full = Image.fromarray(frame).resize((w, h), Image.Resampling.BILINEAR)
     return np.clip(np.asarray(full, np.float32), 0.0, 1.0)
 
@@ -154,8 +174,17 @@ class _Scores(nn.Module):
         return nn.functional.normalize(features.float(), dim=1) @ self.reference.T
 
 
-def _explain(scores: _Scores, model: LoadedModel, x: torch.Tensor, index: int, size: tuple[int, int], method: str,
-             kind: str, target: str, score: float) -> Explanation:
+def _explain(
+    scores: _Scores,
+    model: LoadedModel,
+    x: torch.Tensor,
+    index: int,
+    size: tuple[int, int],
+    method: str,
+    kind: str,
+    target: str,
+    score: float,
+) -> Explanation:
     if method not in METHODS:
         raise SimimgError(f"unknown explanation method {method!r}; choose one of {', '.join(METHODS)}")
     name, layer = target_layer(scores.net, model.bundle.arch)
@@ -168,8 +197,7 @@ def _explain(scores: _Scores, model: LoadedModel, x: torch.Tensor, index: int, s
     return Explanation(kind, target, score, heatmap, method, name, meaningful)
 
 
-def _cam(scores: _Scores, layer: nn.Module, x: torch.Tensor, index: int,
-         method: str) -> tuple[np.ndarray, np.ndarray]:
+def _cam(scores: _Scores, layer: nn.Module, x: torch.Tensor, index: int, method: str) -> tuple[np.ndarray, np.ndarray]:
     """The crop-sized map in [0, 1] of output `index` at `layer`, by the grad-cam library, and the layer's
     contributions (what `informative` judges the map by)."""
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM

@@ -23,8 +23,10 @@ from simimg.uploads import validate_upload
 
 FILE_FIELD = "file"
 JSON_LIMIT = 1 << 20  # a list of paths; a megabyte is thousands of them
-HOW_TO_SEND = (f"send images as multipart/form-data in the field `{FILE_FIELD}` (repeat it for several), "
-               "or a JSON list of gallery paths")
+HOW_TO_SEND = (
+    f"send images as multipart/form-data in the field `{FILE_FIELD}` (repeat it for several), "
+    "or a JSON list of gallery paths"
+)
 
 
 class ApiError(Exception):
@@ -82,8 +84,11 @@ def decode_inputs(inputs: list[Input], service: SearchService, limits: Limits) -
             if item.data is None:
                 images.append(service.load(gallery_file(service.data_root, item.name)))
             else:
-                images.append(validate_upload(item.name, item.data, limits.max_mb, limits.max_pixels,
-                                              draft_size=service.draft_size))
+                images.append(
+                    validate_upload(
+                        item.name, item.data, limits.max_mb, limits.max_pixels, draft_size=service.draft_size
+                    )
+                )
         except BadImageError as err:
             raise ApiError(image_status(err), err.reason, item.name) from None
     return images
@@ -111,8 +116,7 @@ def _limited(request: Request, limit: int) -> Request:
     """The same request, read through a counter that refuses a body over `limit` bytes."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body is {int(declared) / 2**20:.1f} MB; the limit is "
-                            f"{limit / 2**20:.1f} MB")
+        raise ApiError(413, f"the request body is {int(declared) / 2**20:.1f} MB; the limit is {limit / 2**20:.1f} MB")
     return Request(request.scope, _counting(request.receive, limit))
 
 

@@ -128,8 +128,10 @@ def run_index(job: IndexJob, progress: Progress | None = None, on_phase: Phase |
     phase("scanning")
     scan = scan_folder(job.data_dir)
     if not scan.records:
-        raise SimimgError(f"no images found in {scan.root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
-                          "put images in class folders: <folder>/<class>/<image>")
+        raise SimimgError(
+            f"no images found in {scan.root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
+            "put images in class folders: <folder>/<class>/<image>"
+        )
     if needs_upgrade(folder):
         upgrade(folder)
     job = replace(job, index_kind=_asked_kind(job, folder))
@@ -157,8 +159,18 @@ def run_index(job: IndexJob, progress: Progress | None = None, on_phase: Phase |
     skipped = list(scan.skipped) + failures
     for s in skipped:
         log.info("skipped %s: %s", s.path, s.reason)
-    return IndexReport(job.name, embedded, plan.deleted, total, skipped, round(time.perf_counter() - started, 3),
-                       engine.description, version, rebuilt, model.bundle.fingerprint)
+    return IndexReport(
+        job.name,
+        embedded,
+        plan.deleted,
+        total,
+        skipped,
+        round(time.perf_counter() - started, 3),
+        engine.description,
+        version,
+        rebuilt,
+        model.bundle.fingerprint,
+    )
 
 
 class Engine(Protocol):
@@ -207,8 +219,15 @@ def open_engine(job: IndexJob, folder: IndexFolder) -> AbstractContextManager[En
         return RayEngine.connect(job, folder)
     if job.engine != "local":
         raise SimimgError(f"unknown engine {job.engine!r}: use local or ray")
-    ray_only = [flag for flag, value in (("--address", job.address), ("--ray-actors", job.ray_actors),
-                                         ("--ray-shards", job.ray_shards)) if value is not None]
+    ray_only = [
+        flag
+        for flag, value in (
+            ("--address", job.address),
+            ("--ray-actors", job.ray_actors),
+            ("--ray-shards", job.ray_shards),
+        )
+        if value is not None
+    ]
     if ray_only:
         raise SimimgError(f"{', '.join(ray_only)} only apply with --engine ray")
     compute = resolve_compute(job.device, job.precision, compile=job.compile)
@@ -231,21 +250,33 @@ def _model_for(job: IndexJob, folder: IndexFolder) -> LoadedModel:
         return loaded
     loaded = build_model(job.arch, resolve_weights(job.weights or "imagenet"), job.image_size or 224)
     publish_model(folder, loaded.net, loaded.bundle)
-    log.info("new index '%s': %s (%s), model %s", job.name, loaded.bundle.arch, loaded.bundle.source,
-             loaded.bundle.fingerprint)
+    log.info(
+        "new index '%s': %s (%s), model %s",
+        job.name,
+        loaded.bundle.arch,
+        loaded.bundle.source,
+        loaded.bundle.fingerprint,
+    )
     return loaded
 
 
 def _check_request_matches(job: IndexJob, loaded: LoadedModel) -> None:
     """Explicit flags that disagree with the index's model are a mistake, never a silent mix of two models."""
     b = loaded.bundle
-    asked = {"--arch": (job.arch, b.arch), "--image-size": (job.image_size, b.preprocess.crop_size),
-             "--weights": (job.weights, b.info.get("weights", job.weights))}
-    wrong = [f"{flag} {want} (it uses {have})" for flag, (want, have) in asked.items() if want is not None and want != have]
+    asked = {
+        "--arch": (job.arch, b.arch),
+        "--image-size": (job.image_size, b.preprocess.crop_size),
+        "--weights": (job.weights, b.info.get("weights", job.weights)),
+    }
+    wrong = [
+        f"{flag} {want} (it uses {have})" for flag, (want, have) in asked.items() if want is not None and want != have
+    ]
     if wrong:
-        raise SimimgError(f"fingerprint mismatch: index '{job.name}' serves {b.arch} ({b.source}, model "
-                          f"{b.fingerprint}), not {', '.join(wrong)}. Drop those flags to update it, "
-                          "or pick another --name for a new index.")
+        raise SimimgError(
+            f"fingerprint mismatch: index '{job.name}' serves {b.arch} ({b.source}, model "
+            f"{b.fingerprint}), not {', '.join(wrong)}. Drop those flags to update it, "
+            "or pick another --name for a new index."
+        )
 
 
 def _prepare_pending(catalog: Catalog, model: LoadedModel, root: Path) -> bool:
@@ -254,8 +285,10 @@ def _prepare_pending(catalog: Catalog, model: LoadedModel, root: Path) -> bool:
         published = catalog.published()
         rebuilt = published is not None and published.embedding != model.bundle.embedding
         if rebuilt:
-            log.info("the model's embedding differs from version %d's: every image gets a vector of the new one",
-                     published.version)
+            log.info(
+                "the model's embedding differs from version %d's: every image gets a vector of the new one",
+                published.version,
+            )
         catalog.set_meta(pending_model=model.bundle.fingerprint, data_root=str(root.resolve()))
     return rebuilt
 
@@ -311,9 +344,16 @@ def _work(catalog: Catalog, plan: Plan, pending: int, model: LoadedModel) -> Wor
     return [*plan.to_embed, *catalog.missing_vectors(pending, model.bundle.embedding)]
 
 
-def _apply(catalog: Catalog, pending: int, model: LoadedModel, root: Path, work: Work,
-           batches: Iterator[EmbeddedBatch], chunk_size: int,
-           progress: Progress | None) -> tuple[int, list[Skipped]]:
+def _apply(
+    catalog: Catalog,
+    pending: int,
+    model: LoadedModel,
+    root: Path,
+    work: Work,
+    batches: Iterator[EmbeddedBatch],
+    chunk_size: int,
+    progress: Progress | None,
+) -> tuple[int, list[Skipped]]:
     """Ingest an engine's results for `work`, committing chunk by chunk; rows that became unreadable leave.
 
     Returns how many images got a vector, and the files passed over with the reason, in work order.
@@ -339,8 +379,9 @@ def _apply(catalog: Catalog, pending: int, model: LoadedModel, root: Path, work:
     return len(work) - len(failures), [skipped for _, skipped in sorted(failures, key=lambda f: f[0])]
 
 
-def _collect(chunk: _Chunk, item: Record | Row, file: Path, vector: np.ndarray, sha: str,
-             stat: tuple[int, int] | None) -> Skipped | None:
+def _collect(
+    chunk: _Chunk, item: Record | Row, file: Path, vector: np.ndarray, sha: str, stat: tuple[int, int] | None
+) -> Skipped | None:
     """Add one embedded file to the chunk: a new row for a new file, a vector for a row that lacked one.
 
     `stat` is the (size, mtime_ns) the reader saw before reading the bytes; None: look now.
@@ -379,8 +420,14 @@ def _asked_kind(job: IndexJob, folder: IndexFolder) -> str:
     return check_kind(job.index_kind or (recorded.index_kind if recorded else None) or "auto")
 
 
-def _publish(catalog: Catalog, folder: IndexFolder, pending: int, model: LoadedModel, asked_kind: str = "auto",
-             encode: PartEncoder = encode_here) -> tuple[int, int]:
+def _publish(
+    catalog: Catalog,
+    folder: IndexFolder,
+    pending: int,
+    model: LoadedModel,
+    asked_kind: str = "auto",
+    encode: PartEncoder = encode_here,
+) -> tuple[int, int]:
     """Write the FAISS file for the pending version, then make it the published one; (version, total)."""
     published = catalog.published()
     emb = model.bundle.embedding
@@ -402,20 +449,31 @@ def _publish(catalog: Catalog, folder: IndexFolder, pending: int, model: LoadedM
         save_index(index, folder.faiss(pending))
     with catalog.transaction():
         catalog.publish(pending, model.bundle.fingerprint, emb, kind)
-    log.info("published version %d of '%s': %d vectors (+%d, -%d), model %s", pending, folder.name, total, added,
-             removed, model.bundle.fingerprint)
+    log.info(
+        "published version %d of '%s': %d vectors (+%d, -%d), model %s",
+        pending,
+        folder.name,
+        total,
+        added,
+        removed,
+        model.bundle.fingerprint,
+    )
     return pending, total
 
 
-def _updated(catalog: Catalog, previous: faiss.Index | None, pending: int, embedding: str,
-             total: int) -> faiss.Index | None:
+def _updated(
+    catalog: Catalog, previous: faiss.Index | None, pending: int, embedding: str, total: int
+) -> faiss.Index | None:
     """The published index of the same kind with the pending version's changes applied; None: build it afresh
     (there is none, it was trained for far fewer vectors, or it disagrees with the catalog)."""
     if previous is None:
         return None
     if outgrown(previous, total):
-        log.info("the index has outgrown the %d lists it was trained with: training it afresh for %d vectors",
-                 faiss.extract_index_ivf(previous).nlist, total)
+        log.info(
+            "the index has outgrown the %d lists it was trained with: training it afresh for %d vectors",
+            faiss.extract_index_ivf(previous).nlist,
+            total,
+        )
         return None
     new_ids, new_vectors = catalog.vectors(pending, embedding, where="added = :v")
     index = update_index(previous, new_ids, new_vectors, catalog.removed_ids(pending))
@@ -451,8 +509,12 @@ def _reusable_index(folder: IndexFolder, published: Published | None, embedding:
         log.warning("%s: rebuilding it from the catalog", err)
         return None
     if index.ntotal != published.count:
-        log.warning("FAISS file of version %d holds %d vectors, the catalog %d: rebuilding it", published.version,
-                    index.ntotal, published.count)
+        log.warning(
+            "FAISS file of version %d holds %d vectors, the catalog %d: rebuilding it",
+            published.version,
+            index.ntotal,
+            published.count,
+        )
         return None
     return index
 
@@ -468,9 +530,17 @@ def _sha256_file(path: Path) -> str | None:
     return h.hexdigest()
 
 
-def serve_model(home: str | Path | None, name: str, model: str, data_dir: str | None = None, device: str = "auto",
-                workers: int | None = None, progress: Progress | None = None, precision: str = "auto",
-                on_phase: Phase | None = None) -> IndexReport:
+def serve_model(
+    home: str | Path | None,
+    name: str,
+    model: str,
+    data_dir: str | None = None,
+    device: str = "auto",
+    workers: int | None = None,
+    progress: Progress | None = None,
+    precision: str = "auto",
+    on_phase: Phase | None = None,
+) -> IndexReport:
     """Publish a version of NAME answered by its kept `model`, over the index's own collection.
 
     The collection is the folder the index was last built from (index_job.json), else `data_dir`, else the
@@ -481,12 +551,28 @@ def serve_model(home: str | Path | None, name: str, model: str, data_dir: str | 
     recorded = read_index_job(folder)
     data_dir = data_dir or read_model(folder, model).info.get("training", {}).get("split", {}).get("data_dir")
     if recorded is None and data_dir is None:
-        raise SimimgError(f"index '{name}' records no collection folder (index_job.json is missing): "
-                          f"run `simimg index DATA_DIR --name {name}` once")
+        raise SimimgError(
+            f"index '{name}' records no collection folder (index_job.json is missing): "
+            f"run `simimg index DATA_DIR --name {name}` once"
+        )
     base = recorded or IndexJob(data_dir=str(data_dir), name=name, home=str(folder.root.parent))
-    job = replace(base, name=name, home=str(folder.root.parent), arch=None, weights=None, image_size=None,
-                  device=device, precision=precision, workers=workers, model=model, wait=True, engine="local",
-                  address=None, ray_actors=None, ray_shards=None)
+    job = replace(
+        base,
+        name=name,
+        home=str(folder.root.parent),
+        arch=None,
+        weights=None,
+        image_size=None,
+        device=device,
+        precision=precision,
+        workers=workers,
+        model=model,
+        wait=True,
+        engine="local",
+        address=None,
+        ray_actors=None,
+        ray_shards=None,
+    )
     return run_index(job, progress, on_phase)
 
 

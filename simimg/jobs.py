@@ -117,12 +117,17 @@ class JobBoard:
     def start(self, index: str, kind: str, label: str, task: Task, owner: str = "") -> Job:
         """Run `task` in a child process; refuse while a conflicting job on the same index runs."""
         with self._lock:
-            busy = [j for (name, k), j in self._jobs.items() if name == index and j.running
-                    and (k == kind or (k in WRITERS and kind in WRITERS))]
+            busy = [
+                j
+                for (name, k), j in self._jobs.items()
+                if name == index and j.running and (k == kind or (k in WRITERS and kind in WRITERS))
+            ]
             if busy:
-                raise SimimgError(f"index '{index}' is busy: {busy[0].label} has been running for "
-                                  f"{busy[0].seconds():.0f} s (started in another tab or earlier); wait for it to "
-                                  "finish or cancel it")
+                raise SimimgError(
+                    f"index '{index}' is busy: {busy[0].label} has been running for "
+                    f"{busy[0].seconds():.0f} s (started in another tab or earlier); wait for it to "
+                    "finish or cancel it"
+                )
             job = self._jobs[(index, kind)] = Job(index, kind, label, owner)
         threading.Thread(target=_supervise, args=(job, task), name=f"simimg-{kind}-{index}", daemon=True).start()
         return job
@@ -167,9 +172,12 @@ def run_task(task: Task, messages: multiprocessing.Queue, stop: multiprocessing.
     if task.callbacks == "hooks":
         from simimg.training import Hooks
 
-        kwargs["hooks"] = Hooks(on_epoch=lambda s: messages.put(("epoch", s)),
-                                progress=lambda d, t: messages.put(("progress", d, t)),
-                                on_phase=lambda p: messages.put(("phase", p)), should_stop=stop.is_set)
+        kwargs["hooks"] = Hooks(
+            on_epoch=lambda s: messages.put(("epoch", s)),
+            progress=lambda d, t: messages.put(("progress", d, t)),
+            on_phase=lambda p: messages.put(("phase", p)),
+            should_stop=stop.is_set,
+        )
     elif task.callbacks in ("progress", "phases"):
         kwargs["progress"] = lambda d, t: messages.put(("progress", d, t))
     if task.callbacks == "phases":

@@ -96,8 +96,11 @@ def list_indexes(home: str | Path | None = None) -> list[IndexFolder]:
     home = resolve_home(home)
     if not home.is_dir():
         return []
-    found = [IndexFolder(p) for p in home.iterdir() if p.is_dir() and NAME_PATTERN.match(p.name)
-             and (p / "catalog.sqlite").exists()]
+    found = [
+        IndexFolder(p)
+        for p in home.iterdir()
+        if p.is_dir() and NAME_PATTERN.match(p.name) and (p / "catalog.sqlite").exists()
+    ]
     return sorted(found, key=_last_modified, reverse=True)
 
 

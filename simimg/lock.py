@@ -31,11 +31,17 @@ def writer_lock(path: Path, what: str, wait: bool = False) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if not wait:
-                raise SimimgError(f"{what} is busy: {_holder(fd)} is writing it; wait for it to finish or stop it") from None
+                raise SimimgError(
+                    f"{what} is busy: {_holder(fd)} is writing it; wait for it to finish or stop it"
+                ) from None
             log.warning("%s is busy: waiting for %s to finish", what, _holder(fd))
             fcntl.flock(fd, fcntl.LOCK_EX)
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                  "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))}
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)),
+        }
         _close_in_forked_children()
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)

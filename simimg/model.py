@@ -43,7 +43,9 @@ ARCHITECTURES: dict[str, tuple[Callable[..., nn.Module], models.WeightsEnum]] = 
 }
 
 # Old torchvision DenseNet checkpoints name layers 'norm.1'; current modules say 'norm1'.
-_OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_OLD_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
 
 
 class Net(nn.Module):
@@ -114,9 +116,16 @@ class ModelBundle:
 
     def to_dict(self) -> dict:
         return {
-            "format": BUNDLE_FORMAT, "arch": self.arch, "classes": list(self.classes),
-            "preprocess": self.preprocess.to_dict(), "source": self.source, "fingerprint": self.fingerprint,
-            "embedding": self.embedding, "kind": self.kind, "created": self.created, "unit_head": self.unit_head,
+            "format": BUNDLE_FORMAT,
+            "arch": self.arch,
+            "classes": list(self.classes),
+            "preprocess": self.preprocess.to_dict(),
+            "source": self.source,
+            "fingerprint": self.fingerprint,
+            "embedding": self.embedding,
+            "kind": self.kind,
+            "created": self.created,
+            "unit_head": self.unit_head,
             "embedding_dim": self.info.get("embedding_dim"),
             **{k: v for k, v in self.info.items() if k != "embedding_dim"},
         }
@@ -125,12 +134,30 @@ class ModelBundle:
     def from_dict(cls, d: dict) -> ModelBundle:
         if d.get("format", 1) != BUNDLE_FORMAT:
             raise ValueError(f"bundle format {d.get('format', 1)}, this simimg reads format {BUNDLE_FORMAT}")
-        known = {"format", "arch", "classes", "preprocess", "source", "fingerprint", "embedding", "kind", "created",
-                 "unit_head"}
-        return cls(arch=d["arch"], classes=tuple(d["classes"]), preprocess=Preprocess.from_dict(d["preprocess"]),
-                   source=d["source"], fingerprint=d["fingerprint"], embedding=d["embedding"], kind=d["kind"],
-                   created=d["created"], unit_head=bool(d["unit_head"]),
-                   info={k: v for k, v in d.items() if k not in known})
+        known = {
+            "format",
+            "arch",
+            "classes",
+            "preprocess",
+            "source",
+            "fingerprint",
+            "embedding",
+            "kind",
+            "created",
+            "unit_head",
+        }
+        return cls(
+            arch=d["arch"],
+            classes=tuple(d["classes"]),
+            preprocess=Preprocess.from_dict(d["preprocess"]),
+            source=d["source"],
+            fingerprint=d["fingerprint"],
+            embedding=d["embedding"],
+            kind=d["kind"],
+            created=d["created"],
+            unit_head=bool(d["unit_head"]),
+            info={k: v for k, v in d.items() if k not in known},
+        )
 
 
 class LoadedModel(NamedTuple):
@@ -168,13 +195,31 @@ def build_model(arch: str | None, weights: str, image_size: int = 224, memory_ef
     return LoadedModel(net, describe(net, arch, (), preprocess, source, "pretrained", weights=weights))
 
 
-def describe(net: Net, arch: str, classes: tuple[str, ...], preprocess: Preprocess, source: str, kind: str,
-             embedding: str | None = None, **info) -> ModelBundle:
+def describe(
+    net: Net,
+    arch: str,
+    classes: tuple[str, ...],
+    preprocess: Preprocess,
+    source: str,
+    kind: str,
+    embedding: str | None = None,
+    **info,
+) -> ModelBundle:
     """A bundle for `net` as it is now, with fresh fingerprints; pass `embedding` when the trunk is known unchanged."""
     embedding = embedding or embedding_fingerprint(net, arch, preprocess)
     created = datetime.now().astimezone().isoformat(timespec="milliseconds")
-    return ModelBundle(arch, tuple(classes), preprocess, source, model_fingerprint(embedding, net, classes), embedding,
-                       kind, created, net.unit_head, {"embedding_dim": net.dim, **info})
+    return ModelBundle(
+        arch,
+        tuple(classes),
+        preprocess,
+        source,
+        model_fingerprint(embedding, net, classes),
+        embedding,
+        kind,
+        created,
+        net.unit_head,
+        {"embedding_dim": net.dim, **info},
+    )
 
 
 def embedding_fingerprint(net: Net, arch: str, preprocess: Preprocess) -> str:
@@ -220,8 +265,10 @@ def read_bundle(directory: str | Path) -> ModelBundle:
     except FileNotFoundError:
         raise SimimgError(f"no model bundle at {path.parent} (model.json is missing)") from None
     except (ValueError, KeyError, TypeError) as err:
-        raise SimimgError(f"model bundle {path} is corrupt ({err}); delete that model folder, or rebuild it "
-                          "with `simimg train` or `simimg index`") from None
+        raise SimimgError(
+            f"model bundle {path} is corrupt ({err}); delete that model folder, or rebuild it "
+            "with `simimg train` or `simimg index`"
+        ) from None
 
 
 def load_bundle(directory: str | Path) -> LoadedModel:
@@ -236,14 +283,17 @@ def load_bundle(directory: str | Path) -> LoadedModel:
     embedding = embedding_fingerprint(net, bundle.arch, bundle.preprocess)
     actual = model_fingerprint(embedding, net, bundle.classes)
     if (embedding, actual) != (bundle.embedding, bundle.fingerprint):
-        raise SimimgError(f"model bundle {directory} is corrupted: its weights' fingerprint is {actual}, "
-                          f"model.json says {bundle.fingerprint}; delete that folder or rebuild it")
+        raise SimimgError(
+            f"model bundle {directory} is corrupted: its weights' fingerprint is {actual}, "
+            f"model.json says {bundle.fingerprint}; delete that folder or rebuild it"
+        )
     net.eval()
     return LoadedModel(net, bundle)
 
 
-def net_from_state(arch: str, num_classes: int, unit_head: bool, state: dict[str, torch.Tensor],
-                   where: str | Path) -> Net:
+def net_from_state(
+    arch: str, num_classes: int, unit_head: bool, state: dict[str, torch.Tensor], where: str | Path
+) -> Net:
     """The network a saved state dict describes, built on the meta device (no random init) and then filled."""
     builder, _ = _architecture(arch)
     with torch.device("meta"):
@@ -312,16 +362,20 @@ def _imagenet_model(builder: Callable[..., nn.Module], arch: str, enum: models.W
         return builder(weights=enum, **kwargs)
     except Exception as err:  # noqa: BLE001 - unpickling and shape errors alike mean a bad file
         why = " ".join(str(err).split())[:200]
-        raise SimimgError(f"the cached ImageNet weights {weights_file(arch)} cannot be loaded into {arch} "
-                          f"({why}); delete it so it is fetched again, or put "
-                          f"{enum.url} there, or use --weights none") from None
+        raise SimimgError(
+            f"the cached ImageNet weights {weights_file(arch)} cannot be loaded into {arch} "
+            f"({why}); delete it so it is fetched again, or put "
+            f"{enum.url} there, or use --weights none"
+        ) from None
 
 
 def _missing_weights_message(arch: str, enum: models.WeightsEnum, target: Path, why: str) -> str:
-    return (f"ImageNet weights for {arch} are not cached and cannot be fetched ({why}). "
-            f"Download {enum.url} on a connected machine and put it at {target} "
-            f"(or set TORCH_HOME to a folder whose hub/checkpoints/ holds {target.name}); "
-            f"or use --weights none to start from random init, or --weights PATH for an earlier simimg model.")
+    return (
+        f"ImageNet weights for {arch} are not cached and cannot be fetched ({why}). "
+        f"Download {enum.url} on a connected machine and put it at {target} "
+        f"(or set TORCH_HOME to a folder whose hub/checkpoints/ holds {target.name}); "
+        f"or use --weights none to start from random init, or --weights PATH for an earlier simimg model."
+    )
 
 
 def _bundle_dir(weights: str) -> Path | None:
@@ -344,8 +398,12 @@ def _transfer_from_bundle(directory: Path, arch: str | None, image_size: int) ->
         raise SimimgError(f"--weights {directory} is a {bundle.arch} model; it cannot start a {arch}")
     net.head, net.unit_head = None, False
     preprocess = Preprocess.for_image_size(image_size)
-    return LoadedModel(net, describe(net, bundle.arch, (), preprocess, f"bundle:{bundle.fingerprint}", "pretrained",
-                                     weights=str(directory)))
+    return LoadedModel(
+        net,
+        describe(
+            net, bundle.arch, (), preprocess, f"bundle:{bundle.fingerprint}", "pretrained", weights=str(directory)
+        ),
+    )
 
 
 def _load_torchvision_state_dict(tv_model: nn.Module, path: Path) -> None:

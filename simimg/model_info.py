@@ -9,8 +9,9 @@ from simimg.device import Compute, memory_format_for, resolve_compute
 from simimg.model import Net, build_model, set_memory_efficient, with_classes
 
 
-def model_info(arch: str, image_size: int = 224, device: str = "auto", batch_size: int = 32,
-               memory_efficient: bool = False) -> dict:
+def model_info(
+    arch: str, image_size: int = 224, device: str = "auto", batch_size: int = 32, memory_efficient: bool = False
+) -> dict:
     """Parameters, GFLOPs per image, embedding size and, on CUDA, peak memory of one training step at `batch_size`.
 
     FLOPs count a multiply-add as two (torch's FlopCounterMode); `gmacs` is the figure torchvision's docs quote.
@@ -22,11 +23,19 @@ def model_info(arch: str, image_size: int = 224, device: str = "auto", batch_siz
     net.eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         net(torch.zeros(1, 3, image_size, image_size))
-    info = {"arch": arch, "image_size": image_size, "parameters": sum(p.numel() for p in net.parameters()),
-            "trunk_parameters": sum(p.numel() for p in net.trunk.parameters()), "embedding_dim": net.dim,
-            "gflops": round(counter.get_total_flops() / 1e9, 3), "gmacs": round(counter.get_total_flops() / 2e9, 3),
-            "device": str(compute), "batch_size": batch_size,
-            "memory_efficient": memory_efficient, "peak_training_memory_mib": None}
+    info = {
+        "arch": arch,
+        "image_size": image_size,
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "trunk_parameters": sum(p.numel() for p in net.trunk.parameters()),
+        "embedding_dim": net.dim,
+        "gflops": round(counter.get_total_flops() / 1e9, 3),
+        "gmacs": round(counter.get_total_flops() / 2e9, 3),
+        "device": str(compute),
+        "batch_size": batch_size,
+        "memory_efficient": memory_efficient,
+        "peak_training_memory_mib": None,
+    }
     if compute.device.type == "cuda":
         info["peak_training_memory_mib"] = _peak_training_memory(net, image_size, compute, batch_size)
     return info

@@ -64,8 +64,10 @@ def publish_model(folder: IndexFolder, net: Net, bundle: ModelBundle, extras: di
 def load_model(folder: IndexFolder, fingerprint: str) -> LoadedModel:
     directory = folder.model_dir(fingerprint)
     if not (directory / BUNDLE_JSON).is_file():
-        raise SimimgError(f"index '{folder.name}' keeps no model {fingerprint} (in {folder.models}); "
-                          f"`simimg models --name {folder.name}` lists the ones it has")
+        raise SimimgError(
+            f"index '{folder.name}' keeps no model {fingerprint} (in {folder.models}); "
+            f"`simimg models --name {folder.name}` lists the ones it has"
+        )
     return load_bundle(directory)
 
 
@@ -93,8 +95,11 @@ def list_models(folder: IndexFolder, serving: str | None) -> list[ModelEntry]:
     entries = []
     for fp in model_fingerprints(folder):
         b = read_model(folder, fp)
-        entries.append(ModelEntry(fp, b.created, b.arch, b.kind, b.source, b.val_accuracy, list(b.classes),
-                                  b.embedding, fp == serving))
+        entries.append(
+            ModelEntry(
+                fp, b.created, b.arch, b.kind, b.source, b.val_accuracy, list(b.classes), b.embedding, fp == serving
+            )
+        )
     return entries
 
 

@@ -47,7 +47,9 @@ MODEL_XML = "trunk.xml"
 PRECISION_HINTS = {"bf16": "bf16", "fp32": "f32"}
 CACHE_ENV = "SIMIMG_CACHE"
 KEEP_CONVERTED = 8  # the most recently used converted trunks kept per OpenVINO version (28 MB for densenet121)
-SUB_BATCH = 4  # images a request when a batch runs on streams (2 cores, batch 64: 130/140/143/138/131 img/s at 1/2/4/8/16)
+SUB_BATCH = (
+    4  # images a request when a batch runs on streams (2 cores, batch 64: 130/140/143/138/131 img/s at 1/2/4/8/16)
+)
 MIN_STREAMED_BATCH = 2 * SUB_BATCH  # below this, a batch runs as one stream on every thread
 
 
@@ -103,7 +105,8 @@ class OpenVinoTrunk:
 
         def done(request: ov.InferRequest, start: int) -> None:
             rows = request.get_output_tensor(0).data
-            out[start:start + len(rows)] = rows
+            out[start : start + len(rows)] = rows
+
         queue.set_callback(done)
         streams = len(queue)
         parts = streams * max(1, round(len(pixels) / (streams * SUB_BATCH)))
@@ -118,10 +121,10 @@ class OpenVinoTrunk:
 
         with self._compiling:
             if self._throughput is None:
-                self._throughput = _core().compile_model(self._model, "CPU",
-                                                         {**self._config, "PERFORMANCE_HINT": "THROUGHPUT"})
-                log.debug("trunk compiled for batches: %d streams",
-                          self._throughput.get_property("NUM_STREAMS"))
+                self._throughput = _core().compile_model(
+                    self._model, "CPU", {**self._config, "PERFORMANCE_HINT": "THROUGHPUT"}
+                )
+                log.debug("trunk compiled for batches: %d streams", self._throughput.get_property("NUM_STREAMS"))
         return ov.AsyncInferQueue(self._throughput, self._throughput.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
 
 
@@ -132,14 +135,18 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "simimg"
 
 
-def compile_trunk(trunk: nn.Module, preprocess: Preprocess, precision: str, threads: int | None = None) -> OpenVinoTrunk:
+def compile_trunk(
+    trunk: nn.Module, preprocess: Preprocess, precision: str, threads: int | None = None
+) -> OpenVinoTrunk:
     """`trunk` (left as it is) compiled for this CPU at `precision` ("bf16" or "fp32") with `threads` threads
     (default: torch's setting, which the entry points choose); converted once per machine (see the module's text)."""
     import openvino as ov
 
     model = _cached_or_converted(trunk, preprocess, cache_root() / _version_folder() / trunk_key(trunk, preprocess))
-    config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
-              "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
+    config = {
+        "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
+        "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
+    }
     compiled = OpenVinoTrunk(model, config)
     log.debug("trunk compiled by OpenVINO %s for the CPU in %s", ov.get_version(), precision)
     return compiled
@@ -158,8 +165,9 @@ def convert(trunk: nn.Module, preprocess: Preprocess) -> ov.Model:
 
     size = preprocess.crop_size
     with torch.no_grad():
-        traced = torch.jit.trace(copy.deepcopy(trunk).float().cpu().eval(), torch.zeros(1, 3, size, size),
-                                 check_trace=False)
+        traced = torch.jit.trace(
+            copy.deepcopy(trunk).float().cpu().eval(), torch.zeros(1, 3, size, size), check_trace=False
+        )
     decoder = TorchScriptPythonDecoder(traced)  # referenced until converted: the frontend calls back into it
     frontend = FrontEndManager().load_by_framework("pytorch")
     model = frontend.convert(frontend.load(decoder))
@@ -167,8 +175,9 @@ def convert(trunk: nn.Module, preprocess: Preprocess) -> ov.Model:
     steps = PrePostProcessor(model)
     steps.input().tensor().set_element_type(ov.Type.u8)
     steps.input().model().set_layout(ov.Layout("NCHW"))
-    steps.input().preprocess().convert_element_type(ov.Type.f32) \
-        .mean([m * 255 for m in preprocess.mean]).scale([s * 255 for s in preprocess.std])
+    steps.input().preprocess().convert_element_type(ov.Type.f32).mean([m * 255 for m in preprocess.mean]).scale(
+        [s * 255 for s in preprocess.std]
+    )
     return steps.build()
 
 
@@ -191,8 +200,11 @@ def _cached_or_converted(trunk: nn.Module, preprocess: Preprocess, target: Path)
             with contextlib.suppress(OSError):  # most recently used: the last to be pruned
                 os.utime(target)
             return model
-    log.info("converting the %s trunk for OpenVINO (once per model and machine; kept in %s)",
-             type(trunk).__name__, target.parent)
+    log.info(
+        "converting the %s trunk for OpenVINO (once per model and machine; kept in %s)",
+        type(trunk).__name__,
+        target.parent,
+    )
     model = convert(trunk, preprocess)
     if _publish(model, target):
         _prune(target.parent, KEEP_CONVERTED)

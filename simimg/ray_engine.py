@@ -100,8 +100,12 @@ class RayEngine:
         folder = self.store.run(run)
         reusable = _reusable(folder, root, waiting)
         reused = sum(map(len, reusable.values()))
-        log.info("%d of %d embeddings come from the shards of an interrupted run; %d go through Ray", reused,
-                 len(work), len(work) - reused)
+        log.info(
+            "%d of %d embeddings come from the shards of an interrupted run; %d go through Ray",
+            reused,
+            len(work),
+            len(work) - reused,
+        )
         for shard, paths in reusable.items():
             yield shard_batch(folder.read(shard), waiting, paths)
         rest = [item for item in work if item.path in waiting]
@@ -130,24 +134,46 @@ class RayEngine:
     def _shards(self, model: LoadedModel, root: Path, run: RunFolder, work: Work) -> Iterator[str]:
         """Run `work` through Ray Data; yields each shard's name once it is written whole."""
         job = self.job
-        ds = ray.data.read_json(run.write_manifest(work), override_num_blocks=math.ceil(
-            len(work) / (job.batch_size * BLOCK_BATCHES)))
+        ds = ray.data.read_json(
+            run.write_manifest(work), override_num_blocks=math.ceil(len(work) / (job.batch_size * BLOCK_BATCHES))
+        )
         ds.context.enable_progress_bars = False  # the indexer's own progress bar follows ingestion
-        ds = ds.map_batches(decode_files, batch_size=job.batch_size, batch_format="numpy", num_cpus=1,
-                            fn_kwargs={"root": str(root), "preprocess": model.bundle.preprocess})
-        ds = ds.map_batches(EmbedActor, batch_size=job.batch_size, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=self.actors),
-                            fn_constructor_kwargs={"model": model, "use_gpu": self.use_gpu, "precision": job.precision,
-                                                   "compile": job.compile},
-                            num_gpus=1 if self.use_gpu else 0, num_cpus=1 if self.use_gpu else CPUS_PER_ACTOR)
-        ds = ds.map_batches(write_shard, batch_size=job.chunk_size, batch_format="numpy", num_cpus=WRITER_CPUS,
-                            fn_kwargs={"run": run.uri})
+        ds = ds.map_batches(
+            decode_files,
+            batch_size=job.batch_size,
+            batch_format="numpy",
+            num_cpus=1,
+            fn_kwargs={"root": str(root), "preprocess": model.bundle.preprocess},
+        )
+        ds = ds.map_batches(
+            EmbedActor,
+            batch_size=job.batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=self.actors),
+            fn_constructor_kwargs={
+                "model": model,
+                "use_gpu": self.use_gpu,
+                "precision": job.precision,
+                "compile": job.compile,
+            },
+            num_gpus=1 if self.use_gpu else 0,
+            num_cpus=1 if self.use_gpu else CPUS_PER_ACTOR,
+        )
+        ds = ds.map_batches(
+            write_shard,
+            batch_size=job.chunk_size,
+            batch_format="numpy",
+            num_cpus=WRITER_CPUS,
+            fn_kwargs={"run": run.uri},
+        )
         try:
             for row in ds.iter_rows():
                 yield row["shard"]
         except ray.exceptions.RayError as err:
-            raise SimimgError(f"the Ray job failed ({_first_line(err)}); the shards written so far are kept: "
-                              "re-run the same command to go on") from None
+            raise SimimgError(
+                f"the Ray job failed ({_first_line(err)}); the shards written so far are kept: "
+                "re-run the same command to go on"
+            ) from None
 
 
 # --- the pipeline's stages: they run in Ray workers -----------------------------------------------------------
@@ -170,8 +196,15 @@ def decode_files(batch: dict[str, np.ndarray], root: str, preprocess: Preprocess
             reasons[i] = text
         else:
             pixels[i], hashes[i] = tensor.numpy(), text
-    return {"path": batch["path"], "label": batch["label"], "size": stats[:, 0], "mtime_ns": stats[:, 1],
-            "sha256": hashes, "reason": reasons, "pixels": pixels}
+    return {
+        "path": batch["path"],
+        "label": batch["label"],
+        "size": stats[:, 0],
+        "mtime_ns": stats[:, 1],
+        "sha256": hashes,
+        "reason": reasons,
+        "pixels": pixels,
+    }
 
 
 class EmbedActor:
@@ -198,16 +231,19 @@ def write_shard(batch: dict[str, np.ndarray], run: str) -> dict[str, np.ndarray]
     """One Parquet shard of results; sha256 and vector are null for a skipped file, reason for an embedded one."""
     good = batch["reason"] == ""
     vectors = batch["vector"]
-    table = pa.table({
-        "path": pa.array(list(batch["path"]), pa.string()),
-        "label": pa.array(list(batch["label"]), pa.string()),
-        "size": pa.array(batch["size"], pa.int64()),
-        "mtime_ns": pa.array(batch["mtime_ns"], pa.int64()),
-        "sha256": pa.array([h if ok else None for h, ok in zip(batch["sha256"], good)], pa.string()),
-        "reason": pa.array([None if ok else r for r, ok in zip(batch["reason"], good)], pa.string()),
-        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1],
-                                                    mask=pa.array(~good)),
-    })
+    table = pa.table(
+        {
+            "path": pa.array(list(batch["path"]), pa.string()),
+            "label": pa.array(list(batch["label"]), pa.string()),
+            "size": pa.array(batch["size"], pa.int64()),
+            "mtime_ns": pa.array(batch["mtime_ns"], pa.int64()),
+            "sha256": pa.array([h if ok else None for h, ok in zip(batch["sha256"], good)], pa.string()),
+            "reason": pa.array([None if ok else r for r, ok in zip(batch["reason"], good)], pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors.reshape(-1)), vectors.shape[1], mask=pa.array(~good)
+            ),
+        }
+    )
     return {"shard": np.array([RunFolder(run).write(table)]), "rows": np.array([table.num_rows])}
 
 
@@ -225,9 +261,13 @@ def shard_batch(table: pa.Table, waiting: dict[str, int], only: set[str] | None 
             picked.append((n, pos))
         else:
             failures.append((pos, row["reason"]))
-    return EmbeddedBatch([pos for _, pos in picked], vectors[[n for n, _ in picked]],
-                         [rows[n]["sha256"] for n, _ in picked], failures,
-                         [(rows[n]["size"], rows[n]["mtime_ns"]) for n, _ in picked])
+    return EmbeddedBatch(
+        [pos for _, pos in picked],
+        vectors[[n for n, _ in picked]],
+        [rows[n]["sha256"] for n, _ in picked],
+        failures,
+        [(rows[n]["size"], rows[n]["mtime_ns"]) for n, _ in picked],
+    )
 
 
 def _vectors(table: pa.Table) -> np.ndarray:
@@ -247,8 +287,12 @@ def _reusable(run: RunFolder, root: Path, waiting: dict[str, int]) -> dict[str, 
         rows = run.read(shard, ["path", "size", "mtime_ns", "reason"]).to_pylist()
         for row in rows:
             path = row["path"]
-            if row["reason"] is None and path in waiting and path not in seen \
-                    and _stat(root / path) == (row["size"], row["mtime_ns"]):
+            if (
+                row["reason"] is None
+                and path in waiting
+                and path not in seen
+                and _stat(root / path) == (row["size"], row["mtime_ns"])
+            ):
                 chosen.setdefault(shard, set()).add(path)
                 seen.add(path)
     return chosen
@@ -306,17 +350,20 @@ class RunFolder:
     def shards(self) -> list[str]:
         fs, path = _filesystem(self.uri)
         found = fs.get_file_info(pafs.FileSelector(f"{path}/shards", allow_not_found=True))
-        return sorted(f.base_name for f in found if f.base_name.startswith(SHARD_PREFIX)
-                      and f.base_name.endswith(SHARD_SUFFIX))
+        return sorted(
+            f.base_name for f in found if f.base_name.startswith(SHARD_PREFIX) and f.base_name.endswith(SHARD_SUFFIX)
+        )
 
     def read(self, shard: str, columns: list[str] | None = None) -> pa.Table:
         fs, path = _filesystem(self.uri)
         try:
             return pq.read_table(f"{path}/shards/{shard}", columns=columns, filesystem=fs)
         except FileNotFoundError:
-            raise SimimgError(f"shard {shard} was written where this process cannot read it ({self.uri}): on a "
-                              "cluster of several machines, pass --ray-shards a location every node reaches "
-                              "(s3://..., gs://..., or a shared folder)") from None
+            raise SimimgError(
+                f"shard {shard} was written where this process cannot read it ({self.uri}): on a "
+                "cluster of several machines, pass --ray-shards a location every node reaches "
+                "(s3://..., gs://..., or a shared folder)"
+            ) from None
 
     def _put(self, name: str, write: Callable[[pa.NativeFile], object]) -> str:
         fs, path = _filesystem(self.uri)
@@ -366,8 +413,10 @@ def _check_reachable(address: str) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as err:
-        raise SimimgError(f"cannot reach the Ray cluster at {address} ({err.strerror or err}): start it with "
-                          "`ray start --head`, or check --address") from None
+        raise SimimgError(
+            f"cannot reach the Ray cluster at {address} ({err.strerror or err}): start it with "
+            "`ray start --head`, or check --address"
+        ) from None
 
 
 def _size_pool(job: IndexJob) -> tuple[bool, int]:
@@ -380,8 +429,13 @@ def _size_pool(job: IndexJob) -> tuple[bool, int]:
     actors = job.ray_actors or (max(gpus, 1) if use_gpu else max(1, cpus // (2 * CPUS_PER_ACTOR)))
     need, have = (actors, gpus) if use_gpu else (actors * CPUS_PER_ACTOR + 1, cpus)
     if need > have:
-        log.warning("the Ray cluster has %d %s now and %d actors need %d: the job waits for more nodes", have,
-                    "GPUs" if use_gpu else "CPUs", actors, need)
+        log.warning(
+            "the Ray cluster has %d %s now and %d actors need %d: the job waits for more nodes",
+            have,
+            "GPUs" if use_gpu else "CPUs",
+            actors,
+            need,
+        )
     return use_gpu, actors
 
 

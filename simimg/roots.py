@@ -39,10 +39,14 @@ def resolve_data_dir(text: str, roots: list[Path]) -> Path:
     allowed = ", ".join(str(r) for r in roots)
     exists_outside = any(c.resolve().is_dir() for c in candidates)
     if inside and not exists_outside:
-        raise SimimgError(f"there is no folder {text!r} under the allowed data roots ({allowed}): check the name, "
-                          "or pick one of the collections listed below the box")
-    raise SimimgError(f"{text!r} is outside the allowed data roots ({allowed}): the app reads only folders under "
-                      f"them; move your class folders there, or add a root to ${ROOTS_ENV} before starting the app")
+        raise SimimgError(
+            f"there is no folder {text!r} under the allowed data roots ({allowed}): check the name, "
+            "or pick one of the collections listed below the box"
+        )
+    raise SimimgError(
+        f"{text!r} is outside the allowed data roots ({allowed}): the app reads only folders under "
+        f"them; move your class folders there, or add a root to ${ROOTS_ENV} before starting the app"
+    )
 
 
 def list_collections(roots: list[Path]) -> list[Path]:
@@ -50,8 +54,9 @@ def list_collections(roots: list[Path]) -> list[Path]:
     found = []
     for root in roots:
         if root.is_dir():
-            found += sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                            and _under(p.resolve(), roots))
+            found += sorted(
+                p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and _under(p.resolve(), roots)
+            )
     return found
 
 

@@ -109,8 +109,10 @@ class SearchService:
     def __init__(self, home: str | Path | None, name: str, device: str = "auto", precision: str = "auto") -> None:
         self.folder = IndexFolder.of(home, name)
         if not self.folder.catalog.exists():
-            raise SimimgError(f"no index named '{name}' in {self.folder.root.parent}: build it with "
-                              f"`simimg index DATA_DIR --name {name}`")
+            raise SimimgError(
+                f"no index named '{name}' in {self.folder.root.parent}: build it with "
+                f"`simimg index DATA_DIR --name {name}`"
+            )
         self.compute = resolve_compute(device, precision)
         self.device = self.compute.device
         self.catalog = Catalog(self.folder.catalog, readonly=True)
@@ -160,20 +162,22 @@ class SearchService:
                 same_model = current is not None and current.model.bundle.fingerprint == snapshot.model
                 model, trunk = (current.model, current.trunk) if same_model else self._load_model(snapshot.model)
                 index = load_index(self.folder.faiss(snapshot.version))
-                stored = self.catalog.stored_vectors(snapshot.version, snapshot.embedding) if is_compressed(index) \
-                    else None
+                stored = (
+                    self.catalog.stored_vectors(snapshot.version, snapshot.embedding) if is_compressed(index) else None
+                )
             except SimimgError:
                 if self.catalog.version == snapshot.version:
                     raise
                 continue
             if index.ntotal != len(snapshot.ids):
-                raise SimimgError(f"index '{self.folder.name}' is inconsistent (FAISS {index.ntotal} vectors, "
-                                  f"catalog {len(snapshot.ids)}); re-run `simimg index` to repair it")
+                raise SimimgError(
+                    f"index '{self.folder.name}' is inconsistent (FAISS {index.ntotal} vectors, "
+                    f"catalog {len(snapshot.ids)}); re-run `simimg index` to repair it"
+                )
             labels = np.array(snapshot.labels, dtype=object)
             label_ids = {lab: snapshot.ids[labels == lab] for lab in set(snapshot.labels)}
             log.info("serving version %d of '%s' with model %s", snapshot.version, self.folder.name, snapshot.model)
-            return ServedVersion(snapshot, model, trunk, make_searcher(index, self.device, stored),
-                                 label_ids)
+            return ServedVersion(snapshot, model, trunk, make_searcher(index, self.device, stored), label_ids)
         raise SimimgError(f"index '{self.folder.name}' kept changing while loading; try again")
 
     def _load_model(self, fingerprint: str) -> tuple[LoadedModel, Trunk]:
@@ -181,8 +185,13 @@ class SearchService:
         return model, prepare_net(model.net, self.compute, model.bundle.preprocess)
 
     # --- the public API: images (paths or PIL) in ---------------------------------------------------
-    def search(self, images: ImageInput | Sequence[ImageInput], k: int = 10, label: str | None = None,
-               min_score: float | None = None) -> QueryResult | list[QueryResult]:
+    def search(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        k: int = 10,
+        label: str | None = None,
+        min_score: float | None = None,
+    ) -> QueryResult | list[QueryResult]:
         """Nearest gallery images (and the predicted class, when the model has one) for a path, a PIL image, or
         a list of them; a list gets a list back, in order. In a list, an unreadable file gets a result with
         `error` set and the others are answered; a single unreadable file raises BadImageError."""
@@ -198,7 +207,7 @@ class SearchService:
                     raise BadImageError(f"cannot query {item}: {err.reason}") from None
                 results[i] = QueryResult(name, None, [], error=err.reason)
         for start in range(0, len(decoded), QUERY_BATCH):
-            chunk = decoded[start:start + QUERY_BATCH]
+            chunk = decoded[start : start + QUERY_BATCH]
             answers = self.query_batch([im for _, im, _ in chunk], k, label, min_score, [n for _, _, n in chunk])
             for (i, _, _), answer in zip(chunk, answers):
                 results[i] = answer
@@ -207,8 +216,10 @@ class SearchService:
     def predict(self, images: ImageInput | Sequence[ImageInput]) -> Prediction | list[Prediction | None]:
         """The predicted class of each image (None for an unreadable one in a list); needs a trained classifier."""
         if not self.model.bundle.has_classifier:
-            raise SimimgError(f"index '{self.folder.name}' serves a model with no classifier: train one with "
-                              f"`simimg train DATA_DIR --name {self.folder.name} --head-only` (seconds)")
+            raise SimimgError(
+                f"index '{self.folder.name}' serves a model with no classifier: train one with "
+                f"`simimg train DATA_DIR --name {self.folder.name} --head-only` (seconds)"
+            )
         found = self.search(images, k=1)
         return found.prediction if isinstance(found, QueryResult) else [r.prediction for r in found]
 
@@ -221,21 +232,29 @@ class SearchService:
     def load(self, path: str | Path) -> Image.Image:
         return load_image(path, draft_size=self.draft_size)
 
-    def query_file(self, path: str | Path, k: int = 10, label: str | None = None,
-                   min_score: float | None = None) -> QueryResult:
+    def query_file(
+        self, path: str | Path, k: int = 10, label: str | None = None, min_score: float | None = None
+    ) -> QueryResult:
         try:
             image = self.load(path)
         except BadImageError as err:
             raise BadImageError(f"cannot query {path}: {err.reason}") from None
         return self.query(image, k, label, min_score, query=str(path))
 
-    def query(self, image: Image.Image, k: int = 10, label: str | None = None, min_score: float | None = None,
-              query: str = "") -> QueryResult:
+    def query(
+        self, image: Image.Image, k: int = 10, label: str | None = None, min_score: float | None = None, query: str = ""
+    ) -> QueryResult:
         """Classify (when the model has a head) and find the k most similar gallery images; any PIL mode is accepted."""
         return self.query_batch([image], k, label, min_score, [query])[0]
 
-    def query_batch(self, images: Sequence[Image.Image], k: int = 10, label: str | None = None,
-                    min_score: float | None = None, names: Sequence[str] | None = None) -> list[QueryResult]:
+    def query_batch(
+        self,
+        images: Sequence[Image.Image],
+        k: int = 10,
+        label: str | None = None,
+        min_score: float | None = None,
+        names: Sequence[str] | None = None,
+    ) -> list[QueryResult]:
         """Many decoded images in one forward pass and one search; the HTTP server's micro-batches come here."""
         self.refresh(wait=False)
         served = self._served
@@ -248,8 +267,10 @@ class SearchService:
             if not len(allowed):
                 return [QueryResult(n, p, []) for n, p in zip(names, predictions)]
         scores, ids = served.searcher.search(embeddings, k, allowed)
-        return [QueryResult(n, p, neighbors_from(scores[i], ids[i], served.snapshot, min_score))
-                for i, (n, p) in enumerate(zip(names, predictions))]
+        return [
+            QueryResult(n, p, neighbors_from(scores[i], ids[i], served.snapshot, min_score))
+            for i, (n, p) in enumerate(zip(names, predictions))
+        ]
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Unit-length embeddings (N x D float32) of decoded images, with the served version's model."""
@@ -264,12 +285,19 @@ class SearchService:
     def _embed(self, served: ServedVersion, images: Sequence[Image.Image]) -> tuple[np.ndarray, torch.Tensor | None]:
         preprocess = served.model.bundle.preprocess
         batch = torch.stack([preprocess.to_uint8(to_rgb(image)) for image in images])
-        embeddings, logits = infer(served.model.net, batch, preprocess, self.compute,
-                                   with_logits=served.model.bundle.has_classifier, trunk=served.trunk)
+        embeddings, logits = infer(
+            served.model.net,
+            batch,
+            preprocess,
+            self.compute,
+            with_logits=served.model.bundle.has_classifier,
+            trunk=served.trunk,
+        )
         return embeddings.cpu().numpy(), None if logits is None else logits.cpu()
 
-    def explain(self, image: ImageInput, neighbor: ImageInput | None = None, label: str | None = None,
-                method: str = "gradcam") -> Explanation:
+    def explain(
+        self, image: ImageInput, neighbor: ImageInput | None = None, label: str | None = None, method: str = "gradcam"
+    ) -> Explanation:
         """Where the served model looks in `image`: at the predicted class (or `label`), or, given a `neighbor`
         (a gallery path, any file or a PIL image), at what makes the two similar. The map has the decoded image's
         size; see simimg/heatmaps.py."""
@@ -287,8 +315,11 @@ class SearchService:
         """The results whose similarity to the query can be explained: all but the query itself, which is its
         own gallery file `query` (a "Find similar" query) or any result at SELF_MATCH_SCORE or above (a copy)."""
         own = None if query is None else self.gallery_file(query).resolve()
-        return [n for n in result.neighbors
-                if n.score < SELF_MATCH_SCORE and (own is None or self.gallery_file(n.path).resolve() != own)]
+        return [
+            n
+            for n in result.neighbors
+            if n.score < SELF_MATCH_SCORE and (own is None or self.gallery_file(n.path).resolve() != own)
+        ]
 
     def _decoded(self, image: ImageInput) -> Image.Image:
         """A PIL image as it is; a path (a gallery path is relative to the indexed folder) decoded as queries are."""
@@ -312,12 +343,26 @@ class SearchService:
         counts: dict[str, int] = {}
         for lab in snap.labels:
             counts[lab or ""] = counts.get(lab or "", 0) + 1
-        return {"name": self.folder.name, "total": len(snap.ids), "labels": dict(sorted(counts.items())),
-                "arch": b.arch, "dim": b.dim, "model": b.fingerprint, "embedding": b.embedding, "kind": b.kind,
-                "source": b.source, "image_size": b.preprocess.crop_size, "classifier": b.has_classifier,
-                "classes": list(b.classes), "val_accuracy": b.val_accuracy, "untrained": b.random_features,
-                "version": snap.version, "index_kind": snap.index_kind, "data_root": str(self.data_root),
-                "device": str(self.compute)}
+        return {
+            "name": self.folder.name,
+            "total": len(snap.ids),
+            "labels": dict(sorted(counts.items())),
+            "arch": b.arch,
+            "dim": b.dim,
+            "model": b.fingerprint,
+            "embedding": b.embedding,
+            "kind": b.kind,
+            "source": b.source,
+            "image_size": b.preprocess.crop_size,
+            "classifier": b.has_classifier,
+            "classes": list(b.classes),
+            "val_accuracy": b.val_accuracy,
+            "untrained": b.random_features,
+            "version": snap.version,
+            "index_kind": snap.index_kind,
+            "data_root": str(self.data_root),
+            "device": str(self.compute),
+        }
 
     def close(self) -> None:
         with self._refreshing:

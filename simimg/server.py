@@ -72,8 +72,10 @@ class ServeConfig:
         if min(self.workers, self.max_batch, self.max_queue, self.max_files, self.threads or 1) < 1:
             raise SimimgError("--workers, --max-batch, --max-queue, --max-files and --threads must be at least 1")
         if self.max_files > self.max_queue:
-            raise SimimgError(f"--max-files {self.max_files} is more than --max-queue {self.max_queue}: such a "
-                              "request could never be queued")
+            raise SimimgError(
+                f"--max-files {self.max_files} is more than --max-queue {self.max_queue}: such a "
+                "request could never be queued"
+            )
         if self.max_wait_ms < 0 or self.timeout_s <= 0 or self.max_mb <= 0:
             raise SimimgError("--max-wait-ms must be >= 0, --timeout and --max-mb above 0")
 
@@ -86,8 +88,10 @@ def check_exposure(host: str, token: str | None) -> None:
     """Without a token only this machine may connect: a non-loopback address is refused with what to do."""
     if token or is_loopback(host):
         return
-    raise SimimgError(f"--host {host} would let other machines query your indexes without a password: set "
-                      f"{TOKEN_ENV} to a secret (clients then send `Authorization: Bearer <it>`), or bind 127.0.0.1")
+    raise SimimgError(
+        f"--host {host} would let other machines query your indexes without a password: set "
+        f"{TOKEN_ENV} to a secret (clients then send `Authorization: Bearer <it>`), or bind 127.0.0.1"
+    )
 
 
 def is_loopback(host: str) -> bool:
@@ -116,8 +120,13 @@ def run_server(config: ServeConfig, token: str | None) -> None:
         os.environ[TOKEN_ENV] = token
     # a worker answers the supervisor's ping only once torch is imported: uvicorn's 5 s default killed and restarted
     # workers forever at load average 5 on 2 cores
-    uvicorn.run("simimg.server:app_from_env", factory=True, workers=config.workers,
-                timeout_worker_healthcheck=WORKER_START_S, **options)
+    uvicorn.run(
+        "simimg.server:app_from_env",
+        factory=True,
+        workers=config.workers,
+        timeout_worker_healthcheck=WORKER_START_S,
+        **options,
+    )
 
 
 def app_from_env() -> FastAPI:
@@ -136,8 +145,9 @@ def use_threads(config: ServeConfig) -> None:
         torch.set_num_threads(config.threads)
 
 
-def wait_until_ready(url: str, token: str | None = None, timeout_s: float = 120,
-                     process: subprocess.Popen | None = None) -> None:
+def wait_until_ready(
+    url: str, token: str | None = None, timeout_s: float = 120, process: subprocess.Popen | None = None
+) -> None:
     """Poll `GET /readyz` until it answers 200: for scripts that start `simimg serve` and then use it.
 
     Raises SimimgError when `process` (the server, if the caller started it) exits first or time runs out."""
@@ -222,8 +232,10 @@ class State:
     def admit(self):
         """Count a request in flight; beyond the queue's size, refuse it before reading its body."""
         if self.in_flight >= self.config.max_queue:
-            raise ApiError(503, f"{self.in_flight} requests are in flight (the limit is {self.config.max_queue}); "
-                                "try again shortly")
+            raise ApiError(
+                503,
+                f"{self.in_flight} requests are in flight (the limit is {self.config.max_queue}); try again shortly",
+            )
         self.in_flight += 1
         try:
             yield
@@ -235,8 +247,9 @@ class State:
         self.indexes.close()
 
 
-def create_app(config: ServeConfig, token: str | None = None,
-               run_batch: Callable[[list[Work]], Sequence] = answer) -> FastAPI:
+def create_app(
+    config: ServeConfig, token: str | None = None, run_batch: Callable[[list[Work]], Sequence] = answer
+) -> FastAPI:
     """The ASGI app; `run_batch` is what the model thread runs on each batch (`batching.answer`)."""
     state = State(config, run_batch)
 
@@ -246,9 +259,13 @@ def create_app(config: ServeConfig, token: str | None = None,
         yield
         await run_in_threadpool(state.close)
 
-    app = FastAPI(title="simimg", version=_version(), lifespan=lifespan,
-                  description="Similar-image search and classification over the indexes under "
-                              f"{config.home}. With {TOKEN_ENV} set, send `Authorization: Bearer <token>`.")
+    app = FastAPI(
+        title="simimg",
+        version=_version(),
+        lifespan=lifespan,
+        description="Similar-image search and classification over the indexes under "
+        f"{config.home}. With {TOKEN_ENV} set, send `Authorization: Bearer <token>`.",
+    )
     _error_handlers(app)
     _routes(app, state)
     if token:
@@ -275,8 +292,11 @@ class BearerAuth:
         if hmac.compare_digest(given, self.expected):
             return await self.app(scope, receive, send)
         message = "a wrong token" if given else "no token"
-        response = JSONResponse({"error": f"this server needs `Authorization: Bearer <{TOKEN_ENV}>`; the request "
-                                          f"had {message}"}, 401, headers={"WWW-Authenticate": "Bearer"})
+        response = JSONResponse(
+            {"error": f"this server needs `Authorization: Bearer <{TOKEN_ENV}>`; the request had {message}"},
+            401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
         await response(scope, receive, send)
 
 
@@ -302,12 +322,33 @@ def _error_handlers(app: FastAPI) -> None:
         return JSONResponse({"error": problems}, 422)
 
 
-IMAGES_BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-        "file": {"type": "array", "items": {"type": "string", "format": "binary"},
-                 "description": "one or more images (repeat the field)"}}}},
-    "application/json": {"schema": {"type": "array", "items": {"type": "string"},
-                                    "description": "gallery paths, relative to the index's data root"}}}}}
+IMAGES_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "one or more images (repeat the field)",
+                        }
+                    },
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "gallery paths, relative to the index's data root",
+                }
+            },
+        },
+    }
+}
 
 
 def _routes(app: FastAPI, state: State) -> None:
@@ -319,9 +360,17 @@ def _routes(app: FastAPI, state: State) -> None:
     async def readyz() -> JSONResponse:
         b = state.batcher
         ready = state.ready.is_set() and b.alive
-        return JSONResponse({"ready": ready, "loaded": state.indexes.loaded(), "queued": b.queued,
-                             "in_flight": state.in_flight, "batches": b.batches, "images": b.items},
-                            200 if ready else 503)
+        return JSONResponse(
+            {
+                "ready": ready,
+                "loaded": state.indexes.loaded(),
+                "queued": b.queued,
+                "in_flight": state.in_flight,
+                "batches": b.batches,
+                "images": b.items,
+            },
+            200 if ready else 503,
+        )
 
     @app.get("/v1/indexes", summary="every index under HOME, newest first")
     async def indexes() -> list[dict]:
@@ -332,15 +381,26 @@ def _routes(app: FastAPI, state: State) -> None:
     async def info(name: str) -> dict:
         return await run_in_threadpool(_info, state.indexes, name)
 
-    @app.post("/v1/indexes/{name}/query", openapi_extra=IMAGES_BODY,
-              summary="nearest gallery images (and the predicted class) of each image: `simimg query --json`")
-    async def query(request: Request, name: str, k: int = Query(10, ge=1, le=MAX_K), label: str | None = None,
-                    min_score: float | None = Query(None, ge=-1.0, le=1.0)) -> JSONResponse:
+    @app.post(
+        "/v1/indexes/{name}/query",
+        openapi_extra=IMAGES_BODY,
+        summary="nearest gallery images (and the predicted class) of each image: `simimg query --json`",
+    )
+    async def query(
+        request: Request,
+        name: str,
+        k: int = Query(10, ge=1, le=MAX_K),
+        label: str | None = None,
+        min_score: float | None = Query(None, ge=-1.0, le=1.0),
+    ) -> JSONResponse:
         found = await _answer(state, request, name, k=k, label=label, min_score=min_score)
         return JSONResponse([result.to_dict() for result in found])
 
-    @app.post("/v1/indexes/{name}/embed", openapi_extra=IMAGES_BODY,
-              summary="the unit-length embedding of each image, with the model that made it")
+    @app.post(
+        "/v1/indexes/{name}/embed",
+        openapi_extra=IMAGES_BODY,
+        summary="the unit-length embedding of each image, with the model that made it",
+    )
     async def embed(request: Request, name: str) -> JSONResponse:
         found = await _answer(state, request, name, embed=True)
         return JSONResponse([result.to_dict() for result in found])
@@ -362,16 +422,19 @@ async def _answer(state: State, request: Request, name: str, **options: Any) -> 
         inputs = await read_inputs(request, state.config.limits)
         images = await run_in_threadpool(decode_inputs, inputs, service, state.config.limits)
         try:
-            futures = state.batcher.submit([Work(service, image, item.name, **options)
-                                            for image, item in zip(images, inputs)])
+            futures = state.batcher.submit(
+                [Work(service, image, item.name, **options) for image, item in zip(images, inputs)]
+            )
         except QueueFull as err:
             raise ApiError(503, str(err)) from None
         left = state.config.timeout_s - (time.monotonic() - started)
         try:
             return await asyncio.wait_for(asyncio.gather(*map(asyncio.wrap_future, futures)), max(left, 0.001))
         except asyncio.TimeoutError:
-            raise ApiError(504, f"no answer within {state.config.timeout_s:g} s: the server is overloaded; try "
-                                "again later (or start it with a larger --timeout)") from None
+            raise ApiError(
+                504,
+                f"no answer within {state.config.timeout_s:g} s: the server is overloaded; try "
+                "again later (or start it with a larger --timeout)",
+            ) from None
         except SimimgError as err:
             raise ApiError(500, str(err)) from None
-

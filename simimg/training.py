@@ -138,17 +138,35 @@ class Recipe:
     jitter: float = 0.2
 
 
-PRETRAINED_RECIPE = Recipe(epochs=15, lr=1e-3, freeze_epochs=3, patience=5, backbone_lr_factor=0.1,
-                           warmup_fraction=0.05, crop_scale=(0.35, 1.0))
-SCRATCH_RECIPE = Recipe(epochs=80, lr=2e-3, freeze_epochs=0, patience=20, backbone_lr_factor=1.0,
-                        warmup_fraction=0.15, crop_scale=(0.25, 1.0))
+PRETRAINED_RECIPE = Recipe(
+    epochs=15,
+    lr=1e-3,
+    freeze_epochs=3,
+    patience=5,
+    backbone_lr_factor=0.1,
+    warmup_fraction=0.05,
+    crop_scale=(0.35, 1.0),
+)
+SCRATCH_RECIPE = Recipe(
+    epochs=80,
+    lr=2e-3,
+    freeze_epochs=0,
+    patience=20,
+    backbone_lr_factor=1.0,
+    warmup_fraction=0.15,
+    crop_scale=(0.25, 1.0),
+)
 
 
 def recipe_for(config: TrainConfig) -> Recipe:
     """The mode's defaults, with whatever the config sets explicitly."""
     base = SCRATCH_RECIPE if config.weights == "none" else PRETRAINED_RECIPE
-    overrides = {"epochs": config.epochs, "lr": config.lr, "freeze_epochs": config.freeze_epochs,
-                 "patience": config.patience}
+    overrides = {
+        "epochs": config.epochs,
+        "lr": config.lr,
+        "freeze_epochs": config.freeze_epochs,
+        "patience": config.patience,
+    }
     recipe = replace(base, **{k: v for k, v in overrides.items() if v is not None})
     if recipe.epochs < 1 or recipe.lr <= 0 or recipe.patience < 1 or recipe.freeze_epochs < 0:
         raise SimimgError("--epochs and --patience must be at least 1, --lr above 0 and --freeze-epochs 0 or more")
@@ -216,13 +234,20 @@ def run_training(config: TrainConfig, hooks: Hooks = Hooks()) -> TrainReport:
     index = None
     if report.model and config.index and not report.cancelled:
         hooks.on_phase("indexing")
-        index = serve_model(config.home, config.name, report.model, config.data_dir, config.device, config.workers,
-                            hooks.progress, config.precision)
+        index = serve_model(
+            config.home,
+            config.name,
+            report.model,
+            config.data_dir,
+            config.device,
+            config.workers,
+            hooks.progress,
+            config.precision,
+        )
     return replace(report, seconds=round(time.perf_counter() - started, 3), index=index)
 
 
-def _fine_tune(config: TrainConfig, split: Split, folder: IndexFolder, compute: Compute,
-               hooks: Hooks) -> TrainReport:
+def _fine_tune(config: TrainConfig, split: Split, folder: IndexFolder, compute: Compute, hooks: Hooks) -> TrainReport:
     """Epochs until done, stopped early or cancelled; the best one is kept as a model version."""
     run = _open_run(config, split, folder, compute)
     cancelled = False
@@ -237,9 +262,19 @@ def _fine_tune(config: TrainConfig, split: Split, folder: IndexFolder, compute: 
     best = state.history[state.best_epoch - 1] if state.best_epoch else None
     skipped = [{"path": s.path, "reason": s.reason} for s in split.skipped]
     skipped += [{"path": p, "reason": r} for p, r in sorted(run.skipped.items())]
-    return TrainReport(config.name, state.best_epoch, best.val_accuracy if best else 0.0, list(state.history), 0.0,
-                       str(compute), state.stopped_early, cancelled, skipped, bundle.fingerprint if bundle else "",
-                       "fine-tuned")
+    return TrainReport(
+        config.name,
+        state.best_epoch,
+        best.val_accuracy if best else 0.0,
+        list(state.history),
+        0.0,
+        str(compute),
+        state.stopped_early,
+        cancelled,
+        skipped,
+        bundle.fingerprint if bundle else "",
+        "fine-tuned",
+    )
 
 
 def _open_run(config: TrainConfig, split: Split, folder: IndexFolder, compute: Compute) -> _Run:
@@ -265,11 +300,20 @@ def _open_run(config: TrainConfig, split: Split, folder: IndexFolder, compute: C
         log.info("classes are imbalanced: weighting the loss by %s", np.round(weights.numpy(), 3).tolist())
     criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=recipe.label_smoothing).to(device)
     augment = TrainAugment(config.image_size, recipe.crop_scale, recipe.jitter)
-    train_loader = make_loader(split.files(split.train), augment, config.batch_size, workers, device,
-                               shuffle=True, seed=config.seed, drop_last=len(split.train) > config.batch_size)
+    train_loader = make_loader(
+        split.files(split.train),
+        augment,
+        config.batch_size,
+        workers,
+        device,
+        shuffle=True,
+        seed=config.seed,
+        drop_last=len(split.train) > config.batch_size,
+    )
     val_loader = make_loader(split.files(split.val), model.bundle.preprocess, config.batch_size, workers, device)
-    run = _Run(config, recipe, split, folder, compute, model, source, optimizer, criterion, train_loader, val_loader,
-               _State())
+    run = _Run(
+        config, recipe, split, folder, compute, model, source, optimizer, criterion, train_loader, val_loader, _State()
+    )
     if checkpoint is not None:
         _restore(run, checkpoint)
     return run
@@ -277,8 +321,10 @@ def _open_run(config: TrainConfig, split: Split, folder: IndexFolder, compute: C
 
 def _optimizer(net: Net, recipe: Recipe) -> torch.optim.Optimizer:
     """AdamW with the backbone and the head in their own groups; `base_lr` is each group's peak."""
-    groups = [{"params": list(net.trunk.parameters()), "base_lr": recipe.lr * recipe.backbone_lr_factor},
-              {"params": list(net.head.parameters()), "base_lr": recipe.lr}]
+    groups = [
+        {"params": list(net.trunk.parameters()), "base_lr": recipe.lr * recipe.backbone_lr_factor},
+        {"params": list(net.head.parameters()), "base_lr": recipe.lr},
+    ]
     return torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
 
 
@@ -308,17 +354,35 @@ def _run_epoch(run: _Run, hooks: Hooks) -> EpochStats | None:
         val_loss = float(run.criterion(val.logits.to(device), torch.from_numpy(labels).to(device)))
     metrics = classification_metrics(labels, torch.softmax(val.logits, 1).numpy(), run.split.classes)
     lr = max(g["lr"] for g in run.optimizer.param_groups)
-    stats = EpochStats(epoch, phase, round(train_loss, 6), round(train_accuracy, 6), round(val_loss, 6),
-                       round(metrics["accuracy"], 6), float(f"{lr:.6g}"), round(images / train_seconds, 2),
-                       round(time.perf_counter() - started, 3))
+    stats = EpochStats(
+        epoch,
+        phase,
+        round(train_loss, 6),
+        round(train_accuracy, 6),
+        round(val_loss, 6),
+        round(metrics["accuracy"], 6),
+        float(f"{lr:.6g}"),
+        round(images / train_seconds, 2),
+        round(time.perf_counter() - started, 3),
+    )
     _record(run, stats, metrics["confusion_matrix"])
-    log.info("epoch %d (%s): train loss %.4f acc %.3f, val loss %.4f acc %.3f, lr %.2e, %.1f img/s", epoch, phase,
-             stats.train_loss, stats.train_accuracy, stats.val_loss, stats.val_accuracy, stats.lr, stats.images_per_s)
+    log.info(
+        "epoch %d (%s): train loss %.4f acc %.3f, val loss %.4f acc %.3f, lr %.2e, %.1f img/s",
+        epoch,
+        phase,
+        stats.train_loss,
+        stats.train_accuracy,
+        stats.val_loss,
+        stats.val_accuracy,
+        stats.lr,
+        stats.images_per_s,
+    )
     return stats
 
 
-def _train_epoch(run: _Run, epoch: int, phase: str, progress: Callable[[int, int], None],
-                 should_stop: Callable[[], bool]) -> tuple[float, float, int] | None:
+def _train_epoch(
+    run: _Run, epoch: int, phase: str, progress: Callable[[int, int], None], should_stop: Callable[[], bool]
+) -> tuple[float, float, int] | None:
     """(mean loss, accuracy, images) over one pass of the training images; None when should_stop() said so."""
     net, device, preprocess = run.model.net, run.compute.device, run.model.bundle.preprocess
     net.train()
@@ -389,17 +453,35 @@ def _keep_best(run: _Run, cancelled: bool) -> ModelBundle | None:
     net = run.model.net
     net.load_state_dict(run.best_weights)
     best = state.history[state.best_epoch - 1]
-    info = {"weights": run.config.weights, "training": {
-        "config": asdict(run.config), "recipe": asdict(run.recipe), "device": str(run.compute),
-        "best_epoch": state.best_epoch, "stopped_early": state.stopped_early, "cancelled": cancelled,
-        "metrics": {k: getattr(best, k) for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")},
-        "history": [asdict(h) for h in state.history], "split": run.split.describe(),
-        "class_weights": None if run.criterion.weight is None else run.criterion.weight.cpu().tolist()}}
-    bundle = describe(net, run.model.bundle.arch, run.split.classes, run.model.bundle.preprocess,
-                      f"trained from {run.source}", "fine-tuned", **info)
-    extras = {"curves.png": curves_png([asdict(h) for h in state.history], state.best_epoch),
-              "confusion.png": confusion_png(state.best_confusion, run.split.classes),
-              "train_job.json": json.dumps(asdict(run.config), indent=2).encode()}
+    info = {
+        "weights": run.config.weights,
+        "training": {
+            "config": asdict(run.config),
+            "recipe": asdict(run.recipe),
+            "device": str(run.compute),
+            "best_epoch": state.best_epoch,
+            "stopped_early": state.stopped_early,
+            "cancelled": cancelled,
+            "metrics": {k: getattr(best, k) for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")},
+            "history": [asdict(h) for h in state.history],
+            "split": run.split.describe(),
+            "class_weights": None if run.criterion.weight is None else run.criterion.weight.cpu().tolist(),
+        },
+    }
+    bundle = describe(
+        net,
+        run.model.bundle.arch,
+        run.split.classes,
+        run.model.bundle.preprocess,
+        f"trained from {run.source}",
+        "fine-tuned",
+        **info,
+    )
+    extras = {
+        "curves.png": curves_png([asdict(h) for h in state.history], state.best_epoch),
+        "confusion.png": confusion_png(state.best_confusion, run.split.classes),
+        "train_job.json": json.dumps(asdict(run.config), indent=2).encode(),
+    }
     publish_model(run.folder, net, bundle, extras)
     if not cancelled:
         run.folder.checkpoint.unlink(missing_ok=True)
@@ -413,8 +495,12 @@ def _write_checkpoint(run: _Run) -> None:
         "optimizer": run.optimizer.state_dict(),
         "best_model": run.best_weights,
         "state": asdict(run.state),
-        "meta": {"arch": run.model.bundle.arch, "classes": list(run.split.classes), "source": run.source,
-                 "image_size": run.config.image_size},
+        "meta": {
+            "arch": run.model.bundle.arch,
+            "classes": list(run.split.classes),
+            "source": run.source,
+            "image_size": run.config.image_size,
+        },
     }
     with atomic_target(run.folder.checkpoint) as tmp:
         torch.save(payload, tmp)
@@ -429,10 +515,15 @@ def _read_checkpoint(folder: IndexFolder, split: Split, config: TrainConfig) -> 
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint means the same to the user
         raise SimimgError(f"checkpoint {path} is unreadable ({err}); run without --resume to start again") from None
     meta = checkpoint["meta"]
-    if tuple(meta["classes"]) != split.classes or meta["image_size"] != config.image_size or \
-            (config.arch and config.arch != meta["arch"]):
-        raise SimimgError(f"cannot resume: the checkpoint is a {meta['arch']} at {meta['image_size']} px for classes "
-                          f"{', '.join(meta['classes'])}; match those, or run without --resume to start again")
+    if (
+        tuple(meta["classes"]) != split.classes
+        or meta["image_size"] != config.image_size
+        or (config.arch and config.arch != meta["arch"])
+    ):
+        raise SimimgError(
+            f"cannot resume: the checkpoint is a {meta['arch']} at {meta['image_size']} px for classes "
+            f"{', '.join(meta['classes'])}; match those, or run without --resume to start again"
+        )
     return checkpoint
 
 

@@ -42,10 +42,14 @@ THUMB_PX = 320
 # --- errors ------------------------------------------------------------------------------------------
 # The library's messages advise CLI commands; a page names the page or control that does the same instead.
 APP_ADVICE = [
-    (r"(?:re-)?run `simimg upgrade[^`]*` to convert it", "build it again on the **Build** page, which converts "
-                                                         "it first and keeps every vector"),
-    (r"(?:re-)?run `simimg index[^`]*`(?: on it| once)?(?: first)?(?: to (?:rebuild|repair) it)?",
-     "build it on the **Build** page"),
+    (
+        r"(?:re-)?run `simimg upgrade[^`]*` to convert it",
+        "build it again on the **Build** page, which converts it first and keeps every vector",
+    ),
+    (
+        r"(?:re-)?run `simimg index[^`]*`(?: on it| once)?(?: first)?(?: to (?:rebuild|repair) it)?",
+        "build it on the **Build** page",
+    ),
     (r"build it with `simimg index[^`]*`", "build it on the **Build** page"),
     (r" \(`simimg index [^`]*`(?:, then train with --name \S+)?\)", " on the **Build** page"),
     (r"pass --embed-missing", "tick **Embed the images the index does not hold**"),
@@ -53,8 +57,10 @@ APP_ADVICE = [
     (r"`simimg train[^`]*`(?: \(add --head-only[^)]*\))?", "the **Train** page"),
     (r"`simimg use[^`]*`", "the Models tab of the **Inspect** page"),
     (r"`simimg models[^`]*` lists the ones it has", "the Models tab of the **Inspect** page lists them"),
-    (r"use --weights none to start from random init, or --weights PATH for an earlier simimg model",
-     "start from **Scratch (random init)** or from **An earlier simimg model** instead"),
+    (
+        r"use --weights none to start from random init, or --weights PATH for an earlier simimg model",
+        "start from **Scratch (random init)** or from **An earlier simimg model** instead",
+    ),
     (r"--weights none", "**Scratch (random init)**"),
     (r",? or pass --model", ""),
     (r"--head-only", "Quick training"),
@@ -109,9 +115,13 @@ def sidebar() -> None:
         st.sidebar.caption(f"No index yet under `{home()}`.")
         st.session_state.pop(INDEX_KEY, None)
         return
-    chosen = st.sidebar.selectbox("Index", names, index=names.index(default_index(names)),
-                                  help=f"Indexes under {home()}. A new tab opens the one in its URL, else the most "
-                                       "recently built that can be searched.")
+    chosen = st.sidebar.selectbox(
+        "Index",
+        names,
+        index=names.index(default_index(names)),
+        help=f"Indexes under {home()}. A new tab opens the one in its URL, else the most "
+        "recently built that can be searched.",
+    )
     st.session_state[INDEX_KEY] = chosen
     st.query_params[INDEX_PARAM] = chosen
 
@@ -161,8 +171,10 @@ def search_service(name: str) -> SearchService:
     """
     paths = IndexFolder.of(home(), name)
     if not published(name):
-        raise SimimgError(f"index '{name}' is not finished: its first build stopped before the end. Run it again "
-                          "on the **Build** page with the same folder: the work already done is kept.")
+        raise SimimgError(
+            f"index '{name}' is not finished: its first build stopped before the end. Run it again "
+            "on the **Build** page with the same folder: the work already done is kept."
+        )
     return _service(str(home()), name, paths.catalog.stat().st_ino)
 
 
@@ -182,8 +194,11 @@ def open_index(title: str) -> SearchService | None:
     st.title(title, anchor=False)
     building = [j for j in board().running(name) if j.kind == "build"]
     if building and not published(name):
-        st.info(f"**{name}** is being built: it can be searched once its first version is published. Meanwhile "
-                "choose another index in the sidebar.", icon=":material/hourglass_top:")
+        st.info(
+            f"**{name}** is being built: it can be searched once its first version is published. Meanwhile "
+            "choose another index in the sidebar.",
+            icon=":material/hourglass_top:",
+        )
         watch(building[0], job_progress)
         return None
     service = search_service(name)
@@ -200,16 +215,21 @@ def describe_index(info: dict) -> str:
     else:
         model = f"`{info['arch']}` {info['kind']} model"
     source = "" if info["untrained"] else f" ({info['source']})"
-    return (f"**{info['total']:,}** images · {model} `{info['model'][:8]}`{source} · {info['image_size']} px · "
-            f"{kind} · version {info['version']}")
+    return (
+        f"**{info['total']:,}** images · {model} `{info['model'][:8]}`{source} · {info['image_size']} px · "
+        f"{kind} · version {info['version']}"
+    )
 
 
 def untrained_notice(info: dict) -> None:
     """Say so when the index's model is a random-init backbone: its similarity scores mean little."""
     if info["untrained"]:
-        st.warning("This index's model is **untrained** (random weights): nearly every pair of images scores "
-                   "0.95 or more, and neighbours are weak. Train a model on the **Train** page (a full run), or "
-                   "build the index with ImageNet weights, for meaningful similarity.", icon=":material/science:")
+        st.warning(
+            "This index's model is **untrained** (random weights): nearly every pair of images scores "
+            "0.95 or more, and neighbours are weak. Train a model on the **Train** page (a full run), or "
+            "build the index with ImageNet weights, for meaningful similarity.",
+            icon=":material/science:",
+        )
 
 
 def queue_similar(path: Path) -> None:
@@ -252,8 +272,10 @@ def landmarks_caption(home_dir: str, name: str, version: int) -> str:
     if not marks:
         return ""
     kth = next(key for key in marks if key.startswith("neighbour_"))
-    return (f"In this index an image's nearest neighbour scores {marks['nearest']:.3f} (median), its "
-            f"{kth.split('_')[1]}th {marks[kth]:.3f}, and a random pair {marks['random_pair']:.3f}.")
+    return (
+        f"In this index an image's nearest neighbour scores {marks['nearest']:.3f} (median), its "
+        f"{kth.split('_')[1]}th {marks[kth]:.3f}, and a random pair {marks['random_pair']:.3f}."
+    )
 
 
 # --- images --------------------------------------------------------------------------------------------
@@ -291,7 +313,7 @@ def image_strip(items: list[tuple[Path, str]], columns: int = 6, header: str | N
     if header:
         st.markdown(header)
     for start in range(0, len(items), columns):
-        for column, (path, caption) in zip(st.columns(columns), items[start:start + columns]):
+        for column, (path, caption) in zip(st.columns(columns), items[start : start + columns]):
             thumb = thumbnail(path)
             if thumb is None:
                 column.warning(f"cannot read {caption}")
@@ -305,8 +327,9 @@ def skipped_table(rows: list[dict]) -> None:
     if not rows:
         st.caption("None: every image file was read.")
         return
-    st.dataframe(pd.DataFrame(rows, columns=["path", "reason"]), hide_index=True, width="stretch",
-                 column_config={"path": "file"})
+    st.dataframe(
+        pd.DataFrame(rows, columns=["path", "reason"]), hide_index=True, width="stretch", column_config={"path": "file"}
+    )
 
 
 def gallery_path(data_root: Path, path: str) -> Path:
@@ -323,9 +346,13 @@ def first_run_guide() -> None:
         "simimg learns your own image folders and finds similar pictures.\n\n"
         "1. **Put class folders under `data/`**: `data/<collection>/<class>/<image>.jpg`.\n"
         "2. **Train** a classifier on them (Train page), or just **index** them for similarity search (Build page).\n"
-        "3. **Search** by dropping an image here.")
-    st.info("No data at hand? Build a small demo collection: 36 generated images in 3 classes, indexed in a few "
-            "seconds, with no download.", icon=":material/auto_awesome:")
+        "3. **Search** by dropping an image here."
+    )
+    st.info(
+        "No data at hand? Build a small demo collection: 36 generated images in 3 classes, indexed in a few "
+        "seconds, with no download.",
+        icon=":material/auto_awesome:",
+    )
     if st.button("Build the demo collection", type="primary", icon=":material/rocket_launch:"):
         with friendly_errors():
             with st.status("Drawing and indexing the demo images…", expanded=True) as status:
@@ -363,8 +390,14 @@ def start_job(index: str, kind: str, label: str, task: Task) -> Job:
     return job
 
 
-def job_page(kind: str, form: Callable[[], bool | None], progress: Callable[[Job], None],
-             result: Callable[[Job], None], every: float = 0.5, live: Callable[[Job], None] | None = None) -> None:
+def job_page(
+    kind: str,
+    form: Callable[[], bool | None],
+    progress: Callable[[Job], None],
+    result: Callable[[Job], None],
+    every: float = 0.5,
+    live: Callable[[Job], None] | None = None,
+) -> None:
     """A page around one kind of background job: this session's running job, else the form and its last result.
 
     `progress` is redrawn every `every` seconds, so it must stay light; `live` (curves, tables) is drawn once per
@@ -379,9 +412,11 @@ def job_page(kind: str, form: Callable[[], bool | None], progress: Callable[[Job
         return
     others = [j for j in board().running(current_index() or "") if j.kind in WRITERS and j.owner != session_id()]
     if others:
-        st.info(f"**{others[0].label}** is running on this index (started {others[0].seconds():.0f} s ago, in "
-                "another tab or session). Searches keep working meanwhile; a new job on this index waits for it.",
-                icon=":material/hourglass_top:")
+        st.info(
+            f"**{others[0].label}** is running on this index (started {others[0].seconds():.0f} s ago, in "
+            "another tab or session). Searches keep working meanwhile; a new job on this index waits for it.",
+            icon=":material/hourglass_top:",
+        )
         watch(others[0], job_progress, every)
     try:
         refused = form() is False  # a form returns False when it refused a new attempt (and said why)
@@ -397,8 +432,10 @@ def job_page(kind: str, form: Callable[[], bool | None], progress: Callable[[Job
 def job_failed(job: Job) -> bool:
     """Show a finished job's error or cancellation; True when it has no result to show."""
     if job.cancelled:
-        st.warning(f"**{job.label}** was cancelled after {duration(job.seconds())}. {CANCELLED[job.kind]}",
-                   icon=":material/stop_circle:")
+        st.warning(
+            f"**{job.label}** was cancelled after {duration(job.seconds())}. {CANCELLED[job.kind]}",
+            icon=":material/stop_circle:",
+        )
     elif job.error:
         st.error(app_message(job.error), icon=":material/error:")
     return job.error is not None or job.cancelled
@@ -418,17 +455,28 @@ def watch(job: Job, render: Callable[[Job], None], every: float = 0.5) -> None:
 
 
 # What each step of a job is called on screen (jobs report them as `on_phase` / `Hooks.on_phase` names).
-PHASES = {"": "Starting", "starting": "Starting (loading the libraries)", "scanning": "Scanning the folder",
-          "loading the model": "Loading the model", "embedding": "Embedding", "publishing": "Publishing the new version",
-          "loading": "Loading the images", "training": "Training", "validating": "Validating",
-          "saving": "Saving the model", "indexing": "Re-indexing the collection with the new model"}
+PHASES = {
+    "": "Starting",
+    "starting": "Starting (loading the libraries)",
+    "scanning": "Scanning the folder",
+    "loading the model": "Loading the model",
+    "embedding": "Embedding",
+    "publishing": "Publishing the new version",
+    "loading": "Loading the images",
+    "training": "Training",
+    "validating": "Validating",
+    "saving": "Saving the model",
+    "indexing": "Re-indexing the collection with the new model",
+}
 # What a cancel keeps, by job kind: said before (to confirm) and after.
-CANCELLED = {"build": "The images embedded so far are kept, up to the last 512 committed: building again "
-                      "continues from there.",
-             "train": "A full training keeps its best epoch so far as a model, if one finished (the Models tab of "
-                      "**Inspect** lists it); quick training keeps nothing.",
-             "use": "The index keeps serving its current model; the images embedded so far are kept.",
-             "audit": "The previous audit, if any, is kept.", "evaluate": "Nothing was changed."}
+CANCELLED = {
+    "build": "The images embedded so far are kept, up to the last 512 committed: building again continues from there.",
+    "train": "A full training keeps its best epoch so far as a model, if one finished (the Models tab of "
+    "**Inspect** lists it); quick training keeps nothing.",
+    "use": "The index keeps serving its current model; the images embedded so far are kept.",
+    "audit": "The previous audit, if any, is kept.",
+    "evaluate": "Nothing was changed.",
+}
 
 
 def duration(seconds: float) -> str:
@@ -447,9 +495,11 @@ def job_progress(job: Job, text: str | None = None, unit: str = "images") -> Non
     counted = f"{step}: {job.done:,} of {job.total:,} {unit}" if job.total else f"{step}…"
     st.progress(job.fraction(), text=text or counted)
     left = job.seconds_left()
-    st.caption(f"{duration(job.seconds())} elapsed" + (f" · about {duration(left)} left in this step"
-                                                      if left is not None else "")
-               + ". Search keeps answering meanwhile.")
+    st.caption(
+        f"{duration(job.seconds())} elapsed"
+        + (f" · about {duration(left)} left in this step" if left is not None else "")
+        + ". Search keeps answering meanwhile."
+    )
     cancel_ui(job)
 
 

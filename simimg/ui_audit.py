@@ -38,54 +38,85 @@ def audit_tab(name: str, data_root: Path) -> None:
         ui.watch(job, ui.job_progress)
         return
     ui.follow("audit-folder", str(data_root), name)
-    typed = st.text_input("Folder to audit", key="audit-folder",
-                          help="The index's collection (<folder>/<class>/<image>), with train/ and val/ folders or "
-                               "without; images in it that the index does not hold yet are embedded with its model, "
-                               "not added.")
+    typed = st.text_input(
+        "Folder to audit",
+        key="audit-folder",
+        help="The index's collection (<folder>/<class>/<image>), with train/ and val/ folders or "
+        "without; images in it that the index does not hold yet are embedded with its model, "
+        "not added.",
+    )
     if typed.strip() and Path(typed.strip()).resolve() != data_root.resolve():
-        st.warning(f"This is not the folder **{name}** was built from (`{data_root}`): an audit belongs to the "
-                   "index's own collection.", icon=":material/warning:")
+        st.warning(
+            f"This is not the folder **{name}** was built from (`{data_root}`): an audit belongs to the "
+            "index's own collection.",
+            icon=":material/warning:",
+        )
     if st.button("Audit this folder", type="primary", icon=":material/health_and_safety:"):
         folder = resolve_folder(typed)
-        ui.start_job(name, "audit", f"Audit of '{name}'", Task(
-            "simimg.api:audit", {"data_dir": str(folder), "name": name, "home": str(ui.home())}, callbacks="phases"))
+        ui.start_job(
+            name,
+            "audit",
+            f"Audit of '{name}'",
+            Task(
+                "simimg.api:audit", {"data_dir": str(folder), "name": name, "home": str(ui.home())}, callbacks="phases"
+            ),
+        )
         st.rerun()
     if job is not None and ui.job_failed(job):
         return
     report = read_audit(IndexFolder.of(ui.home(), name))
     if report is None:
-        st.caption("No audit of this index yet: it looks for likely label errors, duplicates (across classes and "
-                   "between train and val), outliers and class imbalance.")
+        st.caption(
+            "No audit of this index yet: it looks for likely label errors, duplicates (across classes and "
+            "between train and val), outliers and class imbalance."
+        )
         return
     report_ui(report)
 
 
 def report_ui(report: AuditReport) -> None:
     s = report.summary
-    values = [("Label issues", s["label_issues"]), ("Exact duplicates", s["exact_duplicates"]),
-              ("Near duplicates", s["near_duplicates"]), ("Cross-class", s["cross_class"]),
-              ("Cross-split", s["cross_split"]), ("Outliers", s["outliers"])]
+    values = [
+        ("Label issues", s["label_issues"]),
+        ("Exact duplicates", s["exact_duplicates"]),
+        ("Near duplicates", s["near_duplicates"]),
+        ("Cross-class", s["cross_class"]),
+        ("Cross-split", s["cross_split"]),
+        ("Outliers", s["outliers"]),
+    ]
     for column, (label, value) in zip(st.columns(len(values)), values):
         column.metric(label, value)
     balance = s["imbalance"]
     counts = " · ".join(f"{c} **{n}**" for c, n in balance["counts"].items())
-    st.markdown(f"`{s['data_dir']}`: {s['images']} images ({s['split']} split), model `{s['model']}`, near-duplicates "
-                f"from cosine {s['near_threshold']:.4f}. Classes: {counts}"
-                + (f" :orange-badge[imbalanced {balance['ratio']:.1f}x]" if balance["imbalanced"] else ""))
+    st.markdown(
+        f"`{s['data_dir']}`: {s['images']} images ({s['split']} split), model `{s['model']}`, near-duplicates "
+        f"from cosine {s['near_threshold']:.4f}. Classes: {counts}"
+        + (f" :orange-badge[imbalanced {balance['ratio']:.1f}x]" if balance["imbalanced"] else "")
+    )
     kind = st.radio("Findings", KINDS, horizontal=True, key="audit-kind", label_visibility="collapsed")
     root = Path(s["data_dir"])
     if kind == "Duplicates":
         findings = [(d["paths"], d["labels"], _duplicate_header(d)) for d in report.duplicates]
     elif kind == "Label issues":
-        findings = [([i["path"]], [i["label"]], f":red-badge[labelled {i['label']}] → :green-badge[looks like "
-                     f"{i['suggested']}] label quality {i['score']:.3f}") for i in report.label_issues]
+        findings = [
+            (
+                [i["path"]],
+                [i["label"]],
+                f":red-badge[labelled {i['label']}] → :green-badge[looks like "
+                f"{i['suggested']}] label quality {i['score']:.3f}",
+            )
+            for i in report.label_issues
+        ]
     else:
         findings = [([o["path"]], [""], f":violet-badge[outlier score {o['score']:.3f}]") for o in report.outliers]
     if not findings:
         st.success(f"No {kind.lower()} found.", icon=":material/check_circle:")
         return
-    st.caption(f"{len(findings)} found" + (f"; the first {SHOWN} shown, all in the table below" if len(findings) > SHOWN
-                                           else "") + ". **Open in Search** finds the images most similar to one.")
+    st.caption(
+        f"{len(findings)} found"
+        + (f"; the first {SHOWN} shown, all in the table below" if len(findings) > SHOWN else "")
+        + ". **Open in Search** finds the images most similar to one."
+    )
     for number, (paths, labels, header) in enumerate(findings[:SHOWN]):
         finding_ui(number, [ui.gallery_path(root, p) for p in paths], paths, labels, header)
     table = {"Duplicates": report.duplicates, "Label issues": report.label_issues, "Outliers": report.outliers}[kind]
@@ -107,8 +138,9 @@ def finding_ui(number: int, files: list[Path], paths: list[str], labels: list[st
 
 
 def _duplicate_header(d: dict) -> str:
-    flags = [":red-badge[cross-class]"] * d["cross_class"] + [":orange-badge[cross-split: train/val leak]"] * \
-        d["cross_split"]
+    flags = [":red-badge[cross-class]"] * d["cross_class"] + [":orange-badge[cross-split: train/val leak]"] * d[
+        "cross_split"
+    ]
     score = "same bytes" if d["kind"] == "exact" else f"cosine {d['score']:.4f}"
     return f"**{d['kind']}** duplicate ({score}) " + " ".join(flags)
 
@@ -117,34 +149,54 @@ def _duplicate_header(d: dict) -> str:
 def explain_ui(service: SearchService, image: Image.Image, result: QueryResult) -> None:
     """A toggle: where the model looks in the query, for its predicted class or for its likeness to a result
     other than the query itself (whose map is flat: the cosine is at its maximum there)."""
-    if not st.toggle("Explain", key="explain",
-                     help="Where the model looks: Grad-CAM on its last convolutional block, for the class's score "
-                          "or for the cosine similarity between the query and the chosen result."):
+    if not st.toggle(
+        "Explain",
+        key="explain",
+        help="Where the model looks: Grad-CAM on its last convolutional block, for the class's score "
+        "or for the cosine similarity between the query and the chosen result.",
+    ):
         return
     others = service.explain_targets(result, st.session_state.get(ui.SIMILAR_KEY))  # the "Find similar" query
     choices = ([CLASS_TARGET] if result.prediction is not None else []) + [n.path for n in others]
     if not choices:
-        st.info("Nothing to explain: this model has no classifier, and the only results are the query itself.",
-                icon=":material/info:")
+        st.info(
+            "Nothing to explain: this model has no classifier, and the only results are the query itself.",
+            icon=":material/info:",
+        )
         return
-    target = st.selectbox("Explain", choices, key="explain-target",
-                          format_func=lambda c: c if c == CLASS_TARGET else f"its similarity to {c}")
+    target = st.selectbox(
+        "Explain",
+        choices,
+        key="explain-target",
+        format_func=lambda c: c if c == CLASS_TARGET else f"its similarity to {c}",
+    )
     neighbor = None if target == CLASS_TARGET else ui.gallery_path(service.data_root, target)
     with st.spinner("Computing the map…"):
         explanation = service.explain(image, neighbor)
-    what = f"class {explanation.target} ({explanation.score:.1%})" if explanation.kind == "class" else \
-        f"similarity to {target} (cosine {explanation.score:.3f})"
+    what = (
+        f"class {explanation.target} ({explanation.score:.1%})"
+        if explanation.kind == "class"
+        else f"similarity to {target} (cosine {explanation.score:.3f})"
+    )
     if not explanation.informative:
         st.info(flat_map_message(what, service.model.bundle.random_features), icon=":material/blur_on:")
         return
-    st.image(overlay(image, explanation.heatmap), width="stretch",
-             caption=f"Grad-CAM of its {what}: red marks the regions that raise it most, blue those that raise "
-                     "it least or not at all (and what lies outside the centre crop the model sees).")
+    st.image(
+        overlay(image, explanation.heatmap),
+        width="stretch",
+        caption=f"Grad-CAM of its {what}: red marks the regions that raise it most, blue those that raise "
+        "it least or not at all (and what lies outside the centre crop the model sees).",
+    )
 
 
 def flat_map_message(what: str, untrained: bool) -> str:
     """Why a flat map is not drawn, and what to do about it."""
-    advice = ("An untrained (random-init) model often gives this: train one on the **Train** page." if untrained
-              else "Try another target.")
-    return (f"The map of its {what} is flat: this model's features single out no region of the image for it, so "
-            f"there is nothing to show. {advice}")
+    advice = (
+        "An untrained (random-init) model often gives this: train one on the **Train** page."
+        if untrained
+        else "Try another target."
+    )
+    return (
+        f"The map of its {what} is flat: this model's features single out no region of the image for it, so "
+        f"there is nothing to show. {advice}"
+    )

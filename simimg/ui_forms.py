@@ -31,9 +31,15 @@ def folder_input(key: str, index: str | None) -> str:
     choices = [str(p) for p in list_collections(roots)]
     own = index_collection(index)
     ui.follow(f"{key}-folder", str(own) if own is not None else choices[0] if choices else "", index)
-    typed = st.text_input("Image folder", key=f"{key}-folder", placeholder="data/my-photos", persist_state="session",
-                          help="A folder of class folders (<folder>/<class>/<image>) under "
-                               + ", ".join(f"`{r}`" for r in roots) + ". Add more roots with $SIMIMG_DATA_ROOTS.")
+    typed = st.text_input(
+        "Image folder",
+        key=f"{key}-folder",
+        placeholder="data/my-photos",
+        persist_state="session",
+        help="A folder of class folders (<folder>/<class>/<image>) under "
+        + ", ".join(f"`{r}`" for r in roots)
+        + ". Add more roots with $SIMIMG_DATA_ROOTS.",
+    )
     if choices:
         st.caption("Collections found: " + " · ".join(f"`{Path(c).name}`" for c in choices))
     return typed
@@ -81,21 +87,31 @@ def weights_input(key: str, arch: str | None) -> str:
     model an index keeps. Returns a `--weights` value."""
     arch = arch or DEFAULT_ARCH
     cached = imagenet_cached(arch)
-    choice = st.radio("Start from", list(WEIGHTS), format_func=WEIGHTS.get, index=0 if cached else 1,
-                      horizontal=True, key=f"{key}-weights", persist_state="session",
-                      help="ImageNet: pretrained features (the best start). Scratch: random weights, for a quick "
-                           "try. An earlier simimg model: transfer from a model one of your indexes keeps.")
+    choice = st.radio(
+        "Start from",
+        list(WEIGHTS),
+        format_func=WEIGHTS.get,
+        index=0 if cached else 1,
+        horizontal=True,
+        key=f"{key}-weights",
+        persist_state="session",
+        help="ImageNet: pretrained features (the best start). Scratch: random weights, for a quick "
+        "try. An earlier simimg model: transfer from a model one of your indexes keeps.",
+    )
     if not cached:
         target = weights_file(arch)
-        st.caption(f"ImageNet weights for {arch} are not on this machine: they are downloaded on first use when it "
-                   f"is online; offline, put `{target.name}` in `{target.parent}`.")
+        st.caption(
+            f"ImageNet weights for {arch} are not on this machine: they are downloaded on first use when it "
+            f"is online; offline, put `{target.name}` in `{target.parent}`."
+        )
     if choice != "model":
         return choice
     models = kept_models()
     if not models:
         raise SimimgError("no index keeps a model yet: start from ImageNet weights or from scratch")
-    return st.selectbox("Earlier model", list(models), format_func=models.get, key=f"{key}-model",
-                        persist_state="session")
+    return st.selectbox(
+        "Earlier model", list(models), format_func=models.get, key=f"{key}-model", persist_state="session"
+    )
 
 
 def kept_models() -> dict[str, str]:
@@ -117,8 +133,11 @@ def class_preview(folder: Path) -> None:
         return
     st.dataframe(counts, hide_index=True, width="stretch")
     if unreadable:
-        st.warning("Some files do not open as images: they are not counted above and training skips them. Fix or "
-                   "remove them first. " + "; ".join(unreadable), icon=":material/broken_image:")
+        st.warning(
+            "Some files do not open as images: they are not counted above and training skips them. Fix or "
+            "remove them first. " + "; ".join(unreadable),
+            icon=":material/broken_image:",
+        )
 
 
 @st.cache_data(max_entries=32, show_spinner="Reading the class folders…")
@@ -128,6 +147,11 @@ def _class_counts(folder: str, mtime_ns: int) -> tuple[pd.DataFrame, list[str]]:
     counts = class_counts(split)
     validation = f"validation ({split.source(VAL_SPLIT)})"
     table = pd.DataFrame([{"class": c.label, "train": c.train, validation: c.val} for c in counts])
-    unreadable = [f"**{c.label}**: {len(c.unreadable)} (" + ", ".join(f"`{p}`" for p in c.unreadable[:3])
-                  + (", …)" if len(c.unreadable) > 3 else ")") for c in counts if c.unreadable]
+    unreadable = [
+        f"**{c.label}**: {len(c.unreadable)} ("
+        + ", ".join(f"`{p}`" for p in c.unreadable[:3])
+        + (", …)" if len(c.unreadable) > 3 else ")")
+        for c in counts
+        if c.unreadable
+    ]
     return table, unreadable

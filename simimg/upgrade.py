@@ -61,16 +61,25 @@ def _keep_root_model(folder: IndexFolder) -> ModelBundle:
         old = json.loads((folder.root / BUNDLE_JSON).read_text())
         state = load_file(str(folder.root / BUNDLE_WEIGHTS))
     except (OSError, ValueError) as err:
-        raise SimimgError(f"cannot upgrade '{folder.name}': its simimg 0.1 model is unreadable ({err}); delete the "
-                          "folder and build the index again") from None
+        raise SimimgError(
+            f"cannot upgrade '{folder.name}': its simimg 0.1 model is unreadable ({err}); delete the "
+            "folder and build the index again"
+        ) from None
     net = net_from_state(old["arch"], len(old["classes"]), False, state, folder.root)
     preprocess = Preprocess.from_dict(old["preprocess"])
     if embedding_fingerprint(net, old["arch"], preprocess) != old["fingerprint"]:
         raise SimimgError(f"cannot upgrade '{folder.name}': its model's weights do not match its model.json")
     known = {"format", "arch", "classes", "preprocess", "source", "fingerprint", "embedding_dim"}
     kind = "fine-tuned" if "training" in old else "pretrained"
-    bundle = describe(net, old["arch"], tuple(old["classes"]), preprocess, old["source"], kind,
-                      **{k: v for k, v in old.items() if k not in known})
+    bundle = describe(
+        net,
+        old["arch"],
+        tuple(old["classes"]),
+        preprocess,
+        old["source"],
+        kind,
+        **{k: v for k, v in old.items() if k not in known},
+    )
     extras = {name: (folder.root / name).read_bytes() for name in OLD_EXTRAS if (folder.root / name).is_file()}
     publish_model(folder, net, bundle, extras)
     return bundle
@@ -88,10 +97,14 @@ def _convert_catalog(folder: IndexFolder, bundle: ModelBundle) -> None:
             catalog.db.execute("ALTER TABLE versions RENAME TO versions_v1")
             for statement in SCHEMA.split(";"):  # executescript would commit the transaction first
                 catalog.db.execute(statement)
-            _move_vectors(catalog, published[0] if published else 0, published[1] if published else pending, pending,
-                          bundle.dim)
-            catalog.db.execute("INSERT INTO versions SELECT version, ?, fingerprint, count, index_kind, created "
-                               "FROM versions_v1 WHERE fingerprint = ?", (bundle.fingerprint, bundle.embedding))
+            _move_vectors(
+                catalog, published[0] if published else 0, published[1] if published else pending, pending, bundle.dim
+            )
+            catalog.db.execute(
+                "INSERT INTO versions SELECT version, ?, fingerprint, count, index_kind, created "
+                "FROM versions_v1 WHERE fingerprint = ?",
+                (bundle.fingerprint, bundle.embedding),
+            )
             catalog.db.execute("DROP TABLE versions_v1")
             catalog.db.execute("ALTER TABLE images DROP COLUMN vector")
             catalog.db.execute("DELETE FROM meta WHERE key = 'pending_fingerprint'")
@@ -103,14 +116,14 @@ def _convert_catalog(folder: IndexFolder, bundle: ModelBundle) -> None:
     writer.close()
 
 
-def _move_vectors(catalog: Catalog, published: int, published_embedding: str, pending_embedding: str,
-                  dim: int) -> None:
+def _move_vectors(catalog: Catalog, published: int, published_embedding: str, pending_embedding: str, dim: int) -> None:
     """Each row's vector goes under the embedding that made it: the published version's, or the pending run's."""
     for embedding, where in ((published_embedding, "added <= ?"), (pending_embedding, "added > ?")):
         last = 0
         while True:
-            rows = catalog.db.execute(f"SELECT id, vector FROM images WHERE {where} AND id > ? ORDER BY id LIMIT ?",
-                                      (published, last, CHUNK)).fetchall()
+            rows = catalog.db.execute(
+                f"SELECT id, vector FROM images WHERE {where} AND id > ? ORDER BY id LIMIT ?", (published, last, CHUNK)
+            ).fetchall()
             if not rows:
                 break
             vectors = np.stack([np.frombuffer(r[1], np.float32) for r in rows]).reshape(len(rows), dim)

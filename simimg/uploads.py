@@ -20,17 +20,25 @@ DEFAULT_MAX_MB = 20
 MAX_UPLOAD_PIXELS = 40_000_000
 
 
-def validate_upload(name: str, data: bytes, max_mb: float = DEFAULT_MAX_MB,
-                    max_pixels: int = MAX_UPLOAD_PIXELS, draft_size: int | None = None) -> Image.Image:
+def validate_upload(
+    name: str,
+    data: bytes,
+    max_mb: float = DEFAULT_MAX_MB,
+    max_pixels: int = MAX_UPLOAD_PIXELS,
+    draft_size: int | None = None,
+) -> Image.Image:
     """The upload as an upright RGB image, or BadImageError saying why not; `draft_size` as in decode_image."""
     if len(data) > max_mb * 1024 * 1024:
-        raise ImageTooLargeError(f"{name} is {len(data) / 2**20:.1f} MB; the limit is {max_mb:g} MB. "
-                                 "Upload a smaller copy of the image.")
+        raise ImageTooLargeError(
+            f"{name} is {len(data) / 2**20:.1f} MB; the limit is {max_mb:g} MB. Upload a smaller copy of the image."
+        )
     width, height = _declared_size(data)
     if width * height > max_pixels:
-        raise ImageTooLargeError(f"{name} declares {width} x {height} pixels ({width * height / 1e6:.0f} "
-                                 f"megapixels), over the {max_pixels / 1e6:.0f}-megapixel limit: this looks like a "
-                                 "decompression bomb. Upload a resized copy.")
+        raise ImageTooLargeError(
+            f"{name} declares {width} x {height} pixels ({width * height / 1e6:.0f} "
+            f"megapixels), over the {max_pixels / 1e6:.0f}-megapixel limit: this looks like a "
+            "decompression bomb. Upload a resized copy."
+        )
     try:
         return decode_image(data, draft_size)
     except BadImageError as err:

@@ -98,8 +98,9 @@ class StoredVectors:
     still serving this version (a mapped file's pages outlive its name). Safe to share between threads.
     """
 
-    def __init__(self, root: Path, embedding: str, dim: int, ids: np.ndarray, shards: np.ndarray,
-                 rows: np.ndarray) -> None:
+    def __init__(
+        self, root: Path, embedding: str, dim: int, ids: np.ndarray, shards: np.ndarray, rows: np.ndarray
+    ) -> None:
         order = np.argsort(ids, kind="stable")
         self.ids, self.shards, self.rows = ids[order], shards[order], rows[order]
         self.embedding, self.dim = embedding, dim

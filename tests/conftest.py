@@ -82,19 +82,29 @@ def cuda() -> torch.device:
 @pytest.fixture
 def shared_dataset():
     """Path to a dataset under ../shared/datasets, or a skip that says why."""
+
     def get(name: str) -> Path:
         path = SHARED_DATASETS / name
         if not path.is_dir():
             pytest.skip(f"{path} is absent: the shared real-photo datasets live beside the checkout")
         return path
+
     return get
 
 
-def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict | None = None, check: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run the real `simimg` command in a subprocess, as a user would."""
     full_env = {**os.environ, "SIMIMG_OFFLINE": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "simimg.cli", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "simimg.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"simimg {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc

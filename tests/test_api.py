@@ -31,10 +31,16 @@ def test_the_readme_example_runs(tmp_path: Path):
             old.rename(old.with_name(f"{prefix}_{old.stem.rsplit('_', 1)[1]}.jpg"))
     (tmp_path / "data" / "pets" / "notes.txt").write_text("not a picture")
     write_densenet121_checkpoint(tmp_path / "torch_home", seed=4)
-    env = {"PATH": "/usr/bin:/bin", "TORCH_HOME": str(tmp_path / "torch_home"), "SIMIMG_OFFLINE": "1",
-           "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "-c", readme_example()], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=600)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "TORCH_HOME": str(tmp_path / "torch_home"),
+        "SIMIMG_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "2",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", readme_example()], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[0] == "12 images, 0 skipped"
@@ -45,17 +51,21 @@ def test_the_readme_example_runs(tmp_path: Path):
 
 def test_the_public_names_and_a_light_import():
     assert set(simimg.__all__) >= {"build_index", "open_index", "train", "evaluate", "Encoder", "SimimgError"}
-    code = ("import sys, simimg; heavy = [m for m in ('torch', 'faiss', 'sklearn', 'matplotlib', 'streamlit') "
-            "if m in sys.modules]; print(heavy)")
+    code = (
+        "import sys, simimg; heavy = [m for m in ('torch', 'faiss', 'sklearn', 'matplotlib', 'streamlit') "
+        "if m in sys.modules]; print(heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout
     assert out.strip() == "[]"
 
 
 def test_importing_the_library_changes_nothing_process_wide():
     """No plotting backend chosen, no allocator tuning: only the entry points opt in."""
-    code = ("import matplotlib; before = matplotlib.get_backend(); import simimg.api, simimg.training, simimg.plots; "
-            "import simimg.embed; print(before == matplotlib.get_backend(), "
-            "simimg.embed.reuse_freed_memory.cache_info().hits + simimg.embed.reuse_freed_memory.cache_info().misses)")
+    code = (
+        "import matplotlib; before = matplotlib.get_backend(); import simimg.api, simimg.training, simimg.plots; "
+        "import simimg.embed; print(before == matplotlib.get_backend(), "
+        "simimg.embed.reuse_freed_memory.cache_info().hits + simimg.embed.reuse_freed_memory.cache_info().misses)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.split() == ["True", "0"], out.stderr[-2000:]
 

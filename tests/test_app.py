@@ -25,8 +25,18 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny indexed collection: tmp/data/shapes (3 classes x 6) in tmp/indexes/shapes."""
     base = tmp_path_factory.mktemp("app")
     make_class_images(base / "data" / "shapes", CLASSES, size=48)
-    run_cli("index", str(base / "data" / "shapes"), "--home", str(base / "indexes"), "--weights", "none",
-            "--image-size", "32", "--workers", "0")
+    run_cli(
+        "index",
+        str(base / "data" / "shapes"),
+        "--home",
+        str(base / "indexes"),
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--workers",
+        "0",
+    )
     return base
 
 
@@ -168,12 +178,18 @@ def _truncated(path: Path) -> bytes:
     return data[: len(data) // 2]
 
 
-@pytest.mark.parametrize("kind, expected", [
-    ("text", "not an image"), ("truncated", "truncated"), ("bomb", "decompression bomb"), ("empty", "empty file")])
+@pytest.mark.parametrize(
+    "kind, expected",
+    [("text", "not an image"), ("truncated", "truncated"), ("bomb", "decompression bomb"), ("empty", "empty file")],
+)
 def test_bad_uploads_show_an_error_and_the_app_keeps_working(indexed: Path, kind: str, expected: str):
     good = indexed / "data" / "shapes" / "circles" / "circles_003.png"
-    data = {"text": b"just some words, not pixels\n" * 20, "truncated": _truncated(good), "bomb": _bomb(),
-            "empty": b""}[kind]
+    data = {
+        "text": b"just some words, not pixels\n" * 20,
+        "truncated": _truncated(good),
+        "bomb": _bomb(),
+        "empty": b"",
+    }[kind]
     at = open_app()
     upload(at, f"{kind}.png", data)
     assert len(at.error) == 1 and expected in at.error[0].value
@@ -265,8 +281,9 @@ def test_inspect_page_map_and_duplicates(indexed: Path):
 
 
 # --- model versions: quick training, the Models tab, one writer per index ----------------------------------
-def test_quick_training_then_switching_models_from_the_models_tab(indexed: Path, tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch):
+def test_quick_training_then_switching_models_from_the_models_tab(
+    indexed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     shutil.copytree(indexed / "indexes", tmp_path / "home")  # this test changes the index: a copy of its own
     monkeypatch.setenv("SIMIMG_HOME", str(tmp_path / "home"))
     header = open_app().caption[0].value  # Search loads the service, at version 1
@@ -293,15 +310,21 @@ def test_quick_training_then_switching_models_from_the_models_tab(indexed: Path,
     assert fresh.selectbox(key="chosen-model").value == models["model"][1]
 
 
-def test_a_second_session_cannot_start_a_writer_on_a_busy_index(indexed: Path, tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch):
+def test_a_second_session_cannot_start_a_writer_on_a_busy_index(
+    indexed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     from simimg import ui
     from simimg.jobs import JobBoard, Task
 
     board = JobBoard()
     release = tmp_path / "release"
-    board.start("shapes", "train", "Training of 'shapes'", Task("job_tasks:wait_for", {"path": str(release)}),
-                owner="another tab")
+    board.start(
+        "shapes",
+        "train",
+        "Training of 'shapes'",
+        Task("job_tasks:wait_for", {"path": str(release)}),
+        owner="another tab",
+    )
     monkeypatch.setattr(ui, "board", lambda: board)  # the process's board, as another tab left it
     try:
         at = open_app("app_pages/train.py")
@@ -312,15 +335,21 @@ def test_a_second_session_cannot_start_a_writer_on_a_busy_index(indexed: Path, t
         release.touch()
 
 
-def test_another_tab_cancels_a_running_build_after_confirming(indexed: Path, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch):
+def test_another_tab_cancels_a_running_build_after_confirming(
+    indexed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     """Issue 18, item 7: a job whose tab was closed can still be stopped, from any tab, after a confirmation."""
     from simimg import ui
     from simimg.jobs import JobBoard, Task
 
     board = JobBoard()
-    job = board.start("shapes", "build", "Indexing shapes into 'shapes'",
-                      Task("job_tasks:wait_for", {"path": str(tmp_path / "never")}), owner="a closed tab")
+    job = board.start(
+        "shapes",
+        "build",
+        "Indexing shapes into 'shapes'",
+        Task("job_tasks:wait_for", {"path": str(tmp_path / "never")}),
+        owner="a closed tab",
+    )
     monkeypatch.setattr(ui, "board", lambda: board)
     at = open_app("app_pages/build.py")
     assert any("is running on this index" in i.value for i in at.info)
@@ -450,8 +479,9 @@ def test_the_models_tab_exports_onnx_and_the_bundle(indexed: Path, tmp_path: Pat
 
 
 # --- the audit and explanations ------------------------------------------------------------------------
-def test_audit_tab_shows_findings_and_opens_them_in_search(indexed: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch):
+def test_audit_tab_shows_findings_and_opens_them_in_search(
+    indexed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     shutil.copytree(indexed / "indexes", tmp_path / "home")  # the audit keeps its report in the index folder
     monkeypatch.setenv("SIMIMG_HOME", str(tmp_path / "home"))
     data = tmp_path / "roots" / "shapes"  # the index's collection, moved here, plus a cross-class copy it lacks

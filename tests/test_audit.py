@@ -111,26 +111,36 @@ def dirty(tmp_path: Path) -> tuple[Path, Path]:
     data = tmp_path / "shapes"
     make_class_images(data / "train", CLASSES, size=40)
     make_class_images(data / "val", {c: 3 for c in CLASSES}, size=40, seed=1)
-    for source, target in [("train/circles/circles_000.png", "train/squares/copy_a.png"),
-                           ("train/circles/circles_001.png", "val/circles/copy_b.png"),
-                           ("train/squares/squares_002.png", "val/triangles/copy_c.png")]:
+    for source, target in [
+        ("train/circles/circles_000.png", "train/squares/copy_a.png"),
+        ("train/circles/circles_001.png", "val/circles/copy_b.png"),
+        ("train/squares/squares_002.png", "val/triangles/copy_c.png"),
+    ]:
         shutil.copy(data / source, data / target)
     home = tmp_path / "home"
     run_index(IndexJob(str(data), "shapes", str(home), weights="none", image_size=32, workers=0))
     return data, home
 
 
-INJECTED = {("train/circles/circles_000.png", "train/squares/copy_a.png"): (True, False),
-            ("train/circles/circles_001.png", "val/circles/copy_b.png"): (False, True),
-            ("train/squares/squares_002.png", "val/triangles/copy_c.png"): (True, True)}
+INJECTED = {
+    ("train/circles/circles_000.png", "train/squares/copy_a.png"): (True, False),
+    ("train/circles/circles_001.png", "val/circles/copy_b.png"): (False, True),
+    ("train/squares/squares_002.png", "val/triangles/copy_c.png"): (True, True),
+}
 
 
 def test_audit_finds_every_injected_exact_duplicate_and_keeps_its_report(dirty):
     data, home = dirty
     shutil.copy(data / "val/squares/squares_000.png", data / "train/triangles/late.png")  # not in the index
     phases, progress = [], []
-    report = simimg.audit(data, "shapes", home, workers=0, on_phase=phases.append,
-                          progress=lambda done, total: progress.append((done, total)))
+    report = simimg.audit(
+        data,
+        "shapes",
+        home,
+        workers=0,
+        on_phase=phases.append,
+        progress=lambda done, total: progress.append((done, total)),
+    )
     assert phases == ["reading", "embedding", "fitting", "saving"] and progress == [(1, 1)]
     exact = {tuple(d["paths"]): (d["cross_class"], d["cross_split"]) for d in report.duplicates if d["kind"] == "exact"}
     assert exact == {**INJECTED, ("train/triangles/late.png", "val/squares/squares_000.png"): (True, True)}
@@ -173,7 +183,8 @@ def test_audit_of_another_collection_is_refused_and_keeps_the_last_report(dirty,
     assert str(refused.value) == (
         f"{other.resolve()} is not index 'shapes''s collection folder ({data.resolve()}) or inside it, and an audit "
         f"is kept with the index it judges: build an index of that folder first (`simimg index {other.resolve()} "
-        f"--name other`) and audit it with that index (`simimg audit {other.resolve()} --name other`)")
+        f"--name other`) and audit it with that index (`simimg audit {other.resolve()} --name other`)"
+    )
     assert read_audit(IndexFolder.of(home, "shapes")) == kept
     code = run_cli("audit", str(other), "--name", "shapes", "--home", str(home), check=False)
     assert code.returncode == 2 and code.stderr.strip() == f"simimg: error: {refused.value}"

@@ -55,8 +55,9 @@ def test_work_waiting_behind_a_busy_model_runs_in_full_batches_in_order(gated):
     gate, batcher = gated
     held = hold_the_model_thread(gate, batcher)
     futures: list = [None] * 8
-    threads = [threading.Thread(target=lambda i=i: futures.__setitem__(i, batcher.submit([i + 1])[0]))
-               for i in range(8)]
+    threads = [
+        threading.Thread(target=lambda i=i: futures.__setitem__(i, batcher.submit([i + 1])[0])) for i in range(8)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -156,8 +157,12 @@ def assert_same_answer(got, expected) -> None:
 
 def test_a_mixed_batch_gives_each_request_what_its_own_search_gives(service):
     root, svc = service
-    paths = [root / "circles" / "circles_000.png", root / "squares" / "squares_001.png",
-             root / "circles" / "circles_002.png", root / "squares" / "squares_003.png"]
+    paths = [
+        root / "circles" / "circles_000.png",
+        root / "squares" / "squares_001.png",
+        root / "circles" / "circles_002.png",
+        root / "squares" / "squares_003.png",
+    ]
     images = [svc.load(p) for p in paths]
     asks = [dict(k=3), dict(k=10, min_score=0.99), dict(k=2, label="squares"), dict(k=5), dict(k=4, label="squares")]
     works = [Work(svc, images[i % 4], str(paths[i % 4]), **ask) for i, ask in enumerate(asks)]

@@ -16,32 +16,82 @@ from conftest import ROOT
 
 TINY_MODEL = ["--image-size", "32", "--repeats", "1"]
 # this checkout's simimg first, whatever an installed copy points at (a script's own folder is sys.path[0])
-BENCH_ENV = {**os.environ, "SIMIMG_OFFLINE": "1",
-             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+BENCH_ENV = {
+    **os.environ,
+    "SIMIMG_OFFLINE": "1",
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+}
 
 CASES = {
-    "audit_recall.py": (["--images", "12", "--flips", "2", "--exact", "2", "--near", "2", "--image-size", "32"],
-                        {"exact_recall", "identical_groups", "near_threshold", "audit_s"}),
-    "index_throughput.py": (["--device", "cpu", "--images", "8", "--batch-size", "4", "--workers", "1", *TINY_MODEL],
-                            {"device", "precision", "runtime", "images", "end_to_end_img_s", "model_only_img_s",
-                             "baseline_img_s", "ratio_model_only", "ratio_fp32_model_only", "ratio_baseline"}),
-    "head_only.py": (["--images", "12", *TINY_MODEL], {"images", "head_only_s", "fine_tune_epoch_s",
-                                                        "ratio_fine_tune_epoch", "index_after_embedded"}),
-    "scale.py": (["--n", "3000", "--dim", "32", "--queries", "10", "--nprobe", "8"],
-                 {"n", "dim", "index", "build_s", "peak_rss_mib", "index_bytes", "flat_bytes", "recall_at_10",
-                  "ms_per_query"}),
-    "search.py": (["--n", "3000", "--dim", "32", "--queries", "10", "--nprobe", "4,8"],
-                  {"N", "dim", "ivf_ms_per_query", "ivf_recall_at_k", "flat_ms_per_query", "rows"}),
-    "query_latency.py": (["--images", "4", "--queries", "2", *TINY_MODEL],
-                         {"device", "precision", "runtime", "query_p50_ms", "query_p95_ms", "forward_p50_ms",
-                          "ratio_query_over_forward_p50", "ratio_fp32_query_p50"}),
-    "index_engines.py": (["--images", "8", "--batch-size", "4", "--repeats", "1", "--image-size", "32"],
-                         {"images", "local_s", "ray_s", "ratio_ray_over_local", "min_cosine", "same_result"}),
-    "serve_load.py": (["--gallery", "8", "--image-size", "32", "--requests", "8", "--concurrency", "2",
-                       "--repeats", "1", "--threads", "1"],
-                      {"requests", "concurrency", "errors", "p50_ms", "p99_ms", "rps", "rps_unbatched", "ratio"}),
-    "train_throughput.py": (["--images", "16", "--batch-size", "4", "--epochs", "1", "--workers", "0", *TINY_MODEL],
-                            {"device", "train_img_s", "raw_step_img_s", "ratio_raw"}),
+    "audit_recall.py": (
+        ["--images", "12", "--flips", "2", "--exact", "2", "--near", "2", "--image-size", "32"],
+        {"exact_recall", "identical_groups", "near_threshold", "audit_s"},
+    ),
+    "index_throughput.py": (
+        ["--device", "cpu", "--images", "8", "--batch-size", "4", "--workers", "1", *TINY_MODEL],
+        {
+            "device",
+            "precision",
+            "runtime",
+            "images",
+            "end_to_end_img_s",
+            "model_only_img_s",
+            "baseline_img_s",
+            "ratio_model_only",
+            "ratio_fp32_model_only",
+            "ratio_baseline",
+        },
+    ),
+    "head_only.py": (
+        ["--images", "12", *TINY_MODEL],
+        {"images", "head_only_s", "fine_tune_epoch_s", "ratio_fine_tune_epoch", "index_after_embedded"},
+    ),
+    "scale.py": (
+        ["--n", "3000", "--dim", "32", "--queries", "10", "--nprobe", "8"],
+        {"n", "dim", "index", "build_s", "peak_rss_mib", "index_bytes", "flat_bytes", "recall_at_10", "ms_per_query"},
+    ),
+    "search.py": (
+        ["--n", "3000", "--dim", "32", "--queries", "10", "--nprobe", "4,8"],
+        {"N", "dim", "ivf_ms_per_query", "ivf_recall_at_k", "flat_ms_per_query", "rows"},
+    ),
+    "query_latency.py": (
+        ["--images", "4", "--queries", "2", *TINY_MODEL],
+        {
+            "device",
+            "precision",
+            "runtime",
+            "query_p50_ms",
+            "query_p95_ms",
+            "forward_p50_ms",
+            "ratio_query_over_forward_p50",
+            "ratio_fp32_query_p50",
+        },
+    ),
+    "index_engines.py": (
+        ["--images", "8", "--batch-size", "4", "--repeats", "1", "--image-size", "32"],
+        {"images", "local_s", "ray_s", "ratio_ray_over_local", "min_cosine", "same_result"},
+    ),
+    "serve_load.py": (
+        [
+            "--gallery",
+            "8",
+            "--image-size",
+            "32",
+            "--requests",
+            "8",
+            "--concurrency",
+            "2",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+        ],
+        {"requests", "concurrency", "errors", "p50_ms", "p99_ms", "rps", "rps_unbatched", "ratio"},
+    ),
+    "train_throughput.py": (
+        ["--images", "16", "--batch-size", "4", "--epochs", "1", "--workers", "0", *TINY_MODEL],
+        {"device", "train_img_s", "raw_step_img_s", "ratio_raw"},
+    ),
 }
 
 
@@ -49,8 +99,14 @@ CASES = {
 def test_benchmark_ends_with_its_json_line(script, tmp_path):
     args, required = CASES[script]
     args = [*args, "--work", str(tmp_path)] if script == "scale.py" else args  # its shards are kept for a re-run
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--json"], capture_output=True,
-                          text=True, timeout=600, cwd=ROOT, env=BENCH_ENV)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=BENCH_ENV,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert required <= set(result), required - set(result)
@@ -69,14 +125,26 @@ def test_benchmark_ends_with_its_json_line(script, tmp_path):
 def test_the_gpu_suite_runs_every_step_on_the_cpu(tmp_path):
     """benchmarks/gpu_suite.sh --cpu-smoke: each step of the GPU suite, at tiny sizes, into one JSON summary."""
     env = {**BENCH_ENV, "PYTHON": sys.executable, "SIMIMG_DEVICE_DATA": str(tmp_path / "nothing-carried")}
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--cpu-smoke", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=1800, cwd=ROOT, env=env)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--cpu-smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=ROOT,
+        env=env,
+    )
     summary = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert proc.returncode == 0 and summary["ok"], {k: v.get("error") for k, v in summary["steps"].items()}
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == summary
     steps = {name: step["result"] for name, step in summary["steps"].items()}
-    assert list(steps) == ["gpu_tests", "train_cats_dogs", "evaluate_cats_dogs", "index_throughput", "search_1m",
-                           "query_latency"]
+    assert list(steps) == [
+        "gpu_tests",
+        "train_cats_dogs",
+        "evaluate_cats_dogs",
+        "index_throughput",
+        "search_1m",
+        "query_latency",
+    ]
     assert steps["gpu_tests"]["tests"] >= 8 and steps["gpu_tests"]["failures"] == steps["gpu_tests"]["errors"] == 0
     assert steps["train_cats_dogs"]["epochs"] == 1 and steps["train_cats_dogs"]["indexed"] == 18
     assert steps["evaluate_cats_dogs"]["images"] == 6 and steps["evaluate_cats_dogs"]["gallery"] == "index"

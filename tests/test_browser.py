@@ -17,8 +17,16 @@ import pytest
 from conftest import ROOT, cli_json, make_class_images, run_cli
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 K = 12
 FIRST_RUN_MS = 180_000  # a page's first run in a fresh server imports torch: slow when the machine is busy
 CLASSES = {"circles": 6, "squares": 6, "triangles": 6}
@@ -56,9 +64,26 @@ def server(tmp_path: Path):
     run_cli("index", str(data), "--home", str(home), "--weights", "none", "--image-size", "32", "--workers", "0")
     port = free_port()
     env = {**os.environ, "SIMIMG_HOME": str(home), "SIMIMG_OFFLINE": "1", "SIMIMG_DATA_ROOTS": str(tmp_path / "data")}
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
-                             "--server.port", str(port), "--server.address", "127.0.0.1"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            str(ROOT / "app.py"),
+            "--server.headless",
+            "true",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc)
@@ -95,11 +120,11 @@ def search(page, image: Path, timeout_ms: int = 90_000) -> None:
 
     page.locator("input[type=file]").set_input_files(str(image), timeout=FIRST_RUN_MS)
     # this query's own caption first: a page that searched before keeps showing the last query's grid meanwhile
-    expect(page.get_by_test_id("stImageCaption").filter(has_text=re.compile(rf"^{re.escape(image.name)}$"))
-           ).to_have_count(1, timeout=timeout_ms)
+    expect(
+        page.get_by_test_id("stImageCaption").filter(has_text=re.compile(rf"^{re.escape(image.name)}$"))
+    ).to_have_count(1, timeout=timeout_ms)
     page.get_by_text(f"{K} most similar").wait_for(timeout=timeout_ms)
-    page.wait_for_function(f"document.querySelectorAll('[data-testid=stImage]').length >= {K + 1}",
-                           timeout=timeout_ms)
+    page.wait_for_function(f"document.querySelectorAll('[data-testid=stImage]').length >= {K + 1}", timeout=timeout_ms)
     # cards render piece by piece: under load the images were there before their buttons
     expect(page.get_by_role("button", name="Find similar")).to_have_count(K, timeout=timeout_ms)
     wait_for_run_end(page, timeout_ms)  # and no card of the previous grid is left to be replaced
@@ -162,8 +187,9 @@ def test_a_900_px_window_keeps_the_grid_readable(server, browser, tmp_path: Path
     from playwright.sync_api import expect
 
     # measure the settled layout: every card's score badge in, and the text and icon fonts loaded
-    expect(page.locator("[data-testid=stMarkdownContainer] span", has_text=re.compile(r"^score")).nth(K - 1)
-           ).to_be_attached(timeout=30_000)
+    expect(
+        page.locator("[data-testid=stMarkdownContainer] span", has_text=re.compile(r"^score")).nth(K - 1)
+    ).to_be_attached(timeout=30_000)
     page.wait_for_function("document.fonts.status === 'loaded'", timeout=30_000)
     buttons = page.get_by_role("button", name="Find similar")
     heights = [buttons.nth(i).bounding_box()["height"] for i in range(buttons.count())]

@@ -158,8 +158,10 @@ def test_shards_roll_over_and_sparse_ones_are_compacted(catalog, monkeypatch):
     ids, vectors = catalog.vectors(4, EMB)
     keep = np.isin(before[0], ids)
     np.testing.assert_array_equal(vectors, before[1][keep])
-    assert len(list((catalog.vectors_dir / EMB).glob("*.f32"))) == catalog.db.execute(
-        "SELECT COUNT(*) FROM shards").fetchone()[0]
+    assert (
+        len(list((catalog.vectors_dir / EMB).glob("*.f32")))
+        == catalog.db.execute("SELECT COUNT(*) FROM shards").fetchone()[0]
+    )
 
 
 def test_dropping_an_embedding_removes_its_vectors_and_files(catalog):
@@ -232,8 +234,9 @@ def test_missing_unreadable_or_older_catalogs_are_user_errors(tmp_path):
     with pytest.raises(SimimgError, match="unreadable"):
         Catalog(tmp_path / "junk.sqlite")
     old = sqlite3.connect(tmp_path / "old.sqlite")
-    old.executescript("CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT); CREATE TABLE images(id INTEGER, "
-                      "vector BLOB);")
+    old.executescript(
+        "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT); CREATE TABLE images(id INTEGER, vector BLOB);"
+    )
     old.close()
     with pytest.raises(SimimgError, match="simimg upgrade"):
         Catalog(tmp_path / "old.sqlite")

@@ -43,6 +43,7 @@ def cli(capsys, monkeypatch, tmp_path):
             code = stop.code
         out, err = capsys.readouterr()
         return code, out, err
+
     return run
 
 
@@ -164,8 +165,19 @@ def test_moving_a_file_to_another_class_relabels_it(cli, photos, tmp_path):
 def test_index_reads_imagenet_weights_from_torch_home_offline(photos, tmp_path):
     torch_home = tmp_path / "torch_home"
     state = write_densenet121_checkpoint(torch_home, seed=11, old_keys=True)
-    report = cli_json("index", str(photos), "--home", str(tmp_path / "home"), "--weights", "imagenet",
-                      "--image-size", "32", "--workers", "0", env={"TORCH_HOME": str(torch_home)})
+    report = cli_json(
+        "index",
+        str(photos),
+        "--home",
+        str(tmp_path / "home"),
+        "--weights",
+        "imagenet",
+        "--image-size",
+        "32",
+        "--workers",
+        "0",
+        env={"TORCH_HOME": str(torch_home)},
+    )
     assert report["total"] == 6
     net, bundle = load_model(IndexFolder.of(tmp_path / "home", "photos"), report["model"])
     assert bundle.source == "torchvision:DenseNet121_Weights.IMAGENET1K_V1"
@@ -187,8 +199,13 @@ def test_missing_and_imageless_folders(cli, tmp_path):
     assert_one_line_error(*cli("index", str(tmp_path / "docs"), *TINY), "no images found", "<class>")
 
 
-@pytest.mark.parametrize("flags, phrase", [(("--image-size", "64"), "--image-size 64 (it uses 32)"),
-                                           (("--arch", "resnet50"), "--arch resnet50 (it uses densenet121)")])
+@pytest.mark.parametrize(
+    "flags, phrase",
+    [
+        (("--image-size", "64"), "--image-size 64 (it uses 32)"),
+        (("--arch", "resnet50"), "--arch resnet50 (it uses densenet121)"),
+    ],
+)
 def test_fingerprint_mismatch(cli, photos, flags, phrase):
     assert cli("index", str(photos), *TINY)[0] == 0
     code, out, err = cli("index", str(photos), "--workers", "0", *flags)
@@ -207,8 +224,10 @@ def test_unknown_architecture(cli, photos):
 def test_bad_weights_path(cli, photos, tmp_path):
     assert_one_line_error(*cli("index", str(photos), "--weights", str(tmp_path / "w.pth")), "no such file", "none")
     (tmp_path / "w.pth").write_bytes(b"junk")
-    assert_one_line_error(*cli("index", str(photos), "--weights", str(tmp_path / "w.pth"), "--image-size", "32",
-                               "--name", "junk"), "cannot read a state dict")
+    assert_one_line_error(
+        *cli("index", str(photos), "--weights", str(tmp_path / "w.pth"), "--image-size", "32", "--name", "junk"),
+        "cannot read a state dict",
+    )
 
 
 def test_query_of_an_unreadable_image(cli, photos, tmp_path):
@@ -236,7 +255,6 @@ def test_hymenoptera_train_indexes_245_images_that_each_find_themselves(shared_d
         assert top["path"] == path.relative_to(train).as_posix() and top["score"] >= 0.999, result
 
 
-
 @pytest.mark.parametrize("flag", [["-k", "0"], ["-k", "-3"], ["-k", "ten"]])
 def test_k_below_one_is_a_one_line_usage_error(flag: list[str], capsys: pytest.CaptureFixture) -> None:
     from simimg.cli import main
@@ -256,7 +274,9 @@ def test_head_only_training_models_and_use(cli, photos):
     assert (head["index"]["version"], head["index"]["indexed"], head["index"]["model"]) == (2, 0, head["model"])
     listed = json_of(cli, "models", "--name", "photos")
     assert [(m["fingerprint"], m["kind"], m["serving"]) for m in listed] == [
-        (head["model"], "head", True), (base["model"], "pretrained", False)]
+        (head["model"], "head", True),
+        (base["model"], "pretrained", False),
+    ]
     assert {"created", "arch", "source", "val_accuracy"} <= set(listed[0]) and listed[1]["val_accuracy"] is None
     predicted = json_of(cli, "query", str(photos / "a" / "a_000.png"), "--name", "photos", "-k", "1")
     assert predicted[0]["prediction"]["label"] in ("a", "b")
@@ -280,9 +300,13 @@ def test_head_only_on_another_collection_is_refused_unless_embed_missing(cli, ph
     shutil.copytree(photos, other)
     models = json_of(cli, "models", "--name", "photos")
     refused = cli("train", str(other), "--name", "photos", "--head-only")
-    assert_one_line_error(*refused, f"6 of the 6 images in {other.resolve()} are not in index 'photos'",
-                          f"the index holds {photos.resolve()}", f"`simimg index {other.resolve()} --name other`",
-                          "--embed-missing")
+    assert_one_line_error(
+        *refused,
+        f"6 of the 6 images in {other.resolve()} are not in index 'photos'",
+        f"the index holds {photos.resolve()}",
+        f"`simimg index {other.resolve()} --name other`",
+        "--embed-missing",
+    )
     assert json_of(cli, "models", "--name", "photos") == models  # nothing trained, nothing kept
     head = json_of(cli, "train", str(other), "--name", "photos", "--head-only", "--embed-missing", "--no-index")
     assert (head["head"]["from_catalog"], head["head"]["embedded"], head["index"]) == (0, 6, None)

@@ -34,7 +34,7 @@ def stored_in_shards(root: Path, vectors: np.ndarray, ids: np.ndarray, per_shard
     """`vectors` written as simimg's shard files, `per_shard` rows each, behind the id lookup a catalog gives."""
     positions = np.arange(len(ids))
     for shard, start in enumerate(range(0, len(ids), per_shard)):
-        append_rows(shard_path(root / "emb", shard), 0, vectors[start:start + per_shard])
+        append_rows(shard_path(root / "emb", shard), 0, vectors[start : start + per_shard])
     return StoredVectors(root, "emb", vectors.shape[1], ids, positions // per_shard, positions % per_shard)
 
 
@@ -78,8 +78,13 @@ def test_parts_merged_in_ram_or_on_disk_answer_like_one_index(tmp_path):
     ids = np.arange(3000, dtype=np.int64)
     trained = compressed_index.train(DIM, ids, lambda want: vectors[want])
     whole = compressed_index.encode_part(trained, ids, vectors)
-    merged = compressed_index.merge(trained, [compressed_index.encode_part(trained, ids[s], vectors[s])
-                                              for s in compressed_index.part_ranges(3000, rows=700)])
+    merged = compressed_index.merge(
+        trained,
+        [
+            compressed_index.encode_part(trained, ids[s], vectors[s])
+            for s in compressed_index.part_ranges(3000, rows=700)
+        ],
+    )
     assert merged.ntotal == whole.ntotal == 3000
     assert np.array_equal(whole.search(queries, 10)[1], merged.search(queries, 10)[1])
     parts = (compressed_index.encode_part(trained, ids[s], vectors[s]) for s in compressed_index.part_ranges(3000, 700))
@@ -95,7 +100,8 @@ def test_refined_search_honours_the_allowed_ids(tmp_path):
     stored = stored_in_shards(tmp_path, vectors, ids, per_shard=3000)
     allowed = ids[::3]
     _, found = RefinedSearcher(FaissSearcher(compressed_index.build(DIM, ids, stored)), stored).search(
-        queries, 10, allowed)
+        queries, 10, allowed
+    )
     assert np.isin(found[found >= 0], allowed).all() and (found >= 0).sum() >= 40
 
 
@@ -161,8 +167,10 @@ def test_an_index_that_doubled_is_trained_afresh_and_one_that_grew_a_little_is_u
     (photos / "circles" / "more_circles_000.png").rename(tmp_path / "out.png")
     assert api.build_index(photos, "p", **options).total == 599 and lists() == compressed_index.lists_for(600)
     service = api.open_index("p", home)
-    assert service.search(photos / "squares" / "more_squares_007.png", k=1).neighbors[0].path == \
-        "squares/more_squares_007.png"
+    assert (
+        service.search(photos / "squares" / "more_squares_007.png", k=1).neighbors[0].path
+        == "squares/more_squares_007.png"
+    )
 
 
 @pytest.mark.datasets
@@ -177,6 +185,8 @@ def test_on_real_photos_a_compressed_index_finds_what_exact_search_finds(shared_
     exact, compressed = api.open_index("flat", tmp_path), api.open_index("ivfpq", tmp_path)
     assert compressed.info()["index_kind"] == "ivfpq"
     queries = [exact.data_root / p for p in exact.snapshot.paths[::7]]
-    found = [({n.path for n in a.neighbors}, {n.path for n in b.neighbors})
-             for a, b in zip(exact.search(queries, k=10), compressed.search(queries, k=10))]
+    found = [
+        ({n.path for n in a.neighbors}, {n.path for n in b.neighbors})
+        for a, b in zip(exact.search(queries, k=10), compressed.search(queries, k=10))
+    ]
     assert np.mean([len(a & b) / 10 for a, b in found]) >= 0.95

@@ -98,12 +98,15 @@ def test_opening_as_an_image_reads_the_header_only(tmp_path: Path) -> None:
     assert not opens_as_image(tmp_path / "missing.jpg")
 
 
-@pytest.mark.parametrize("layout, message", [
-    ({"only": 4}, "needs at least two"),
-    ({"a": 4, "b": 0}, "b in"),
-    ({"a": 4, "b": 1}, "fewer than 2 images"),
-    ({}, "no images in class folders"),
-])
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ({"only": 4}, "needs at least two"),
+        ({"a": 4, "b": 0}, "b in"),
+        ({"a": 4, "b": 1}, "fewer than 2 images"),
+        ({}, "no images in class folders"),
+    ],
+)
 def test_folders_that_cannot_train_a_classifier_say_why(tmp_path: Path, layout: dict, message: str) -> None:
     data = make_class_images(tmp_path / "d", layout, size=16)
     data.mkdir(exist_ok=True)

@@ -171,4 +171,3 @@ def test_cpu_vectors_are_interchangeable_with_torch_float32_on_hymenoptera(share
     paths = sorted(p for p in (shared_dataset("hymenoptera") / "val").rglob("*") if p.suffix.lower() == ".jpg")
     cosine, same_top10 = agreement(paths, 224, precision=precision)
     assert len(paths) == 153 and cosine >= 0.999 and same_top10 >= 0.95, (cosine, same_top10)
-

@@ -60,9 +60,27 @@ def test_retrieval_metrics_by_hand() -> None:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("evaluate")
     data = make_class_images(root / "toys", {"circle": 14, "square": 14, "triangle": 14}, size=40)
-    proc = run_cli("train", str(data), "--home", str(root / "home"), "--weights", "none", "--epochs", "4",
-                   "--image-size", "32", "--batch-size", "8", "--workers", "0", "--val-split", "0.25", "--no-index",
-                   "--json", env=ONE_THREAD)
+    proc = run_cli(
+        "train",
+        str(data),
+        "--home",
+        str(root / "home"),
+        "--weights",
+        "none",
+        "--epochs",
+        "4",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--val-split",
+        "0.25",
+        "--no-index",
+        "--json",
+        env=ONE_THREAD,
+    )
     return {"data": data, "home": root / "home", "report": json.loads(proc.stdout), "stderr": proc.stderr}
 
 
@@ -90,8 +108,9 @@ def test_evaluate_then_serve_then_query_then_evaluate_again(trained: dict) -> No
     assert result.prediction is not None and result.neighbors[0].path == "circle/circle_000.png"
     assert sum(t["probability"] for t in result.prediction.top) == pytest.approx(1.0, abs=1e-5)
 
-    after = json.loads(run_cli("evaluate", "--name", "toys", "--home", home, "--workers", "0", "--json",
-                               env=ONE_THREAD).stdout)
+    after = json.loads(
+        run_cli("evaluate", "--name", "toys", "--home", home, "--workers", "0", "--json", env=ONE_THREAD).stdout
+    )
     required = {"classes", "accuracy", "macro_f1", "per_class", "confusion_matrix", "retrieval", "most_confused"}
     assert required <= set(after)
     assert after["classes"] == ["circle", "square", "triangle"] and after["accuracy"] == before["accuracy"]

@@ -55,7 +55,9 @@ def test_explain_the_predicted_class_of_a_head_trained_here(indexed, tmp_path):
         assert png.size == (70, 45) and png.mode == "RGB"
     other = next(c for c in CLASSES if c != result.target)
     chosen = simimg.explain(image, "shapes", home, label=other, method="gradcam++")
-    assert (chosen.target, chosen.method) == (other, "gradcam++") and chosen.score == pytest.approx(1 - result.score, abs=1e-5)
+    assert (chosen.target, chosen.method) == (other, "gradcam++") and chosen.score == pytest.approx(
+        1 - result.score, abs=1e-5
+    )
     with pytest.raises(SimimgError, match="unknown class 'dogs'"):
         simimg.explain(image, "shapes", home, label="dogs")
 
@@ -68,8 +70,9 @@ def test_a_model_without_a_classifier_explains_similarity(indexed, tmp_path):
     result = simimg.explain(image, "shapes", home, neighbor="squares/squares_001.png")  # a gallery path
     assert (result.kind, result.target, result.size) == ("similarity", "squares/squares_001.png", (70, 45))
     assert -1 <= result.score <= 1 and result.heatmap.max() == pytest.approx(1, abs=0.02)
-    itself = simimg.explain(data / "circles" / "circles_000.png", "shapes", home, neighbor=data / "circles" /
-                            "circles_000.png")
+    itself = simimg.explain(
+        data / "circles" / "circles_000.png", "shapes", home, neighbor=data / "circles" / "circles_000.png"
+    )
     assert itself.score == pytest.approx(1.0, abs=1e-4) and itself.size == (40, 40)
     assert result.informative and not itself.informative and itself.heatmap.max() == 0  # the cosine's maximum
 
@@ -80,16 +83,19 @@ def peak(size: int = 8, amplitude: float = 1.0) -> np.ndarray:
     return (amplitude * np.exp(-((y - 2) ** 2 + (x - 2) ** 2) / 4.0)).astype(np.float32)
 
 
-@pytest.mark.parametrize("values, span, flat", [
-    (np.zeros((7, 7), np.float32), 0.5, True),  # every region lowers the score: relu leaves nothing
-    (np.full((7, 7), 0.3, np.float32), 0.5, True),  # uniform
-    (np.zeros((1, 1), np.float32), 1e-6, True),  # a one-cell feature map (32 px into a densenet)
-    (np.where(np.eye(4, dtype=bool), np.nan, peak(4)), 0.5, True),  # NaN anywhere
-    (np.full((3, 3), np.inf, np.float32), 1e-6, True),
-    (np.empty((0, 0), np.float32), 0.5, True),
-    (peak(), 0.5, False),
-    (peak(amplitude=1e-3), 1e-6, False),
-])
+@pytest.mark.parametrize(
+    "values, span, flat",
+    [
+        (np.zeros((7, 7), np.float32), 0.5, True),  # every region lowers the score: relu leaves nothing
+        (np.full((7, 7), 0.3, np.float32), 0.5, True),  # uniform
+        (np.zeros((1, 1), np.float32), 1e-6, True),  # a one-cell feature map (32 px into a densenet)
+        (np.where(np.eye(4, dtype=bool), np.nan, peak(4)), 0.5, True),  # NaN anywhere
+        (np.full((3, 3), np.inf, np.float32), 1e-6, True),
+        (np.empty((0, 0), np.float32), 0.5, True),
+        (peak(), 0.5, False),
+        (peak(amplitude=1e-3), 1e-6, False),
+    ],
+)
 def test_is_flat_on_synthetic_maps(values, span, flat):
     assert is_flat(values, span) is flat
 
@@ -122,15 +128,26 @@ def test_a_gallery_query_never_explains_its_likeness_to_itself(indexed):
 def test_explain_a_resnet_fine_tuned_here_from_the_cli(tmp_path):
     data = make_class_images(tmp_path / "shapes", CLASSES, size=40)
     home = tmp_path / "home"
-    simimg.train(data, "shapes", home, arch="resnet50", weights="none", epochs=1, image_size=64, batch_size=8,
-                 workers=0)
+    simimg.train(
+        data, "shapes", home, arch="resnet50", weights="none", epochs=1, image_size=64, batch_size=8, workers=0
+    )
     out = tmp_path / "cam.png"
-    payload = cli_json("explain", str(query(tmp_path, (33, 61))), "--name", "shapes", "--home", str(home),
-                       "--out", str(out))
+    payload = cli_json(
+        "explain", str(query(tmp_path, (33, 61))), "--name", "shapes", "--home", str(home), "--out", str(out)
+    )
     assert payload["kind"] == "class" and payload["size"] == [33, 61] and payload["layer"] == "trunk.layer4"
     assert payload["out"] == str(out) and Image.open(out).size == (33, 61)
     (tmp_path / "bad.png").write_bytes(b"nope")
-    bad = run_cli("explain", str(tmp_path / "bad.png"), "--name", "shapes", "--home", str(home), "--out",
-                  str(tmp_path / "x.png"), check=False)
+    bad = run_cli(
+        "explain",
+        str(tmp_path / "bad.png"),
+        "--name",
+        "shapes",
+        "--home",
+        str(home),
+        "--out",
+        str(tmp_path / "x.png"),
+        check=False,
+    )
     assert bad.returncode != 0 and "cannot explain" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "x.png").exists()

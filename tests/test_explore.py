@@ -62,8 +62,10 @@ def test_sample_positions_is_stable_and_capped():
 
 
 def test_confusion_cell_filters_and_sorts():
-    items = [{"path": "a", "label": "ant", "predicted": "bee", "probability": 0.6},
-             {"path": "b", "label": "ant", "predicted": "bee", "probability": 0.9},
-             {"path": "c", "label": "bee", "predicted": "ant", "probability": 0.7}]
+    items = [
+        {"path": "a", "label": "ant", "predicted": "bee", "probability": 0.6},
+        {"path": "b", "label": "ant", "predicted": "bee", "probability": 0.9},
+        {"path": "c", "label": "bee", "predicted": "ant", "probability": 0.7},
+    ]
     assert [it["path"] for it in confusion_cell(items, "ant", "bee")] == ["b", "a"]
     assert confusion_cell(items, "ant", "ant") == []

@@ -50,8 +50,18 @@ def test_onnx_gives_the_models_embeddings_and_logits(trained, tmp_path):
 
 def test_the_bundle_zip_and_the_cli(trained, tmp_path):
     _, home, model = trained
-    proc = run_cli("export", "--name", "toys", "--home", str(home), "--format", "bundle", "--out",
-                   str(tmp_path / "m.zip"), "--json")
+    proc = run_cli(
+        "export",
+        "--name",
+        "toys",
+        "--home",
+        str(home),
+        "--format",
+        "bundle",
+        "--out",
+        str(tmp_path / "m.zip"),
+        "--json",
+    )
     assert json.loads(proc.stdout)["model"] == model
     with zipfile.ZipFile(tmp_path / "m.zip") as archive:
         assert {f"{model}/model.json", f"{model}/model.safetensors"} <= set(archive.namelist())

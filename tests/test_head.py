@@ -89,8 +89,10 @@ def test_head_only_refuses_a_folder_the_index_does_not_hold_before_embedding_any
     with pytest.raises(SimimgError) as refused:
         simimg.train(other, "shapes", home, head_only=True, hooks=Hooks(on_phase=phases.append))
     message = str(refused.value)
-    assert message.startswith(f"33 of the 33 images in {other.resolve()} are not in index 'shapes' (new, changed, "
-                              f"or from another folder; the index holds {data.resolve()})")
+    assert message.startswith(
+        f"33 of the 33 images in {other.resolve()} are not in index 'shapes' (new, changed, "
+        f"or from another folder; the index holds {data.resolve()})"
+    )
     assert f"index that folder first (`simimg index {other.resolve()} --name other`" in message
     assert "train a full model (without --head-only)" in message and "--embed-missing" in message
     assert phases == ["loading"]
@@ -119,13 +121,17 @@ def test_head_only_refuses_new_files_of_its_own_collection_until_indexed_and_ign
     data, home = indexed
     (data / "train" / "circles" / "broken.png").write_bytes(b"not a png")  # the index skips it too
     phases: list[str] = []
-    report = run_training(TrainConfig(str(data), "shapes", str(home), head_only=True, index=False),
-                          Hooks(on_phase=phases.append))
+    report = run_training(
+        TrainConfig(str(data), "shapes", str(home), head_only=True, index=False), Hooks(on_phase=phases.append)
+    )
     assert (report.head["from_catalog"], report.head["embedded"]) == (33, 0) and "embedding" not in phases
     assert [s["path"] for s in report.skipped] == ["train/circles/broken.png"]
     shutil.copy(data / "train" / "squares" / "squares_000.png", data / "train" / "circles" / "late.png")
-    with pytest.raises(SimimgError, match=r"^1 of the 35 images in .* are not in index 'shapes' .*: update the index "
-                                          rf"first \(`simimg index {data.resolve()} --name shapes`\)"):
+    with pytest.raises(
+        SimimgError,
+        match=r"^1 of the 35 images in .* are not in index 'shapes' .*: update the index "
+        rf"first \(`simimg index {data.resolve()} --name shapes`\)",
+    ):
         run_training(TrainConfig(str(data), "shapes", str(home), head_only=True))
     run_index(IndexJob(str(data), "shapes", str(home)))
     assert run_training(TrainConfig(str(data), "shapes", str(home), head_only=True)).head["from_catalog"] == 34

@@ -96,6 +96,7 @@ def _noise(seed: int = 0, size: int = 64) -> Image.Image:
 
 def bomb_png() -> bytes:
     """A 99-byte PNG whose header claims 40000 x 40000 pixels (1.6 G), with a few rows of zeros as data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -176,8 +177,9 @@ def test_16_bit_grayscale_is_scaled_to_8_bits():
     assert 120 <= middle[0] <= 135 and middle[0] == middle[1] == middle[2]
 
 
-@pytest.mark.parametrize("name, opaque", [("rgba.png", RED), ("la.png", (90, 90, 90)),
-                                          ("palette_transparent.png", RED)])
+@pytest.mark.parametrize(
+    "name, opaque", [("rgba.png", RED), ("la.png", (90, 90, 90)), ("palette_transparent.png", RED)]
+)
 def test_transparency_is_flattened_onto_white(name, opaque):
     image = decoded(name)
     assert image.getpixel((5, 35)) == opaque
@@ -232,8 +234,10 @@ def test_animated_gif_gives_its_first_frame():
     assert image.size == (40, 40) and near(image.getpixel((20, 20)), RED, 10)
 
 
-@pytest.mark.parametrize("mode", ["1", "L", "P", "I", "I;16", "I;16B", "F", "RGBA", "RGBa", "RGBX", "LA", "PA",
-                                  "CMYK", "YCbCr", "HSV", "LAB"])
+@pytest.mark.parametrize(
+    "mode",
+    ["1", "L", "P", "I", "I;16", "I;16B", "F", "RGBA", "RGBa", "RGBX", "LA", "PA", "CMYK", "YCbCr", "HSV", "LAB"],
+)
 def test_every_mode_a_file_can_have_becomes_rgb(mode):
     image = to_rgb(Image.new(mode, (8, 6)))
     assert image.mode == "RGB" and image.size == (8, 6)
@@ -257,20 +261,25 @@ def test_bomb_is_refused_without_allocating_its_pixels(tmp_path):
     """In a fresh process, so the peak memory measured is the bomb's alone (1.6 GB if it were decoded)."""
     path = tmp_path / "bomb.png"
     path.write_bytes(bomb_png())
-    script = ("import json, re, sys\nfrom simimg.images import load_image\nfrom simimg.errors import BadImageError\n"
-              "try:\n    load_image(sys.argv[1]); reason = None\nexcept BadImageError as e:\n    reason = e.reason\n"
-              "peak = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
-              "print(json.dumps([reason, int(peak)]))")
+    script = (
+        "import json, re, sys\nfrom simimg.images import load_image\nfrom simimg.errors import BadImageError\n"
+        "try:\n    load_image(sys.argv[1]); reason = None\nexcept BadImageError as e:\n    reason = e.reason\n"
+        "peak = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
+        "print(json.dumps([reason, int(peak)]))"
+    )
     out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True)
     reason, peak_kib = json.loads(out.stdout)
     assert "decompression bomb" in reason
     assert peak_kib < 400 * 1024
 
 
-@pytest.mark.parametrize("make, reason", [
-    (lambda p: p, "file not found"),
-    (lambda p: p.mkdir() or p, "a folder"),
-])
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p, "file not found"),
+        (lambda p: p.mkdir() or p, "a folder"),
+    ],
+)
 def test_unreadable_paths_give_a_reason(tmp_path, make, reason):
     with pytest.raises(BadImageError, match=reason):
         read_bytes(make(tmp_path / "x.jpg"))

@@ -47,8 +47,16 @@ def assert_consistent(home: Path, name: str) -> Snapshot:
 
 @pytest.fixture
 def job(tmp_path) -> IndexJob:
-    return IndexJob(data_dir=str(tmp_path / "photos"), name="photos", home=str(tmp_path / "home"), weights="none",
-                    image_size=32, batch_size=8, workers=0, chunk_size=4)
+    return IndexJob(
+        data_dir=str(tmp_path / "photos"),
+        name="photos",
+        home=str(tmp_path / "home"),
+        weights="none",
+        image_size=32,
+        batch_size=8,
+        workers=0,
+        chunk_size=4,
+    )
 
 
 def test_awkward_files_are_indexed_and_broken_ones_reported_by_path(job):
@@ -118,8 +126,12 @@ def test_an_interrupted_switch_leaves_the_published_version_serving(job, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         run_index(replace(job, weights=None, model=other.bundle.fingerprint))
     after = assert_consistent(Path(job.home), job.name)
-    assert (after.version, after.model, after.paths, after.ids.tolist()) == \
-        (before.version, before.model, before.paths, before.ids.tolist())
+    assert (after.version, after.model, after.paths, after.ids.tolist()) == (
+        before.version,
+        before.model,
+        before.paths,
+        before.ids.tolist(),
+    )
     monkeypatch.undo()
     resumed = run_index(replace(job, weights=None, model=other.bundle.fingerprint))
     assert resumed.indexed == 0 and resumed.model == other.bundle.fingerprint  # its vectors were committed

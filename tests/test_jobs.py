@@ -42,18 +42,26 @@ def test_a_second_writer_on_the_same_index_is_refused_naming_the_first(tmp_path:
     assert board.start("pets", "build", "Indexing pets", Task("job_tasks:count", {"n": 1})) is not None
 
 
-@pytest.mark.parametrize("function, message", [
-    ("user_error", "no images found in x"),
-    ("bug", "unexpected failure: ZeroDivisionError: division by zero"),
-    ("die", "the job's process ended without an answer (exit code 3)")])
+@pytest.mark.parametrize(
+    "function, message",
+    [
+        ("user_error", "no images found in x"),
+        ("bug", "unexpected failure: ZeroDivisionError: division by zero"),
+        ("die", "the job's process ended without an answer (exit code 3)"),
+    ],
+)
 def test_errors_and_a_dead_child_become_the_jobs_message(function: str, message: str):
     job = finished(JobBoard().start("a", "build", "A", Task(f"job_tasks:{function}", callbacks="")))
     assert job.error == message and job.result is None
 
 
 def test_a_job_reports_its_steps_from_the_start_and_estimates_the_time_left():
-    job = JobBoard().start("pets", "build", "Indexing pets", Task("job_tasks:steps", {"names": ["scanning", "embedding"]},
-                                                                 callbacks="phases"))
+    job = JobBoard().start(
+        "pets",
+        "build",
+        "Indexing pets",
+        Task("job_tasks:steps", {"names": ["scanning", "embedding"]}, callbacks="phases"),
+    )
     seen = set()
     while job.running:
         seen.add(job.phase)

@@ -40,7 +40,9 @@ with writer_lock(Path(sys.argv[1]), "index 'x'"):
 
 def hold_lock(lock: Path, mode: str = "plain") -> tuple[subprocess.Popen, list[int]]:
     """A real process that holds `lock` until killed, and the pids of its forked children; returns once it holds it."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock), mode], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(lock), mode], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
     said = proc.stdout.readline().split()
     assert said[:1] == ["held"]
     return proc, [int(pid) for pid in said[1:]]
@@ -55,8 +57,19 @@ def test_second_index_fails_at_once_naming_the_holder(tmp_path: Path) -> None:
     data = make_class_images(tmp_path / "data", {"a": 2}, size=32)
     holder, _ = hold_lock(IndexFolder.of(tmp_path / "home", "busy").lock)
     try:
-        proc = run_cli("index", str(data), "--home", str(tmp_path / "home"), "--name", "busy", "--weights", "none",
-                       "--image-size", "32", check=False)
+        proc = run_cli(
+            "index",
+            str(data),
+            "--home",
+            str(tmp_path / "home"),
+            "--name",
+            "busy",
+            "--weights",
+            "none",
+            "--image-size",
+            "32",
+            check=False,
+        )
     finally:
         kill(holder)
     assert proc.returncode == 2

@@ -28,8 +28,14 @@ from simimg.model import (
 )
 from simimg.preprocess import Preprocess
 
-EMBEDDING_DIMS = {"densenet121": 1024, "densenet169": 1664, "densenet201": 1920, "densenet161": 2208,
-                  "resnet50": 2048, "vgg16": 4096}
+EMBEDDING_DIMS = {
+    "densenet121": 1024,
+    "densenet169": 1664,
+    "densenet201": 1920,
+    "densenet161": 2208,
+    "resnet50": 2048,
+    "vgg16": 4096,
+}
 DENSENET121_FILE = "densenet121-a639ec97.pth"
 _NEW_DENSENET_KEY = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.")
 
@@ -152,8 +158,11 @@ def test_weights_path_takes_safetensors(tmp_path):
 def test_weights_path_errors_say_what_is_wrong(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"junk")
     torch.save(models.resnet18().state_dict(), tmp_path / "resnet18.pth")
-    cases = {"nope.pth": "no such file", "junk.pth": "cannot read a state dict",
-             "resnet18.pth": "does not fit this architecture"}
+    cases = {
+        "nope.pth": "no such file",
+        "junk.pth": "cannot read a state dict",
+        "resnet18.pth": "does not fit this architecture",
+    }
     for name, phrase in cases.items():
         with pytest.raises(SimimgError, match=phrase):
             build_model("densenet121", str(tmp_path / name), 32)

@@ -20,8 +20,15 @@ from simimg.openvino_trunk import CACHE_ENV, MODEL_XML, compile_trunk, trunk_key
 pytestmark = pytest.mark.skipif(not openvino_trunk.available(), reason="openvino is not installed")
 
 SIZE = 32
-PRECISIONS = ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
-    not native_bf16(torch.device("cpu")), reason="OpenVINO runs bf16 only on CPUs with bf16 units"))]
+PRECISIONS = [
+    "fp32",
+    pytest.param(
+        "bf16",
+        marks=pytest.mark.skipif(
+            not native_bf16(torch.device("cpu")), reason="OpenVINO runs bf16 only on CPUs with bf16 units"
+        ),
+    ),
+]
 
 
 def with_batch_norm_statistics(net: nn.Module, seed: int = 0) -> nn.Module:
@@ -30,8 +37,12 @@ def with_batch_norm_statistics(net: nn.Module, seed: int = 0) -> nn.Module:
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
-                for tensor, low, high in ((m.running_mean, -0.3, 0.3), (m.running_var, 0.5, 2.0),
-                                          (m.weight, 0.5, 1.5), (m.bias, -0.2, 0.2)):
+                for tensor, low, high in (
+                    (m.running_mean, -0.3, 0.3),
+                    (m.running_var, 0.5, 2.0),
+                    (m.weight, 0.5, 1.5),
+                    (m.bias, -0.2, 0.2),
+                ):
                     tensor.copy_(torch.rand(tensor.shape, generator=g) * (high - low) + low)
     return net.eval()
 
@@ -64,10 +75,11 @@ def test_a_vector_does_not_depend_on_its_batch():
     """A batch runs in sub-batches on several streams (a remainder included), a single image on one: same rows,
     in the same order."""
     model = build_model("densenet121", "none", SIZE)
-    trunk = compile_trunk(model.net.trunk, model.bundle.preprocess, "bf16" if native_bf16(torch.device("cpu"))
-                          else "fp32", threads=2)
+    trunk = compile_trunk(
+        model.net.trunk, model.bundle.preprocess, "bf16" if native_bf16(torch.device("cpu")) else "fp32", threads=2
+    )
     batch = pixels(openvino_trunk.MIN_STREAMED_BATCH + openvino_trunk.SUB_BATCH + 1)
-    one_by_one = torch.cat([trunk(batch[i:i + 1]) for i in range(len(batch))])
+    one_by_one = torch.cat([trunk(batch[i : i + 1]) for i in range(len(batch))])
     torch.testing.assert_close(trunk(batch), one_by_one, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(trunk(batch[:3]), one_by_one[:3], atol=1e-4, rtol=1e-4)
     assert trunk(batch[:0]).shape == (0, model.net.dim)
@@ -127,7 +139,8 @@ def test_the_converted_model_is_kept_and_read_back(tmp_path, monkeypatch):
     first = compile_trunk(net.trunk, preprocess, "fp32")
     kept = list((tmp_path / "cache").glob(f"openvino-*/{trunk_key(net.trunk, preprocess)}/{MODEL_XML}"))
     assert len(kept) == 1 and kept[0].with_suffix(".bin").stat().st_size > 3 * sum(
-        p.numel() for p in net.trunk.parameters())  # float32 weights (4 bytes), not fp16 (2)
+        p.numel() for p in net.trunk.parameters()
+    )  # float32 weights (4 bytes), not fp16 (2)
     assert [p.name for p in kept[0].parent.parent.iterdir()] == [kept[0].parent.name]  # no staging folder left
 
     def no_conversion(*args):

@@ -36,8 +36,14 @@ def test_normalize_matches_torchvision_on_float_images():
 def test_uint8_then_normalize_equals_the_whole_torchvision_transform():
     image = Image.frombytes("RGB", (90, 70), bytes(range(256)) * (90 * 70 * 3 // 256) + bytes(90 * 70 * 3 % 256))
     pre = Preprocess.for_image_size(48)
-    reference = transforms.Compose([transforms.Resize(pre.resize_size), transforms.CenterCrop(pre.crop_size),
-                                    transforms.ToTensor(), transforms.Normalize(pre.mean, pre.std)])(image)
+    reference = transforms.Compose(
+        [
+            transforms.Resize(pre.resize_size),
+            transforms.CenterCrop(pre.crop_size),
+            transforms.ToTensor(),
+            transforms.Normalize(pre.mean, pre.std),
+        ]
+    )(image)
     torch.testing.assert_close(pre.normalize(pre.to_uint8(image).unsqueeze(0))[0], reference, rtol=0, atol=1e-5)
 
 

@@ -60,8 +60,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     home = base / "local"
     report = run_index(IndexJob(str(data), "photos", str(home), workers=0, **TINY))
     assert report.total == sum(CLASSES.values()) + len(awkward) and len(report.skipped) == len(broken) + 1
-    return {"data": data, "local": report, "local_rows": consistent_state(home, "photos"), "base": base,
-            "work": report.total + len(broken)}
+    return {
+        "data": data,
+        "local": report,
+        "local_rows": consistent_state(home, "photos"),
+        "base": base,
+        "work": report.total + len(broken),
+    }
 
 
 def ray_job(data: Path, home: Path, **options) -> IndexJob:
@@ -71,8 +76,9 @@ def ray_job(data: Path, home: Path, **options) -> IndexJob:
 def min_cosine(got: Rows, want: Rows) -> float:
     """The same paths with the same labels; returns the lowest per-path cosine of their vectors."""
     assert sorted((p, label) for p, (label, _) in got.items()) == sorted((p, label) for p, (label, _) in want.items())
-    return min(float(np.dot(got[p][1], want[p][1]) / np.linalg.norm(got[p][1]) / np.linalg.norm(want[p][1]))
-               for p in want)
+    return min(
+        float(np.dot(got[p][1], want[p][1]) / np.linalg.norm(got[p][1]) / np.linalg.norm(want[p][1])) for p in want
+    )
 
 
 def skips(report) -> list[tuple[str, str]]:
@@ -126,11 +132,16 @@ def test_updates_and_a_model_switch_on_ray_match_the_local_engine(ray_built, wor
     want = run_index(IndexJob(str(edited), "photos", str(local), workers=0, **TINY))
     shards = tmp_path / "elsewhere"  # --ray-shards: a folder outside the index (local disk here; s3:// alike)
     written: set[str] = set()
-    got = run_index(ray_job(edited, remote, ray_shards=str(shards)),
-                    progress=lambda *_: written.update(p.name for p in shards.glob("photos-*/shards/shard-*")))
+    got = run_index(
+        ray_job(edited, remote, ray_shards=str(shards)),
+        progress=lambda *_: written.update(p.name for p in shards.glob("photos-*/shards/shard-*")),
+    )
     assert written and list(shards.iterdir()) == [] and not IndexFolder.of(remote, "photos").runs.exists()
-    assert (got.indexed, got.removed, got.total, got.version) == (want.indexed, want.removed, want.total, 2) == \
-        (4, 2, world["local"].total + 1, 2)
+    assert (
+        (got.indexed, got.removed, got.total, got.version)
+        == (want.indexed, want.removed, want.total, 2)
+        == (4, 2, world["local"].total + 1, 2)
+    )
     assert skips(got) == skips(want)
     assert min_cosine(consistent_state(remote, "photos"), consistent_state(local, "photos")) >= 0.999
 
@@ -146,8 +157,9 @@ def test_updates_and_a_model_switch_on_ray_match_the_local_engine(ray_built, wor
     assert run_index(ray_job(edited, remote)).indexed == 0  # nothing to embed: Ray runs no pipeline
 
 
-def test_an_interrupted_run_ingests_its_finished_shards_and_embeds_only_the_rest(ray_address, world, tmp_path,
-                                                                                monkeypatch, caplog):
+def test_an_interrupted_run_ingests_its_finished_shards_and_embeds_only_the_rest(
+    ray_address, world, tmp_path, monkeypatch, caplog
+):
     import simimg.indexing
 
     data = tmp_path / "data"
@@ -170,7 +182,7 @@ def test_an_interrupted_run_ingests_its_finished_shards_and_embeds_only_the_rest
     synthetic_image(4, np.random.default_rng(9), 40).save(data / changed, "PNG")
     with caplog.at_level(logging.INFO, logger="simimg.ray_engine"):
         report = run_index(ray_job(data, tmp_path))
-    (reused, work, rest), = [r.args for r in caplog.records if "come from the shards" in r.getMessage()]
+    ((reused, work, rest),) = [r.args for r in caplog.records if "come from the shards" in r.getMessage()]
     # every shard on disk at the interruption, less the changed file (Ray may have finished a few more since)
     assert work == world["work"] and reused >= len(finished) - 1 and reused + rest == work
     assert report.total == world["local"].total and skips(report) == skips(world["local"])
@@ -182,10 +194,26 @@ def test_an_interrupted_run_ingests_its_finished_shards_and_embeds_only_the_rest
 
 
 def test_kill_9_mid_run_then_the_same_command_finishes_with_nothing_doubled(ray_address, world, tmp_path):
-    args = ["index", str(world["data"]), "--home", str(tmp_path), "--name", "photos", *CLI_TINY, "--engine", "ray",
-            "--address", ray_address]
-    proc = subprocess.Popen([sys.executable, "-m", "simimg.cli", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "SIMIMG_OFFLINE": "1"})
+    args = [
+        "index",
+        str(world["data"]),
+        "--home",
+        str(tmp_path),
+        "--name",
+        "photos",
+        *CLI_TINY,
+        "--engine",
+        "ray",
+        "--address",
+        ray_address,
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simimg.cli", *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "SIMIMG_OFFLINE": "1"},
+    )
     deadline = time.monotonic() + 300
     while proc.poll() is None and not shard_paths(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -228,13 +256,21 @@ def test_ray_options_without_the_ray_engine_are_refused(world, tmp_path):
 def test_an_unreachable_address_is_one_line_and_the_local_engine_never_imports_ray(world, tmp_path):
     """In a fresh process: a local index first, with no Ray imported; then --address where nothing listens."""
     common = [str(world["data"]), "--home", str(tmp_path), *CLI_TINY]
-    script = ("import sys; from simimg.cli import main; assert main(sys.argv[1:]) == 0; "
-              "assert 'ray' not in sys.modules and 'simimg.ray_engine' not in sys.modules; "
-              "print('--', file=sys.stderr); "
-              "sys.exit(main(['index', '--name', 'remote', '--engine', 'ray', '--address', '127.0.0.1:9', "
-              "*sys.argv[2:]]))")
-    proc = subprocess.run([sys.executable, "-c", script, "index", *common, "--json"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "SIMIMG_OFFLINE": "1"})
+    script = (
+        "import sys; from simimg.cli import main; assert main(sys.argv[1:]) == 0; "
+        "assert 'ray' not in sys.modules and 'simimg.ray_engine' not in sys.modules; "
+        "print('--', file=sys.stderr); "
+        "sys.exit(main(['index', '--name', 'remote', '--engine', 'ray', '--address', '127.0.0.1:9', "
+        "*sys.argv[2:]]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, "index", *common, "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "SIMIMG_OFFLINE": "1"},
+    )
     assert json.loads(proc.stdout)["total"] == world["local"].total  # the local run's report, alone on stdout
     ray_stderr = proc.stderr.split("--\n", 1)[1]
     assert_one_line_error(proc.returncode, "", ray_stderr, "cannot reach the Ray cluster at 127.0.0.1:9")
@@ -280,9 +316,10 @@ def test_cats_dogs_train_at_64_px_matches_the_local_engine(ray_address, shared_d
     local = run_index(job)
     ray = run_index(replace(job, home=str(tmp_path / "ray"), engine="ray"))
     cosine = min_cosine(consistent_state(tmp_path / "ray", "train"), consistent_state(tmp_path / "local", "train"))
-    print(f"cats_dogs/train 64 px: total {ray.total} (local {local.total}), skipped {len(ray.skipped)} "
-          f"(local {len(local.skipped)}), min cosine {cosine:.6f}; {ray.seconds:.1f} s on {ray.device}, "
-          f"local {local.seconds:.1f} s")
+    print(
+        f"cats_dogs/train 64 px: total {ray.total} (local {local.total}), skipped {len(ray.skipped)} "
+        f"(local {len(local.skipped)}), min cosine {cosine:.6f}; {ray.seconds:.1f} s on {ray.device}, "
+        f"local {local.seconds:.1f} s"
+    )
     assert (ray.total, skips(ray)) == (local.total, skips(local)) and ray.total == 1400
     assert cosine >= 0.999
-

@@ -51,8 +51,19 @@ def use_args(model: str, home: Path, name: str) -> list[str]:
 
 def reference_index(data: Path, home: Path, name: str, model: str | None = None) -> Rows:
     """An uninterrupted run, in-process, of the same job the CLI runs."""
-    run_index(IndexJob(str(data), name, str(home), weights=None if model else "none", image_size=None if model else 32,
-                       batch_size=4, workers=0, chunk_size=4, model=model))
+    run_index(
+        IndexJob(
+            str(data),
+            name,
+            str(home),
+            weights=None if model else "none",
+            image_size=None if model else 32,
+            batch_size=4,
+            workers=0,
+            chunk_size=4,
+            model=model,
+        )
+    )
     return consistent_state(home, name)
 
 
@@ -63,8 +74,9 @@ def consistent_state(home: Path, name: str) -> Rows:
     try:
         snap = catalog.snapshot()
         ids, vectors = catalog.vectors(snap.version, snap.embedding)
-        live_dupes = catalog.db.execute("SELECT path FROM images WHERE removed IS NULL GROUP BY path "
-                                        "HAVING COUNT(*) > 1").fetchall()
+        live_dupes = catalog.db.execute(
+            "SELECT path FROM images WHERE removed IS NULL GROUP BY path HAVING COUNT(*) > 1"
+        ).fetchall()
         count = catalog.published().count
     finally:
         catalog.close()
@@ -95,11 +107,16 @@ def catalog_progress(catalog: Path) -> tuple[int, int]:
     except sqlite3.Error:
         return 0, 0
     try:
-        version, embedding = db.execute("SELECT COALESCE(MAX(version), 0), (SELECT embedding FROM versions "
-                                        "ORDER BY version DESC LIMIT 1) FROM versions").fetchone()
+        version, embedding = db.execute(
+            "SELECT COALESCE(MAX(version), 0), (SELECT embedding FROM versions "
+            "ORDER BY version DESC LIMIT 1) FROM versions"
+        ).fetchone()
         added = db.execute("SELECT COUNT(*) FROM images WHERE added > ?", (version,)).fetchone()[0]
-        switched = db.execute("SELECT COUNT(*) FROM vectors WHERE embedding = (SELECT id FROM embeddings WHERE "
-                              "fingerprint != ? ORDER BY id DESC LIMIT 1)", (embedding or "",)).fetchone()[0]
+        switched = db.execute(
+            "SELECT COUNT(*) FROM vectors WHERE embedding = (SELECT id FROM embeddings WHERE "
+            "fingerprint != ? ORDER BY id DESC LIMIT 1)",
+            (embedding or "",),
+        ).fetchone()[0]
         return version, added if embedding is None else max(added, switched)
     except sqlite3.Error:
         return 0, 0
@@ -107,16 +124,21 @@ def catalog_progress(catalog: Path) -> tuple[int, int]:
         db.close()
 
 
-def kill_during_index(data: Path, home: Path, name: str, after_rows: int,
-                      args: list[str] | None = None) -> tuple[bool, int]:
+def kill_during_index(
+    data: Path, home: Path, name: str, after_rows: int, args: list[str] | None = None
+) -> tuple[bool, int]:
     """Start `simimg index` (or `args`), SIGKILL it once `after_rows` pending embeddings are committed (0: as soon as
     it writes). Returns (whether it published before the kill landed, pending embeddings committed when it died).
     """
     catalog = IndexFolder.of(home, name).catalog
     before, _ = catalog_progress(catalog)
-    proc = subprocess.Popen([sys.executable, "-m", "simimg.cli", *(args or index_args(data, home, name))], cwd=ROOT,
-                            env={**os.environ, "SIMIMG_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "simimg.cli", *(args or index_args(data, home, name))],
+        cwd=ROOT,
+        env={**os.environ, "SIMIMG_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     while proc.poll() is None:
         if catalog.exists() and catalog_progress(catalog)[1] >= after_rows:
             break
@@ -127,8 +149,9 @@ def kill_during_index(data: Path, home: Path, name: str, after_rows: int,
     return version > before, committed
 
 
-def resume_after_kill(data: Path, home: Path, name: str, after_rows: int, to_embed: int,
-                      args: list[str] | None = None) -> dict:
+def resume_after_kill(
+    data: Path, home: Path, name: str, after_rows: int, to_embed: int, args: list[str] | None = None
+) -> dict:
     """Kill a run, re-run the same command, and check that committed embeddings were not computed again."""
     finished, committed = kill_during_index(data, home, name, after_rows, args)
     report = cli_json(*(args or index_args(data, home, name)))
@@ -154,8 +177,9 @@ def second_model() -> tuple[torch.nn.Module, ModelBundle]:
         gen = torch.Generator().manual_seed(1)
         for p in net.trunk.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return net, describe(net, bundle.arch, (), bundle.preprocess, "random-init:seed=1+noise", "fine-tuned",
-                         weights="none")
+    return net, describe(
+        net, bundle.arch, (), bundle.preprocess, "random-init:seed=1+noise", "fine-tuned", weights="none"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +201,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     second = reference_index(edited, home, "edited")
     publish_model(IndexFolder.of(home, "model2"), net, model2)
     third = reference_index(data, home, "model2", model=model2.fingerprint)
-    return {"data": data, "edited": edited, "model2": (net, model2), "home": home, "first": first,
-            "edited_rows": second, "model2_rows": third}
+    return {
+        "data": data,
+        "edited": edited,
+        "model2": (net, model2),
+        "home": home,
+        "first": first,
+        "edited_rows": second,
+        "model2_rows": third,
+    }
 
 
 def install_model(model2: tuple, home: Path, name: str) -> str:
@@ -197,8 +228,9 @@ def test_killed_initial_index_resumes_to_the_uninterrupted_result(world: dict, t
 
 
 @pytest.mark.parametrize("after_rows", kill_points(9, 1)[1:])
-def test_killed_incremental_update_resumes_to_the_uninterrupted_result(world: dict, tmp_path: Path,
-                                                                      after_rows: int) -> None:
+def test_killed_incremental_update_resumes_to_the_uninterrupted_result(
+    world: dict, tmp_path: Path, after_rows: int
+) -> None:
     """5 stars and 3 circles added, 3 files deleted, 1 rewritten: 9 to embed."""
     copy_index(world["home"] / "first", tmp_path, "photos")
     resume_after_kill(world["edited"], tmp_path, "photos", after_rows, 9)
@@ -209,7 +241,9 @@ def test_killed_switch_to_a_new_model_never_mixes_models(world: dict, tmp_path: 
     copy_index(world["home"] / "first", tmp_path, "photos")
     model = install_model(world["model2"], tmp_path, "photos")
     after = kill_points(N_IMAGES, 1)[1]
-    finished, committed = kill_during_index(world["data"], tmp_path, "photos", after, use_args(model, tmp_path, "photos"))
+    finished, committed = kill_during_index(
+        world["data"], tmp_path, "photos", after, use_args(model, tmp_path, "photos")
+    )
     if not finished:  # readers still get the first model's version, whole
         assert_same_rows(consistent_state(tmp_path, "photos"), world["first"])
     report = cli_json(*use_args(model, tmp_path, "photos"))
@@ -221,8 +255,9 @@ def test_a_switch_after_a_killed_first_index_keeps_the_committed_rows(world: dic
     finished, committed = kill_during_index(world["data"], tmp_path, "photos", N_IMAGES // 2)
     assert not finished and committed >= N_IMAGES // 2
     model = install_model(world["model2"], tmp_path, "photos")
-    report = run_index(IndexJob(str(world["data"]), "photos", str(tmp_path), batch_size=4, workers=0, chunk_size=4,
-                                model=model))
+    report = run_index(
+        IndexJob(str(world["data"]), "photos", str(tmp_path), batch_size=4, workers=0, chunk_size=4, model=model)
+    )
     assert report.indexed == N_IMAGES and report.model == model  # every image needs the new model's vector
     assert_same_rows(consistent_state(tmp_path, "photos"), world["model2_rows"])
 
@@ -247,8 +282,9 @@ FAISS_DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", sorted(FAISS_DAMAGE))
-def test_a_damaged_faiss_file_is_an_error_for_readers_and_rebuilt_by_the_next_index(world: dict, tmp_path: Path,
-                                                                                   damage: str) -> None:
+def test_a_damaged_faiss_file_is_an_error_for_readers_and_rebuilt_by_the_next_index(
+    world: dict, tmp_path: Path, damage: str
+) -> None:
     copy_index(world["home"] / "first", tmp_path, "photos")
     paths = IndexFolder.of(tmp_path, "photos")
     FAISS_DAMAGE[damage](paths.faiss(1))
@@ -257,7 +293,9 @@ def test_a_damaged_faiss_file_is_an_error_for_readers_and_rebuilt_by_the_next_in
     in_process_index(world["data"], tmp_path, "photos")
     assert_same_rows(consistent_state(tmp_path, "photos"), world["first"])
     query = world["data"] / "circles" / "circles_004.png"
-    assert SearchService(tmp_path, "photos", "cpu").query_file(query, k=1).neighbors[0].path == "circles/circles_004.png"
+    assert (
+        SearchService(tmp_path, "photos", "cpu").query_file(query, k=1).neighbors[0].path == "circles/circles_004.png"
+    )
 
 
 def test_a_leftover_faiss_file_of_an_unpublished_version_is_replaced(world: dict, tmp_path: Path) -> None:
@@ -301,8 +339,15 @@ def test_a_lost_serving_model_is_one_line_and_serving_a_kept_one_repairs_it(worl
     copy_index(world["home"] / "first", tmp_path, "photos")
     model = install_model(world["model2"], tmp_path, "photos")
     shutil.rmtree(serving_dir(tmp_path, "photos"))
-    proc = run_cli("query", str(world["data"] / "circles" / "circles_004.png"), "--home", str(tmp_path),
-                   "--name", "photos", check=False)
+    proc = run_cli(
+        "query",
+        str(world["data"] / "circles" / "circles_004.png"),
+        "--home",
+        str(tmp_path),
+        "--name",
+        "photos",
+        check=False,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("simimg: error: ") and proc.stderr.count("\n") == 1
     assert "keeps no model" in proc.stderr and "simimg models" in proc.stderr
@@ -322,9 +367,13 @@ def test_readers_see_one_whole_version_at_a_time_and_pick_up_new_ones(world: dic
     shutil.copytree(world["data"], live)
     copy_index(world["home"] / "first", tmp_path, "photos")
     query = live / "circles" / "circles_004.png"
-    edits = [lambda: make_class_images(live, {"stars": 4}, size=40, seed=3),
-             lambda: [(live / "squares" / f"squares_{i:03d}.png").unlink() for i in range(4)]
-             + [make_class_images(live / "circles", {"more": 3}, size=40, seed=4)]]
+    edits = [
+        lambda: make_class_images(live, {"stars": 4}, size=40, seed=3),
+        lambda: (
+            [(live / "squares" / f"squares_{i:03d}.png").unlink() for i in range(4)]
+            + [make_class_images(live / "circles", {"more": 3}, size=40, seed=4)]
+        ),
+    ]
     reader = SearchService(tmp_path, "photos", "cpu")
     answers: list[tuple[int, list[str], list[float]]] = []
     failures: list[BaseException] = []
@@ -365,8 +414,10 @@ def test_readers_see_one_whole_version_at_a_time_and_pick_up_new_ones(world: dic
 # --- bad files: one batch through the real CLI ------------------------------------------------------------
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG that claims `width` x `height` pixels: the shape of a decompression bomb, in 60 bytes."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
     ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
@@ -409,8 +460,14 @@ def broken_files(folder: Path, elsewhere: Path) -> dict[str, str]:
     (folder / "notes.jpg").write_text("shopping list: milk, eggs\n" * 20)
     (folder / "bomb.png").write_bytes(png_header_only(30_000, 30_000))
     (folder / "dangling.png").symlink_to(elsewhere / "no-such-file.png")
-    return {"bad/truncated.jpg": "truncated", "bad/empty.png": "empty file", "bad/noise.png": "unrecognised data",
-            "bad/notes.jpg": "holds text", "bad/bomb.png": "decompression bomb", "bad/dangling.png": "broken symbolic link"}
+    return {
+        "bad/truncated.jpg": "truncated",
+        "bad/empty.png": "empty file",
+        "bad/noise.png": "unrecognised data",
+        "bad/notes.jpg": "holds text",
+        "bad/bomb.png": "decompression bomb",
+        "bad/dangling.png": "broken symbolic link",
+    }
 
 
 def link_loop(root: Path, outside: Path) -> dict[str, str]:
@@ -451,5 +508,7 @@ def test_an_unreadable_file_is_skipped_and_the_rest_indexed(tmp_path: Path) -> N
         report = cli_json(*index_args(data, tmp_path / "home", "locked"))
     finally:
         locked.chmod(0o644)
-    assert [(s["path"], s["reason"]) for s in report["skipped"]] == [("good/locked.png", "permission denied: the file cannot be read")]
+    assert [(s["path"], s["reason"]) for s in report["skipped"]] == [
+        ("good/locked.png", "permission denied: the file cannot be read")
+    ]
     assert sorted(consistent_state(tmp_path / "home", "locked")) == ["good/good_000.png", "good/good_001.png"]

@@ -35,8 +35,9 @@ def test_folders_under_a_root_resolve(layout: Path):
     assert list_collections(roots) == [layout / "data" / "pets", layout / "extra" / "birds"]
 
 
-@pytest.mark.parametrize("typed", ["secret", "data/../secret", "data/pets/../../secret", "data/escape", "/etc",
-                                   "data/missing", "  "])
+@pytest.mark.parametrize(
+    "typed", ["secret", "data/../secret", "data/pets/../../secret", "data/escape", "/etc", "data/missing", "  "]
+)
 def test_anything_else_is_refused_with_what_to_do(layout: Path, typed: str):
     with pytest.raises(SimimgError, match=r"data roots|choose a folder"):
         resolve_data_dir(typed, data_roots(""))

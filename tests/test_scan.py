@@ -26,8 +26,13 @@ def found(root: Path) -> dict[str, str | None]:
 
 def test_class_folders_give_labels_and_root_files_none(tmp_path):
     touch(tmp_path, "cats/a.jpg", "cats/b.png", "dogs/c.jpeg", "loose.png", "dogs/puppies/d.jpg")
-    assert found(tmp_path) == {"cats/a.jpg": "cats", "cats/b.png": "cats", "dogs/c.jpeg": "dogs",
-                               "dogs/puppies/d.jpg": "dogs", "loose.png": None}
+    assert found(tmp_path) == {
+        "cats/a.jpg": "cats",
+        "cats/b.png": "cats",
+        "dogs/c.jpeg": "dogs",
+        "dogs/puppies/d.jpg": "dogs",
+        "loose.png": None,
+    }
     assert scan_folder(tmp_path).labels == ["cats", "dogs"]
 
 
@@ -38,22 +43,59 @@ def test_extensions_are_case_insensitive(tmp_path):
 
 
 def test_hidden_and_non_image_files_are_ignored_silently(tmp_path):
-    touch(tmp_path, "x/keep.jpg", "x/.hidden.jpg", "x/._keep.jpg", ".secret/y/a.png", "x/.thumbs/b.png",
-          "x/notes.txt", "x/keep.jpg.txt", "x/jpg", "x/README", "x/data.json", "Thumbs.db")
+    touch(
+        tmp_path,
+        "x/keep.jpg",
+        "x/.hidden.jpg",
+        "x/._keep.jpg",
+        ".secret/y/a.png",
+        "x/.thumbs/b.png",
+        "x/notes.txt",
+        "x/keep.jpg.txt",
+        "x/jpg",
+        "x/README",
+        "x/data.json",
+        "Thumbs.db",
+    )
     assert found(tmp_path) == {"x/keep.jpg": "x"}
 
 
-@pytest.mark.parametrize("name, ok", [("a.jpg", True), ("A.JPEG", True), (".a.jpg", False), ("a.jpgx", False),
-                                      ("a.svg", False), ("a", False), ("a.tar.gz", False), ("a.b.tiff", True)])
+@pytest.mark.parametrize(
+    "name, ok",
+    [
+        ("a.jpg", True),
+        ("A.JPEG", True),
+        (".a.jpg", False),
+        ("a.jpgx", False),
+        ("a.svg", False),
+        ("a", False),
+        ("a.tar.gz", False),
+        ("a.b.tiff", True),
+    ],
+)
 def test_is_image_name(name, ok):
     assert is_image_name(name) is ok
 
 
 def test_train_val_layout_labels_by_the_class_below_the_split(tmp_path):
-    touch(tmp_path, "train/ants/1.jpg", "train/bees/2.jpg", "val/ants/3.jpg", "val/bees/4.jpg", "test/bees/5.jpg",
-          "train/6.jpg", ".ipynb_checkpoints/x.jpg")
-    assert found(tmp_path) == {"train/ants/1.jpg": "ants", "train/bees/2.jpg": "bees", "val/ants/3.jpg": "ants",
-                               "val/bees/4.jpg": "bees", "test/bees/5.jpg": "bees", "train/6.jpg": None}
+    touch(
+        tmp_path,
+        "train/ants/1.jpg",
+        "train/bees/2.jpg",
+        "val/ants/3.jpg",
+        "val/bees/4.jpg",
+        "test/bees/5.jpg",
+        "train/6.jpg",
+        ".ipynb_checkpoints/x.jpg",
+    )
+    assert found(tmp_path) == {
+        "train/ants/1.jpg": "ants",
+        "train/bees/2.jpg": "bees",
+        "val/ants/3.jpg": "ants",
+        "val/bees/4.jpg": "bees",
+        "test/bees/5.jpg": "bees",
+        "train/6.jpg": None,
+    }
 
 
 @pytest.mark.parametrize("split", ["val", "train", "test"])

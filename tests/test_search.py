@@ -165,8 +165,9 @@ def test_predict_ranks_classes_by_probability():
 
 
 def test_neighbors_from_drops_padding_unknown_ids_and_weak_scores():
-    snap = Snapshot(1, "fp", "emb", "flat", np.array([3, 7, 9]), ["a.png", "b.png", "c.png"], ["x", None, "y"],
-                    ["h1", "h2", "h3"])
+    snap = Snapshot(
+        1, "fp", "emb", "flat", np.array([3, 7, 9]), ["a.png", "b.png", "c.png"], ["x", None, "y"], ["h1", "h2", "h3"]
+    )
     found = neighbors_from(np.array([0.9, 0.8, 0.5, 0.4]), np.array([7, 5, 9, -1]), snap, min_score=0.6)
     assert [(n.path, n.label, n.score) for n in found] == [("b.png", None, 0.9)]
 

@@ -47,9 +47,28 @@ def start_cli_server(home: Path, *flags: str, token: str | None = None) -> tuple
     port, log = free_port(), tempfile.TemporaryFile("w+")  # noqa: SIM115 - the server writes it after we return
     env = {k: v for k, v in os.environ.items() if k != "SIMIMG_API_TOKEN"}
     env.update({"SIMIMG_OFFLINE": "1", **({"SIMIMG_API_TOKEN": token} if token else {})})
-    proc = subprocess.Popen([sys.executable, "-m", "simimg.cli", "serve", "--home", str(home), "--port", str(port),
-                             "--device", "cpu", "--threads", "1", *flags], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "simimg.cli",
+            "serve",
+            "--home",
+            str(home),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            *flags,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_ready(url, token, 180, proc)
@@ -114,7 +133,9 @@ def test_health_readiness_and_docs(server):
     paths = httpx.get(f"{server}/openapi.json").json()["paths"]
     assert {"/v1/indexes", "/v1/indexes/{name}", "/v1/indexes/{name}/query", "/v1/indexes/{name}/embed"} <= set(paths)
     assert set(paths["/v1/indexes/{name}/query"]["post"]["requestBody"]["content"]) == {
-        "multipart/form-data", "application/json"}
+        "multipart/form-data",
+        "application/json",
+    }
 
 
 def test_indexes_and_info(built, server, local):
@@ -165,26 +186,41 @@ def bomb() -> bytes:
     return png(Image.new("1", (8000, 8000)))
 
 
-@pytest.mark.parametrize("case, status, error", [
-    ("text", 415, "not an image: the file holds text"),
-    ("truncated", 400, "truncated or corrupt"),
-    ("empty", 400, "empty file"),
-    ("bomb", 413, "decompression bomb"),
-    ("too big", 413, "the limit is 1 MB"),
-])
+@pytest.mark.parametrize(
+    "case, status, error",
+    [
+        ("text", 415, "not an image: the file holds text"),
+        ("truncated", 400, "truncated or corrupt"),
+        ("empty", 400, "empty file"),
+        ("bomb", 413, "decompression bomb"),
+        ("too big", 413, "the limit is 1 MB"),
+    ],
+)
 def test_a_bad_upload_gets_a_json_error_naming_it(built, server, case, status, error):
     good = (built[0] / "circles" / "circles_000.png").read_bytes()
-    data = {"text": b"just some words, not pixels\n" * 20, "truncated": good[: len(good) // 2], "empty": b"",
-            "bomb": bomb(), "too big": os.urandom(2 * 2**20)}[case]
+    data = {
+        "text": b"just some words, not pixels\n" * 20,
+        "truncated": good[: len(good) // 2],
+        "empty": b"",
+        "bomb": bomb(),
+        "too big": os.urandom(2 * 2**20),
+    }[case]
     response = query(server, files=[("good.png", good), (f"{case}.png", data)])
     assert response.status_code == status
     body = response.json()
     assert body["file"] == f"{case}.png" and error in body["error"]
 
 
-@pytest.mark.parametrize("path, status", [
-    ("../../../etc/passwd", 403), ("/etc/hostname", 403), ("circles/../../shapes-outside.png", 403),
-    ("circles/missing.png", 404), ("escape", 403)])
+@pytest.mark.parametrize(
+    "path, status",
+    [
+        ("../../../etc/passwd", 403),
+        ("/etc/hostname", 403),
+        ("circles/../../shapes-outside.png", 403),
+        ("circles/missing.png", 404),
+        ("escape", 403),
+    ],
+)
 def test_gallery_paths_must_stay_inside_the_data_root(built, server, path, status):
     data = built[0]
     (data.parent / "shapes-outside.png").write_bytes((data / "circles" / "circles_000.png").read_bytes())
@@ -195,16 +231,19 @@ def test_gallery_paths_must_stay_inside_the_data_root(built, server, path, statu
     assert response.status_code == status and response.json()["file"] == path
 
 
-@pytest.mark.parametrize("request_kwargs, status, error", [
-    ({"files": [("image", ("a.png", b"x"))]}, 400, "no images in the request"),
-    ({"data": {"file": "not a file"}, "files": [("other", ("a.png", b"x"))]}, 400, "must hold files"),
-    ({"json": {"paths": ["a.png"]}}, 400, "must be a list of gallery paths"),
-    ({"content": b"[not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
-    ({"json": []}, 400, "no images in the request"),
-    ({"content": b"abc", "headers": {"content-type": "text/plain"}}, 415, "unsupported content type"),
-    ({"files": [("file", (f"{i}.png", b"x")) for i in range(5)]}, 400, "Too many files"),
-    ({"json": ["circles/circles_000.png"] * 5}, 413, "5 images in one request; the limit is 4"),
-])
+@pytest.mark.parametrize(
+    "request_kwargs, status, error",
+    [
+        ({"files": [("image", ("a.png", b"x"))]}, 400, "no images in the request"),
+        ({"data": {"file": "not a file"}, "files": [("other", ("a.png", b"x"))]}, 400, "must hold files"),
+        ({"json": {"paths": ["a.png"]}}, 400, "must be a list of gallery paths"),
+        ({"content": b"[not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+        ({"json": []}, 400, "no images in the request"),
+        ({"content": b"abc", "headers": {"content-type": "text/plain"}}, 415, "unsupported content type"),
+        ({"files": [("file", (f"{i}.png", b"x")) for i in range(5)]}, 400, "Too many files"),
+        ({"json": ["circles/circles_000.png"] * 5}, 413, "5 images in one request; the limit is 4"),
+    ],
+)
 def test_malformed_requests_are_told_what_to_send(server, request_kwargs, status, error):
     response = httpx.post(f"{server}/v1/indexes/shapes/query", **request_kwargs)
     assert response.status_code == status and error in response.json()["error"]
@@ -223,8 +262,10 @@ def test_a_body_over_the_cap_is_refused_before_it_is_read(server):
     """A client announcing 1 GB gets 413 at once, without sending it."""
     host, port = server.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(b"POST /v1/indexes/shapes/query HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
-                  b"boundary=b\r\nContent-Length: 1000000000\r\n\r\n")
+        s.sendall(
+            b"POST /v1/indexes/shapes/query HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+            b"boundary=b\r\nContent-Length: 1000000000\r\n\r\n"
+        )
         reply = b""
         while not reply.endswith(b"}") and (chunk := s.recv(65536)):  # headers, then the JSON error
             reply += chunk
@@ -245,8 +286,12 @@ def token_server(built):
 def test_with_a_token_every_request_but_healthz_needs_it(token_server):
     assert httpx.get(f"{token_server}/healthz").status_code == 200
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
-        for method, path in (("GET", "/v1/indexes"), ("GET", "/docs"), ("GET", "/readyz"),
-                             ("POST", "/v1/indexes/shapes/query")):
+        for method, path in (
+            ("GET", "/v1/indexes"),
+            ("GET", "/docs"),
+            ("GET", "/readyz"),
+            ("POST", "/v1/indexes/shapes/query"),
+        ):
             response = httpx.request(method, token_server + path, headers=headers, json=["circles/circles_000.png"])
             assert response.status_code == 401, (headers, path)
             assert "Authorization: Bearer" in response.json()["error"]
@@ -257,25 +302,38 @@ def test_with_a_token_every_request_but_healthz_needs_it(token_server):
 
 
 def test_without_a_token_only_loopback_may_be_bound(built):
-    proc = run_cli("serve", "--home", str(built[1]), "--host", "0.0.0.0", check=False,
-                   env={"SIMIMG_API_TOKEN": ""})
+    proc = run_cli("serve", "--home", str(built[1]), "--host", "0.0.0.0", check=False, env={"SIMIMG_API_TOKEN": ""})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "--host 0.0.0.0 would let other machines" in proc.stderr and "SIMIMG_API_TOKEN" in proc.stderr
 
 
-@pytest.mark.parametrize("settings, error", [(dict(max_files=10, max_queue=4), "could never be queued"),
-                                             (dict(max_batch=0), "must be at least 1"),
-                                             (dict(timeout_s=0), "--timeout")])
+@pytest.mark.parametrize(
+    "settings, error",
+    [
+        (dict(max_files=10, max_queue=4), "could never be queued"),
+        (dict(max_batch=0), "must be at least 1"),
+        (dict(timeout_s=0), "--timeout"),
+    ],
+)
 def test_bad_settings_are_refused(settings, error):
     with pytest.raises(SimimgError, match=error):
         ServeConfig(home="h", **settings)
 
 
-@pytest.mark.parametrize("host, token, allowed", [("127.0.0.1", None, True), ("localhost", None, True),
-                                                  ("::1", None, True), ("127.0.0.2", None, True),
-                                                  ("0.0.0.0", None, False), ("192.168.1.5", None, False),
-                                                  ("example.com", None, False), ("0.0.0.0", TOKEN, True)])
+@pytest.mark.parametrize(
+    "host, token, allowed",
+    [
+        ("127.0.0.1", None, True),
+        ("localhost", None, True),
+        ("::1", None, True),
+        ("127.0.0.2", None, True),
+        ("0.0.0.0", None, False),
+        ("192.168.1.5", None, False),
+        ("example.com", None, False),
+        ("0.0.0.0", TOKEN, True),
+    ],
+)
 def test_only_loopback_is_bound_without_a_token(host, token, allowed):
     if allowed:
         check_exposure(host, token)
@@ -333,8 +391,9 @@ def wait_for(url: str, key: str, value: int) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("held, error", [([1, 3], "3 images are already waiting for the model"),
-                                         ([1, 1, 1], "3 requests are in flight")])
+@pytest.mark.parametrize(
+    "held, error", [([1, 3], "3 images are already waiting for the model"), ([1, 1, 1], "3 requests are in flight")]
+)
 def test_a_full_queue_answers_503_at_once_and_the_queued_requests_still_finish(held_server, held, error):
     """The model thread holds the first request; the next ones fill the image queue or the requests in flight."""
     url, model = held_server(max_queue=3, max_files=3, max_batch=1)
@@ -343,7 +402,7 @@ def test_a_full_queue_answers_503_at_once_and_the_queued_requests_still_finish(h
     for n in held[1:]:
         waiting.append(post_in_thread(url, ["squares/squares_000.png"] * n))
         wait_for(url, "in_flight", len(waiting))
-        wait_for(url, "queued", sum(held[1:len(waiting)]))
+        wait_for(url, "queued", sum(held[1 : len(waiting)]))
     start = time.monotonic()
     refused = query(url, paths=["triangles/triangles_000.png"])
     assert refused.status_code == 503 and time.monotonic() - start < 5
@@ -410,8 +469,14 @@ def test_the_readme_curl_example_runs(built, server, token_server, tmp_path):
         elif line.startswith("curl"):
             line = line.replace("localhost:8000", server.removeprefix("http://"))
             line = line.replace("localhost:8001", token_server.removeprefix("http://"))
-            proc = subprocess.run(["bash", "-c", line], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                                  env={**os.environ, "SIMIMG_API_TOKEN": TOKEN})
+            proc = subprocess.run(
+                ["bash", "-c", line],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env={**os.environ, "SIMIMG_API_TOKEN": TOKEN},
+            )
             assert proc.returncode == 0, (line, proc.stderr)
             outputs.append(json.loads(proc.stdout))
     indexes, info, two, labelled, embedded, with_token = outputs

@@ -41,8 +41,9 @@ def toys(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def small(data: Path, home: Path, **changes) -> TrainConfig:
-    config = TrainConfig(str(data), "toys", str(home), weights="none", epochs=5, batch_size=8, image_size=32,
-                         val_split=0.25, workers=0)
+    config = TrainConfig(
+        str(data), "toys", str(home), weights="none", epochs=5, batch_size=8, image_size=32, val_split=0.25, workers=0
+    )
     return replace(config, **changes)
 
 
@@ -53,11 +54,18 @@ def trained(toys: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     epochs: list[EpochStats] = []
     batches: list[tuple[int, int]] = []
     phases: list[str] = []
-    hooks = Hooks(on_epoch=epochs.append, progress=lambda done, total: batches.append((done, total)),
-                  on_phase=phases.append)
+    hooks = Hooks(
+        on_epoch=epochs.append, progress=lambda done, total: batches.append((done, total)), on_phase=phases.append
+    )
     report = run_training(config, hooks)
-    return {"config": config, "report": report, "epochs": epochs, "batches": batches, "phases": phases,
-            "paths": IndexFolder.of(config.home, config.name)}
+    return {
+        "config": config,
+        "report": report,
+        "epochs": epochs,
+        "batches": batches,
+        "phases": phases,
+        "paths": IndexFolder.of(config.home, config.name),
+    }
 
 
 def test_a_short_run_learns_the_synthetic_task(trained: dict) -> None:
@@ -70,7 +78,9 @@ def test_a_short_run_learns_the_synthetic_task(trained: dict) -> None:
     assert report.best_epoch == best.epoch and report.val_accuracy == best.val_accuracy
     assert trained["batches"][:3] == [(1, 3), (2, 3), (3, 3)]  # 30 training images, batches of 8, the last dropped
     phases = trained["phases"]
-    assert phases[0] == "loading" and phases[1:3] == ["training", "validating"] and phases[-2:] == ["saving", "indexing"]
+    assert (
+        phases[0] == "loading" and phases[1:3] == ["training", "validating"] and phases[-2:] == ["saving", "indexing"]
+    )
 
 
 def test_a_finished_run_is_served_by_a_new_index_version(trained: dict) -> None:
@@ -173,14 +183,16 @@ def test_frozen_warm_up_changes_only_the_head(trained: dict, toys: Path, tmp_pat
     assert new.embedding == old.embedding and new.fingerprint != old.fingerprint
 
 
-def test_early_stopping_counts_only_annealed_epochs_and_keeps_the_best(trained: dict, toys: Path,
-                                                                        tmp_path: Path) -> None:
+def test_early_stopping_counts_only_annealed_epochs_and_keeps_the_best(
+    trained: dict, toys: Path, tmp_path: Path
+) -> None:
     """A frozen backbone and a vanishing learning rate: validation loss never improves after epoch 1.
 
     The learning rate falls below half its peak after epoch 3 of 6, so patience 2 runs out at epoch 5, not 3.
     """
-    config = small(toys, tmp_path, weights=str(trained["paths"].root), epochs=6, freeze_epochs=6, lr=1e-12, patience=2,
-                   index=False)
+    config = small(
+        toys, tmp_path, weights=str(trained["paths"].root), epochs=6, freeze_epochs=6, lr=1e-12, patience=2, index=False
+    )
     report = run_training(config)
     assert report.stopped_early and [h.epoch for h in report.history] == [1, 2, 3, 4, 5]
     assert report.best_epoch == 1

@@ -41,10 +41,21 @@ def write_v1_index(data: Path, home: Path, name: str) -> dict[str, np.ndarray]:
     loaded = with_classes(build_model(None, "none", 32), ("a", "b"))
     embedding = loaded.bundle.embedding  # 0.1 called the trunk's fingerprint just "fingerprint"
     save_file({k: v.contiguous() for k, v in loaded.net.state_dict().items()}, str(folder.root / "model.safetensors"))
-    (folder.root / "model.json").write_text(json.dumps({
-        "format": 1, "arch": "densenet121", "classes": ["a", "b"], "preprocess": loaded.bundle.preprocess.to_dict(),
-        "source": "trained from random-init:seed=0", "fingerprint": embedding, "embedding_dim": 1024,
-        "weights": "none", "training": {"metrics": {"val_accuracy": 0.75}}}))
+    (folder.root / "model.json").write_text(
+        json.dumps(
+            {
+                "format": 1,
+                "arch": "densenet121",
+                "classes": ["a", "b"],
+                "preprocess": loaded.bundle.preprocess.to_dict(),
+                "source": "trained from random-init:seed=0",
+                "fingerprint": embedding,
+                "embedding_dim": 1024,
+                "weights": "none",
+                "training": {"metrics": {"val_accuracy": 0.75}},
+            }
+        )
+    )
     (folder.root / "curves.png").write_bytes(b"\x89PNG curves")
     records = scan_folder(data).records
     vectors, skipped = Encoder(model=loaded, device="cpu").encode([data / r.path for r in records])
@@ -53,8 +64,10 @@ def write_v1_index(data: Path, home: Path, name: str) -> dict[str, np.ndarray]:
     db.executescript(V1_SCHEMA)
     for i, (r, v) in enumerate(zip(records, vectors), 1):
         st = (data / r.path).stat()
-        db.execute("INSERT INTO images VALUES (?,?,?,?,?,?,?,1,NULL)",
-                   (i, r.path, r.label, st.st_size, st.st_mtime_ns, f"sha{i}", v.tobytes()))
+        db.execute(
+            "INSERT INTO images VALUES (?,?,?,?,?,?,?,1,NULL)",
+            (i, r.path, r.label, st.st_size, st.st_mtime_ns, f"sha{i}", v.tobytes()),
+        )
     db.execute("INSERT INTO versions VALUES (1, ?, ?, 'flat', ?)", (embedding, len(records), time.time()))
     db.execute("INSERT INTO meta VALUES ('data_root', ?)", (str(data.resolve()),))
     db.commit()

@@ -17,18 +17,22 @@ def encoded(image: Image.Image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("fmt, mode", [("PNG", "RGBA"), ("JPEG", "RGB"), ("WEBP", "RGB"), ("BMP", "RGB"),
-                                       ("GIF", "P"), ("TIFF", "RGB")])
+@pytest.mark.parametrize(
+    "fmt, mode", [("PNG", "RGBA"), ("JPEG", "RGB"), ("WEBP", "RGB"), ("BMP", "RGB"), ("GIF", "P"), ("TIFF", "RGB")]
+)
 def test_every_offered_format_decodes_to_rgb(fmt: str, mode: str):
     image = validate_upload(f"x.{fmt.lower()}", encoded(Image.new(mode, (30, 20)), fmt))
     assert image.mode == "RGB" and image.size == (30, 20)
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"", "empty file"),
-    (b"hello, these are words\n" * 10, "not an image: the file holds text"),
-    (encoded(Image.new("RGB", (64, 64), "red"), "PNG")[:60], "truncated or corrupt"),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty file"),
+        (b"hello, these are words\n" * 10, "not an image: the file holds text"),
+        (encoded(Image.new("RGB", (64, 64), "red"), "PNG")[:60], "truncated or corrupt"),
+    ],
+)
 def test_bad_files_get_a_reason_naming_the_file(data: bytes, reason: str):
     with pytest.raises(BadImageError, match=reason) as err:
         validate_upload("upload.png", data)
