@@ -101,6 +101,7 @@ class ServedVersion:
     trunk: Trunk  # the model's embedding function, prepared once for this service's device and precision
     searcher: VectorSearcher
     label_ids: dict[str | None, np.ndarray]
+    data_root: Path  # the folder the version's catalog paths are relative to
 
 
 class SearchService:
@@ -134,8 +135,9 @@ class SearchService:
 
     @property
     def data_root(self) -> Path:
-        with self._refreshing:
-            return Path(self.catalog.get_meta("data_root", "."))
+        """Read with the version when it was loaded: a page never waits here while another thread loads a newer
+        version (the app's pages ask for it often; waiting on the loader stalled a search behind a model load)."""
+        return self._served.data_root
 
     def refresh(self, wait: bool = True) -> bool:
         """Switch to the newest published version if there is one; True when it switched.
@@ -177,7 +179,10 @@ class SearchService:
             labels = np.array(snapshot.labels, dtype=object)
             label_ids = {lab: snapshot.ids[labels == lab] for lab in set(snapshot.labels)}
             log.info("serving version %d of '%s' with model %s", snapshot.version, self.folder.name, snapshot.model)
-            return ServedVersion(snapshot, model, trunk, make_searcher(index, self.device, stored), label_ids)
+            data_root = Path(self.catalog.get_meta("data_root", "."))
+            return ServedVersion(
+                snapshot, model, trunk, make_searcher(index, self.device, stored), label_ids, data_root
+            )
         raise SimimgError(f"index '{self.folder.name}' kept changing while loading; try again")
 
     def _load_model(self, fingerprint: str) -> tuple[LoadedModel, Trunk]:
