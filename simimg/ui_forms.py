@@ -12,9 +12,9 @@ import pandas as pd
 import streamlit as st
 
 from simimg import ui
-from simimg.catalog import reading
 from simimg.data import VAL_SPLIT, class_counts, split_dataset
 from simimg.errors import SimimgError
+from simimg.head import collection_folder
 from simimg.layout import IndexFolder, list_indexes, resolve_home
 from simimg.model import DEFAULT_ARCH, imagenet_cached, weights_file
 from simimg.model_store import list_models
@@ -57,18 +57,16 @@ def checked_folder(typed: str) -> Path | None:
 
 
 def index_collection(index: str | None) -> Path | None:
-    """The folder index INDEX was built from (its catalog's record), or None when there is no such index."""
+    """The folder index INDEX was built from, or None when there is no such index (or it records none)."""
     if index is None:
         return None
     folder = IndexFolder.of(resolve_home(), index)
     if not folder.catalog.exists():
         return None
     try:
-        with reading(folder.catalog) as catalog:
-            root = catalog.get_meta("data_root", None)
+        return collection_folder(folder)  # the same answer the API's refusals give
     except SimimgError:
         return None
-    return Path(root) if root else None
 
 
 def other_folder(folder: Path, index: str | None) -> Path | None:
