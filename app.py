@@ -5,8 +5,8 @@ Search is the landing page; Browse, Train, Build and Inspect sit beside it.
 
 import streamlit as st
 
-from simimg import ui
-from simimg.embed import reuse_freed_memory
+from simimg.app import shared
+from simimg.models.encoder import reuse_freed_memory
 
 reuse_freed_memory()  # process-wide allocator tuning: the entry point opts in (once per process)
 st.set_page_config(page_title="simimg", page_icon="🔎", layout="wide")
@@ -19,6 +19,6 @@ navigation = st.navigation(
         st.Page("app_pages/inspect.py", title="Inspect", icon=":material/insights:"),
     ]
 )
-ui.style()
-ui.sidebar()
+shared.style()
+shared.sidebar()
 navigation.run()

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import streamlit as st
 
-from simimg import ui
+from simimg.app import shared
 
 PAGE_SIZE = 24
 ALL = "all classes"
 
 
 def main() -> None:
-    with ui.friendly_errors():
-        service = ui.open_index("Browse")
+    with shared.friendly_errors():
+        service = shared.open_index("Browse")
         if service is None:
             return
         snapshot = service.snapshot
@@ -55,11 +55,11 @@ def gallery_ui(rows: list[tuple[str, str | None]], data_root: Path) -> None:
     with st.grid("auto", min_column_width=180):
         for path, label in rows:
             with st.container(border=True):
-                full = ui.gallery_path(data_root, path)
-                ui.card_image(full)
+                full = shared.gallery_path(data_root, path)
+                shared.card_image(full)
                 st.caption(f"{label or 'no class'} · {path}", wrap=False)
                 if st.button("Find similar", key=f"browse-{path}", icon=":material/search:", width="stretch"):
-                    ui.search_from(full)
+                    shared.search_from(full)
 
 
 main()

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import streamlit as st
 
-from simimg import ui
+from simimg.app import shared
+from simimg.app.background import Task
+from simimg.app.forms import checked_folder, folder_input, other_folder, weights_input
+from simimg.choices import ARCHITECTURES, DEFAULT_ARCH
 from simimg.errors import SimimgError
-from simimg.indexing import IndexReport
-from simimg.jobs import Task
-from simimg.model import ARCHITECTURES, DEFAULT_ARCH
-from simimg.ui_forms import checked_folder, folder_input, other_folder, weights_input
+from simimg.jobs.index_config import IndexReport
 
 JOB_KIND = "build"
 
@@ -22,12 +22,12 @@ def main() -> None:
     st.caption(
         "Embed every image of a folder so it can be searched. Running it again embeds only new or changed files."
     )
-    ui.job_page(JOB_KIND, form_ui, progress_ui, result_ui)
+    shared.job_page(JOB_KIND, form_ui, progress_ui, result_ui)
 
 
 def form_ui() -> bool | None:
     with st.container(border=True):
-        typed = folder_input("index", ui.current_index())
+        typed = folder_input("index", shared.current_index())
         name = st.text_input(
             "Index name",
             value="",
@@ -58,23 +58,23 @@ def form_ui() -> bool | None:
         if not typed.strip():
             raise SimimgError("choose a folder of images (root/<class>/<image>)")
         return False
-    fresh = name not in ui.index_names()
+    fresh = name not in shared.index_names()
     options = (
         {"arch": arch if weights in ("imagenet", "none") else None, "weights": weights, "image_size": image_size}
         if fresh
         else {}
     )
-    ui.start_job(
+    shared.start_job(
         name,
         JOB_KIND,
         f"Indexing {folder.name} into '{name}'",
         Task(
             "simimg.api:build_index",
-            {"data_dir": str(folder), "name": name, "home": str(ui.home()), **options},
+            {"data_dir": str(folder), "name": name, "home": str(shared.home()), **options},
             callbacks="phases",
         ),
     )
-    ui.select_index(name, keeping="index-folder")
+    shared.select_index(name, keeping="index-folder")
     st.rerun()
 
 
@@ -89,17 +89,17 @@ def replaced_ui(folder: Path, name: str) -> None:
         )
 
 
-def progress_ui(job: ui.Job) -> None:
-    ui.job_progress(job)
+def progress_ui(job: shared.Job) -> None:
+    shared.job_progress(job)
 
 
-def result_ui(job: ui.Job) -> None:
+def result_ui(job: shared.Job) -> None:
     report: IndexReport = job.result
     st.success(
         f"Index **{report.name}** is at version {report.version}: {report.total:,} images.",
         icon=":material/check_circle:",
     )
-    ui.search_link(report.name)
+    shared.search_link(report.name)
     cols = st.columns(5)
     for col, (label, value) in zip(
         cols,
@@ -108,17 +108,17 @@ def result_ui(job: ui.Job) -> None:
             ("Removed", report.removed),
             ("In the index", report.total),
             ("Skipped", len(report.skipped)),
-            ("Time", ui.duration(job.seconds())),
+            ("Time", shared.duration(job.seconds())),
         ],
     ):
         col.metric(label, value)
     st.caption(
-        f"{ui.duration(job.seconds())} in all: {report.seconds:.1f} s scanning, loading the model, embedding "
+        f"{shared.duration(job.seconds())} in all: {report.seconds:.1f} s scanning, loading the model, embedding "
         "and publishing; the rest starting the job's process and loading its libraries."
     )
     if report.rebuilt:
         st.info("The model's embedding changed since the last version, so the search index was rebuilt with it.")
-    ui.skipped_table([asdict(s) for s in report.skipped])
+    shared.skipped_table([asdict(s) for s in report.skipped])
 
 
 main()

@@ -8,10 +8,11 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from simimg import api, ui, ui_audit
-from simimg.explore import PROJECTIONS, confusion_cell, near_duplicates, project_2d, sample_positions
-from simimg.jobs import Task
-from simimg.layout import IndexFolder
+from simimg import api
+from simimg.analysis.neighbours import PROJECTIONS, confusion_cell, near_duplicates, project_2d, sample_positions
+from simimg.app import audit_view, shared
+from simimg.app.background import Task
+from simimg.store.layout import IndexFolder
 
 MAP_LIMIT = 3000
 DUPLICATE_LIMIT = 20000
@@ -19,8 +20,8 @@ PAIRS_SHOWN = 12
 
 
 def main() -> None:
-    with ui.friendly_errors():
-        service = ui.open_index("Inspect")
+    with shared.friendly_errors():
+        service = shared.open_index("Inspect")
         if service is None:
             return
         name = service.folder.name
@@ -36,7 +37,7 @@ def main() -> None:
         with duplicates:
             duplicates_ui(name, service.snapshot.version, service.data_root)
         with audit:
-            ui_audit.audit_tab(name, service.data_root)
+            audit_view.audit_tab(name, service.data_root)
 
 
 # --- evaluation ----------------------------------------------------------------------------------------
@@ -47,22 +48,22 @@ def evaluation_ui(name: str, has_classifier: bool) -> None:
             icon=":material/school:",
         )
         return
-    job = ui.own_job("evaluate")
+    job = shared.own_job("evaluate")
     job = job if job is not None and job.index == name else None
     if job is not None and job.running:
-        ui.watch(
-            job, lambda j: ui.job_progress(j, f"Evaluating: {j.done:,} of {j.total:,} images" if j.total else None)
+        shared.watch(
+            job, lambda j: shared.job_progress(j, f"Evaluating: {j.done:,} of {j.total:,} images" if j.total else None)
         )
         return
     if st.button("Evaluate on the validation images", type="primary", icon=":material/fact_check:"):
-        ui.start_job(
+        shared.start_job(
             name,
             "evaluate",
             f"Evaluation of '{name}'",
-            Task("simimg.api:evaluate", {"data_dir": None, "name": name, "home": str(ui.home())}),
+            Task("simimg.api:evaluate", {"data_dir": None, "name": name, "home": str(shared.home())}),
         )
         st.rerun()
-    if job is None or ui.job_failed(job):
+    if job is None or shared.job_failed(job):
         return
     metrics_ui(job.result)
     confusion_ui(job.result)
@@ -112,13 +113,15 @@ def confusion_ui(result: dict) -> None:
     if not items:
         st.caption("The evaluation lists images for its most confident mistakes only; none fall in this cell.")
     root = Path(result.get("data_dir", "."))
-    ui.image_strip([(ui.gallery_path(root, it["path"]), f"{it['probability']:.0%} · {it['path']}") for it in items])
+    shared.image_strip(
+        [(shared.gallery_path(root, it["path"]), f"{it['probability']:.0%} · {it['path']}") for it in items]
+    )
 
 
 # --- models --------------------------------------------------------------------------------------------
 def models_ui(name: str) -> None:
     """Every model the index keeps, newest first; any of them can be served again."""
-    entries = api.list_models(name, ui.home())
+    entries = api.list_models(name, shared.home())
     table = pd.DataFrame(
         [
             {
@@ -143,13 +146,13 @@ def models_ui(name: str) -> None:
             )
         },
     )
-    job = ui.own_job("use")
+    job = shared.own_job("use")
     if job is not None and job.running and job.index == name:
-        ui.watch(job, ui.job_progress)
+        shared.watch(job, shared.job_progress)
         return
     fingerprints = [m.fingerprint for m in entries]
     serving = next((i for i, m in enumerate(entries) if m.serving), 0)
-    ui.follow("chosen-model", fingerprints[serving], (name, fingerprints[serving]))
+    shared.follow("chosen-model", fingerprints[serving], (name, fingerprints[serving]))
     chosen = st.selectbox(
         "Model",
         fingerprints,
@@ -164,18 +167,20 @@ def models_ui(name: str) -> None:
         width="stretch",
         disabled=next(m.serving for m in entries if m.fingerprint == chosen),
     ):
-        ui.start_job(
+        shared.start_job(
             name,
             "use",
             f"Switching '{name}' to model {chosen}",
-            Task("simimg.api:use_model", {"model": chosen, "name": name, "home": str(ui.home())}, callbacks="phases"),
+            Task(
+                "simimg.api:use_model", {"model": chosen, "name": name, "home": str(shared.home())}, callbacks="phases"
+            ),
         )
         st.rerun()
     with onnx:
         export_ui(name, chosen, "onnx")
     with bundle:
         export_ui(name, chosen, "bundle")
-    if job is not None and job.index == name and not ui.job_failed(job):
+    if job is not None and job.index == name and not shared.job_failed(job):
         st.success(
             f"Model {job.result.model} serves **{name}** from version {job.result.version} "
             f"({job.result.indexed} images needed embedding).",
@@ -192,11 +197,11 @@ EXPORTS = {
 def export_ui(name: str, model: str, format: str) -> None:
     """A download of the chosen model: written on demand (ONNX is checked against onnxruntime first)."""
     filename, what, mime = EXPORTS[format]
-    target = IndexFolder.of(ui.home(), name).export_dir(model) / filename
+    target = IndexFolder.of(shared.home(), name).export_dir(model) / filename
     if not target.is_file():
         if st.button(f"Prepare {what}", icon=":material/build:", width="stretch", key=f"export-{format}"):
             with st.spinner(f"Writing the {what}…"):
-                api.export_model(name, target, format, ui.home(), model)
+                api.export_model(name, target, format, shared.home(), model)
             st.rerun()
         return
     st.download_button(
@@ -222,7 +227,7 @@ def map_ui(name: str, version: int, data_root: Path) -> None:
     left, right = st.columns([1, 3])
     method = left.radio("Projection", PROJECTIONS, format_func={"pca": "PCA (fast)", "tsne": "t-SNE"}.get)
     limit = left.select_slider("Points", [500, 1000, 2000, MAP_LIMIT], value=1000)
-    points = embedding_map(str(ui.home()), name, version, method, limit)
+    points = embedding_map(str(shared.home()), name, version, method, limit)
     pick = alt.selection_point(name="pick", fields=["path"], on="click")
     chart = (
         alt.Chart(points)
@@ -241,7 +246,7 @@ def map_ui(name: str, version: int, data_root: Path) -> None:
     chosen = (event.selection.get("pick") or [{}])[0].get("path") if event else None
     with left:
         if chosen:
-            ui.image_strip([(data_root / chosen, chosen)], columns=1)
+            shared.image_strip([(data_root / chosen, chosen)], columns=1)
         else:
             st.caption("Hover a point to see its file; click it to see the image.")
 
@@ -249,7 +254,7 @@ def map_ui(name: str, version: int, data_root: Path) -> None:
 @st.cache_data(max_entries=16, show_spinner="Projecting the embeddings…")
 def embedding_map(home: str, name: str, version: int, method: str, limit: int) -> pd.DataFrame:
     """x, y, label and path of up to `limit` images of one published version (a fixed sample when larger)."""
-    paths, labels, vectors = ui.published_vectors(home, name, version)
+    paths, labels, vectors = shared.published_vectors(home, name, version)
     keep = sample_positions(len(paths), limit)
     xy = project_2d(vectors[keep], method)
     return pd.DataFrame(
@@ -259,7 +264,7 @@ def embedding_map(home: str, name: str, version: int, method: str, limit: int) -
 
 # --- near-duplicates -----------------------------------------------------------------------------------
 def duplicates_ui(name: str, version: int, data_root: Path) -> None:
-    marks = ui.landmarks(str(ui.home()), name, version)
+    marks = shared.landmarks(str(shared.home()), name, version)
     start = round(min(0.999, max(0.8, marks.get("nearest", 0.98) + 0.5 * (1 - marks.get("nearest", 0.98)))), 3)
     threshold = st.slider(
         "Similarity threshold",
@@ -270,8 +275,8 @@ def duplicates_ui(name: str, version: int, data_root: Path) -> None:
         help="Pairs at least this similar (cosine). 1.0 means identical embeddings. It starts "
         "halfway between the index's median nearest-neighbour score and 1.",
     )
-    st.caption(ui.landmarks_caption(str(ui.home()), name, version))
-    pairs = duplicate_pairs(str(ui.home()), name, version, threshold)
+    st.caption(shared.landmarks_caption(str(shared.home()), name, version))
+    pairs = duplicate_pairs(str(shared.home()), name, version, threshold)
     if pairs.empty:
         st.success("No pairs above this threshold.", icon=":material/check_circle:")
         return
@@ -282,7 +287,7 @@ def duplicates_ui(name: str, version: int, data_root: Path) -> None:
     for start in range(0, len(rows), 2):
         for column, row in zip(st.columns(2), rows[start : start + 2]):
             with column.container(border=True):
-                ui.image_strip(
+                shared.image_strip(
                     [(data_root / row.a, row.a), (data_root / row.b, row.b)],
                     columns=2,
                     header=f":orange-badge[score {row.score:.4f}]",
@@ -292,7 +297,7 @@ def duplicates_ui(name: str, version: int, data_root: Path) -> None:
 
 @st.cache_data(max_entries=32, show_spinner="Looking for near-duplicates…")
 def duplicate_pairs(home: str, name: str, version: int, threshold: float) -> pd.DataFrame:
-    paths, _, vectors = ui.published_vectors(home, name, version)
+    paths, _, vectors = shared.published_vectors(home, name, version)
     keep = sample_positions(len(paths), DUPLICATE_LIMIT)
     pairs = near_duplicates(vectors[keep], threshold)
     return pd.DataFrame(

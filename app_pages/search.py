@@ -9,21 +9,21 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
-from simimg import ui, ui_audit
-from simimg.search import Neighbor, Prediction, SearchService
-from simimg.uploads import DEFAULT_MAX_MB, UPLOAD_TYPES, validate_upload
+from simimg.app import audit_view, shared
+from simimg.dataset.uploads import DEFAULT_MAX_MB, UPLOAD_TYPES, validate_upload
+from simimg.query.service import Neighbor, Prediction, SearchService
 
 SEEN_UPLOAD_KEY = "upload_seen"
 CARD_MIN_PX = 210  # the results grid fits as many columns of at least this width as the window allows
 
 
 def main() -> None:
-    with ui.friendly_errors():
-        service = ui.open_index("Search")
+    with shared.friendly_errors():
+        service = shared.open_index("Search")
         if service is None:
             return
         info = service.info()
-        ui.untrained_notice(info)
+        shared.untrained_notice(info)
         k, label, min_score = controls_ui(info)
         query = query_ui(service)
         if query is None:
@@ -44,13 +44,13 @@ def controls_ui(info: dict) -> tuple[int, str | None, float | None]:
         labels = [lab for lab in info["labels"] if lab]
         choice = st.selectbox("Only label", ["any label", *labels])
         minimum = st.slider("Minimum score", -1.0, 1.0, -1.0, 0.01, help="Cosine similarity: 1 means identical.")
-        st.caption(ui.landmarks_caption(str(ui.home()), info["name"], info["version"]))
+        st.caption(shared.landmarks_caption(str(shared.home()), info["name"], info["version"]))
     return k, None if choice == "any label" else choice, None if minimum <= -1.0 else minimum
 
 
 def query_ui(service: SearchService) -> tuple[Image.Image, str, bool] | None:
     """The image to search with: a fresh upload or photo, or a gallery image chosen with "Find similar"."""
-    generation = st.session_state.setdefault(ui.UPLOADER_KEY, 0)
+    generation = st.session_state.setdefault(shared.UPLOADER_KEY, 0)
     upload_tab, camera_tab = st.tabs(["Upload", "Camera"])
     upload = upload_tab.file_uploader(
         "Drop an image to search with",
@@ -62,9 +62,9 @@ def query_ui(service: SearchService) -> tuple[Image.Image, str, bool] | None:
     fresh = photo or upload
     if fresh is not None and fresh.file_id != st.session_state.get(SEEN_UPLOAD_KEY):
         st.session_state[SEEN_UPLOAD_KEY] = fresh.file_id
-        st.session_state.pop(ui.SIMILAR_KEY, None)
-    if ui.SIMILAR_KEY in st.session_state:
-        path = Path(st.session_state[ui.SIMILAR_KEY])
+        st.session_state.pop(shared.SIMILAR_KEY, None)
+    if shared.SIMILAR_KEY in st.session_state:
+        path = Path(st.session_state[shared.SIMILAR_KEY])
         return service.load(path), path.name, True
     if fresh is None:
         return None
@@ -91,7 +91,7 @@ def results_ui(
     min_score: float | None,
 ) -> None:
     result = service.query(image, k, label, min_score, query=caption)
-    if st.session_state.pop(ui.SCROLL_KEY, False):
+    if st.session_state.pop(shared.SCROLL_KEY, False):
         scroll_to_top()
     left, right = st.columns(2, gap="large")
     with left:
@@ -100,7 +100,7 @@ def results_ui(
             st.caption(f"Searching with **{caption}** from the collection (Find similar).")
     with right:  # the prediction, then the explanation beside the query rather than an empty block
         prediction_ui(result.prediction)
-        ui_audit.explain_ui(service, image, result)
+        audit_view.explain_ui(service, image, result)
     if not result.neighbors:
         st.warning("Nothing matches: lower the minimum score or clear the label filter.")
         return
@@ -146,11 +146,11 @@ def grid_ui(neighbors: list[Neighbor], data_root: Path) -> None:
     with st.grid("auto", min_column_width=CARD_MIN_PX):
         for rank, n in enumerate(neighbors, 1):
             with st.container(border=True):
-                card_ui(rank, n, ui.gallery_path(data_root, n.path))
+                card_ui(rank, n, shared.gallery_path(data_root, n.path))
 
 
 def card_ui(rank: int, n: Neighbor, path: Path) -> None:
-    ui.card_image(path)
+    shared.card_image(path)
     st.markdown(f"**#{rank}** :green-badge[score {n.score:.3f}] :blue-badge[{n.label or 'no label'}]")
     st.caption(n.path, wrap=False)
     st.button(
@@ -158,7 +158,7 @@ def card_ui(rank: int, n: Neighbor, path: Path) -> None:
         key=f"similar-{rank}-{n.path}",
         icon=":material/search:",
         width="stretch",
-        on_click=ui.queue_similar,
+        on_click=shared.queue_similar,
         args=(path,),
     )
 

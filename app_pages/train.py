@@ -13,11 +13,11 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from simimg import ui
-from simimg.jobs import Task
-from simimg.model import ARCHITECTURES, DEFAULT_ARCH
-from simimg.training import TrainReport
-from simimg.ui_forms import checked_folder, class_preview, folder_input, other_folder, weights_input
+from simimg.app import shared
+from simimg.app.background import Task
+from simimg.app.forms import checked_folder, class_preview, folder_input, other_folder, weights_input
+from simimg.choices import ARCHITECTURES, DEFAULT_ARCH
+from simimg.jobs.train_config import TrainReport
 
 JOB_KIND = "train"
 QUICK, FULL = "quick", "full"
@@ -27,7 +27,7 @@ MODES = {QUICK: "Quick: train the classifier only", FULL: "Full: fine-tune the w
 def main() -> None:
     st.title("Train", anchor=False)
     st.caption("Teach the model your classes: pick a folder of class folders (<folder>/<class>/<image>).")
-    ui.job_page(JOB_KIND, form_ui, progress_ui, result_ui, live=lambda job: curves_ui(job.events))
+    shared.job_page(JOB_KIND, form_ui, progress_ui, result_ui, live=lambda job: curves_ui(job.events))
 
 
 def form_ui() -> None:
@@ -42,7 +42,7 @@ def form_ui() -> None:
         "is embedded again. Full fine-tunes the network itself: better features, minutes to hours.",
     )
     with st.container(border=True):
-        typed = folder_input("train", ui.current_index())
+        typed = folder_input("train", shared.current_index())
         data_dir = checked_folder(typed)
         if data_dir is not None:
             class_preview(data_dir)
@@ -53,7 +53,7 @@ def form_ui() -> None:
 
 
 def quick_form_ui(data_dir: Path | None) -> None:
-    name = ui.current_index()
+    name = shared.current_index()
     if name is None:
         st.info("Quick training fits on an index's stored embeddings: build one on the **Build** page first.")
         return
@@ -85,7 +85,7 @@ def quick_form_ui(data_dir: Path | None) -> None:
                 {
                     "data_dir": str(data_dir),
                     "name": name,
-                    "home": str(ui.home()),
+                    "home": str(shared.home()),
                     "head_only": True,
                     "embed_missing": embed_missing,
                 },
@@ -142,7 +142,7 @@ def full_form_ui(data_dir: Path | None) -> None:
                 {
                     "data_dir": str(data_dir),
                     "name": name,
-                    "home": str(ui.home()),
+                    "home": str(shared.home()),
                     "weights": weights,
                     "arch": arch if weights in ("imagenet", "none") else None,
                     "epochs": epochs,
@@ -155,16 +155,16 @@ def full_form_ui(data_dir: Path | None) -> None:
 
 
 def start(name: str, label: str, task: Task) -> None:
-    ui.start_job(name, JOB_KIND, label, task)
-    ui.select_index(name, keeping="train-folder")
+    shared.start_job(name, JOB_KIND, label, task)
+    shared.select_index(name, keeping="train-folder")
     st.rerun()
 
 
-def progress_ui(job: ui.Job) -> None:
+def progress_ui(job: shared.Job) -> None:
     text = None
     if job.phase == "training" and job.total:
         text = f"Epoch {len(job.events) + 1}: batch {job.done} of {job.total}"
-    ui.job_progress(job, text)
+    shared.job_progress(job, text)
 
 
 def curves_ui(events: list) -> None:
@@ -195,7 +195,7 @@ def curves_ui(events: list) -> None:
         column.altair_chart(chart.properties(title=metric.capitalize(), height=260), width="stretch")
 
 
-def result_ui(job: ui.Job) -> None:
+def result_ui(job: shared.Job) -> None:
     report: TrainReport = job.result
     if report.cancelled:
         kept = (
@@ -217,9 +217,9 @@ def result_ui(job: ui.Job) -> None:
             icon=":material/check_circle:",
         )
         if report.index:
-            ui.search_link(report.name)
+            shared.search_link(report.name)
     curves_ui(report.history)
-    ui.skipped_table(report.skipped)
+    shared.skipped_table(report.skipped)
 
 
 main()

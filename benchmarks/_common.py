@@ -65,7 +65,7 @@ def seconds(fn: Callable[[], object], device: torch.device | None = None) -> flo
 @contextmanager
 def runtime(name: str) -> Iterator[None]:
     """Jobs and services made inside resolve their runtime to `name`, as a user's $SIMIMG_RUNTIME would."""
-    from simimg.device import RUNTIME_ENV
+    from simimg.models.device import RUNTIME_ENV
 
     before = os.environ.get(RUNTIME_ENV)
     os.environ[RUNTIME_ENV] = name

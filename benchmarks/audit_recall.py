@@ -25,7 +25,7 @@ from PIL import Image
 
 import simimg
 from _common import finish, hardware, make_jpegs, parser
-from simimg.device import resolve_device
+from simimg.models.device import resolve_device
 
 SPLITS = ("train", "val")
 

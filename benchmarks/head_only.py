@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from _common import finish, hardware, make_jpegs, median, parser
-from simimg.device import resolve_device
+from simimg.models.device import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from _common import finish, hardware, make_jpegs, median, parser
-from simimg.catalog import reading
-from simimg.device import resolve_device
-from simimg.indexing import IndexJob, run_index
-from simimg.layout import IndexFolder
+from simimg.jobs.index import run_index
+from simimg.jobs.index_config import IndexJob
+from simimg.models.device import resolve_device
+from simimg.store.catalog import reading
+from simimg.store.layout import IndexFolder
 
 
 def main() -> None:

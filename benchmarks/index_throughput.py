@@ -26,12 +26,14 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from _common import finish, hardware, make_jpegs, median, parser, runtime, seconds
-from simimg.device import PRECISIONS, Compute, loader_workers, resolve_compute
-from simimg.embed import infer, prepare_net, reuse_freed_memory
-from simimg.indexing import IndexJob, run_index
-from simimg.model import LoadedModel, build_model
-from simimg.openvino_trunk import convert
-from simimg.scan import scan_folder
+from simimg.choices import PRECISIONS
+from simimg.dataset.scan import scan_folder
+from simimg.jobs.index import run_index
+from simimg.jobs.index_config import IndexJob
+from simimg.models.device import Compute, loader_workers, resolve_compute
+from simimg.models.encoder import infer, prepare_net, reuse_freed_memory
+from simimg.models.net import LoadedModel, build_model
+from simimg.models.openvino import convert
 
 NAME = "bench"
 

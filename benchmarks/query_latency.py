@@ -16,11 +16,13 @@ import tempfile
 from pathlib import Path
 
 from _common import finish, hardware, make_jpegs, median, parser, percentile, runtime, seconds
-from simimg.device import PRECISIONS, resolve_compute
-from simimg.embed import infer, reuse_freed_memory
-from simimg.images import load_image
-from simimg.indexing import IndexJob, run_index
-from simimg.search import SearchService
+from simimg.choices import PRECISIONS
+from simimg.dataset.images import load_image
+from simimg.jobs.index import run_index
+from simimg.jobs.index_config import IndexJob
+from simimg.models.device import resolve_compute
+from simimg.models.encoder import infer, reuse_freed_memory
+from simimg.query.service import SearchService
 
 NAME = "bench"
 WARMUP = 3

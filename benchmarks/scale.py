@@ -8,7 +8,7 @@
    (vectors.py), and held-out queries; kept in --work and reused by a later run with the same shape.
 2. Exact top-10 of every query, streamed shard by shard (faiss.knn + ResultHeap): the ground truth.
 3. In a fresh child process (so its peak RSS is the build's own): the build simimg runs for `--index-kind ivfpq`
-   (compressed_index.build: train on a sample drawn across all shards, encode part by part, merge_from; or with
+   (ann_ivfpq.build: train on a sample drawn across all shards, encode part by part, merge_from; or with
    --on-disk, merge_ondisk into one list file), the index written and read back as a reader would, then single
    queries through the searcher a SearchService serves on --device (RefinedSearcher: IVF-PQ candidates, on faiss'
    GPU index where there is one, re-ranked from the memory-mapped shards). The build runs on the CPU either way.
@@ -35,10 +35,10 @@ import numpy as np
 import torch
 
 from _common import EmbeddingLike, finish, hardware, median, parser
-from simimg import compressed_index
-from simimg.device import resolve_device
-from simimg.faiss_index import VectorSearcher, load_index, make_searcher, save_index
-from simimg.vectors import StoredVectors, append_rows, rows_per_shard, shard_path
+from simimg.models.device import resolve_device
+from simimg.store import ann_ivfpq
+from simimg.store.ann import VectorSearcher, load_index, make_searcher, save_index
+from simimg.store.vectors import StoredVectors, append_rows, rows_per_shard, shard_path
 
 EMBEDDING = "synthetic"
 K = 10
@@ -138,7 +138,7 @@ def _ground_truth(work: Path, n: int, dim: int) -> tuple[float, np.ndarray]:
     queries = np.load(work / "queries.npy")
     heap = faiss.ResultHeap(len(queries), K, keep_max=True)
     stored = _stored(work, n, dim)
-    for part in compressed_index.part_ranges(n):
+    for part in ann_ivfpq.part_ranges(n):
         ids = stored.ids[part]
         scores, at = faiss.knn(queries, stored(ids), K, metric=faiss.METRIC_INNER_PRODUCT)
         heap.add_result(scores, ids[at])
@@ -155,7 +155,7 @@ def _build_and_query(
     folder.mkdir(exist_ok=True)
     started = time.perf_counter()
     with _PeakAnon() as peak_anon:
-        index = compressed_index.build(dim, stored.ids, stored, on_disk=folder if on_disk else None)
+        index = ann_ivfpq.build(dim, stored.ids, stored, on_disk=folder if on_disk else None)
         save_index(index, folder / "index.faiss")
     build_s = round(time.perf_counter() - started, 1)
     chosen, nlist, m = index.nprobe, index.nlist, index.pq.M
@@ -174,10 +174,10 @@ def _build_and_query(
         rows.append({"nprobe": nprobe, "simimg": nprobe == chosen, **_measure(searcher, queries, truth)})
     where = " (lists on disk)" if on_disk else ""
     return {
-        "index": f"IVF{nlist},PQ{m} + re-rank of {compressed_index.candidates_for(K)}{where}",
+        "index": f"IVF{nlist},PQ{m} + re-rank of {ann_ivfpq.candidates_for(K)}{where}",
         "build_s": build_s,
         "index_bytes": sum(f.stat().st_size for f in folder.iterdir()),
-        "refine_candidates": compressed_index.candidates_for(K),
+        "refine_candidates": ann_ivfpq.candidates_for(K),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "peak_anon_mib": peak_anon.mib,
         "serving_rss_anon_mib": _rss_anon_mib(),

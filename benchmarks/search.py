@@ -18,8 +18,8 @@ import faiss
 import numpy as np
 
 from _common import EmbeddingLike, finish, hardware, median, parser
-from simimg.device import resolve_device
-from simimg.faiss_index import (
+from simimg.models.device import resolve_device
+from simimg.store.ann import (
     FaissSearcher,
     TorchFlatSearcher,
     VectorSearcher,

@@ -28,8 +28,8 @@ import httpx
 import torch
 
 from _common import finish, hardware, make_jpegs, median, parser, percentile
-from simimg.scan import is_image_name
-from simimg.server import TOKEN_ENV, is_loopback, wait_until_ready
+from simimg.dataset.scan import is_image_name
+from simimg.http.server import TOKEN_ENV, is_loopback, wait_until_ready
 
 NAME = "bench"
 SENT_IMAGES = 64

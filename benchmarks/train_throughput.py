@@ -18,10 +18,13 @@ import torch
 from torch import nn
 
 from _common import finish, hardware, make_jpegs, median, parser, seconds
-from simimg.device import PRECISIONS, Compute, memory_format_for, resolve_compute
-from simimg.embed import reuse_freed_memory
-from simimg.model import build_model, with_classes
-from simimg.training import Hooks, TrainConfig, run_training
+from simimg.choices import PRECISIONS
+from simimg.jobs.train import run_training
+from simimg.jobs.train_config import TrainConfig
+from simimg.models.device import Compute, memory_format_for, resolve_compute
+from simimg.models.encoder import reuse_freed_memory
+from simimg.models.net import build_model, with_classes
+from simimg.progress import Hooks
 
 CLASSES = 2
 

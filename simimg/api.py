@@ -19,19 +19,28 @@ from typing import Any
 
 from PIL import Image
 
-from simimg.auditing import AuditJob, AuditReport, run_audit
-from simimg.catalog import reading
-from simimg.embed import Encoder
+from simimg.dataset.images import load_image
 from simimg.errors import SimimgError
-from simimg.evaluation import run_evaluation
 from simimg.fsutil import atomic_target
-from simimg.heatmaps import Explanation, overlay
-from simimg.images import load_image
-from simimg.indexing import IndexJob, IndexReport, Phase, Progress, run_index, serve_model
-from simimg.layout import IndexFolder, resolve_home
-from simimg.model_store import ModelEntry, list_models as _list_models, load_model, resolve_fingerprint
-from simimg.search import SearchService
-from simimg.training import Hooks, TrainConfig, TrainReport, run_training
+from simimg.jobs.audit import AuditJob, AuditReport, run_audit
+from simimg.jobs.evaluate import run_evaluation
+from simimg.jobs.index import run_index, switch_model
+from simimg.jobs.index_config import IndexJob, IndexReport
+from simimg.jobs.train import run_training
+from simimg.jobs.train_config import TrainConfig, TrainReport
+from simimg.models.encoder import Encoder
+from simimg.models.heatmaps import Explanation, overlay
+from simimg.progress import Hooks, Phase, Progress
+from simimg.query.service import SearchService
+from simimg.store.catalog import reading
+from simimg.store.layout import IndexFolder, resolve_home
+from simimg.store.model_store import (
+    ModelEntry,
+    list_models as _list_models,
+    load_model,
+    resolve_fingerprint,
+    serving_model,
+)
 
 __all__ = [  # noqa: RUF022 - as simimg._API lists them: the functions in the order defined here, then types
     "build_index",
@@ -208,7 +217,7 @@ def use_model(
 ) -> IndexReport:
     """Serve a kept model (a fingerprint, or a unique prefix of one), embedding only what it has no vectors for."""
     folder = IndexFolder.of(home, name)
-    return serve_model(
+    return switch_model(
         str(resolve_home(home)),
         name,
         resolve_fingerprint(folder, model),
@@ -224,8 +233,7 @@ def export_model(
 ) -> dict:
     """Write NAME's serving model (or the kept `model`) to `out`: ONNX checked against onnxruntime, or the
     safetensors bundle folder as a zip. Returns what was written and checked."""
-    from simimg.evaluation import serving_model
-    from simimg.export import FORMATS, export_bundle, export_onnx
+    from simimg.models.export import FORMATS, export_bundle, export_onnx
 
     if format not in FORMATS:
         raise SimimgError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -252,7 +260,7 @@ def serve(
     without one only a loopback `host` is allowed. `options` are `ServeConfig` fields (device, max_batch,
     max_wait_ms, max_queue, timeout_s, max_mb, max_pixels, max_files, threads, access_log).
     """
-    from simimg.server import TOKEN_ENV, ServeConfig, run_server  # FastAPI and uvicorn load only for a server
+    from simimg.http.server import TOKEN_ENV, ServeConfig, run_server  # FastAPI and uvicorn load only for a server
 
     config = _config(ServeConfig, home=str(resolve_home(home)), host=host, port=port, workers=workers, **options)
     run_server(config, token or os.environ.get(TOKEN_ENV) or None)

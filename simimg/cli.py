@@ -11,14 +11,12 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from simimg import api
-from simimg.device import PRECISIONS
+from simimg.choices import ARCHITECTURES, INDEX_KINDS, PRECISIONS
 from simimg.errors import SimimgError
-from simimg.faiss_index import INDEX_KINDS
-from simimg.heatmaps import METHODS
-from simimg.model import ARCHITECTURES
+from simimg.models.heatmaps import METHODS
 
 if TYPE_CHECKING:
-    from simimg.training import EpochStats
+    from simimg.progress import EpochStats
 
 log = logging.getLogger("simimg")
 
@@ -31,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from simimg.embed import reuse_freed_memory
+    from simimg.models.encoder import reuse_freed_memory
 
     reuse_freed_memory()  # process-wide allocator tuning: the entry point opts in, the library never does
     try:
@@ -478,7 +476,7 @@ def _model_info_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_model_info(args: argparse.Namespace) -> int:
-    from simimg.model_info import model_info
+    from simimg.models.info import model_info
 
     info = model_info(args.arch, args.image_size, args.device, args.batch_size, args.memory_efficient)
 
@@ -666,8 +664,8 @@ def _upgrade_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_upgrade(args: argparse.Namespace) -> int:
-    from simimg.layout import IndexFolder
-    from simimg.upgrade import upgrade
+    from simimg.jobs.upgrade import upgrade
+    from simimg.store.layout import IndexFolder
 
     changed = upgrade(IndexFolder.of(args.home, args.name))
     emit(

@@ -57,7 +57,7 @@ def synthetic_image(kind: int, rng: np.random.Generator, size: int = 96) -> Imag
 def converted_models_cache(tmp_path_factory) -> Iterator[Path]:
     """Converted trunks (openvino_trunk.py) go to a folder of this test run, not the user's ~/.cache; the CLI,
     app and server processes the tests start inherit it."""
-    from simimg.openvino_trunk import CACHE_ENV
+    from simimg.models.openvino import CACHE_ENV
 
     folder = tmp_path_factory.mktemp("simimg-cache")
     with pytest.MonkeyPatch.context() as patch:

@@ -156,11 +156,11 @@ def test_label_filter_and_min_score(indexed: Path):
 
 
 def test_a_warm_query_reloads_nothing(indexed: Path, monkeypatch: pytest.MonkeyPatch):
-    import simimg.search
+    import simimg.query.service
 
     loads = []
-    real = simimg.search.load_model
-    monkeypatch.setattr(simimg.search, "load_model", lambda *a, **kw: loads.append(a) or real(*a, **kw))
+    real = simimg.query.service.load_model
+    monkeypatch.setattr(simimg.query.service, "load_model", lambda *a, **kw: loads.append(a) or real(*a, **kw))
     at = open_app()
     upload(at, "a.png", png_bytes(indexed / "data" / "shapes" / "circles" / "circles_001.png"))
     upload(at, "b.png", png_bytes(indexed / "data" / "shapes" / "squares" / "squares_001.png"))
@@ -313,8 +313,8 @@ def test_quick_training_then_switching_models_from_the_models_tab(
 def test_a_second_session_cannot_start_a_writer_on_a_busy_index(
     indexed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    from simimg import ui
-    from simimg.jobs import JobBoard, Task
+    from simimg.app import shared
+    from simimg.app.background import JobBoard, Task
 
     board = JobBoard()
     release = tmp_path / "release"
@@ -325,7 +325,7 @@ def test_a_second_session_cannot_start_a_writer_on_a_busy_index(
         Task("job_tasks:wait_for", {"path": str(release)}),
         owner="another tab",
     )
-    monkeypatch.setattr(ui, "board", lambda: board)  # the process's board, as another tab left it
+    monkeypatch.setattr(shared, "board", lambda: board)  # the process's board, as another tab left it
     try:
         at = open_app("app_pages/train.py")
         assert any("Training of 'shapes'** is running on this index" in i.value for i in at.info)
@@ -339,8 +339,8 @@ def test_another_tab_cancels_a_running_build_after_confirming(
     indexed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """Issue 18, item 7: a job whose tab was closed can still be stopped, from any tab, after a confirmation."""
-    from simimg import ui
-    from simimg.jobs import JobBoard, Task
+    from simimg.app import shared
+    from simimg.app.background import JobBoard, Task
 
     board = JobBoard()
     job = board.start(
@@ -350,7 +350,7 @@ def test_another_tab_cancels_a_running_build_after_confirming(
         Task("job_tasks:wait_for", {"path": str(tmp_path / "never")}),
         owner="a closed tab",
     )
-    monkeypatch.setattr(ui, "board", lambda: board)
+    monkeypatch.setattr(shared, "board", lambda: board)
     at = open_app("app_pages/build.py")
     assert any("is running on this index" in i.value for i in at.info)
     at.button(key=f"cancel-build-shapes-{job.started}-ask").click().run()
@@ -368,7 +368,7 @@ def test_another_tab_cancels_a_running_build_after_confirming(
 
 # --- issue 13: what a first walk through every page hit ------------------------------------------------
 def test_weights_forms_check_the_cache_first_and_use_the_same_words(workdir: Path, monkeypatch: pytest.MonkeyPatch):
-    from test_model import write_densenet121_checkpoint
+    from test_net import write_densenet121_checkpoint
 
     make_class_images(workdir / "data" / "pets", {"a": 3, "b": 3}, size=32)
     monkeypatch.setenv("TORCH_HOME", str(workdir / "torch_home"))
@@ -388,7 +388,7 @@ def test_weights_forms_check_the_cache_first_and_use_the_same_words(workdir: Pat
 
 
 def test_errors_in_the_app_never_name_a_command(workdir: Path):
-    from simimg.ui import app_message
+    from simimg.app.shared import app_message
 
     library_messages = [
         "no index catalog at x/catalog.sqlite: build it with `simimg index`",

@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 
 import simimg
-from simimg.auditing import read_audit
-from simimg.errors import SimimgError
-from simimg.findings import (
+from simimg.analysis.findings import (
     class_balance,
     crosses,
     exact_duplicates,
@@ -22,8 +20,11 @@ from simimg.findings import (
     out_of_fold_probabilities,
     outliers,
 )
-from simimg.indexing import IndexJob, run_index
-from simimg.layout import IndexFolder
+from simimg.errors import SimimgError
+from simimg.jobs.audit import read_audit
+from simimg.jobs.index import run_index
+from simimg.jobs.index_config import IndexJob
+from simimg.store.layout import IndexFolder
 from tests.conftest import cli_json, make_class_images, run_cli
 
 CLASSES = {"circles": 8, "squares": 8, "triangles": 8}
@@ -177,7 +178,7 @@ def test_audit_of_another_collection_is_refused_and_keeps_the_last_report(dirty,
     kept = simimg.audit(data, "shapes", home, workers=0)
     other = tmp_path / "other"
     shutil.copytree(data, other)
-    monkeypatch.setattr("simimg.auditing.split_vectors", lambda *a, **k: pytest.fail("embedded before refusing"))
+    monkeypatch.setattr("simimg.jobs.audit.split_vectors", lambda *a, **k: pytest.fail("embedded before refusing"))
     with pytest.raises(SimimgError) as refused:
         simimg.audit(other, "shapes", home, workers=0)
     assert str(refused.value) == (

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from conftest import make_class_images
-from simimg.batching import MicroBatcher, QueueFull, Work, answer
 from simimg.errors import SimimgError
-from simimg.indexing import IndexJob, run_index
-from simimg.search import SearchService
+from simimg.http.batching import MicroBatcher, QueueFull, Work, answer
+from simimg.jobs.index import run_index
+from simimg.jobs.index_config import IndexJob
+from simimg.query.service import SearchService
 
 
 class Gate:

@@ -8,9 +8,9 @@ import threading
 import numpy as np
 import pytest
 
-import simimg.vectors
-from simimg.catalog import Catalog, NewImage
+import simimg.store.vectors
 from simimg.errors import SimimgError
+from simimg.store.catalog import Catalog, NewImage
 
 DIM = 4
 EMB = "emb-a"
@@ -142,7 +142,7 @@ def test_a_rolled_back_append_leaves_bytes_that_the_next_append_overwrites(catal
 
 
 def test_shards_roll_over_and_sparse_ones_are_compacted(catalog, monkeypatch):
-    monkeypatch.setattr(simimg.vectors, "SHARD_BYTES", 2 * DIM * 4)  # two rows per shard
+    monkeypatch.setattr(simimg.store.vectors, "SHARD_BYTES", 2 * DIM * 4)  # two rows per shard
     with catalog.transaction():
         catalog.add([image(f"n{i}.png", seed=10 + i) for i in range(4)], vec(10, 11, 12, 13), EMB, 2)
     publish(catalog, 2)
@@ -179,7 +179,7 @@ def test_dropping_an_embedding_removes_its_vectors_and_files(catalog):
 def test_a_reader_retries_when_compaction_removed_the_shard_it_read(catalog, tmp_path, monkeypatch):
     reader = Catalog(tmp_path / "catalog.sqlite", readonly=True)
     reader.snapshot_with_vectors()  # maps shard 1
-    monkeypatch.setattr(simimg.vectors, "SHARD_BYTES", 3 * DIM * 4)
+    monkeypatch.setattr(simimg.store.vectors, "SHARD_BYTES", 3 * DIM * 4)
     with catalog.transaction():
         catalog.add([image("w.png", seed=4)], vec(4), EMB, 2)  # shard 1 is full: a second shard
         catalog.remove([catalog.head()[p].id for p in ("x.png", "y.png")], 2)

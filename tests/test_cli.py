@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 
 from conftest import cli_json, make_class_images, run_cli, synthetic_image
-from simimg.catalog import Catalog
 from simimg.cli import main
-from simimg.device import resolve_compute
-from simimg.layout import IndexFolder
-from simimg.model_store import load_model
+from simimg.models.device import resolve_compute
+from simimg.store.catalog import Catalog
+from simimg.store.layout import IndexFolder
+from simimg.store.model_store import load_model
 from test_images import BROKEN, write_broken
-from test_indexing import assert_consistent
-from test_model import DENSENET121_FILE, assert_trunk_equals, write_densenet121_checkpoint
+from test_index import assert_consistent
+from test_net import DENSENET121_FILE, assert_trunk_equals, write_densenet121_checkpoint
 
 INDEX_KEYS = {"name", "indexed", "removed", "total", "skipped", "seconds", "device"}
 QUERY_KEYS = {"query", "prediction", "neighbors"}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from simimg.demo import DEMO_CLASSES, DemoJob, build_demo, write_demo_images
-from simimg.search import SearchService
+from simimg.jobs.demo import DEMO_CLASSES, DemoJob, build_demo, write_demo_images
+from simimg.query.service import SearchService
 
 
 def test_demo_images_are_the_same_every_time(tmp_path: Path):

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from simimg import openvino_trunk
-from simimg.device import PRECISIONS, RUNTIME_ENV, RUNTIMES, native_bf16, resolve_compute
+from simimg.choices import PRECISIONS, RUNTIMES
 from simimg.errors import SimimgError
+from simimg.models import openvino
+from simimg.models.device import RUNTIME_ENV, native_bf16, resolve_compute
 
-needs_openvino = pytest.mark.skipif(not openvino_trunk.available(), reason="openvino is not installed")
+needs_openvino = pytest.mark.skipif(not openvino.available(), reason="openvino is not installed")
 
 
 def cpuinfo_flags() -> set[str]:
@@ -82,7 +83,7 @@ def test_the_runtime_can_be_chosen_from_the_environment(monkeypatch):
 def test_openvino_where_it_cannot_run_is_a_user_error(monkeypatch):
     assert RUNTIMES == ("auto", "torch", "openvino")
     monkeypatch.delenv(RUNTIME_ENV, raising=False)
-    monkeypatch.setattr(openvino_trunk, "available", lambda: False)
+    monkeypatch.setattr(openvino, "available", lambda: False)
     assert resolve_compute("cpu", "fp32").runtime == "torch"  # auto falls back
     with pytest.raises(SimimgError, match="needs the openvino package"):
         resolve_compute("cpu", "fp32", runtime="openvino")

@@ -15,8 +15,8 @@ import torch
 import simimg
 from conftest import make_class_images, run_cli
 from simimg.errors import SimimgError
-from simimg.layout import IndexFolder
-from simimg.model_store import load_model
+from simimg.store.layout import IndexFolder
+from simimg.store.model_store import load_model
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from simimg.dataset.images import MAX_PIXELS, decode_image, load_image, read_bytes, to_rgb
 from simimg.errors import BadImageError
-from simimg.images import MAX_PIXELS, decode_image, load_image, read_bytes, to_rgb
 
 RED, BLUE, WHITE = (220, 30, 30), (30, 40, 220), (255, 255, 255)
 BOMB_SIDE = 40_000
@@ -262,7 +262,7 @@ def test_bomb_is_refused_without_allocating_its_pixels(tmp_path):
     path = tmp_path / "bomb.png"
     path.write_bytes(bomb_png())
     script = (
-        "import json, re, sys\nfrom simimg.images import load_image\nfrom simimg.errors import BadImageError\n"
+        "import json, re, sys\nfrom simimg.dataset.images import load_image\nfrom simimg.errors import BadImageError\n"
         "try:\n    load_image(sys.argv[1]); reason = None\nexcept BadImageError as e:\n    reason = e.reason\n"
         "peak = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
         "print(json.dumps([reason, int(peak)]))"

@@ -12,8 +12,8 @@ import pytest
 
 from conftest import make_class_images, run_cli
 from simimg.errors import SimimgError
-from simimg.layout import IndexFolder
-from simimg.lock import writer_lock
+from simimg.store.layout import IndexFolder
+from simimg.store.lock import writer_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HOLDER = """
 import os, sys, time
 from pathlib import Path
-from simimg.lock import writer_lock
+from simimg.store.lock import writer_lock
 with writer_lock(Path(sys.argv[1]), "index 'x'"):
     if sys.argv[2] == "fork":
         ready_r, ready_w = os.pipe()

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from simimg.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from simimg.dataset.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 
 def test_default_is_torchvision_imagenet_recipe():

@@ -24,14 +24,16 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, cli_json, make_class_images, run_cli, synthetic_image
-from simimg.catalog import Catalog, reading
 from simimg.errors import SimimgError
-from simimg.faiss_index import flat_contents
-from simimg.indexing import IndexJob, run_index
-from simimg.layout import IndexFolder
-from simimg.model import BUNDLE_JSON, BUNDLE_WEIGHTS, ModelBundle, build_model, describe
-from simimg.model_store import publish_model, read_model
-from simimg.search import SearchService
+from simimg.jobs.index import run_index
+from simimg.jobs.index_config import IndexJob
+from simimg.models.bundle import BUNDLE_JSON, BUNDLE_WEIGHTS, ModelBundle
+from simimg.models.net import build_model, describe
+from simimg.query.service import SearchService
+from simimg.store.ann import flat_contents
+from simimg.store.catalog import Catalog, reading
+from simimg.store.layout import IndexFolder
+from simimg.store.model_store import publish_model, read_model
 
 CLASSES = {"circles": 12, "squares": 12, "triangles": 12}
 N_IMAGES = sum(CLASSES.values())

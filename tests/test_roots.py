@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from simimg.dataset.roots import data_roots, list_collections, resolve_data_dir
 from simimg.errors import SimimgError
-from simimg.roots import data_roots, list_collections, resolve_data_dir
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from simimg.dataset.scan import is_image_name, scan_folder
 from simimg.errors import SimimgError
-from simimg.scan import is_image_name, scan_folder
 
 
 def touch(root: Path, *paths: str) -> None:

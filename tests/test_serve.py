@@ -27,10 +27,10 @@ from PIL import Image
 
 import simimg
 from conftest import ROOT, make_class_images, run_cli
-from simimg.batching import answer
 from simimg.cli import build_parser
 from simimg.errors import SimimgError
-from simimg.server import ServeConfig, check_exposure, create_app, wait_until_ready
+from simimg.http.batching import answer
+from simimg.http.server import ServeConfig, check_exposure, create_app, wait_until_ready
 
 CLASSES = {"circles": 6, "squares": 6, "triangles": 6}
 TOKEN = "s3cret-token"

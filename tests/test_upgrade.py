@@ -12,17 +12,18 @@ import pytest
 from safetensors.torch import save_file
 
 from conftest import cli_json, make_class_images, run_cli
-from simimg.catalog import reading
-from simimg.embed import Encoder
+from simimg.dataset.scan import scan_folder
 from simimg.errors import SimimgError
-from simimg.faiss_index import build_index, save_index
-from simimg.indexing import IndexJob, run_index
-from simimg.layout import IndexFolder
-from simimg.model import build_model, with_classes
-from simimg.model_store import model_fingerprints, read_model
-from simimg.scan import scan_folder
-from simimg.search import SearchService
-from simimg.upgrade import needs_upgrade, upgrade
+from simimg.jobs.index import run_index
+from simimg.jobs.index_config import IndexJob
+from simimg.jobs.upgrade import needs_upgrade, upgrade
+from simimg.models.encoder import Encoder
+from simimg.models.net import build_model, with_classes
+from simimg.query.service import SearchService
+from simimg.store.ann import build_index, save_index
+from simimg.store.catalog import reading
+from simimg.store.layout import IndexFolder
+from simimg.store.model_store import model_fingerprints, read_model
 
 V1_SCHEMA = """
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -7,8 +7,8 @@ import io
 import pytest
 from PIL import Image
 
+from simimg.dataset.uploads import validate_upload
 from simimg.errors import BadImageError
-from simimg.uploads import validate_upload
 
 
 def encoded(image: Image.Image, fmt: str) -> bytes:

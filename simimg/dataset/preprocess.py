@@ -1,0 +1,51 @@
+"""The exact preprocessing a model was trained with; it travels inside every model bundle."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch loads on first use: a bundle's metadata is read by commands that never run a model
+    import torch
+    from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize the shorter side, center-crop, then normalise on the device (torchvision's ImageNet recipe)."""
+
+    crop_size: int = 224
+    resize_size: int = 256
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @classmethod
+    def for_image_size(cls, image_size: int) -> Preprocess:
+        """torchvision's 256/224 resize-to-crop ratio at any crop size."""
+        return cls(crop_size=image_size, resize_size=round(image_size * 256 / 224))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        return cls(int(d["crop_size"]), int(d["resize_size"]), tuple(d["mean"]), tuple(d["std"]))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_uint8(self, image: Image.Image) -> torch.Tensor:
+        """An RGB PIL image to a CHW uint8 tensor of crop_size; normalisation happens later, on the device."""
+        from torchvision.transforms import InterpolationMode, functional as F
+
+        image = F.resize(image, self.resize_size, interpolation=InterpolationMode.BILINEAR)
+        image = F.center_crop(image, self.crop_size)
+        return F.pil_to_tensor(image)
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """A uint8 NCHW batch to normalised float32, on whatever device the batch is on."""
+        import torch
+
+        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1) * 255
+        return (batch.float() - mean) / std

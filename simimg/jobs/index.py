@@ -1,0 +1,466 @@
+"""`simimg index`: scan a folder, embed what is new, changed or missing, and publish a new index version.
+
+Crash-safe by construction: embeddings are committed to the catalog in chunks as a pending version, and a
+version becomes visible only when its FAISS file is written and the catalog says so, in one transaction.
+Re-running after a crash finds the pending rows and embeds only what is still missing.
+
+A version names the model that answers for it. A run embeds with the model the published version names, or with
+the one it is asked to switch to (`model`: the end of `simimg train`, or `simimg use`): vectors are stored per
+(image, embedding), so the new model's vectors are written while readers keep answering from the old ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from simimg.dataset.scan import IMAGE_EXTENSIONS, Record, Skipped, scan_folder
+from simimg.errors import SimimgError
+from simimg.fsutil import atomic_copy, atomic_write_bytes
+from simimg.jobs.engines import open_engine
+from simimg.jobs.index_config import IndexJob, IndexReport, ToEmbed, read_index_job
+from simimg.jobs.upgrade import needs_upgrade, upgrade
+from simimg.models.encoder import EmbeddedBatch
+from simimg.models.net import LoadedModel, build_model
+from simimg.progress import Phase, Progress
+from simimg.store.ann import (
+    build_from_stored,
+    check_kind,
+    index_kind_for,
+    load_index,
+    outgrown,
+    save_index,
+    update_index,
+)
+from simimg.store.ann_ivfpq import PartEncoder, encode_here
+from simimg.store.catalog import Catalog, NewImage, Published, Row, reading
+from simimg.store.layout import IndexFolder
+from simimg.store.lock import writer_lock
+from simimg.store.model_store import (
+    kept_embeddings,
+    load_model,
+    prune_models,
+    publish_model,
+    read_model,
+    resolve_fingerprint,
+    resolve_weights,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What this run must do to bring the catalog's head in line with the folder."""
+
+    to_embed: list[Record]
+    to_remove: list[int]
+    to_touch: list[tuple[int, int, int]]
+    deleted: int
+
+
+def run_index(job: IndexJob, progress: Progress | None = None, on_phase: Phase | None = None) -> IndexReport:
+    """Bring the named index up to date with `job.data_dir`; the one entry point for every caller and engine.
+
+    `on_phase` hears each step as it starts (scanning, loading the model, embedding, publishing), so a caller can
+    say what a long run is doing before the first image is embedded.
+    """
+    started = time.perf_counter()
+    phase = on_phase or (lambda _: None)
+    folder = IndexFolder.of(job.home, job.name)
+    phase("scanning")
+    scan = scan_folder(job.data_dir)
+    if not scan.records:
+        raise SimimgError(
+            f"no images found in {scan.root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
+            "put images in class folders: <folder>/<class>/<image>"
+        )
+    if needs_upgrade(folder):
+        upgrade(folder)
+    job = replace(job, index_kind=_asked_kind(job, folder))
+    phase("loading the model")
+    with open_engine(job, folder) as engine, writer_lock(folder.lock, f"index '{job.name}'", wait=job.wait):
+        model = _model_for(job, folder)  # before the catalog exists: a first run that cannot get a model leaves none
+        catalog = Catalog(folder.catalog)
+        try:
+            pending = catalog.version + 1
+            rebuilt = _prepare_pending(catalog, model, scan.root)
+            plan = _plan(catalog.head(), scan.records, scan.root)
+            _record_plan(catalog, plan, pending)
+            run = f"v{pending:06d}-{model.bundle.embedding}"
+            work = _work(catalog, plan, pending, model)
+            batches = engine.embed(model, scan.root, run, work)
+            phase("embedding")
+            embedded, failures = _apply(catalog, pending, model, scan.root, work, batches, job.chunk_size, progress)
+            phase("publishing")
+            version, total = _publish(catalog, folder, pending, model, job.index_kind, engine.encode_parts)
+            engine.finish(run)
+            _tidy(catalog, folder)
+        finally:
+            catalog.close()
+        atomic_write_bytes(folder.index_job, json.dumps(asdict(job), indent=2).encode())
+    skipped = list(scan.skipped) + failures
+    for s in skipped:
+        log.info("skipped %s: %s", s.path, s.reason)
+    return IndexReport(
+        job.name,
+        embedded,
+        plan.deleted,
+        total,
+        skipped,
+        round(time.perf_counter() - started, 3),
+        engine.description,
+        version,
+        rebuilt,
+        model.bundle.fingerprint,
+    )
+
+
+def _model_for(job: IndexJob, folder: IndexFolder) -> LoadedModel:
+    """The model asked for, else the one the published (or interrupted first) version names, else a new one."""
+    if job.model:
+        return load_model(folder, resolve_fingerprint(folder, job.model))
+    published, current = None, None
+    if Catalog.initialised(folder.catalog):
+        with reading(folder.catalog) as catalog:
+            published = catalog.published()
+            current = published.model if published else catalog.get_meta("pending_model")
+    if current is not None and (published is not None or folder.model_dir(current).is_dir()):
+        loaded = load_model(folder, current)
+        _check_request_matches(job, loaded)
+        return loaded
+    loaded = build_model(job.arch, resolve_weights(job.weights or "imagenet"), job.image_size or 224)
+    publish_model(folder, loaded.net, loaded.bundle)
+    log.info(
+        "new index '%s': %s (%s), model %s",
+        job.name,
+        loaded.bundle.arch,
+        loaded.bundle.source,
+        loaded.bundle.fingerprint,
+    )
+    return loaded
+
+
+def _check_request_matches(job: IndexJob, loaded: LoadedModel) -> None:
+    """Explicit flags that disagree with the index's model are a mistake, never a silent mix of two models."""
+    b = loaded.bundle
+    asked = {
+        "--arch": (job.arch, b.arch),
+        "--image-size": (job.image_size, b.preprocess.crop_size),
+        "--weights": (job.weights, b.info.get("weights", job.weights)),
+    }
+    wrong = [
+        f"{flag} {want} (it uses {have})" for flag, (want, have) in asked.items() if want is not None and want != have
+    ]
+    if wrong:
+        raise SimimgError(
+            f"fingerprint mismatch: index '{job.name}' serves {b.arch} ({b.source}, model "
+            f"{b.fingerprint}), not {', '.join(wrong)}. Drop those flags to update it, "
+            "or pick another --name for a new index."
+        )
+
+
+def _prepare_pending(catalog: Catalog, model: LoadedModel, root: Path) -> bool:
+    """Record what the pending version is for; True when it changes the published version's embedding."""
+    with catalog.transaction():
+        published = catalog.published()
+        rebuilt = published is not None and published.embedding != model.bundle.embedding
+        if rebuilt:
+            log.info(
+                "the model's embedding differs from version %d's: every image gets a vector of the new one",
+                published.version,
+            )
+        catalog.set_meta(pending_model=model.bundle.fingerprint, data_root=str(root.resolve()))
+    return rebuilt
+
+
+def _plan(head: dict[str, Row], records: tuple[Record, ...], root: Path) -> Plan:
+    """New files and changed contents get embedded; same size and mtime, or same hash, keep their vector."""
+    to_embed, to_remove, to_touch = [], [], []
+    for rec in records:
+        row = head.get(rec.path)
+        if row is None:
+            to_embed.append(rec)
+            continue
+        try:
+            st = os.stat(root / rec.path)
+        except OSError:
+            st = None
+        if st is not None and row.label == rec.label:
+            if (st.st_size, st.st_mtime_ns) == (row.size, row.mtime_ns):
+                continue
+            if st.st_size == row.size and _sha256_file(root / rec.path) == row.sha256:
+                to_touch.append((row.id, st.st_size, st.st_mtime_ns))
+                continue
+        to_remove.append(row.id)
+        to_embed.append(rec)
+    present = {rec.path for rec in records}
+    gone = [row.id for path, row in head.items() if path not in present]
+    return Plan(to_embed, to_remove + gone, to_touch, len(gone))
+
+
+@dataclass
+class _Chunk:
+    """Embedded results waiting to be committed together: new image rows, and vectors for existing rows."""
+
+    images: list[NewImage]
+    image_vectors: list[np.ndarray]
+    row_ids: list[int]
+    row_vectors: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.images) + len(self.row_ids)
+
+
+def _record_plan(catalog: Catalog, plan: Plan, pending: int) -> None:
+    """Deleted and replaced rows leave the pending version; a new mtime over the same bytes keeps its row."""
+    with catalog.transaction():
+        catalog.remove(plan.to_remove, pending)
+        for row_id, size, mtime_ns in plan.to_touch:
+            catalog.touch(row_id, size, mtime_ns)
+
+
+def _work(catalog: Catalog, plan: Plan, pending: int, model: LoadedModel) -> ToEmbed:
+    """What needs a vector: new and changed files, then rows visible at `pending` lacking the target embedding."""
+    return [*plan.to_embed, *catalog.missing_vectors(pending, model.bundle.embedding)]
+
+
+def _apply(
+    catalog: Catalog,
+    pending: int,
+    model: LoadedModel,
+    root: Path,
+    work: ToEmbed,
+    batches: Iterator[EmbeddedBatch],
+    chunk_size: int,
+    progress: Progress | None,
+) -> tuple[int, list[Skipped]]:
+    """Ingest an engine's results for `work`, committing chunk by chunk; rows that became unreadable leave.
+
+    Returns how many images got a vector, and the files passed over with the reason, in work order.
+    """
+    failures: list[tuple[int, Skipped]] = []
+    chunk = _Chunk([], [], [], [])
+    done = 0
+    if progress:
+        progress(0, len(work))
+    for batch in batches:
+        stats = batch.stats or [None] * len(batch.positions)
+        for pos, vector, sha, stat in zip(batch.positions, batch.vectors, batch.hashes, stats):
+            failure = _collect(chunk, work[pos], root / work[pos].path, vector, sha, stat)
+            failures += [(pos, failure)] if failure else []
+        failures += [(pos, Skipped(work[pos].path, reason)) for pos, reason in batch.failures]
+        lost = [work[pos].id for pos, _ in batch.failures if isinstance(work[pos], Row)]
+        if len(chunk) >= chunk_size or lost:
+            _commit(catalog, chunk, lost, pending, model.bundle.embedding)
+        done += len(batch.positions) + len(batch.failures)
+        if progress:
+            progress(done, len(work))
+    _commit(catalog, chunk, [], pending, model.bundle.embedding)
+    return len(work) - len(failures), [skipped for _, skipped in sorted(failures, key=lambda f: f[0])]
+
+
+def _collect(
+    chunk: _Chunk, item: Record | Row, file: Path, vector: np.ndarray, sha: str, stat: tuple[int, int] | None
+) -> Skipped | None:
+    """Add one embedded file to the chunk: a new row for a new file, a vector for a row that lacked one.
+
+    `stat` is the (size, mtime_ns) the reader saw before reading the bytes; None: look now.
+    """
+    if isinstance(item, Row):
+        chunk.row_ids.append(item.id)
+        chunk.row_vectors.append(vector)
+        return None
+    if stat is None:
+        try:
+            st = os.stat(file)
+        except OSError:
+            return Skipped(item.path, "the file disappeared while it was being indexed")
+        stat = (st.st_size, st.st_mtime_ns)
+    chunk.images.append(NewImage(item.path, item.label, *stat, sha))
+    chunk.image_vectors.append(vector)
+    return None
+
+
+def _commit(catalog: Catalog, chunk: _Chunk, lost: list[int], pending: int, embedding: str) -> None:
+    """One transaction: the chunk's rows and vectors, and existing rows that could no longer be read leave."""
+    if not len(chunk) and not lost:
+        return
+    with catalog.transaction():
+        if chunk.images:
+            catalog.add(chunk.images, np.stack(chunk.image_vectors), embedding, pending)
+        if chunk.row_ids:
+            catalog.add_vectors(embedding, chunk.row_ids, np.stack(chunk.row_vectors))
+        catalog.remove(lost, pending)
+    chunk.images.clear(), chunk.image_vectors.clear(), chunk.row_ids.clear(), chunk.row_vectors.clear()
+
+
+def _asked_kind(job: IndexJob, folder: IndexFolder) -> str:
+    """The job's index kind, else the one the last run was given, else auto; an unknown one fails before work."""
+    recorded = read_index_job(folder) if job.index_kind is None else None
+    return check_kind(job.index_kind or (recorded.index_kind if recorded else None) or "auto")
+
+
+def _publish(
+    catalog: Catalog,
+    folder: IndexFolder,
+    pending: int,
+    model: LoadedModel,
+    asked_kind: str = "auto",
+    encode: PartEncoder = encode_here,
+) -> tuple[int, int]:
+    """Write the FAISS file for the pending version, then make it the published one; (version, total)."""
+    published = catalog.published()
+    emb = model.bundle.embedding
+    added, removed = catalog.pending_changes(pending)
+    previous = _reusable_index(folder, published, emb)
+    unchanged = previous is not None and not added and not removed
+    total = catalog.count(pending)
+    kind = index_kind_for(total, asked_kind)
+    if unchanged and published.model == model.bundle.fingerprint and published.index_kind == kind:
+        return published.version, published.count
+    if unchanged and published.index_kind == kind:
+        atomic_copy(folder.faiss(published.version), folder.faiss(pending))  # a new head on the same vectors
+    else:
+        same_kind = previous if previous is not None and published.index_kind == kind else None
+        index = _updated(catalog, same_kind, pending, emb, total)
+        if index is None:
+            stored = catalog.stored_vectors(pending, emb)
+            index = build_from_stored(stored.ids, stored, model.bundle.dim, kind, encode)
+        save_index(index, folder.faiss(pending))
+    with catalog.transaction():
+        catalog.publish(pending, model.bundle.fingerprint, emb, kind)
+    log.info(
+        "published version %d of '%s': %d vectors (+%d, -%d), model %s",
+        pending,
+        folder.name,
+        total,
+        added,
+        removed,
+        model.bundle.fingerprint,
+    )
+    return pending, total
+
+
+def _updated(
+    catalog: Catalog, previous: faiss.Index | None, pending: int, embedding: str, total: int
+) -> faiss.Index | None:
+    """The published index of the same kind with the pending version's changes applied; None: build it afresh
+    (there is none, it was trained for far fewer vectors, or it disagrees with the catalog)."""
+    if previous is None:
+        return None
+    if outgrown(previous, total):
+        log.info(
+            "the index has outgrown the %d lists it was trained with: training it afresh for %d vectors",
+            faiss.extract_index_ivf(previous).nlist,
+            total,
+        )
+        return None
+    new_ids, new_vectors = catalog.vectors(pending, embedding, where="added = :v")
+    index = update_index(previous, new_ids, new_vectors, catalog.removed_ids(pending))
+    if index.ntotal != total:
+        log.warning("the published FAISS file disagreed with the catalog; rebuilding it")
+        return None
+    return index
+
+
+def _tidy(catalog: Catalog, folder: IndexFolder) -> None:
+    """After a publish: drop FAISS files, models and vectors that no kept version needs, and sparse shards."""
+    kept = catalog.kept_versions()
+    oldest = min((v.version for v in kept), default=0)
+    for old in folder.faiss_files():
+        if old < folder.faiss(oldest):
+            old.unlink(missing_ok=True)
+    prune_models(folder, {v.model for v in kept})
+    with catalog.transaction():
+        dropped = catalog.drop_embeddings(kept_embeddings(folder) | {v.embedding for v in kept})
+        compacted = catalog.compact()
+    if dropped or compacted:
+        log.info("dropped the vectors of %d unused embeddings, compacted %d shards", len(dropped), compacted)
+    catalog.clean_files()
+
+
+def _reusable_index(folder: IndexFolder, published: Published | None, embedding: str) -> faiss.Index | None:
+    """The published FAISS index when it is intact and of this embedding; None means: build it from the catalog."""
+    if published is None or published.embedding != embedding:
+        return None
+    try:
+        index = load_index(folder.faiss(published.version))
+    except SimimgError as err:
+        log.warning("%s: rebuilding it from the catalog", err)
+        return None
+    if index.ntotal != published.count:
+        log.warning(
+            "FAISS file of version %d holds %d vectors, the catalog %d: rebuilding it",
+            published.version,
+            index.ntotal,
+            published.count,
+        )
+        return None
+    return index
+
+
+def _sha256_file(path: Path) -> str | None:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def switch_model(
+    home: str | Path | None,
+    name: str,
+    model: str,
+    data_dir: str | None = None,
+    device: str = "auto",
+    workers: int | None = None,
+    progress: Progress | None = None,
+    precision: str = "auto",
+    on_phase: Phase | None = None,
+) -> IndexReport:
+    """Publish a version of NAME answered by its kept `model`, over the index's own collection.
+
+    The collection is the folder the index was last built from (index_job.json), else `data_dir`, else the
+    folder the model was trained on. Only images with no vector of that model's embedding are embedded: none
+    after a head-only run, all after a fine-tune. Waits for another writer rather than failing: it ends long jobs.
+    """
+    folder = IndexFolder.of(home, name)
+    recorded = read_index_job(folder)
+    data_dir = data_dir or read_model(folder, model).info.get("training", {}).get("split", {}).get("data_dir")
+    if recorded is None and data_dir is None:
+        raise SimimgError(
+            f"index '{name}' records no collection folder (index_job.json is missing): "
+            f"run `simimg index DATA_DIR --name {name}` once"
+        )
+    base = recorded or IndexJob(data_dir=str(data_dir), name=name, home=str(folder.root.parent))
+    job = replace(
+        base,
+        name=name,
+        home=str(folder.root.parent),
+        arch=None,
+        weights=None,
+        image_size=None,
+        device=device,
+        precision=precision,
+        workers=workers,
+        model=model,
+        wait=True,
+        engine="local",
+        address=None,
+        ray_actors=None,
+        ray_shards=None,
+    )
+    return run_index(job, progress, on_phase)

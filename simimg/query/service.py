@@ -1,0 +1,386 @@
+"""Query a built index: images in, their predicted class and nearest gallery images out.
+
+`SearchService` holds one published version warm: its catalog snapshot, its FAISS index and the model that
+version names. It notices a newly published version on the next query and loads it beside the current one, then
+switches whole; queries meanwhile keep answering from the current version, so none waits or fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+
+from simimg.dataset.images import load_image, to_rgb
+from simimg.errors import BadImageError, SimimgError
+from simimg.models.bundle import ModelBundle
+from simimg.models.device import resolve_compute
+from simimg.models.encoder import Trunk, infer, prepare_net
+from simimg.models.net import LoadedModel
+from simimg.store.ann import VectorSearcher, is_compressed, load_index, make_searcher
+from simimg.store.catalog import Catalog, Snapshot
+from simimg.store.layout import IndexFolder
+from simimg.store.model_store import load_model
+
+if TYPE_CHECKING:
+    from simimg.models.heatmaps import Explanation
+
+log = logging.getLogger(__name__)
+
+ImageInput = str | Path | Image.Image
+LOAD_ATTEMPTS = 5
+QUERY_BATCH = 32
+# A result at this cosine or above is the query itself (or a copy of it): the cosine is at its maximum there, so
+# its gradient, and any map of it, vanishes. Random-init features put distinct images at 0.97-0.998; scores are
+# rounded to 6 decimals, and a gallery file queried with itself reads 1.0.
+SELF_MATCH_SCORE = 0.9999
+
+
+@dataclass(frozen=True)
+class Neighbor:
+    path: str
+    label: str | None
+    score: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    probability: float
+    top: list[dict]
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    query: str
+    prediction: Prediction | None
+    neighbors: list[Neighbor]
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["error"] is None:
+            del d["error"]
+        return d
+
+
+def predict(logits: torch.Tensor, classes: tuple[str, ...], top: int = 5) -> Prediction:
+    """Softmax over one row of logits; the top classes, most probable first."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    values, order = probs.topk(min(top, len(classes)))
+    ranked = [{"label": classes[i], "probability": float(p)} for p, i in zip(values.tolist(), order.tolist())]
+    return Prediction(ranked[0]["label"], ranked[0]["probability"], ranked)
+
+
+def neighbors_from(scores: np.ndarray, ids: np.ndarray, snapshot: Snapshot, min_score: float | None) -> list[Neighbor]:
+    """Map FAISS ids back to catalog rows, dropping padding (-1) and scores under `min_score`."""
+    position = np.searchsorted(snapshot.ids, ids)
+    found = []
+    for score, row_id, pos in zip(scores.tolist(), ids.tolist(), position.tolist()):
+        if row_id < 0 or pos >= len(snapshot.ids) or snapshot.ids[pos] != row_id:
+            continue
+        score = round(float(score), 6)  # compared as shown, so a score a user copies passes its own filter
+        if min_score is not None and score < min_score:
+            continue
+        found.append(Neighbor(snapshot.paths[pos], snapshot.labels[pos], score))
+    return found
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    """Everything one published version needs to answer queries; replaced whole, never changed."""
+
+    snapshot: Snapshot
+    model: LoadedModel
+    trunk: Trunk  # the model's embedding function, prepared once for this service's device and precision
+    searcher: VectorSearcher
+    label_ids: dict[str | None, np.ndarray]
+    data_root: Path  # the folder the version's catalog paths are relative to
+
+
+class SearchService:
+    """A warm model and index for one name; safe to share between threads (the app's sessions, a server)."""
+
+    def __init__(self, home: str | Path | None, name: str, device: str = "auto", precision: str = "auto") -> None:
+        self.folder = IndexFolder.of(home, name)
+        if not self.folder.catalog.exists():
+            raise SimimgError(
+                f"no index named '{name}' in {self.folder.root.parent}: build it with "
+                f"`simimg index DATA_DIR --name {name}`"
+            )
+        self.compute = resolve_compute(device, precision)
+        self.device = self.compute.device
+        self.catalog = Catalog(self.folder.catalog, readonly=True)
+        self._refreshing = threading.Lock()  # one loader at a time; it also guards the catalog connection
+        self._served: ServedVersion | None = None
+        self.refresh()
+
+    @property
+    def served(self) -> ServedVersion:
+        return self._served
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._served.snapshot
+
+    @property
+    def model(self) -> LoadedModel:
+        return self._served.model
+
+    @property
+    def data_root(self) -> Path:
+        """Read with the version when it was loaded: a page never waits here while another thread loads a newer
+        version (the app's pages ask for it often; waiting on the loader stalled a search behind a model load)."""
+        return self._served.data_root
+
+    def refresh(self, wait: bool = True) -> bool:
+        """Switch to the newest published version if there is one; True when it switched.
+
+        Without `wait`, a refresh already under way in another thread is left to finish while this caller goes
+        on with the version it has.
+        """
+        if not self._refreshing.acquire(blocking=wait or self._served is None):
+            return False
+        try:
+            if self._served is not None and self._served.snapshot.version == self.catalog.version:
+                return False
+            self._served = self._load_latest(self._served)
+            return True
+        finally:
+            self._refreshing.release()
+
+    def _load_latest(self, current: ServedVersion | None) -> ServedVersion:
+        for _ in range(LOAD_ATTEMPTS):  # a writer may publish, and prune old files, while we read
+            snapshot = self.catalog.snapshot()
+            if snapshot is None:
+                raise SimimgError(f"index '{self.folder.name}' has no finished version yet: run `simimg index`")
+            try:
+                same_model = current is not None and current.model.bundle.fingerprint == snapshot.model
+                model, trunk = (current.model, current.trunk) if same_model else self._load_model(snapshot.model)
+                index = load_index(self.folder.faiss(snapshot.version))
+                stored = (
+                    self.catalog.stored_vectors(snapshot.version, snapshot.embedding) if is_compressed(index) else None
+                )
+            except SimimgError:
+                if self.catalog.version == snapshot.version:
+                    raise
+                continue
+            if index.ntotal != len(snapshot.ids):
+                raise SimimgError(
+                    f"index '{self.folder.name}' is inconsistent (FAISS {index.ntotal} vectors, "
+                    f"catalog {len(snapshot.ids)}); re-run `simimg index` to repair it"
+                )
+            labels = np.array(snapshot.labels, dtype=object)
+            label_ids = {lab: snapshot.ids[labels == lab] for lab in set(snapshot.labels)}
+            log.info("serving version %d of '%s' with model %s", snapshot.version, self.folder.name, snapshot.model)
+            data_root = Path(self.catalog.get_meta("data_root", "."))
+            return ServedVersion(
+                snapshot, model, trunk, make_searcher(index, self.device, stored), label_ids, data_root
+            )
+        raise SimimgError(f"index '{self.folder.name}' kept changing while loading; try again")
+
+    def _load_model(self, fingerprint: str) -> tuple[LoadedModel, Trunk]:
+        model = load_model(self.folder, fingerprint)
+        return model, prepare_net(model.net, self.compute, model.bundle.preprocess)
+
+    # --- the public API: images (paths or PIL) in ---------------------------------------------------
+    def search(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        k: int = 10,
+        label: str | None = None,
+        min_score: float | None = None,
+    ) -> QueryResult | list[QueryResult]:
+        """Nearest gallery images (and the predicted class, when the model has one) for a path, a PIL image, or
+        a list of them; a list gets a list back, in order. In a list, an unreadable file gets a result with
+        `error` set and the others are answered; a single unreadable file raises BadImageError."""
+        items, single = as_list(images)
+        results: list[QueryResult | None] = [None] * len(items)
+        decoded: list[tuple[int, Image.Image, str]] = []
+        for i, item in enumerate(items):
+            name = str(item) if not isinstance(item, Image.Image) else f"<image {i}>"
+            try:
+                decoded.append((i, item if isinstance(item, Image.Image) else self.load(item), name))
+            except BadImageError as err:
+                if single:
+                    raise BadImageError(f"cannot query {item}: {err.reason}") from None
+                results[i] = QueryResult(name, None, [], error=err.reason)
+        for start in range(0, len(decoded), QUERY_BATCH):
+            chunk = decoded[start : start + QUERY_BATCH]
+            answers = self.query_batch([im for _, im, _ in chunk], k, label, min_score, [n for _, _, n in chunk])
+            for (i, _, _), answer in zip(chunk, answers):
+                results[i] = answer
+        return results[0] if single else results
+
+    def predict(self, images: ImageInput | Sequence[ImageInput]) -> Prediction | list[Prediction | None]:
+        """The predicted class of each image (None for an unreadable one in a list); needs a trained classifier."""
+        if not self.model.bundle.has_classifier:
+            raise SimimgError(
+                f"index '{self.folder.name}' serves a model with no classifier: train one with "
+                f"`simimg train DATA_DIR --name {self.folder.name} --head-only` (seconds)"
+            )
+        found = self.search(images, k=1)
+        return found.prediction if isinstance(found, QueryResult) else [r.prediction for r in found]
+
+    # --- decoded images in -------------------------------------------------------------------------
+    @property
+    def draft_size(self) -> int:
+        """Decode queries as `simimg index` decoded the gallery (JPEG draft included): an indexed file scores 1.0."""
+        return self.model.bundle.preprocess.resize_size
+
+    def load(self, path: str | Path) -> Image.Image:
+        return load_image(path, draft_size=self.draft_size)
+
+    def query_file(
+        self, path: str | Path, k: int = 10, label: str | None = None, min_score: float | None = None
+    ) -> QueryResult:
+        try:
+            image = self.load(path)
+        except BadImageError as err:
+            raise BadImageError(f"cannot query {path}: {err.reason}") from None
+        return self.query(image, k, label, min_score, query=str(path))
+
+    def query(
+        self, image: Image.Image, k: int = 10, label: str | None = None, min_score: float | None = None, query: str = ""
+    ) -> QueryResult:
+        """Classify (when the model has a head) and find the k most similar gallery images; any PIL mode is accepted."""
+        return self.query_batch([image], k, label, min_score, [query])[0]
+
+    def query_batch(
+        self,
+        images: Sequence[Image.Image],
+        k: int = 10,
+        label: str | None = None,
+        min_score: float | None = None,
+        names: Sequence[str] | None = None,
+    ) -> list[QueryResult]:
+        """Many decoded images in one forward pass and one search; the HTTP server's micro-batches come here."""
+        self.refresh(wait=False)
+        served = self._served
+        embeddings, logits = self._embed(served, images)
+        names = list(names or [""] * len(images))
+        predictions = [_prediction(logits, i, served.model) for i in range(len(images))]
+        allowed = None
+        if label is not None:
+            allowed = served.label_ids.get(label, np.empty(0, np.int64))
+            if not len(allowed):
+                return [QueryResult(n, p, []) for n, p in zip(names, predictions)]
+        scores, ids = served.searcher.search(embeddings, k, allowed)
+        return [
+            QueryResult(n, p, neighbors_from(scores[i], ids[i], served.snapshot, min_score))
+            for i, (n, p) in enumerate(zip(names, predictions))
+        ]
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Unit-length embeddings (N x D float32) of decoded images, with the served version's model."""
+        return self.embed_batch(images)[0]
+
+    def embed_batch(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, ModelBundle]:
+        """Embeddings and the model that made them, read from one served version even while a new one arrives."""
+        self.refresh(wait=False)
+        served = self._served
+        return self._embed(served, images)[0], served.model.bundle
+
+    def _embed(self, served: ServedVersion, images: Sequence[Image.Image]) -> tuple[np.ndarray, torch.Tensor | None]:
+        preprocess = served.model.bundle.preprocess
+        batch = torch.stack([preprocess.to_uint8(to_rgb(image)) for image in images])
+        embeddings, logits = infer(
+            served.model.net,
+            batch,
+            preprocess,
+            self.compute,
+            with_logits=served.model.bundle.has_classifier,
+            trunk=served.trunk,
+        )
+        return embeddings.cpu().numpy(), None if logits is None else logits.cpu()
+
+    def explain(
+        self, image: ImageInput, neighbor: ImageInput | None = None, label: str | None = None, method: str = "gradcam"
+    ) -> Explanation:
+        """Where the served model looks in `image`: at the predicted class (or `label`), or, given a `neighbor`
+        (a gallery path, any file or a PIL image), at what makes the two similar. The map has the decoded image's
+        size; see simimg/heatmaps.py."""
+        from simimg.models.heatmaps import explain_class, explain_similarity
+
+        self.refresh(wait=False)
+        model = self._served.model
+        seen = self._decoded(image)
+        if neighbor is None:
+            return explain_class(model, seen, label, method, self.device)
+        name = "<image>" if isinstance(neighbor, Image.Image) else str(neighbor)
+        return explain_similarity(model, seen, self._decoded(neighbor), name, method, self.device)
+
+    def explain_targets(self, result: QueryResult, query: str | Path | None = None) -> list[Neighbor]:
+        """The results whose similarity to the query can be explained: all but the query itself, which is its
+        own gallery file `query` (a "Find similar" query) or any result at SELF_MATCH_SCORE or above (a copy)."""
+        own = None if query is None else self.gallery_file(query).resolve()
+        return [
+            n
+            for n in result.neighbors
+            if n.score < SELF_MATCH_SCORE and (own is None or self.gallery_file(n.path).resolve() != own)
+        ]
+
+    def _decoded(self, image: ImageInput) -> Image.Image:
+        """A PIL image as it is; a path (a gallery path is relative to the indexed folder) decoded as queries are."""
+        if isinstance(image, Image.Image):
+            return image
+        try:
+            return self.load(self.gallery_file(image))
+        except BadImageError as err:
+            raise BadImageError(f"cannot explain {image}: {err.reason}") from None
+
+    def gallery_file(self, path: str | Path) -> Path:
+        """`path` itself, or the gallery file it names relative to the indexed folder (as results give them)."""
+        path = Path(path)
+        if not path.is_absolute() and not path.exists() and (self.data_root / path).exists():
+            return self.data_root / path
+        return path
+
+    def info(self) -> dict:
+        served = self._served
+        b, snap = served.model.bundle, served.snapshot
+        counts: dict[str, int] = {}
+        for lab in snap.labels:
+            counts[lab or ""] = counts.get(lab or "", 0) + 1
+        return {
+            "name": self.folder.name,
+            "total": len(snap.ids),
+            "labels": dict(sorted(counts.items())),
+            "arch": b.arch,
+            "dim": b.dim,
+            "model": b.fingerprint,
+            "embedding": b.embedding,
+            "kind": b.kind,
+            "source": b.source,
+            "image_size": b.preprocess.crop_size,
+            "classifier": b.has_classifier,
+            "classes": list(b.classes),
+            "val_accuracy": b.val_accuracy,
+            "untrained": b.random_features,
+            "version": snap.version,
+            "index_kind": snap.index_kind,
+            "data_root": str(self.data_root),
+            "device": str(self.compute),
+        }
+
+    def close(self) -> None:
+        with self._refreshing:
+            self.catalog.close()
+
+
+def as_list(images: ImageInput | Sequence[ImageInput]) -> tuple[list[ImageInput], bool]:
+    """(the images as a list, whether a single one was given)."""
+    if isinstance(images, (str, Path, Image.Image)):
+        return [images], True
+    return list(images), False
+
+
+def _prediction(logits: torch.Tensor | None, row: int, model: LoadedModel) -> Prediction | None:
+    return None if logits is None else predict(logits[row], model.bundle.classes)

@@ -1,0 +1,92 @@
+"""jobs.py: app jobs run in child processes keyed per index; a second writer on the same index is refused by name."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from simimg.app.background import JobBoard, Task
+from simimg.errors import SimimgError
+
+
+def finished(job, timeout: float = 60.0):
+    deadline = time.time() + timeout
+    while job.running and time.time() < deadline:
+        time.sleep(0.05)
+    assert not job.running
+    return job
+
+
+def test_a_job_runs_in_its_own_process_and_reports_progress_and_result():
+    job = finished(JobBoard().start("pets", "build", "Indexing pets", Task("job_tasks:count", {"n": 3}), owner="tab"))
+    assert job.error is None and job.result != os.getpid() and isinstance(job.result, int)
+    assert (job.done, job.total, job.fraction(), job.owner) == (3, 3, 1.0, "tab")
+
+
+def test_a_second_writer_on_the_same_index_is_refused_naming_the_first(tmp_path: Path):
+    board, release = JobBoard(), tmp_path / "release"
+    first = board.start("pets", "train", "Training of 'pets'", Task("job_tasks:wait_for", {"path": str(release)}))
+    try:
+        with pytest.raises(SimimgError, match="index 'pets' is busy: Training of 'pets' has been running"):
+            board.start("pets", "build", "Indexing pets", Task("job_tasks:count", {"n": 1}), owner="tab-2")
+        other = board.start("cars", "build", "Indexing cars", Task("job_tasks:count", {"n": 1}))  # another index
+        reader = board.start("pets", "evaluate", "Evaluation", Task("job_tasks:count", {"n": 1}))  # readers run beside
+        finished(other), finished(reader)
+        assert board.running("pets") == [first] and reader.error is None
+    finally:
+        release.touch()
+    assert finished(first).result == "released"
+    assert board.start("pets", "build", "Indexing pets", Task("job_tasks:count", {"n": 1})) is not None
+
+
+@pytest.mark.parametrize(
+    "function, message",
+    [
+        ("user_error", "no images found in x"),
+        ("bug", "unexpected failure: ZeroDivisionError: division by zero"),
+        ("die", "the job's process ended without an answer (exit code 3)"),
+    ],
+)
+def test_errors_and_a_dead_child_become_the_jobs_message(function: str, message: str):
+    job = finished(JobBoard().start("a", "build", "A", Task(f"job_tasks:{function}", callbacks="")))
+    assert job.error == message and job.result is None
+
+
+def test_a_job_reports_its_steps_from_the_start_and_estimates_the_time_left(monkeypatch: pytest.MonkeyPatch):
+    from simimg.app.background import Job
+
+    messages, apply = [], Job.apply
+    monkeypatch.setattr(Job, "apply", lambda self, message: (messages.append(message), apply(self, message))[1])
+    job = JobBoard().start(
+        "pets",
+        "build",
+        "Indexing pets",
+        Task("job_tasks:steps", {"names": ["scanning", "embedding"]}, callbacks="phases"),
+    )
+    finished(job)
+    phases = [m[1] for m in messages if m[0] == "phase"]
+    assert phases == ["starting", "scanning", "embedding"]  # "starting" comes before the imports
+    assert job.result == ["scanning", "embedding"] and job.phase == "embedding" and (job.done, job.total) == (2, 2)
+    assert job.seconds_left() is None  # a finished job has nothing left
+
+
+def test_seconds_left_follows_the_current_steps_rate():
+    from simimg.app.background import Job
+
+    job = Job("pets", "build", "Indexing pets")
+    assert job.seconds_left() is None  # nothing counted yet
+    job.apply(("phase", "embedding"))
+    job.phase_started -= 10  # ten seconds into the step, a quarter done
+    job.apply(("progress", 25, 100))
+    assert job.seconds_left() == pytest.approx(30, rel=0.05)
+
+
+def test_cancelling_a_job_without_hooks_ends_its_process_and_is_no_error(tmp_path: Path):
+    job = JobBoard().start("pets", "build", "Indexing pets", Task("job_tasks:wait_for", {"path": str(tmp_path / "x")}))
+    time.sleep(0.5)
+    job.stop.set()
+    finished(job, timeout=30)
+    assert job.cancelled and job.error is None and job.result is None
