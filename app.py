@@ -5,10 +5,10 @@ Search is the landing page; Browse, Train, Build and Inspect sit beside it.
 
 import streamlit as st
 
+import simimg
 from simimg.app import shared
-from simimg.models.encoder import reuse_freed_memory
 
-reuse_freed_memory()  # process-wide allocator tuning: the entry point opts in (once per process)
+simimg.reuse_freed_memory()  # process-wide allocator tuning: the entry point opts in (once per process)
 st.set_page_config(page_title="simimg", page_icon="🔎", layout="wide")
 navigation = st.navigation(
     [

@@ -15,7 +15,7 @@ ALL = "all classes"
 
 def main() -> None:
     with shared.friendly_errors():
-        service = shared.open_index("Browse")
+        service = shared.index_header("Browse")
         if service is None:
             return
         snapshot = service.snapshot

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import streamlit as st
 
+import simimg
+from simimg import ARCHITECTURES, DEFAULT_ARCH, IndexReport
 from simimg.app import shared
 from simimg.app.background import Task
 from simimg.app.forms import checked_folder, folder_input, other_folder, weights_input
-from simimg.choices import ARCHITECTURES, DEFAULT_ARCH
 from simimg.errors import SimimgError
-from simimg.jobs.index_config import IndexReport
 
 JOB_KIND = "build"
 
@@ -69,7 +69,7 @@ def form_ui() -> bool | None:
         JOB_KIND,
         f"Indexing {folder.name} into '{name}'",
         Task(
-            "simimg.api:build_index",
+            simimg.build_index,
             {"data_dir": str(folder), "name": name, "home": str(shared.home()), **options},
             callbacks="phases",
         ),

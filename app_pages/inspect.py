@@ -8,11 +8,9 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from simimg import api
-from simimg.analysis.neighbours import PROJECTIONS, confusion_cell, near_duplicates, project_2d, sample_positions
+import simimg
 from simimg.app import audit_view, shared
 from simimg.app.background import Task
-from simimg.store.layout import IndexFolder
 
 MAP_LIMIT = 3000
 DUPLICATE_LIMIT = 20000
@@ -21,7 +19,7 @@ PAIRS_SHOWN = 12
 
 def main() -> None:
     with shared.friendly_errors():
-        service = shared.open_index("Inspect")
+        service = shared.index_header("Inspect")
         if service is None:
             return
         name = service.folder.name
@@ -60,7 +58,7 @@ def evaluation_ui(name: str, has_classifier: bool) -> None:
             name,
             "evaluate",
             f"Evaluation of '{name}'",
-            Task("simimg.api:evaluate", {"data_dir": None, "name": name, "home": str(shared.home())}),
+            Task(simimg.evaluate, {"data_dir": None, "name": name, "home": str(shared.home())}),
         )
         st.rerun()
     if job is None or shared.job_failed(job):
@@ -108,7 +106,7 @@ def confusion_ui(result: dict) -> None:
         return
     row, column = cells[0]
     true_label, predicted = classes[row], str(column)
-    items = confusion_cell(result.get("predictions") or result.get("most_confused", []), true_label, predicted)
+    items = shared.confusion_cell(result.get("predictions") or result.get("most_confused", []), true_label, predicted)
     st.markdown(f"**{matrix.loc[true_label, predicted]}** images of **{true_label}** predicted as **{predicted}**")
     if not items:
         st.caption("The evaluation lists images for its most confident mistakes only; none fall in this cell.")
@@ -121,7 +119,7 @@ def confusion_ui(result: dict) -> None:
 # --- models --------------------------------------------------------------------------------------------
 def models_ui(name: str) -> None:
     """Every model the index keeps, newest first; any of them can be served again."""
-    entries = api.list_models(name, shared.home())
+    entries = simimg.list_models(name, shared.home())
     table = pd.DataFrame(
         [
             {
@@ -171,9 +169,7 @@ def models_ui(name: str) -> None:
             name,
             "use",
             f"Switching '{name}' to model {chosen}",
-            Task(
-                "simimg.api:use_model", {"model": chosen, "name": name, "home": str(shared.home())}, callbacks="phases"
-            ),
+            Task(simimg.use_model, {"model": chosen, "name": name, "home": str(shared.home())}, callbacks="phases"),
         )
         st.rerun()
     with onnx:
@@ -197,11 +193,11 @@ EXPORTS = {
 def export_ui(name: str, model: str, format: str) -> None:
     """A download of the chosen model: written on demand (ONNX is checked against onnxruntime first)."""
     filename, what, mime = EXPORTS[format]
-    target = IndexFolder.of(shared.home(), name).export_dir(model) / filename
+    target = simimg.export_path(name, model, format, shared.home())
     if not target.is_file():
         if st.button(f"Prepare {what}", icon=":material/build:", width="stretch", key=f"export-{format}"):
             with st.spinner(f"Writing the {what}…"):
-                api.export_model(name, target, format, shared.home(), model)
+                simimg.export_model(name, target, format, shared.home(), model)
             st.rerun()
         return
     st.download_button(
@@ -225,7 +221,7 @@ def _describe_model(fingerprint: str, entries: list) -> str:
 # --- embedding map -------------------------------------------------------------------------------------
 def map_ui(name: str, version: int, data_root: Path) -> None:
     left, right = st.columns([1, 3])
-    method = left.radio("Projection", PROJECTIONS, format_func={"pca": "PCA (fast)", "tsne": "t-SNE"}.get)
+    method = left.radio("Projection", simimg.PROJECTIONS, format_func={"pca": "PCA (fast)", "tsne": "t-SNE"}.get)
     limit = left.select_slider("Points", [500, 1000, 2000, MAP_LIMIT], value=1000)
     points = embedding_map(str(shared.home()), name, version, method, limit)
     pick = alt.selection_point(name="pick", fields=["path"], on="click")
@@ -254,29 +250,25 @@ def map_ui(name: str, version: int, data_root: Path) -> None:
 @st.cache_data(max_entries=16, show_spinner="Projecting the embeddings…")
 def embedding_map(home: str, name: str, version: int, method: str, limit: int) -> pd.DataFrame:
     """x, y, label and path of up to `limit` images of one published version (a fixed sample when larger)."""
-    paths, labels, vectors = shared.published_vectors(home, name, version)
-    keep = sample_positions(len(paths), limit)
-    xy = project_2d(vectors[keep], method)
-    return pd.DataFrame(
-        {"x": xy[:, 0], "y": xy[:, 1], "label": [labels[i] or "(none)" for i in keep], "path": [paths[i] for i in keep]}
-    )
+    return pd.DataFrame(shared.search_service(name).map_2d(method, limit))
 
 
 # --- near-duplicates -----------------------------------------------------------------------------------
 def duplicates_ui(name: str, version: int, data_root: Path) -> None:
-    marks = shared.landmarks(str(shared.home()), name, version)
-    start = round(min(0.999, max(0.8, marks.get("nearest", 0.98) + 0.5 * (1 - marks.get("nearest", 0.98)))), 3)
+    pairs, rule = duplicate_pairs(str(shared.home()), name, version, None)
     threshold = st.slider(
         "Similarity threshold",
         0.80,
         1.0,
-        start,
+        round(rule, 3),
         0.001,
-        help="Pairs at least this similar (cosine). 1.0 means identical embeddings. It starts "
-        "halfway between the index's median nearest-neighbour score and 1.",
+        help="Pairs at least this similar (cosine). It starts at the collection's own threshold, the rule the "
+        "Audit tab applies (cleanlab Datalab's: 1 - 0.13 x the median distance to an image's nearest "
+        "neighbour). 1.0 means identical embeddings.",
     )
     st.caption(shared.landmarks_caption(str(shared.home()), name, version))
-    pairs = duplicate_pairs(str(shared.home()), name, version, threshold)
+    if threshold != round(rule, 3):
+        pairs, _ = duplicate_pairs(str(shared.home()), name, version, threshold)
     if pairs.empty:
         st.success("No pairs above this threshold.", icon=":material/check_circle:")
         return
@@ -296,17 +288,11 @@ def duplicates_ui(name: str, version: int, data_root: Path) -> None:
 
 
 @st.cache_data(max_entries=32, show_spinner="Looking for near-duplicates…")
-def duplicate_pairs(home: str, name: str, version: int, threshold: float) -> pd.DataFrame:
-    paths, _, vectors = shared.published_vectors(home, name, version)
-    keep = sample_positions(len(paths), DUPLICATE_LIMIT)
-    pairs = near_duplicates(vectors[keep], threshold)
-    return pd.DataFrame(
-        {
-            "score": [p.score for p in pairs],
-            "a": [paths[keep[p.a]] for p in pairs],
-            "b": [paths[keep[p.b]] for p in pairs],
-        }
-    )
+def duplicate_pairs(home: str, name: str, version: int, threshold: float | None) -> tuple[pd.DataFrame, float]:
+    """The pairs at or above `threshold` (None: the collection's own), and the threshold used."""
+    pairs, used = shared.search_service(name).near_duplicates(threshold, sample=DUPLICATE_LIMIT)
+    frame = pd.DataFrame({"score": [p.score for p in pairs], "a": [p.a for p in pairs], "b": [p.b for p in pairs]})
+    return frame, used
 
 
 main()

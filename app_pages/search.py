@@ -9,9 +9,8 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
+from simimg import DEFAULT_MAX_MB, UPLOAD_TYPES, Neighbor, Prediction, SearchService, validate_upload
 from simimg.app import audit_view, shared
-from simimg.dataset.uploads import DEFAULT_MAX_MB, UPLOAD_TYPES, validate_upload
-from simimg.query.service import Neighbor, Prediction, SearchService
 
 SEEN_UPLOAD_KEY = "upload_seen"
 CARD_MIN_PX = 210  # the results grid fits as many columns of at least this width as the window allows
@@ -19,7 +18,7 @@ CARD_MIN_PX = 210  # the results grid fits as many columns of at least this widt
 
 def main() -> None:
     with shared.friendly_errors():
-        service = shared.open_index("Search")
+        service = shared.index_header("Search")
         if service is None:
             return
         info = service.info()

@@ -1,7 +1,7 @@
 """Train: a classifier in seconds on the index's stored embeddings, or a full fine-tune with live curves.
 
 Either way the new model is kept as a version of the index and served when the run ends; Search keeps answering
-from the current model meanwhile. The run itself happens in a child process (simimg/jobs.py).
+from the current model meanwhile. The run itself happens in a child process (simimg/app/background.py).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+import simimg
+from simimg import ARCHITECTURES, DEFAULT_ARCH, TrainReport
 from simimg.app import shared
 from simimg.app.background import Task
 from simimg.app.forms import checked_folder, class_preview, folder_input, other_folder, weights_input
-from simimg.choices import ARCHITECTURES, DEFAULT_ARCH
-from simimg.jobs.train_config import TrainReport
 
 JOB_KIND = "train"
 QUICK, FULL = "quick", "full"
@@ -81,7 +81,7 @@ def quick_form_ui(data_dir: Path | None) -> None:
             name,
             f"Quick training of '{name}'",
             Task(
-                "simimg.api:train",
+                simimg.train,
                 {
                     "data_dir": str(data_dir),
                     "name": name,
@@ -138,7 +138,7 @@ def full_form_ui(data_dir: Path | None) -> None:
             name,
             f"Training of '{name}'",
             Task(
-                "simimg.api:train",
+                simimg.train,
                 {
                     "data_dir": str(data_dir),
                     "name": name,

@@ -21,7 +21,8 @@ from simimg.dataset.images import load_image
 from simimg.jobs.index import run_index
 from simimg.jobs.index_config import IndexJob
 from simimg.models.device import resolve_compute
-from simimg.models.encoder import infer, reuse_freed_memory
+from simimg.models.encoder import infer
+from simimg.memory import reuse_freed_memory
 from simimg.query.service import SearchService
 
 NAME = "bench"

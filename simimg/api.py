@@ -1,5 +1,5 @@
-"""simimg's public Python API: the names `import simimg` offers. The CLI, the app and the HTTP server are thin
-shells over these, so there is one code path for every job.
+"""simimg's public Python API: the functions `import simimg` offers. The CLI, the app and the HTTP server are thin
+shells over these (and the public types simimg/__init__.py names), so there is one code path for every job.
 
     import simimg
     simimg.build_index("data/pets", weights="none")              # embed every image, publish version 1
@@ -7,62 +7,33 @@ shells over these, so there is one code path for every job.
     pets = simimg.open_index("pets")
     pets.search("query.jpg", k=5)                               # neighbours and the predicted class
     simimg.serve(port=8000)                                     # the same, over HTTP (blocks)
+
+Each function imports its job when called: `import simimg`, `simimg --help`, `simimg models` and `simimg info`
+load neither torch nor OpenVINO.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from PIL import Image
-
-from simimg.dataset.images import load_image
-from simimg.errors import SimimgError
-from simimg.fsutil import atomic_target
-from simimg.jobs.audit import AuditJob, AuditReport, run_audit
-from simimg.jobs.evaluate import run_evaluation
-from simimg.jobs.index import run_index, switch_model
-from simimg.jobs.index_config import IndexJob, IndexReport
-from simimg.jobs.train import run_training
-from simimg.jobs.train_config import TrainConfig, TrainReport
-from simimg.models.encoder import Encoder
-from simimg.models.heatmaps import Explanation, overlay
-from simimg.progress import Hooks, Phase, Progress
-from simimg.query.service import SearchService
-from simimg.store.catalog import reading
+from simimg.errors import SimimgError, checked_options
 from simimg.store.layout import IndexFolder, resolve_home
-from simimg.store.model_store import (
-    ModelEntry,
-    list_models as _list_models,
-    load_model,
-    resolve_fingerprint,
-    serving_model,
-)
 
-__all__ = [  # noqa: RUF022 - as simimg._API lists them: the functions in the order defined here, then types
-    "build_index",
-    "open_index",
-    "train",
-    "evaluate",
-    "audit",
-    "explain",
-    "list_models",
-    "use_model",
-    "export_model",
-    "serve",
-    "Encoder",
-    "SearchService",
-    "IndexReport",
-    "TrainReport",
-    "AuditReport",
-    "Explanation",
-    "Hooks",
-]
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from simimg.dataset.splits import ClassCount
+    from simimg.jobs.audit_config import AuditReport
+    from simimg.jobs.index_config import IndexReport
+    from simimg.jobs.train_config import TrainReport
+    from simimg.models.heatmaps import Explanation
+    from simimg.progress import Hooks, Phase, Progress
+    from simimg.query.service import SearchService
+    from simimg.store.model_store import ModelEntry
 
 
+# --- jobs ---------------------------------------------------------------------------------------------
 def build_index(
     data_dir: str | Path,
     name: str | None = None,
@@ -80,21 +51,23 @@ def build_index(
     "ivfpq"); engine="ray" embeds on Ray Data (address, ray_actors, ray_shards). Only new or changed files are
     embedded.
     """
-    job = _config(
+    from simimg.jobs.index import run_index
+    from simimg.jobs.index_config import IndexJob
+
+    job = checked_options(
         IndexJob, data_dir=str(data_dir), name=name or folder_name(data_dir), home=str(resolve_home(home)), **options
     )
     return run_index(job, progress, on_phase)
 
 
-def open_index(
-    name: str, home: str | Path | None = None, device: str = "auto", precision: str = "auto"
-) -> SearchService:
-    """A warm index for queries: `.search(images, k, label, min_score)`, `.predict(images)`, `.info()`.
+def make_demo(home: str | Path | None = None, data_dir: str | Path | None = None, progress: Progress | None = None):
+    """Write a small generated collection (three classes of coloured scenes) and index it as 'demo': a fresh
+    machine works with no data and no download. `data_dir` defaults to the first data root's demo/ folder."""
+    from simimg.dataset.roots import data_roots
+    from simimg.jobs.demo import DemoJob, build_demo
 
-    It follows newly published versions (and their models) by itself, without being opened again. `precision`
-    "auto" runs the model in bf16 where the device has native bf16 units, else float32; "fp32" forces float32.
-    """
-    return SearchService(home, name, device, precision)
+    folder = data_dir if data_dir is not None else data_roots()[0] / "demo"
+    return build_demo(DemoJob(data_dir=str(folder), home=str(resolve_home(home))), progress)
 
 
 def train(
@@ -115,7 +88,11 @@ def train(
     weights="none"). `options` are `TrainConfig` fields (arch, weights, epochs, lr, image_size, batch_size, device,
     precision, resume, ...).
     """
-    config = _config(
+    from simimg.jobs.train import run_training
+    from simimg.jobs.train_config import TrainConfig
+    from simimg.progress import Hooks
+
+    config = checked_options(
         TrainConfig,
         data_dir=str(data_dir),
         name=name or folder_name(data_dir),
@@ -137,6 +114,8 @@ def evaluate(
 ) -> dict:
     """Accuracy, macro-F1, per-class metrics, confusion and retrieval (P@1, P@10, mAP) of NAME's serving model
     (or the kept `model`) on DATA_DIR/val, or on the validation images the model recorded when DATA_DIR is None."""
+    from simimg.jobs.evaluate import run_evaluation
+
     return run_evaluation(
         name,
         str(resolve_home(home)),
@@ -152,7 +131,7 @@ def audit(
     name: str | None = None,
     home: str | Path | None = None,
     progress: Progress | None = None,
-    on_phase: Callable[[str], None] | None = None,
+    on_phase: Phase | None = None,
     **options: Any,
 ) -> AuditReport:
     """Likely label errors, exact and near duplicates (cross-class, cross-split), outliers and class imbalance of
@@ -163,10 +142,70 @@ def audit(
     hears "reading", "embedding" (only when some images need it; `progress` counts them), "fitting" and "saving".
     `options` are `AuditJob` fields: device, batch_size, workers, val_split, seed, folds.
     """
-    job = _config(
+    from simimg.jobs.audit import run_audit
+    from simimg.jobs.audit_config import AuditJob
+
+    job = checked_options(
         AuditJob, data_dir=str(data_dir), name=name or folder_name(data_dir), home=str(resolve_home(home)), **options
     )
     return run_audit(job, progress, on_phase)
+
+
+def last_audit(name: str, home: str | Path | None = None) -> AuditReport | None:
+    """The audit last kept for index NAME (what `audit` returned then), or None when there is none."""
+    from simimg.jobs.audit_config import read_audit
+
+    return read_audit(IndexFolder.of(home, name))
+
+
+def use_model(
+    model: str,
+    name: str,
+    home: str | Path | None = None,
+    device: str = "auto",
+    progress: Progress | None = None,
+    precision: str = "auto",
+    on_phase: Phase | None = None,
+) -> IndexReport:
+    """Serve a kept model (a fingerprint, or a unique prefix of one), embedding only what it has no vectors for."""
+    from simimg.jobs.index import switch_model
+    from simimg.store.model_store import resolve_fingerprint
+
+    folder = IndexFolder.of(home, name)
+    return switch_model(
+        str(resolve_home(home)),
+        name,
+        resolve_fingerprint(folder, model),
+        device=device,
+        progress=progress,
+        precision=precision,
+        on_phase=on_phase,
+    )
+
+
+def upgrade_index(name: str, home: str | Path | None = None) -> bool:
+    """Convert an index made by simimg 0.1 to this layout in place; False when it already was in it."""
+    from simimg.jobs.upgrade import upgrade
+
+    folder = IndexFolder.of(home, name)
+    if not folder.catalog.exists() and not folder.root.is_dir():
+        raise SimimgError(f"no index named '{name}' in {folder.root.parent}")
+    return upgrade(folder)
+
+
+# --- queries ------------------------------------------------------------------------------------------
+def open_index(
+    name: str, home: str | Path | None = None, device: str = "auto", precision: str = "auto"
+) -> SearchService:
+    """A warm index for queries: `.search(images, k, label, min_score)`, `.predict(images)`, `.info()`, and what
+    the app shows: `.browse(label, page)`, `.near_duplicates()`, `.score_landmarks()`, `.map_2d(method)`.
+
+    It follows newly published versions (and their models) by itself, without being opened again. `precision`
+    "auto" runs the model in bf16 where the device has native bf16 units, else float32; "fp32" forces float32.
+    """
+    from simimg.query.service import SearchService
+
+    return SearchService(home, name, device, precision)
 
 
 def explain(
@@ -182,99 +221,143 @@ def explain(
     """Where NAME's serving model looks in `image`: a class activation map of the predicted class (or `label`),
     or, given a `neighbor`, of the two images' cosine similarity (no classifier needed). The map has the image's
     own size; `out` also writes it over the image as a PNG of that size."""
+    from simimg.dataset.images import load_image
+    from simimg.fsutil import atomic_target
+
     service = open_index(name, home, device)
     try:
         result = service.explain(image, neighbor, label, method)
-        full = image if isinstance(image, Image.Image) else load_image(service.gallery_file(image))
+        full = image if not isinstance(image, (str, Path)) else load_image(service.gallery_file(image))
     finally:
         service.close()
     result = result.resized(full.size)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         with atomic_target(out) as tmp:
-            overlay(full, result.heatmap).save(tmp, "PNG")
+            result.overlay(full).save(tmp, "PNG")
     return result
+
+
+# --- what an index holds, without loading its model ----------------------------------------------------
+def list_indexes(home: str | Path | None = None) -> list[str]:
+    """The names of the indexes under HOME, most recently changed first."""
+    from simimg.store.layout import list_indexes as folders
+
+    return [folder.name for folder in folders(home)]
+
+
+def index_info(name: str, home: str | Path | None = None) -> dict:
+    """What index NAME serves: counts per label, its model (arch, kind, classes), version, FAISS kind and collection
+    folder; read from the catalog and model.json only (no model, no FAISS: `simimg info`)."""
+    from simimg.store.summary import read_summary
+
+    return read_summary(IndexFolder.of(home, name))
+
+
+def serving_model(name: str, home: str | Path | None = None) -> str | None:
+    """The fingerprint of the model index NAME serves; None while its first build has not finished."""
+    from simimg.store.model_store import serving_model as served
+
+    folder = IndexFolder.of(home, name)
+    if not folder.catalog.exists():
+        raise SimimgError(f"no index named '{name}' in {folder.root.parent}")
+    return served(folder, required=False)
+
+
+def collection_folder(name: str, home: str | Path | None = None) -> Path | None:
+    """The folder index NAME was built from (what `train --head-only` and `audit` hold it to); None if unknown."""
+    from simimg.jobs.train_head import collection_folder as recorded
+
+    folder = IndexFolder.of(home, name)
+    return recorded(folder) if folder.catalog.exists() else None
 
 
 def list_models(name: str, home: str | Path | None = None) -> list[ModelEntry]:
     """Every model NAME keeps, newest first, with the one its published version serves marked `serving`."""
-    folder = IndexFolder.of(home, name)
-    if not folder.catalog.exists():
-        raise SimimgError(f"no index named '{name}' in {folder.root.parent}")
-    with reading(folder.catalog) as catalog:
-        published = catalog.published()
-    return _list_models(folder, published.model if published else None)
+    from simimg.store.model_store import list_models as kept
 
-
-def use_model(
-    model: str,
-    name: str,
-    home: str | Path | None = None,
-    device: str = "auto",
-    progress: Progress | None = None,
-    precision: str = "auto",
-    on_phase: Phase | None = None,
-) -> IndexReport:
-    """Serve a kept model (a fingerprint, or a unique prefix of one), embedding only what it has no vectors for."""
     folder = IndexFolder.of(home, name)
-    return switch_model(
-        str(resolve_home(home)),
-        name,
-        resolve_fingerprint(folder, model),
-        device=device,
-        progress=progress,
-        precision=precision,
-        on_phase=on_phase,
-    )
+    return kept(folder, serving_model(name, home))
 
 
 def export_model(
-    name: str, out: str | Path, format: str = "onnx", home: str | Path | None = None, model: str | None = None
-) -> dict:
-    """Write NAME's serving model (or the kept `model`) to `out`: ONNX checked against onnxruntime, or the
-    safetensors bundle folder as a zip. Returns what was written and checked."""
-    from simimg.models.export import FORMATS, export_bundle, export_onnx
-
-    if format not in FORMATS:
-        raise SimimgError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
-    folder = IndexFolder.of(home, name)
-    fingerprint = resolve_fingerprint(folder, model) if model else serving_model(folder)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if format == "bundle":
-        return {"model": fingerprint, **export_bundle(folder.model_dir(fingerprint), out)}
-    return {"model": fingerprint, **export_onnx(load_model(folder, fingerprint), out)}
-
-
-def serve(
+    name: str,
+    out: str | Path | None = None,
+    format: str = "onnx",
     home: str | Path | None = None,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    workers: int = 1,
-    token: str | None = None,
-    **options: Any,
-) -> None:
-    """Serve HOME's indexes over HTTP until interrupted (`simimg serve`); see the README's "The HTTP API".
+    model: str | None = None,
+) -> dict:
+    """Write NAME's serving model (or the kept `model`) to `out` (default: `export_path`): ONNX checked against
+    onnxruntime, or the safetensors bundle folder as a zip. Returns what was written and checked."""
+    from simimg.choices import EXPORT_FORMATS
+    from simimg.models.export import export_bundle, export_onnx
+    from simimg.store.model_store import load_model, resolve_fingerprint, serving_model as served
 
-    `token` (default `$SIMIMG_API_TOKEN`) makes every request but /healthz need `Authorization: Bearer <token>`;
-    without one only a loopback `host` is allowed. `options` are `ServeConfig` fields (device, max_batch,
-    max_wait_ms, max_queue, timeout_s, max_mb, max_pixels, max_files, threads, access_log).
-    """
-    from simimg.http.server import TOKEN_ENV, ServeConfig, run_server  # FastAPI and uvicorn load only for a server
+    if format not in EXPORT_FORMATS:
+        raise SimimgError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    folder = IndexFolder.of(home, name)
+    fingerprint = resolve_fingerprint(folder, model) if model else served(folder)
+    target = Path(out) if out is not None else export_path(name, fingerprint, format, home)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if format == "bundle":
+        return {"model": fingerprint, **export_bundle(folder.model_dir(fingerprint), target)}
+    return {"model": fingerprint, **export_onnx(load_model(folder, fingerprint), target)}
 
-    config = _config(ServeConfig, home=str(resolve_home(home)), host=host, port=port, workers=workers, **options)
-    run_server(config, token or os.environ.get(TOKEN_ENV) or None)
+
+def export_path(name: str, model: str, format: str = "onnx", home: str | Path | None = None) -> Path:
+    """Where `export_model` writes a kept model by default: HOME/NAME/exports/<fingerprint>/model.onnx (or .zip)."""
+    return IndexFolder.of(home, name).export_dir(model) / ("model.onnx" if format == "onnx" else "model.zip")
+
+
+def model_info(
+    arch: str, image_size: int = 224, device: str = "auto", batch_size: int = 32, memory_efficient: bool = False
+) -> dict:
+    """Parameters, GFLOPs per image, embedding size and, on CUDA, peak training memory of a backbone."""
+    from simimg.models.info import model_info as measure
+
+    return measure(arch, image_size, device, batch_size, memory_efficient)
+
+
+def imagenet_weights(arch: str) -> tuple[Path, bool]:
+    """Where torchvision keeps `arch`'s ImageNet weights, and whether the file is on this machine."""
+    from simimg.models.net import imagenet_cached, weights_file
+
+    return weights_file(arch), imagenet_cached(arch)
+
+
+# --- folders ------------------------------------------------------------------------------------------
+def data_roots() -> list[Path]:
+    """The folders a shell may read collections from: ./data, plus $SIMIMG_DATA_ROOTS (os.pathsep-separated)."""
+    from simimg.dataset.roots import data_roots as roots
+
+    return roots()
+
+
+def list_collections() -> list[Path]:
+    """The folders of class folders found directly under the data roots."""
+    from simimg.dataset.roots import data_roots as roots, list_collections as found
+
+    return found(roots())
+
+
+def check_data_dir(text: str) -> Path:
+    """The folder `text` names, resolved, only when it lies under a data root; else a SimimgError saying why."""
+    from simimg.dataset.roots import data_roots as roots, resolve_data_dir
+
+    return resolve_data_dir(text, roots())
+
+
+def class_counts(data_dir: str | Path, val_split: float | None = None) -> tuple[str, list[ClassCount]]:
+    """How a training run would split DATA_DIR: where its validation images come from, and per class the train
+    and validation counts of the files that open as images (headers only) and the paths of those that do not."""
+    from simimg.dataset.splits import class_counts as count, split_dataset
+    from simimg.jobs.train_config import TrainConfig
+
+    share = TrainConfig.val_split if val_split is None else val_split
+    split = split_dataset(data_dir, share)
+    return split.source(share), count(split)
 
 
 def folder_name(data_dir: str | Path) -> str:
     """The default index name: the folder's own name (`data/pets` -> `pets`)."""
     return Path(data_dir).resolve().name
-
-
-def _config(cls: type, **values: Any) -> Any:
-    """A job config from keyword options; an unknown option is a user error that lists the known ones."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise SimimgError(f"unknown option(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
-    return cls(**values)

@@ -12,3 +12,4 @@ INDEX_KINDS = ("flat", "ivf", "ivfpq")  # FAISS structures (store/ann.py); "auto
 ENGINES = ("local", "ray")  # where `simimg index` embeds: this process, or Ray Data
 EXPLAIN_METHODS = ("gradcam", "gradcam++", "layercam")  # class activation maps (models/heatmaps.py)
 EXPORT_FORMATS = ("onnx", "bundle")  # `simimg export` (models/export.py)
+PROJECTIONS = ("pca", "tsne")  # the Inspect map and `SearchService.map_2d`: PCA (fast) or t-SNE

@@ -10,13 +10,24 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from simimg import api
-from simimg.choices import ARCHITECTURES, INDEX_KINDS, PRECISIONS
+import simimg
+from simimg import (
+    ARCHITECTURES,
+    DEFAULT_ARCH,
+    ENGINES,
+    EXPLAIN_METHODS,
+    EXPORT_FORMATS,
+    INDEX_KINDS,
+    PRECISIONS,
+    AuditJob,
+    IndexJob,
+    ServeConfig,
+    TrainConfig,
+)
 from simimg.errors import SimimgError
-from simimg.models.heatmaps import METHODS
 
 if TYPE_CHECKING:
-    from simimg.progress import EpochStats
+    from simimg import AuditReport, EpochStats, IndexReport, TrainReport
 
 log = logging.getLogger("simimg")
 
@@ -29,9 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from simimg.models.encoder import reuse_freed_memory
-
-    reuse_freed_memory()  # process-wide allocator tuning: the entry point opts in, the library never does
+    simimg.reuse_freed_memory()  # process-wide allocator tuning: the entry point opts in, the library never does
     try:
         return args.run(args) or 0
     except SimimgError as err:
@@ -86,16 +95,17 @@ def add_home(p: argparse.ArgumentParser, name_required: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout, nothing else")
 
 
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", choices=sorted(ARCHITECTURES), help="backbone (default densenet121)")
+def add_model_options(p: argparse.ArgumentParser, config: type[IndexJob] | type[TrainConfig]) -> None:
+    """The model and compute options `simimg index` and `simimg train` share; defaults from the job's config."""
+    p.add_argument("--arch", choices=sorted(ARCHITECTURES), help=f"backbone (default {DEFAULT_ARCH})")
     p.add_argument(
         "--weights",
         help="imagenet (default, torchvision's weights API), none (random init), "
         "or PATH to a state dict or an earlier simimg model folder",
     )
     p.add_argument("--image-size", type=positive_int, help="crop size in pixels (default 224)")
-    add_compute(p)
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    add_compute(p, config)
+    p.add_argument("--batch-size", type=positive_int, default=config.batch_size, help="(default %(default)s)")
     p.add_argument(
         "--workers",
         type=non_negative_int,
@@ -103,12 +113,12 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_compute(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto: CUDA when present)")
+def add_compute(p: argparse.ArgumentParser, config: type = IndexJob) -> None:
+    p.add_argument("--device", default=config.device, help="auto, cpu or cuda (default auto: CUDA when present)")
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
-        default="auto",
+        default=config.precision,
         help="auto (default): bf16 where the device has native bf16 units (CUDA, or a CPU with "
         "AVX512-BF16 or AMX), else fp32 (CPU training: fp32); fp32 or bf16 force one",
     )
@@ -145,12 +155,12 @@ class ProgressBar:
 def _index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data_dir", metavar="DATA_DIR", help="folder of images, root/<class>/<image>")
     add_home(p, name_required=False)
-    add_model_options(p)
+    add_model_options(p, IndexJob)
     p.add_argument(
         "--chunk-size",
         type=positive_int,
-        default=512,
-        help="commit embeddings every this many images, so an interrupted run resumes (default 512)",
+        default=IndexJob.chunk_size,
+        help="commit embeddings every this many images, so an interrupted run resumes (default %(default)s)",
     )
     p.add_argument(
         "--compile",
@@ -166,8 +176,8 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("the ray engine (pip install 'simimg[ray]'; see docs/SCALING.md)")
     group.add_argument(
         "--engine",
-        choices=("local", "ray"),
-        default="local",
+        choices=ENGINES,
+        default=IndexJob.engine,
         help="where images are embedded: this process (default), or Ray Data on a cluster",
     )
     group.add_argument(
@@ -188,10 +198,10 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_index(args: argparse.Namespace) -> int:
-    name = args.name or api.folder_name(args.data_dir)
+    name = args.name or simimg.folder_name(args.data_dir)
     bar = ProgressBar(f"index {name}")
     try:
-        report = api.build_index(
+        report = simimg.build_index(
             args.data_dir,
             name,
             args.home,
@@ -217,7 +227,7 @@ def _run_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_index_report(report: api.IndexReport) -> None:
+def print_index_report(report: IndexReport) -> None:
     print(
         f"{report.name}: embedded {report.indexed}, removed {report.removed}, {report.total} in the index "
         f"(version {report.version}, model {report.model}, {report.seconds:.1f} s on {report.device})"
@@ -242,7 +252,7 @@ def _query_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_query(args: argparse.Namespace) -> int:
-    index = api.open_index(args.name, args.home, args.device, args.precision)
+    index = simimg.open_index(args.name, args.home, args.device, args.precision)
     images = args.images[0] if len(args.images) == 1 else args.images  # one bad file alone is an error
     found = index.search(images, args.k, args.label, args.min_score)
     results = [found] if len(args.images) == 1 else found
@@ -268,7 +278,7 @@ def _info_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    info = api.open_index(args.name, args.home, "cpu").info()
+    info = simimg.index_info(args.name, args.home)
 
     def human() -> None:
         for key, value in info.items():
@@ -285,13 +295,18 @@ def _run_info(args: argparse.Namespace) -> int:
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data_dir", metavar="DATA_DIR", help="root/<class>/<image>, or root/{train,val}/<class>/<image>")
     add_home(p, name_required=False)
-    add_model_options(p)
-    p.set_defaults(batch_size=32)
+    add_model_options(p, TrainConfig)
+    p.set_defaults(weights=TrainConfig.weights, image_size=TrainConfig.image_size)
     p.add_argument(
         "--epochs", type=positive_int, help="default: 15 from pretrained weights, 80 from scratch (--weights none)"
     )
     p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 pretrained, 2e-3 from scratch)")
-    p.add_argument("--val-split", type=float, default=0.2, help="validation share when there is no val/ folder")
+    p.add_argument(
+        "--val-split",
+        type=float,
+        default=TrainConfig.val_split,
+        help="validation share when there is no val/ folder (default %(default)s)",
+    )
     p.add_argument("--freeze-epochs", type=int, help="head-only warm-up epochs (default: 3 pretrained, 0 scratch)")
     p.add_argument(
         "--patience",
@@ -300,7 +315,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
         "counted once the learning rate is below half its peak "
         "(default: 5 pretrained, 20 scratch)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--memory-efficient", action="store_true", help="DenseNet checkpointing: less memory, slower")
     p.add_argument(
@@ -362,21 +377,21 @@ def _run_train(args: argparse.Namespace) -> int:
             "embed_missing",
             "batch_size",
             "index",
+            "weights",
+            "image_size",
         )
     }
     bars = TrainBars()
-    hooks = api.Hooks(
+    hooks = simimg.Hooks(
         on_epoch=bars.on_epoch, progress=lambda done, total: bars.bar(done, total), on_phase=bars.on_phase
     )
     try:
-        report = api.train(
+        report = simimg.train(
             args.data_dir,
             args.name,
             args.home,
             head_only=args.head_only,
             hooks=hooks,
-            weights=args.weights or "imagenet",
-            image_size=args.image_size or 224,
             **options,
         )
     finally:
@@ -385,7 +400,7 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_train_report(report: api.TrainReport) -> None:
+def print_train_report(report: TrainReport) -> None:
     if report.kind == "head":
         h = report.head
         print(
@@ -417,7 +432,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_home(p)
     add_compute(p)
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64, help="(default %(default)s)")
     p.add_argument("--workers", type=non_negative_int)
     p.add_argument("--model", help="a kept model's fingerprint (or a unique prefix); default: the one serving")
 
@@ -425,7 +440,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     bar = ProgressBar(f"evaluate {args.name}")
     try:
-        result = api.evaluate(
+        result = simimg.evaluate(
             args.data_dir,
             args.name,
             args.home,
@@ -467,7 +482,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _model_info_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", choices=sorted(ARCHITECTURES), default="densenet121")
+    p.add_argument("--arch", choices=sorted(ARCHITECTURES), default=DEFAULT_ARCH)
     p.add_argument("--image-size", type=positive_int, default=224)
     p.add_argument("--batch-size", type=positive_int, default=32, help="batch for the CUDA peak training memory")
     p.add_argument("--device", default="auto")
@@ -476,9 +491,7 @@ def _model_info_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_model_info(args: argparse.Namespace) -> int:
-    from simimg.models.info import model_info
-
-    info = model_info(args.arch, args.image_size, args.device, args.batch_size, args.memory_efficient)
+    info = simimg.model_info(args.arch, args.image_size, args.device, args.batch_size, args.memory_efficient)
 
     def human() -> None:
         for key, value in info.items():
@@ -492,24 +505,26 @@ def _run_model_info(args: argparse.Namespace) -> int:
 def _audit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data_dir", metavar="DATA_DIR", help="root/<class>/<image>, or root/{train,val}/<class>/<image>")
     add_home(p, name_required=False)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--device", default=AuditJob.device)
+    p.add_argument("--batch-size", type=positive_int, default=AuditJob.batch_size, help="(default %(default)s)")
     p.add_argument("--workers", type=non_negative_int)
     p.add_argument(
         "--val-split",
         type=float,
-        default=0.2,
-        help="without train/ and val/ folders, the seeded split `simimg train` would make (default 0.2)",
+        default=AuditJob.val_split,
+        help="without train/ and val/ folders, the seeded split `simimg train` would make (default %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--folds", type=positive_int, default=5, help="cross-validation folds for the label check")
+    p.add_argument("--seed", type=int, default=AuditJob.seed)
+    p.add_argument(
+        "--folds", type=positive_int, default=AuditJob.folds, help="cross-validation folds for the label check"
+    )
     p.add_argument("--show", type=non_negative_int, default=20, help="findings of each kind to print (default 20)")
 
 
 def _run_audit(args: argparse.Namespace) -> int:
-    bar = ProgressBar(f"audit {args.name or api.folder_name(args.data_dir)}")
+    bar = ProgressBar(f"audit {args.name or simimg.folder_name(args.data_dir)}")
     try:
-        report = api.audit(
+        report = simimg.audit(
             args.data_dir,
             args.name,
             args.home,
@@ -527,7 +542,7 @@ def _run_audit(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_audit_report(report: api.AuditReport, show: int) -> None:
+def print_audit_report(report: AuditReport, show: int) -> None:
     s = report.summary
     balance = s["imbalance"]
     print(
@@ -566,13 +581,16 @@ def _explain_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--label", help="explain this class instead of the predicted one")
     p.add_argument(
-        "--method", choices=METHODS, default="gradcam", help="the grad-cam library's method (default gradcam)"
+        "--method",
+        choices=EXPLAIN_METHODS,
+        default=EXPLAIN_METHODS[0],
+        help="the grad-cam library's method (default %(default)s)",
     )
     p.add_argument("--device", default="auto")
 
 
 def _run_explain(args: argparse.Namespace) -> int:
-    result = api.explain(
+    result = simimg.explain(
         args.image,
         args.name,
         args.home,
@@ -605,7 +623,7 @@ def _models_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    entries = api.list_models(args.name, args.home)
+    entries = simimg.list_models(args.name, args.home)
 
     def human() -> None:
         for m in entries:
@@ -628,7 +646,7 @@ def _use_arguments(p: argparse.ArgumentParser) -> None:
 def _run_use(args: argparse.Namespace) -> int:
     bar = ProgressBar(f"use {args.fingerprint}")
     try:
-        report = api.use_model(
+        report = simimg.use_model(
             args.fingerprint, args.name, args.home, args.device, progress=bar, precision=args.precision
         )
     finally:
@@ -642,15 +660,15 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="the file to write (e.g. model.onnx, or model.zip for a bundle)")
     p.add_argument(
         "--format",
-        choices=["onnx", "bundle"],
-        default="onnx",
+        choices=EXPORT_FORMATS,
+        default=EXPORT_FORMATS[0],
         help="onnx (checked against onnxruntime) or bundle (model.json + model.safetensors, zipped)",
     )
     p.add_argument("--model", help="a kept model's fingerprint (or a unique prefix); default: the one serving")
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    written = api.export_model(args.name, args.out, args.format, args.home, args.model)
+    written = simimg.export_model(args.name, args.out, args.format, args.home, args.model)
     emit(
         args,
         written,
@@ -664,10 +682,7 @@ def _upgrade_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_upgrade(args: argparse.Namespace) -> int:
-    from simimg.jobs.upgrade import upgrade
-    from simimg.store.layout import IndexFolder
-
-    changed = upgrade(IndexFolder.of(args.home, args.name))
+    changed = simimg.upgrade_index(args.name, args.home)
     emit(
         args,
         {"name": args.name, "upgraded": changed},
@@ -681,39 +696,51 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--home", help="where indexes live (default: $SIMIMG_HOME, else ./indexes)")
     p.add_argument(
         "--host",
-        default="127.0.0.1",
-        help="address to bind (default 127.0.0.1); any other than loopback needs $SIMIMG_API_TOKEN",
+        default=ServeConfig.host,
+        help="address to bind (default %(default)s); any other than loopback needs $SIMIMG_API_TOKEN",
     )
-    p.add_argument("--port", type=non_negative_int, default=8000)
+    p.add_argument("--port", type=non_negative_int, default=ServeConfig.port, help="(default %(default)s)")
     p.add_argument(
         "--workers",
         type=positive_int,
-        default=1,
-        help="server processes, each with its own warm models (default 1: one per machine suits a CPU)",
+        default=ServeConfig.workers,
+        help="server processes, each with its own warm models (default %(default)s: one per machine suits a CPU)",
     )
-    p.add_argument("--device", default="auto")
-    p.add_argument("--max-batch", type=positive_int, default=16, help="images per forward pass at most (default 16)")
+    p.add_argument("--device", default=ServeConfig.device)
+    p.add_argument(
+        "--max-batch",
+        type=positive_int,
+        default=ServeConfig.max_batch,
+        help="images per forward pass at most (default %(default)s)",
+    )
     p.add_argument(
         "--max-wait-ms",
         type=float,
-        default=5.0,
-        help="how long the oldest waiting image waits for others to join its batch (default 5)",
+        default=ServeConfig.max_wait_ms,
+        help="how long the oldest waiting image waits for others to join its batch (default %(default)s)",
     )
     p.add_argument(
         "--max-queue",
         type=positive_int,
-        default=64,
-        help="images (and requests) waiting at most; beyond, 503 at once (default 64)",
+        default=ServeConfig.max_queue,
+        help="images (and requests) waiting at most; beyond, 503 at once (default %(default)s)",
     )
     p.add_argument(
         "--timeout",
         dest="timeout_s",
         type=float,
-        default=30.0,
-        help="seconds a request may wait for its answer; 504 after (default 30)",
+        default=ServeConfig.timeout_s,
+        help="seconds a request may wait for its answer; 504 after (default %(default)s)",
     )
-    p.add_argument("--max-mb", type=float, default=20.0, help="largest upload in MB (default 20)")
-    p.add_argument("--max-files", type=positive_int, default=16, help="images per request at most (default 16)")
+    p.add_argument(
+        "--max-mb", type=float, default=ServeConfig.max_mb, help="largest upload in MB (default %(default)s)"
+    )
+    p.add_argument(
+        "--max-files",
+        type=positive_int,
+        default=ServeConfig.max_files,
+        help="images per request at most (default %(default)s)",
+    )
     p.add_argument(
         "--threads",
         type=positive_int,
@@ -727,7 +754,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         key: getattr(args, key)
         for key in ("device", "max_batch", "max_wait_ms", "max_queue", "timeout_s", "max_mb", "max_files", "threads")
     }
-    api.serve(args.home, args.host, args.port, args.workers, access_log=args.verbose, **options)
+    simimg.serve(args.home, args.host, args.port, args.workers, access_log=args.verbose, **options)
     return 0
 
 

@@ -1,5 +1,12 @@
 """The one exception type for problems a user can cause and fix."""
 
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
 
 class SimimgError(Exception):
     """A user-facing error; its message says what went wrong and what to do."""
@@ -19,3 +26,12 @@ class ImageTooLargeError(BadImageError):
 
 class NotAnImageError(BadImageError):
     """Data no image decoder recognises (text, random bytes): the wrong kind of file, not a damaged image."""
+
+
+def checked_options(cls: type[T], **values: Any) -> T:
+    """A config dataclass from keyword options; an unknown option is a user error that lists the known ones."""
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SimimgError(f"unknown option(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+    return cls(**values)

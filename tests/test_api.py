@@ -62,9 +62,9 @@ def test_the_public_names_and_a_light_import():
 def test_importing_the_library_changes_nothing_process_wide():
     """No plotting backend chosen, no allocator tuning: only the entry points opt in."""
     code = (
-        "import matplotlib; before = matplotlib.get_backend(); import simimg.api, simimg.jobs.train, simimg.analysis.plots; "
-        "import simimg.models.encoder; print(before == matplotlib.get_backend(), "
-        "simimg.models.encoder.reuse_freed_memory.cache_info().hits + simimg.models.encoder.reuse_freed_memory.cache_info().misses)"
+        "import matplotlib; before = matplotlib.get_backend(); import simimg.api, simimg.jobs.train, "
+        "simimg.analysis.plots, simimg.memory; info = simimg.memory.reuse_freed_memory.cache_info(); "
+        "print(before == matplotlib.get_backend(), info.hits + info.misses)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.split() == ["True", "0"], out.stderr[-2000:]

@@ -14,6 +14,7 @@ from PIL import Image
 from streamlit import config as st_config
 from streamlit.testing.v1 import AppTest
 
+import job_tasks
 from conftest import ROOT, make_class_images, run_cli
 
 APP = str(ROOT / "app.py")
@@ -322,7 +323,7 @@ def test_a_second_session_cannot_start_a_writer_on_a_busy_index(
         "shapes",
         "train",
         "Training of 'shapes'",
-        Task("job_tasks:wait_for", {"path": str(release)}),
+        Task(job_tasks.wait_for, {"path": str(release)}),
         owner="another tab",
     )
     monkeypatch.setattr(shared, "board", lambda: board)  # the process's board, as another tab left it
@@ -347,7 +348,7 @@ def test_another_tab_cancels_a_running_build_after_confirming(
         "shapes",
         "build",
         "Indexing shapes into 'shapes'",
-        Task("job_tasks:wait_for", {"path": str(tmp_path / "never")}),
+        Task(job_tasks.wait_for, {"path": str(tmp_path / "never")}),
         owner="a closed tab",
     )
     monkeypatch.setattr(shared, "board", lambda: board)
@@ -527,3 +528,15 @@ def test_explain_skips_the_query_itself_and_draws_no_flat_map(indexed: Path):
     assert not at.exception and at.image[0].captions == [Path(picked).name]
     chooser = at.selectbox(key="explain-target")
     assert len(chooser.options) == 11 and not any(o.endswith(picked) for o in chooser.options)
+
+
+def test_confusion_cell_filters_and_sorts():
+    from simimg.app import shared
+
+    items = [
+        {"path": "a", "label": "ant", "predicted": "bee", "probability": 0.6},
+        {"path": "b", "label": "ant", "predicted": "bee", "probability": 0.9},
+        {"path": "c", "label": "bee", "predicted": "ant", "probability": 0.7},
+    ]
+    assert [it["path"] for it in shared.confusion_cell(items, "ant", "bee")] == ["b", "a"]
+    assert shared.confusion_cell(items, "ant", "ant") == []

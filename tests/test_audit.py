@@ -15,13 +15,13 @@ from simimg.analysis.findings import (
     crosses,
     exact_duplicates,
     label_issues,
-    near_duplicate_threshold,
     near_duplicates,
     out_of_fold_probabilities,
     outliers,
 )
+from simimg.analysis.neighbours import near_duplicate_threshold
 from simimg.errors import SimimgError
-from simimg.jobs.audit import read_audit
+from simimg.jobs.audit_config import read_audit
 from simimg.jobs.index import run_index
 from simimg.jobs.index_config import IndexJob
 from simimg.store.layout import IndexFolder

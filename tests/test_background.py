@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import job_tasks
 from simimg.app.background import JobBoard, Task
 from simimg.errors import SimimgError
 
@@ -21,25 +22,25 @@ def finished(job, timeout: float = 60.0):
 
 
 def test_a_job_runs_in_its_own_process_and_reports_progress_and_result():
-    job = finished(JobBoard().start("pets", "build", "Indexing pets", Task("job_tasks:count", {"n": 3}), owner="tab"))
+    job = finished(JobBoard().start("pets", "build", "Indexing pets", Task(job_tasks.count, {"n": 3}), owner="tab"))
     assert job.error is None and job.result != os.getpid() and isinstance(job.result, int)
     assert (job.done, job.total, job.fraction(), job.owner) == (3, 3, 1.0, "tab")
 
 
 def test_a_second_writer_on_the_same_index_is_refused_naming_the_first(tmp_path: Path):
     board, release = JobBoard(), tmp_path / "release"
-    first = board.start("pets", "train", "Training of 'pets'", Task("job_tasks:wait_for", {"path": str(release)}))
+    first = board.start("pets", "train", "Training of 'pets'", Task(job_tasks.wait_for, {"path": str(release)}))
     try:
         with pytest.raises(SimimgError, match="index 'pets' is busy: Training of 'pets' has been running"):
-            board.start("pets", "build", "Indexing pets", Task("job_tasks:count", {"n": 1}), owner="tab-2")
-        other = board.start("cars", "build", "Indexing cars", Task("job_tasks:count", {"n": 1}))  # another index
-        reader = board.start("pets", "evaluate", "Evaluation", Task("job_tasks:count", {"n": 1}))  # readers run beside
+            board.start("pets", "build", "Indexing pets", Task(job_tasks.count, {"n": 1}), owner="tab-2")
+        other = board.start("cars", "build", "Indexing cars", Task(job_tasks.count, {"n": 1}))  # another index
+        reader = board.start("pets", "evaluate", "Evaluation", Task(job_tasks.count, {"n": 1}))  # readers run beside
         finished(other), finished(reader)
         assert board.running("pets") == [first] and reader.error is None
     finally:
         release.touch()
     assert finished(first).result == "released"
-    assert board.start("pets", "build", "Indexing pets", Task("job_tasks:count", {"n": 1})) is not None
+    assert board.start("pets", "build", "Indexing pets", Task(job_tasks.count, {"n": 1})) is not None
 
 
 @pytest.mark.parametrize(
@@ -51,7 +52,7 @@ def test_a_second_writer_on_the_same_index_is_refused_naming_the_first(tmp_path:
     ],
 )
 def test_errors_and_a_dead_child_become_the_jobs_message(function: str, message: str):
-    job = finished(JobBoard().start("a", "build", "A", Task(f"job_tasks:{function}", callbacks="")))
+    job = finished(JobBoard().start("a", "build", "A", Task(getattr(job_tasks, function), callbacks="")))
     assert job.error == message and job.result is None
 
 
@@ -64,7 +65,7 @@ def test_a_job_reports_its_steps_from_the_start_and_estimates_the_time_left(monk
         "pets",
         "build",
         "Indexing pets",
-        Task("job_tasks:steps", {"names": ["scanning", "embedding"]}, callbacks="phases"),
+        Task(job_tasks.steps, {"names": ["scanning", "embedding"]}, callbacks="phases"),
     )
     finished(job)
     phases = [m[1] for m in messages if m[0] == "phase"]
@@ -85,7 +86,7 @@ def test_seconds_left_follows_the_current_steps_rate():
 
 
 def test_cancelling_a_job_without_hooks_ends_its_process_and_is_no_error(tmp_path: Path):
-    job = JobBoard().start("pets", "build", "Indexing pets", Task("job_tasks:wait_for", {"path": str(tmp_path / "x")}))
+    job = JobBoard().start("pets", "build", "Indexing pets", Task(job_tasks.wait_for, {"path": str(tmp_path / "x")}))
     time.sleep(0.5)
     job.stop.set()
     finished(job, timeout=30)

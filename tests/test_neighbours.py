@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from simimg.analysis.neighbours import confusion_cell, near_duplicates, project_2d, sample_positions
+from simimg.analysis.neighbours import near_duplicates, project_2d, sample_positions
 
 
 def unit(rows: np.ndarray) -> np.ndarray:
@@ -41,16 +41,17 @@ def test_near_duplicates_finds_planted_pairs_best_first():
     rng = np.random.default_rng(2)
     copies = unit(vectors[[3, 17]] + rng.normal(scale=[[0.001], [0.01]], size=(2, 64)))
     every = np.concatenate([vectors, copies])
-    pairs = near_duplicates(every, threshold=0.99)
+    pairs, used = near_duplicates(every, threshold=0.99)
+    assert used == 0.99
     assert [(p.a, p.b) for p in pairs] == [(3, 30), (17, 31)]
     assert pairs[0].score > pairs[1].score >= 0.99
-    assert near_duplicates(every, threshold=1.01) == []
-    assert near_duplicates(every[:1], threshold=0.5) == []
+    assert near_duplicates(every, threshold=1.01)[0] == []
+    assert near_duplicates(every[:1], threshold=0.5)[0] == []
 
 
 def test_near_duplicates_at_a_low_threshold_stays_bounded():
     vectors = unit(np.ones((50, 8)) + np.random.default_rng(0).normal(scale=0.01, size=(50, 8)))
-    pairs = near_duplicates(vectors, threshold=0.0, neighbors=3, limit=1000)
+    pairs, _ = near_duplicates(vectors, threshold=0.0, neighbors=3, limit=1000)
     assert 0 < len(pairs) <= 50 * 3
     assert len({(p.a, p.b) for p in pairs}) == len(pairs) and all(p.a < p.b for p in pairs)
 
@@ -59,13 +60,3 @@ def test_sample_positions_is_stable_and_capped():
     assert list(sample_positions(5, 10)) == [0, 1, 2, 3, 4]
     first, again = sample_positions(1000, 20), sample_positions(1000, 20)
     assert len(first) == 20 and list(first) == sorted(first) and (first == again).all()
-
-
-def test_confusion_cell_filters_and_sorts():
-    items = [
-        {"path": "a", "label": "ant", "predicted": "bee", "probability": 0.6},
-        {"path": "b", "label": "ant", "predicted": "bee", "probability": 0.9},
-        {"path": "c", "label": "bee", "predicted": "ant", "probability": 0.7},
-    ]
-    assert [it["path"] for it in confusion_cell(items, "ant", "bee")] == ["b", "a"]
-    assert confusion_cell(items, "ant", "ant") == []

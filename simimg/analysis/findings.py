@@ -18,14 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from simimg.analysis.classifier import fit_head, logistic_regression
-from simimg.analysis.neighbours import nearest, pairs_above
+from simimg.analysis.neighbours import NEIGHBORS, near_duplicates as pairs_near
 from simimg.dataset.splits import IMBALANCE_RATIO
 from simimg.errors import SimimgError
 
 log = logging.getLogger(__name__)
 
-NEIGHBORS = 10
-NEAR_FACTOR = 0.13  # cleanlab Datalab's near_duplicate threshold, a fraction of the median nearest-neighbour distance
 OUTLIER_IQR = 1 / 0.37037 - 1  # Datalab's outlier rule: average kNN distance above Q3 + 1.7 x IQR
 RARE_SHARE = 0.1  # Datalab's class_imbalance rule: a class under a tenth of an even share is rare
 MAX_FOLDS = 5
@@ -93,32 +91,11 @@ def exact_duplicates(hashes: Sequence[str]) -> list[Duplicates]:
     return [Duplicates(tuple(g), "exact", 1.0) for g in groups.values() if len(g) > 1]
 
 
-def near_duplicate_threshold(nn_similarity: np.ndarray, factor: float = NEAR_FACTOR) -> float:
-    """The cosine above which two images are near-duplicates: 1 - factor x the median nearest-neighbour distance."""
-    if not len(nn_similarity):
-        return 1.0
-    return 1.0 - factor * max(float(np.median(1.0 - nn_similarity)), 0.0)
-
-
-def near_duplicates(
-    vectors: np.ndarray, hashes: Sequence[str], neighbors: int = NEIGHBORS
-) -> tuple[list[Duplicates], float]:
-    """Pairs of different contents above the collection's own threshold, most similar first; and the threshold.
-
-    Exact copies are left to `exact_duplicates`: one image per content takes part, so copies neither pair up
-    here nor pull the median distance to zero.
-    """
-    first: dict[str, int] = {}
-    for position, sha in enumerate(hashes):
-        first.setdefault(sha, position)
-    firsts = np.array(sorted(first.values()), np.int64)
-    scores, found = nearest(vectors[firsts], neighbors)
-    if scores.shape[1] < 2:
-        return [], 1.0
-    others = np.where(found != np.arange(len(firsts))[:, None], scores, -np.inf)
-    threshold = near_duplicate_threshold(others.max(axis=1))
-    pairs = pairs_above(scores, found, threshold)
-    return [Duplicates((int(firsts[p.a]), int(firsts[p.b])), "near", p.score) for p in pairs], threshold
+def near_duplicates(vectors: np.ndarray, hashes: Sequence[str]) -> tuple[list[Duplicates], float]:
+    """Pairs of different contents above the collection's own threshold (neighbours.near_duplicates, the rule the
+    Inspect page shows too), most similar first; and the threshold."""
+    pairs, threshold = pairs_near(vectors, hashes)
+    return [Duplicates((p.a, p.b), "near", p.score) for p in pairs], threshold
 
 
 def outliers(vectors: np.ndarray, neighbors: int = NEIGHBORS) -> list[Outlier]:

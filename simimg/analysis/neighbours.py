@@ -6,6 +6,7 @@ Arrays in, arrays out: the Inspect page reads the catalog and draws; these funct
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import faiss
@@ -13,9 +14,12 @@ import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
+from simimg.choices import PROJECTIONS
+
 log = logging.getLogger(__name__)
 
-PROJECTIONS = ("pca", "tsne")
+NEIGHBORS = 10
+NEAR_FACTOR = 0.13  # cleanlab Datalab's near_duplicate threshold, a fraction of the median nearest-neighbour distance
 
 
 @dataclass(frozen=True)
@@ -50,13 +54,43 @@ def project_2d(vectors: np.ndarray, method: str = "pca", seed: int = 0) -> np.nd
     return tsne.fit_transform(reduced).astype(np.float32)
 
 
-def near_duplicates(vectors: np.ndarray, threshold: float, limit: int = 500, neighbors: int = 10) -> list[Pair]:
-    """Pairs of distinct rows with cosine similarity >= threshold, most similar first, at most `limit`.
+def near_duplicate_threshold(nn_similarity: np.ndarray, factor: float = NEAR_FACTOR) -> float:
+    """The cosine above which two images are near-duplicates: 1 - factor x the median nearest-neighbour distance."""
+    if not len(nn_similarity):
+        return 1.0
+    return 1.0 - factor * max(float(np.median(1.0 - nn_similarity)), 0.0)
 
-    Vectors must be unit length (as the catalog stores them), so inner product is cosine. Each row looks at its
-    `neighbors` nearest only, so memory stays N x neighbors even when a low threshold matches nearly everything.
+
+def near_duplicates(
+    vectors: np.ndarray,
+    hashes: Sequence[str] | None = None,
+    threshold: float | None = None,
+    neighbors: int = NEIGHBORS,
+    limit: int | None = None,
+) -> tuple[list[Pair], float]:
+    """Pairs of rows at or above `threshold`, most similar first (at most `limit`); and the threshold used.
+
+    The one rule the audit and the Inspect page share: by default the threshold is the collection's own
+    (`near_duplicate_threshold`, cleanlab Datalab's). Given content `hashes`, exact copies are left out: one image
+    per content takes part, so copies neither pair up here nor pull the median distance to zero. Vectors must be
+    unit length (as the catalog stores them); each row looks at its `neighbors` nearest only, so memory stays
+    N x neighbors even when a low threshold matches nearly everything.
     """
-    return pairs_above(*nearest(vectors, neighbors), threshold)[:limit]
+    if hashes is None:
+        firsts = np.arange(len(vectors))
+    else:
+        first: dict[str, int] = {}
+        for position, sha in enumerate(hashes):
+            first.setdefault(sha, position)
+        firsts = np.array(sorted(first.values()), np.int64)
+    scores, found = nearest(vectors[firsts], neighbors)
+    if scores.shape[1] < 2:
+        return [], 1.0 if threshold is None else threshold
+    if threshold is None:
+        others = np.where(found != np.arange(len(firsts))[:, None], scores, -np.inf)
+        threshold = near_duplicate_threshold(others.max(axis=1))
+    pairs = [Pair(int(firsts[p.a]), int(firsts[p.b]), p.score) for p in pairs_above(scores, found, threshold)]
+    return pairs[:limit], threshold
 
 
 def nearest(vectors: np.ndarray, neighbors: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -77,12 +111,6 @@ def pairs_above(scores: np.ndarray, found: np.ndarray, threshold: float) -> list
             if b >= 0 and b != a and score >= threshold:
                 best[(min(a, b), max(a, b))] = score
     return sorted((Pair(a, b, s) for (a, b), s in best.items()), key=lambda p: (-p.score, p.a, p.b))
-
-
-def confusion_cell(items: list[dict], true_label: str, predicted: str) -> list[dict]:
-    """The evaluated images whose label is `true_label` and whose prediction is `predicted`, surest first."""
-    chosen = [it for it in items if it.get("label") == true_label and it.get("predicted") == predicted]
-    return sorted(chosen, key=lambda it: -float(it.get("probability", 0.0)))
 
 
 def score_landmarks(vectors: np.ndarray, sample: int = 500, k: int = 10, seed: int = 0) -> dict[str, float]:

@@ -12,13 +12,11 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
+import simimg
+from simimg import AuditReport, QueryResult, SearchService
 from simimg.app import shared
 from simimg.app.background import Task
 from simimg.app.forms import resolve_folder
-from simimg.jobs.audit import AuditReport, read_audit
-from simimg.models.heatmaps import overlay
-from simimg.query.service import QueryResult, SearchService
-from simimg.store.layout import IndexFolder
 
 SHOWN = 12
 KINDS = ("Duplicates", "Label issues", "Outliers")
@@ -58,7 +56,7 @@ def audit_tab(name: str, data_root: Path) -> None:
             "audit",
             f"Audit of '{name}'",
             Task(
-                "simimg.api:audit",
+                simimg.audit,
                 {"data_dir": str(folder), "name": name, "home": str(shared.home())},
                 callbacks="phases",
             ),
@@ -66,7 +64,7 @@ def audit_tab(name: str, data_root: Path) -> None:
         st.rerun()
     if job is not None and shared.job_failed(job):
         return
-    report = read_audit(IndexFolder.of(shared.home(), name))
+    report = simimg.last_audit(name, shared.home())
     if report is None:
         st.caption(
             "No audit of this index yet: it looks for likely label errors, duplicates (across classes and "
@@ -184,7 +182,7 @@ def explain_ui(service: SearchService, image: Image.Image, result: QueryResult) 
         st.info(flat_map_message(what, service.model.bundle.random_features), icon=":material/blur_on:")
         return
     st.image(
-        overlay(image, explanation.heatmap),
+        explanation.overlay(image),
         width="stretch",
         caption=f"Grad-CAM of its {what}: red marks the regions that raise it most, blue those that raise "
         "it least or not at all (and what lies outside the centre crop the model sees).",

@@ -12,16 +12,17 @@ is shown to that session only.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import multiprocessing
 import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import simimg
 from simimg.errors import SimimgError
 
 log = logging.getLogger(__name__)
@@ -36,14 +37,15 @@ COOPERATIVE = frozenset({"training", "validating", "saving"})
 
 @dataclass(frozen=True)
 class Task:
-    """What a job runs: `module:function` called with `kwargs` (picklable) plus the callbacks it takes.
+    """What a job runs: `function` (a module-level function, e.g. `simimg.train`: the child imports it by name)
+    called with `kwargs` (picklable) plus the callbacks it takes.
 
     `callbacks` is "hooks" (a training run: progress, phase, epochs, cooperative cancel), "phases" (`progress=`
     and `on_phase=` callables), "progress" (a `progress=` callable) or "" (none). A job is cancelled by ending its
     process, except a training run in a COOPERATIVE step: the index jobs resume from what a killed run committed.
     """
 
-    function: str
+    function: Callable[..., Any]
     kwargs: dict[str, Any] = field(default_factory=dict)
     callbacks: str = "progress"
 
@@ -164,15 +166,10 @@ def run_task(task: Task, messages: multiprocessing.Queue, stop: multiprocessing.
     """The child: call the task with callbacks that report through `messages`; SimimgError becomes the message."""
     os.nice(NICENESS)
     messages.put(("phase", "starting"))  # importing torch and the rest comes first: seconds on a cold machine
-    from simimg.models.encoder import reuse_freed_memory
-
-    reuse_freed_memory()
-    module, name = task.function.split(":")
+    simimg.reuse_freed_memory()
     kwargs = dict(task.kwargs)
     if task.callbacks == "hooks":
-        from simimg.progress import Hooks
-
-        kwargs["hooks"] = Hooks(
+        kwargs["hooks"] = simimg.Hooks(
             on_epoch=lambda s: messages.put(("epoch", s)),
             progress=lambda d, t: messages.put(("progress", d, t)),
             on_phase=lambda p: messages.put(("phase", p)),
@@ -183,9 +180,9 @@ def run_task(task: Task, messages: multiprocessing.Queue, stop: multiprocessing.
     if task.callbacks == "phases":
         kwargs["on_phase"] = lambda p: messages.put(("phase", p))
     try:
-        messages.put(("result", getattr(importlib.import_module(module), name)(**kwargs)))
+        messages.put(("result", task.function(**kwargs)))
     except SimimgError as err:
         messages.put(("error", str(err)))
     except Exception as err:  # the server shows it short; the child's log has the traceback
-        logging.getLogger(__name__).exception("job %s failed", task.function)
+        logging.getLogger(__name__).exception("job %s failed", task.function.__qualname__)
         messages.put(("error", f"unexpected failure: {type(err).__name__}: {err}"))

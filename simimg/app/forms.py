@@ -11,15 +11,10 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+import simimg
+from simimg import DEFAULT_ARCH
 from simimg.app import shared
-from simimg.choices import DEFAULT_ARCH
-from simimg.dataset.roots import data_roots, list_collections, resolve_data_dir
-from simimg.dataset.splits import VAL_SPLIT, class_counts, split_dataset
 from simimg.errors import SimimgError
-from simimg.jobs.train_head import collection_folder
-from simimg.models.net import imagenet_cached, weights_file
-from simimg.store.layout import IndexFolder, list_indexes, resolve_home
-from simimg.store.model_store import list_models
 
 WEIGHTS = {"imagenet": "ImageNet weights", "none": "Scratch (random init)", "model": "An earlier simimg model"}
 
@@ -28,8 +23,8 @@ def folder_input(key: str, index: str | None) -> str:
     """A folder box prefilled with the selected index's own collection (else the first one found under the data
     roots); checked by `resolve_folder`. Its state is kept per index, so switching index in the sidebar brings
     that index's folder back rather than keeping the previous one's."""
-    roots = data_roots()
-    choices = [str(p) for p in list_collections(roots)]
+    roots = simimg.data_roots()
+    choices = [str(p) for p in simimg.list_collections()]
     own = index_collection(index)
     shared.follow(f"{key}-folder", str(own) if own is not None else choices[0] if choices else "", index)
     typed = st.text_input(
@@ -61,11 +56,8 @@ def index_collection(index: str | None) -> Path | None:
     """The folder index INDEX was built from, or None when there is no such index (or it records none)."""
     if index is None:
         return None
-    folder = IndexFolder.of(resolve_home(), index)
-    if not folder.catalog.exists():
-        return None
     try:
-        return collection_folder(folder)  # the same answer the API's refusals give
+        return simimg.collection_folder(index, shared.home())  # the same answer the API's refusals give
     except SimimgError:
         return None
 
@@ -78,14 +70,14 @@ def other_folder(folder: Path, index: str | None) -> Path | None:
 
 def resolve_folder(typed: str) -> Path:
     """The real folder, only if it lies under an allowed data root (SimimgError saying which problem otherwise)."""
-    return resolve_data_dir(typed, data_roots())
+    return simimg.check_data_dir(typed)
 
 
 def weights_input(key: str, arch: str | None) -> str:
     """Where a new model starts: ImageNet (preselected only when its file is on this machine), random init, or a
     model an index keeps. Returns a `--weights` value."""
     arch = arch or DEFAULT_ARCH
-    cached = imagenet_cached(arch)
+    target, cached = simimg.imagenet_weights(arch)
     choice = st.radio(
         "Start from",
         list(WEIGHTS),
@@ -98,7 +90,6 @@ def weights_input(key: str, arch: str | None) -> str:
         "try. An earlier simimg model: transfer from a model one of your indexes keeps.",
     )
     if not cached:
-        target = weights_file(arch)
         st.caption(
             f"ImageNet weights for {arch} are not on this machine: they are downloaded on first use when it "
             f"is online; offline, put `{target.name}` in `{target.parent}`."
@@ -116,10 +107,10 @@ def weights_input(key: str, arch: str | None) -> str:
 def kept_models() -> dict[str, str]:
     """{model folder: 'index · fingerprint · kind · accuracy'} for every model of every index, newest index first."""
     found = {}
-    for folder in list_indexes(resolve_home()):
-        for m in list_models(IndexFolder(folder.root), serving=None):
+    for name in simimg.list_indexes(shared.home()):
+        for m in simimg.list_models(name, shared.home()):
             accuracy = "" if m.val_accuracy is None else f" · val {m.val_accuracy:.0%}"
-            found[str(folder.model_dir(m.fingerprint))] = f"{folder.name} · {m.fingerprint[:8]} · {m.kind}{accuracy}"
+            found[m.path] = f"{name} · {m.fingerprint[:8]} · {m.kind}{accuracy}"
     return found
 
 
@@ -142,9 +133,8 @@ def class_preview(folder: Path) -> None:
 @st.cache_data(max_entries=32, show_spinner="Reading the class folders…")
 def _class_counts(folder: str, mtime_ns: int) -> tuple[pd.DataFrame, list[str]]:
     """Per class, the images that open (headers only); and per class with files that do not, how many and which."""
-    split = split_dataset(folder, VAL_SPLIT)
-    counts = class_counts(split)
-    validation = f"validation ({split.source(VAL_SPLIT)})"
+    source, counts = simimg.class_counts(folder)
+    validation = f"validation ({source})"
     table = pd.DataFrame([{"class": c.label, "train": c.train, validation: c.val} for c in counts])
     unreadable = [
         f"**{c.label}**: {len(c.unreadable)} ("

@@ -13,21 +13,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 from PIL import ImageOps
 
-from simimg import api
-from simimg.analysis.neighbours import score_landmarks
+import simimg
+from simimg import IndexFolder, SearchService
 from simimg.app.background import WRITERS, Job, JobBoard, Task
-from simimg.dataset.images import load_image
-from simimg.dataset.roots import data_roots
 from simimg.errors import BadImageError, SimimgError
-from simimg.jobs.demo import DemoJob, build_demo
-from simimg.query.service import SearchService
-from simimg.store.catalog import reading
-from simimg.store.layout import IndexFolder, list_indexes, resolve_home
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +92,12 @@ def style() -> None:
 
 # --- the index picker and warm services ----------------------------------------------------------------
 def home() -> Path:
-    return resolve_home()
+    return simimg.resolve_home()
 
 
 def index_names() -> list[str]:
     """Indexes under $SIMIMG_HOME, newest first."""
-    return [p.name for p in list_indexes(home())]
+    return simimg.list_indexes(home())
 
 
 def sidebar() -> None:
@@ -138,8 +131,7 @@ def default_index(names: list[str]) -> str:
 def published(name: str) -> bool:
     """Whether the index has a version readers can load (its first build finished)."""
     try:
-        with reading(IndexFolder.of(home(), name).catalog) as catalog:
-            return catalog.published() is not None
+        return simimg.serving_model(name, home()) is not None
     except SimimgError:
         return False
 
@@ -181,10 +173,10 @@ def search_service(name: str) -> SearchService:
 @st.cache_resource(show_spinner="Loading the model and index…", max_entries=8)
 def _service(home_dir: str, name: str, catalog_inode: int) -> SearchService:
     log.info("loading index '%s'", name)
-    return api.open_index(name, home_dir)
+    return simimg.open_index(name, home_dir)
 
 
-def open_index(title: str) -> SearchService | None:
+def index_header(title: str) -> SearchService | None:
     """A page's header for the chosen index, or the first-run guide (and None) when there is no index yet, or
     the progress of its first build (and None) while that runs."""
     name = current_index()
@@ -252,19 +244,18 @@ def search_link(name: str) -> None:
     st.page_link("app_pages/search.py", label=f"Search **{name}**", icon=":material/image_search:")
 
 
-# --- the published vectors, for maps, duplicates and score landmarks ------------------------------------
-@st.cache_data(max_entries=8, show_spinner="Reading the index's vectors…")
-def published_vectors(home_dir: str, name: str, version: int) -> tuple[list[str], list[str | None], np.ndarray]:
-    """Paths, labels and vectors of the published version, read as one snapshot (`version` keys the cache)."""
-    with reading(IndexFolder.of(home_dir, name).catalog) as catalog:
-        snapshot, vectors = catalog.snapshot_with_vectors()
-    return snapshot.paths, snapshot.labels, vectors
+# --- evaluation results ------------------------------------------------------------------------------
+def confusion_cell(items: list[dict], true_label: str, predicted: str) -> list[dict]:
+    """The evaluated images whose label is `true_label` and whose prediction is `predicted`, surest first."""
+    chosen = [it for it in items if it.get("label") == true_label and it.get("predicted") == predicted]
+    return sorted(chosen, key=lambda it: -float(it.get("probability", 0.0)))
 
 
+# --- what a score means in this index ---------------------------------------------------------------------
 @st.cache_data(max_entries=16, show_spinner=False)
 def landmarks(home_dir: str, name: str, version: int) -> dict[str, float]:
-    """`explore.score_landmarks` of the published version: what a score means in this index."""
-    return score_landmarks(published_vectors(home_dir, name, version)[2])
+    """`SearchService.score_landmarks` of the published version (`version` keys the cache)."""
+    return search_service(name).score_landmarks()
 
 
 def landmarks_caption(home_dir: str, name: str, version: int) -> str:
@@ -291,7 +282,7 @@ def thumbnail(path: Path) -> bytes | None:
 @st.cache_data(max_entries=4000, show_spinner=False)
 def _thumbnail(path: str, mtime_ns: int) -> bytes | None:
     try:
-        image = load_image(path, draft_size=THUMB_PX)
+        image = simimg.load_image(path, draft_size=THUMB_PX)
     except BadImageError:
         return None
     buffer = io.BytesIO()
@@ -357,8 +348,7 @@ def first_run_guide() -> None:
         with friendly_errors():
             with st.status("Drawing and indexing the demo images…", expanded=True) as status:
                 bar = st.progress(0.0)
-                job = DemoJob(data_dir=str(data_roots()[0] / "demo"), home=str(home()))
-                report = build_demo(job, progress=lambda done, total: bar.progress(done / max(total, 1)))
+                report = simimg.make_demo(home(), progress=lambda done, total: bar.progress(done / max(total, 1)))
                 status.update(label=f"Demo ready: {report.total} images indexed", state="complete")
             st.session_state[INDEX_KEY] = report.name
             st.rerun()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from simimg.errors import BadImageError, ImageTooLargeError, NotAnImageError
 
 log = logging.getLogger(__name__)
+
+ImageInput = str | Path | Image.Image  # what every image-taking call accepts: a file path or a PIL image
 
 # Pillow's own guard stays on: it raises for more than twice this many pixels.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
@@ -92,3 +96,34 @@ def _unrecognised_reason(data: bytes) -> str:
     if printable >= 0.95 * len(head):
         return "not an image: the file holds text"
     return "not an image: unrecognised data (wrong extension or random bytes)"
+
+
+@dataclass(frozen=True)
+class Input:
+    """One image a caller passed, decoded: `image` is None and `reason` says why when it could not be read."""
+
+    name: str  # the path as given, or "<image i>" for a PIL image
+    image: Image.Image | None
+    reason: str | None = None
+
+
+def read_inputs(
+    images: ImageInput | Sequence[ImageInput],
+    draft_size: int | None = None,
+    locate: Callable[[str | Path], Path] | None = None,
+) -> tuple[list[Input], bool]:
+    """The one way "a path, a PIL image, or a list of them" becomes RGB images: each decoded (a path through
+    `locate` first, e.g. a gallery path made absolute), an unreadable one kept with its reason, in input order;
+    and whether a single image (not a list) was given."""
+    single = isinstance(images, (str, Path, Image.Image))
+    items: Sequence[ImageInput] = [images] if single else list(images)  # type: ignore[list-item]
+    found = []
+    for i, item in enumerate(items):
+        if isinstance(item, Image.Image):
+            found.append(Input(f"<image {i}>", to_rgb(item)))
+            continue
+        try:
+            found.append(Input(str(item), load_image(locate(item) if locate else item, draft_size)))
+        except BadImageError as err:
+            found.append(Input(str(item), None, err.reason))
+    return found, single

@@ -25,8 +25,8 @@ from typing import Generic, TypeVar
 import numpy as np
 from PIL import Image
 
+from simimg import QueryResult, SearchService
 from simimg.errors import SimimgError
-from simimg.query.service import QueryResult, SearchService
 
 log = logging.getLogger(__name__)
 

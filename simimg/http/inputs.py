@@ -17,9 +17,9 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.types import Message, Receive
 
-from simimg.dataset.uploads import validate_upload
+from simimg import SearchService, validate_upload
 from simimg.errors import BadImageError, ImageTooLargeError, NotAnImageError
-from simimg.query.service import SearchService
+from simimg.http.config import Limits
 
 FILE_FIELD = "file"
 JSON_LIMIT = 1 << 20  # a list of paths; a megabyte is thousands of them
@@ -38,18 +38,6 @@ class ApiError(Exception):
 
     def to_dict(self) -> dict:
         return {"error": self.message} if self.file is None else {"error": self.message, "file": self.file}
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_files: int
-    max_mb: float
-    max_pixels: int
-
-    @property
-    def body_bytes(self) -> int:
-        """The largest request body worth reading: every file at its cap, plus room for the multipart framing."""
-        return int(self.max_files * self.max_mb * 2**20) + 2**20
 
 
 @dataclass(frozen=True)

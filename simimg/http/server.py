@@ -20,7 +20,7 @@ import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,56 +32,38 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from simimg.api import open_index
-from simimg.dataset.uploads import DEFAULT_MAX_MB, MAX_UPLOAD_PIXELS
-from simimg.errors import SimimgError
+from simimg import QueryResult, SearchService, list_indexes, open_index, resolve_home
+from simimg.errors import SimimgError, checked_options
 from simimg.http.batching import Embedded, MicroBatcher, QueueFull, Work, answer
-from simimg.http.inputs import ApiError, Limits, decode_inputs, read_inputs
-from simimg.query.service import QueryResult, SearchService
-from simimg.store.layout import IndexFolder, list_indexes
+from simimg.http.config import TOKEN_ENV, ServeConfig
+from simimg.http.inputs import ApiError, decode_inputs, read_inputs
 
 log = logging.getLogger(__name__)
 
-TOKEN_ENV = "SIMIMG_API_TOKEN"
 WORKER_START_S = 120
 CONFIG_ENV = "SIMIMG_SERVE_CONFIG"  # how `--workers N` hands the config to each worker process
 MAX_K = 1000
 OPEN_PATHS = frozenset({"/healthz"})
 
 
-@dataclass(frozen=True)
-class ServeConfig:
-    """Everything `simimg serve` is started with (the token excepted: it stays in the environment)."""
+def serve(
+    home: str | Path | None = None,
+    host: str = ServeConfig.host,
+    port: int = ServeConfig.port,
+    workers: int = ServeConfig.workers,
+    token: str | None = None,
+    **options: Any,
+) -> None:
+    """Serve HOME's indexes over HTTP until interrupted (`simimg serve`); see the README's "The HTTP API".
 
-    home: str
-    host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
-    device: str = "auto"
-    max_batch: int = 16
-    max_wait_ms: float = 5.0
-    max_queue: int = 64
-    timeout_s: float = 30.0
-    max_mb: float = DEFAULT_MAX_MB
-    max_pixels: int = MAX_UPLOAD_PIXELS
-    max_files: int = 16
-    threads: int | None = None
-    access_log: bool = False
-
-    def __post_init__(self) -> None:
-        if min(self.workers, self.max_batch, self.max_queue, self.max_files, self.threads or 1) < 1:
-            raise SimimgError("--workers, --max-batch, --max-queue, --max-files and --threads must be at least 1")
-        if self.max_files > self.max_queue:
-            raise SimimgError(
-                f"--max-files {self.max_files} is more than --max-queue {self.max_queue}: such a "
-                "request could never be queued"
-            )
-        if self.max_wait_ms < 0 or self.timeout_s <= 0 or self.max_mb <= 0:
-            raise SimimgError("--max-wait-ms must be >= 0, --timeout and --max-mb above 0")
-
-    @property
-    def limits(self) -> Limits:
-        return Limits(self.max_files, self.max_mb, self.max_pixels)
+    `token` (default `$SIMIMG_API_TOKEN`) makes every request but /healthz need `Authorization: Bearer <token>`;
+    without one only a loopback `host` is allowed. `options` are `ServeConfig` fields (device, max_batch,
+    max_wait_ms, max_queue, timeout_s, max_mb, max_pixels, max_files, threads, access_log).
+    """
+    config = checked_options(
+        ServeConfig, home=str(resolve_home(home)), host=host, port=port, workers=workers, **options
+    )
+    run_server(config, token or os.environ.get(TOKEN_ENV) or None)
 
 
 def check_exposure(host: str, token: str | None) -> None:
@@ -176,7 +158,7 @@ class Indexes:
         self._opening = threading.Lock()  # one index opens at a time; warm ones answer meanwhile
 
     def names(self) -> list[str]:
-        return [folder.name for folder in list_indexes(self.home)]
+        return list_indexes(self.home)
 
     def loaded(self) -> list[str]:
         return sorted(self._services)
@@ -189,11 +171,7 @@ class Indexes:
         return service
 
     def _open(self, name: str) -> SearchService:
-        try:
-            exists = IndexFolder.of(self.home, name).catalog.exists()
-        except SimimgError:
-            exists = False
-        if not exists:
+        if name not in list_indexes(self.home):
             raise ApiError(404, f"no index named {name!r} under {self.home}: GET /v1/indexes lists them")
         try:
             service = open_index(name, self.home, self.device)

@@ -33,6 +33,7 @@ from simimg.analysis.findings import (
 from simimg.dataset.splits import Split, split_dataset
 from simimg.errors import SimimgError
 from simimg.fsutil import atomic_write_bytes
+from simimg.jobs.audit_config import AuditJob, AuditReport
 from simimg.jobs.train_head import SplitVectors, collection_folder, held_vectors, split_vectors
 from simimg.models.device import loader_workers, resolve_compute
 from simimg.models.encoder import EmbedSettings
@@ -40,35 +41,6 @@ from simimg.store.layout import IndexFolder
 from simimg.store.model_store import load_model, serving_model
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AuditJob:
-    """Everything one `simimg audit` run was asked to do; saved in audit.json with its report."""
-
-    data_dir: str
-    name: str
-    home: str
-    device: str = "auto"
-    batch_size: int = 64
-    workers: int | None = None
-    val_split: float = 0.2  # the seeded split `simimg train` would make, when there are no train/ and val/ folders
-    seed: int = 0
-    folds: int = 5
-
-
-@dataclass(frozen=True)
-class AuditReport:
-    """`label_issues` {path, label, suggested, score}, `duplicates` {paths, kind, score, labels, cross_class,
-    cross_split}, `outliers` {path, score}, and a `summary`; paths are relative to the audited folder."""
-
-    label_issues: list[dict]
-    duplicates: list[dict]
-    outliers: list[dict]
-    summary: dict
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -201,12 +173,3 @@ def _duplicate(positions: Sequence[int], kind: str, score: float, c: Collection)
         "cross_class": cross_class,
         "cross_split": cross_split,
     }
-
-
-def read_audit(folder: IndexFolder) -> AuditReport | None:
-    """The last audit kept for this index, or None when there is none (or it cannot be read)."""
-    try:
-        d = json.loads(folder.audit.read_text())
-        return AuditReport(d["label_issues"], d["duplicates"], d["outliers"], d["summary"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None

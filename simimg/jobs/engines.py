@@ -1,4 +1,5 @@
-"""Where an index job's embed step runs: this process (`LocalEngine`) or Ray Data (engine_ray.py, imported only then)."""
+"""Where an index job's embed step runs: this process (`LocalEngine`), or Ray Data (engine_ray.py, imported only
+then)."""
 
 from __future__ import annotations
 

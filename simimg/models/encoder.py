@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -17,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from simimg.dataset.images import decode_image, read_bytes, to_rgb
+from simimg.dataset.images import ImageInput, decode_image, read_bytes, read_inputs
 from simimg.dataset.preprocess import Preprocess
 from simimg.dataset.scan import Skipped
 from simimg.errors import BadImageError
@@ -152,24 +150,6 @@ def prepare_net(net: Net, compute: Compute, preprocess: Preprocess, compile: boo
     return torch_trunk(net, preprocess, compute, torch.compile(net.embed) if compile else None)
 
 
-@functools.cache
-def reuse_freed_memory() -> None:
-    """Keep freed activation memory in the process instead of handing it back to the OS after every batch.
-
-    glibc serves large blocks with mmap and unmaps them on free, so each CPU forward page-faults its activations
-    in again (zeroed by the kernel): half the CPU time went to the kernel at batch 64. Raising the mmap and trim
-    thresholds once makes the allocator reuse those pages; peak memory is unchanged. It is process-wide, so the
-    entry points (CLI, app, server, benchmarks) opt in; importing the library never calls it.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return  # not glibc: nothing to tune
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 1 << 30)
-    libc.mallopt(m_trim_threshold, 1 << 31)
-
-
 def make_loader(
     files: Sequence[Path],
     transform: ImageTransform,
@@ -262,27 +242,20 @@ class Encoder:
 
     def encode(
         self,
-        images: Sequence[str | Path | Image.Image] | str | Path | Image.Image,
+        images: ImageInput | Sequence[ImageInput],
     ) -> tuple[np.ndarray, list[Skipped]]:
         """(N x D float32 unit vectors, skipped): a row per readable input, in input order; every unreadable
         input is listed with its reason instead of raising."""
-        items = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
         preprocess = self.model.bundle.preprocess
         vectors, skipped = [np.empty((0, self.dim), np.float32)], []
-        for start in range(0, len(items), self.batch_size):
+        inputs, _ = read_inputs(images, draft_size=preprocess.resize_size)
+        for start in range(0, len(inputs), self.batch_size):
             tensors = []
-            for i, item in enumerate(items[start : start + self.batch_size], start):
-                try:
-                    image = (
-                        to_rgb(item)
-                        if isinstance(item, Image.Image)
-                        else decode_image(read_bytes(item), draft_size=preprocess.resize_size)
-                    )
-                    tensors.append(preprocess.to_uint8(image))
-                except BadImageError as err:
-                    skipped.append(
-                        Skipped(str(item) if not isinstance(item, Image.Image) else f"<image {i}>", err.reason)
-                    )
+            for item in inputs[start : start + self.batch_size]:
+                if item.image is None:
+                    skipped.append(Skipped(item.name, item.reason or ""))
+                else:
+                    tensors.append(preprocess.to_uint8(item.image))
             if tensors:
                 embedded, _ = infer(self.model.net, torch.stack(tensors), preprocess, self.compute, trunk=self._trunk)
                 vectors.append(embedded.cpu().numpy())

@@ -63,6 +63,10 @@ class Explanation:
         resized = Image.fromarray(self.heatmap).resize(size, Image.Resampling.BILINEAR)
         return replace(self, heatmap=np.clip(np.asarray(resized, np.float32), 0.0, 1.0))
 
+    def overlay(self, image: Image.Image, image_weight: float = 0.5) -> Image.Image:
+        """This map in colour over `image` (the image it explains, at the map's size: see `resized`)."""
+        return overlay(image, self.heatmap, image_weight)
+
     def to_dict(self) -> dict:
         return {
             "kind": self.kind,

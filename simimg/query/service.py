@@ -8,6 +8,7 @@ switches whole; queries meanwhile keep answering from the current version, so no
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -18,23 +19,24 @@ import numpy as np
 import torch
 from PIL import Image
 
-from simimg.dataset.images import load_image, to_rgb
+from simimg.analysis.neighbours import near_duplicates, project_2d, sample_positions, score_landmarks
+from simimg.dataset.images import ImageInput, load_image, read_inputs, to_rgb
 from simimg.errors import BadImageError, SimimgError
 from simimg.models.bundle import ModelBundle
 from simimg.models.device import resolve_compute
 from simimg.models.encoder import Trunk, infer, prepare_net
 from simimg.models.net import LoadedModel
 from simimg.store.ann import VectorSearcher, is_compressed, load_index, make_searcher
-from simimg.store.catalog import Catalog, Snapshot
+from simimg.store.catalog import Catalog, Snapshot, reading
 from simimg.store.layout import IndexFolder
 from simimg.store.model_store import load_model
+from simimg.store.summary import summarize
 
 if TYPE_CHECKING:
     from simimg.models.heatmaps import Explanation
 
 log = logging.getLogger(__name__)
 
-ImageInput = str | Path | Image.Image
 LOAD_ATTEMPTS = 5
 QUERY_BATCH = 32
 # A result at this cosine or above is the query itself (or a copy of it): the cosine is at its maximum there, so
@@ -69,6 +71,23 @@ class QueryResult:
         if d["error"] is None:
             del d["error"]
         return d
+
+
+@dataclass(frozen=True)
+class BrowsePage:
+    """One page of the images an index holds: (path, label) pairs in catalog order."""
+
+    items: list[tuple[str, str | None]]
+    total: int  # images of the chosen label (or all)
+    page: int
+    pages: int
+
+
+@dataclass(frozen=True)
+class DuplicatePair:
+    a: str
+    b: str
+    score: float
 
 
 def predict(logits: torch.Tensor, classes: tuple[str, ...], top: int = 5) -> Prediction:
@@ -201,17 +220,16 @@ class SearchService:
         """Nearest gallery images (and the predicted class, when the model has one) for a path, a PIL image, or
         a list of them; a list gets a list back, in order. In a list, an unreadable file gets a result with
         `error` set and the others are answered; a single unreadable file raises BadImageError."""
-        items, single = as_list(images)
-        results: list[QueryResult | None] = [None] * len(items)
+        inputs, single = read_inputs(images, self.draft_size)
+        results: list[QueryResult | None] = [None] * len(inputs)
         decoded: list[tuple[int, Image.Image, str]] = []
-        for i, item in enumerate(items):
-            name = str(item) if not isinstance(item, Image.Image) else f"<image {i}>"
-            try:
-                decoded.append((i, item if isinstance(item, Image.Image) else self.load(item), name))
-            except BadImageError as err:
-                if single:
-                    raise BadImageError(f"cannot query {item}: {err.reason}") from None
-                results[i] = QueryResult(name, None, [], error=err.reason)
+        for i, item in enumerate(inputs):
+            if item.image is not None:
+                decoded.append((i, item.image, item.name))
+            elif single:
+                raise BadImageError(f"cannot query {item.name}: {item.reason}")
+            else:
+                results[i] = QueryResult(item.name, None, [], error=item.reason)
         for start in range(0, len(decoded), QUERY_BATCH):
             chunk = decoded[start : start + QUERY_BATCH]
             answers = self.query_batch([im for _, im, _ in chunk], k, label, min_score, [n for _, _, n in chunk])
@@ -329,12 +347,10 @@ class SearchService:
 
     def _decoded(self, image: ImageInput) -> Image.Image:
         """A PIL image as it is; a path (a gallery path is relative to the indexed folder) decoded as queries are."""
-        if isinstance(image, Image.Image):
-            return image
-        try:
-            return self.load(self.gallery_file(image))
-        except BadImageError as err:
-            raise BadImageError(f"cannot explain {image}: {err.reason}") from None
+        (item,), _ = read_inputs(image, self.draft_size, locate=self.gallery_file)
+        if item.image is None:
+            raise BadImageError(f"cannot explain {item.name}: {item.reason}")
+        return item.image
 
     def gallery_file(self, path: str | Path) -> Path:
         """`path` itself, or the gallery file it names relative to the indexed folder (as results give them)."""
@@ -343,43 +359,65 @@ class SearchService:
             return self.data_root / path
         return path
 
-    def info(self) -> dict:
-        served = self._served
-        b, snap = served.model.bundle, served.snapshot
-        counts: dict[str, int] = {}
-        for lab in snap.labels:
-            counts[lab or ""] = counts.get(lab or "", 0) + 1
+    # --- the collection as a whole: what the app's Browse and Inspect pages show ---------------------------
+    def browse(self, label: str | None = None, page: int = 1, per_page: int = 24) -> BrowsePage:
+        """Page `page` (from 1) of the served images, all of them or those labelled `label`."""
+        snapshot = self.snapshot
+        rows = [(p, lab) for p, lab in zip(snapshot.paths, snapshot.labels) if label is None or lab == label]
+        pages = max(1, math.ceil(len(rows) / per_page))
+        page = min(max(page, 1), pages)
+        first = (page - 1) * per_page
+        return BrowsePage(rows[first : first + per_page], len(rows), page, pages)
+
+    def vectors(self) -> tuple[Snapshot, np.ndarray]:
+        """The published version's rows and their stored vectors, in one consistent read (no model involved)."""
+        with reading(self.folder.catalog) as catalog:
+            read = catalog.snapshot_with_vectors()
+        if read is None:
+            raise SimimgError(f"index '{self.folder.name}' has no finished version yet: run `simimg index`")
+        return read
+
+    def near_duplicates(
+        self, threshold: float | None = None, limit: int = 500, sample: int = 20_000
+    ) -> tuple[list[DuplicatePair], float]:
+        """Pairs of near-identical images (up to `sample` images looked at), most similar first; and the cosine
+        threshold used: by default the collection's own, the rule the audit applies (neighbours.near_duplicates).
+        Exact copies (same content) pair at their cosine too."""
+        snapshot, vectors = self.vectors()
+        keep = sample_positions(len(snapshot.paths), sample)
+        if threshold is None:  # the rule's threshold comes from distinct contents, as the audit computes it
+            threshold = near_duplicates(vectors[keep], [snapshot.sha256[i] for i in keep], limit=0)[1]
+        pairs, used = near_duplicates(vectors[keep], threshold=threshold, limit=limit)
+        found = [DuplicatePair(snapshot.paths[keep[p.a]], snapshot.paths[keep[p.b]], p.score) for p in pairs]
+        return found, used
+
+    def score_landmarks(self) -> dict[str, float]:
+        """What a score means in this index: the median cosine of an image's nearest neighbour, its 10th, and a
+        random pair (neighbours.score_landmarks)."""
+        return score_landmarks(self.vectors()[1])
+
+    def map_2d(self, method: str = "pca", limit: int = 1000) -> dict[str, list]:
+        """Columns x, y, label, path of up to `limit` served images (a fixed sample) projected to 2-D."""
+        snapshot, vectors = self.vectors()
+        keep = sample_positions(len(snapshot.paths), limit)
+        xy = project_2d(vectors[keep], method)
         return {
-            "name": self.folder.name,
-            "total": len(snap.ids),
-            "labels": dict(sorted(counts.items())),
-            "arch": b.arch,
-            "dim": b.dim,
-            "model": b.fingerprint,
-            "embedding": b.embedding,
-            "kind": b.kind,
-            "source": b.source,
-            "image_size": b.preprocess.crop_size,
-            "classifier": b.has_classifier,
-            "classes": list(b.classes),
-            "val_accuracy": b.val_accuracy,
-            "untrained": b.random_features,
-            "version": snap.version,
-            "index_kind": snap.index_kind,
-            "data_root": str(self.data_root),
-            "device": str(self.compute),
+            "x": xy[:, 0].tolist(),
+            "y": xy[:, 1].tolist(),
+            "label": [snapshot.labels[i] or "(none)" for i in keep],
+            "path": [snapshot.paths[i] for i in keep],
         }
+
+    def info(self) -> dict:
+        """What the served version holds (store/summary.py: the same dict as `simimg.index_info`) and where the
+        model runs."""
+        served = self._served
+        summary = summarize(self.folder.name, served.snapshot, served.model.bundle, served.data_root)
+        return {**summary, "device": str(self.compute)}
 
     def close(self) -> None:
         with self._refreshing:
             self.catalog.close()
-
-
-def as_list(images: ImageInput | Sequence[ImageInput]) -> tuple[list[ImageInput], bool]:
-    """(the images as a list, whether a single one was given)."""
-    if isinstance(images, (str, Path, Image.Image)):
-        return [images], True
-    return list(images), False
 
 
 def _prediction(logits: torch.Tensor | None, row: int, model: LoadedModel) -> Prediction | None:

@@ -12,12 +12,15 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from simimg.errors import SimimgError
 from simimg.models.bundle import BUNDLE_JSON, ModelBundle, read_bundle
-from simimg.models.net import LoadedModel, Net, load_bundle, save_bundle
 from simimg.store.catalog import reading
 from simimg.store.layout import IndexFolder
+
+if TYPE_CHECKING:  # torch loads only to save or load weights: listings read model.json alone
+    from simimg.models.net import LoadedModel, Net
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,7 @@ class ModelEntry:
     classes: list[str]
     embedding: str
     serving: bool
+    path: str = ""  # the model's folder: what `--weights` (or `weights=`) takes to start a new model from it
 
 
 def publish_model(folder: IndexFolder, net: Net, bundle: ModelBundle, extras: dict[str, bytes] | None = None) -> Path:
@@ -47,6 +51,8 @@ def publish_model(folder: IndexFolder, net: Net, bundle: ModelBundle, extras: di
     folder.models.mkdir(parents=True, exist_ok=True)
     staging = folder.models / f".staging-{bundle.fingerprint}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
+    from simimg.models.net import save_bundle
+
     try:
         save_bundle(staging, net, bundle)
         for name, data in (extras or {}).items():
@@ -70,6 +76,8 @@ def load_model(folder: IndexFolder, fingerprint: str) -> LoadedModel:
             f"index '{folder.name}' keeps no model {fingerprint} (in {folder.models}); "
             f"`simimg models --name {folder.name}` lists the ones it has"
         )
+    from simimg.models.net import load_bundle
+
     return load_bundle(directory)
 
 
@@ -99,7 +107,16 @@ def list_models(folder: IndexFolder, serving: str | None) -> list[ModelEntry]:
         b = read_model(folder, fp)
         entries.append(
             ModelEntry(
-                fp, b.created, b.arch, b.kind, b.source, b.val_accuracy, list(b.classes), b.embedding, fp == serving
+                fp,
+                b.created,
+                b.arch,
+                b.kind,
+                b.source,
+                b.val_accuracy,
+                list(b.classes),
+                b.embedding,
+                fp == serving,
+                str(folder.model_dir(fp)),
             )
         )
     return entries
@@ -143,7 +160,8 @@ def serving_model(folder: IndexFolder, required: bool = True) -> str | None:
         if not required:
             return None
         raise SimimgError(
-            f"no index named '{folder.name}' in {folder.root.parent}: build it with `simimg index DATA_DIR --name {folder.name}`"
+            f"no index named '{folder.name}' in {folder.root.parent}: build it with "
+            f"`simimg index DATA_DIR --name {folder.name}`"
         )
     with reading(folder.catalog) as catalog:
         published = catalog.published()

@@ -1,0 +1,154 @@
+"""The package's shape: imports run one way (import-linter's contracts in pyproject.toml), no import circles at all
+(imports inside functions included), the shells use the public API only, and small commands stay small."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import grimp
+import pytest
+from importlinter.cli import lint_imports
+
+from conftest import ROOT, make_class_images
+
+SHELL_IMPORTS = ("simimg", "simimg.errors", "simimg.app")  # what app.py may import from simimg
+
+
+def test_import_linter_contracts_are_kept(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.syspath_prepend(str(ROOT))
+    code = lint_imports(no_cache=True, no_logo=True)
+    assert code == 0, capsys.readouterr().out[-4000:]
+
+
+def test_no_module_imports_itself_through_others(monkeypatch: pytest.MonkeyPatch):
+    """Tarjan's strongly connected components over every simimg module: each must stand alone."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    graph = grimp.build_graph("simimg", cache_dir=None)
+    edges = {m: graph.find_modules_directly_imported_by(m) for m in graph.modules if m.startswith("simimg")}
+    circles = [c for c in strongly_connected(edges) if len(c) > 1]
+    assert circles == []
+
+
+def strongly_connected(edges: dict[str, set[str]]) -> list[list[str]]:
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:  # recursion depth is the import chain's length: a few dozen at most
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in edges.get(node, ()):
+            if nxt not in edges:
+                continue
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                component.append(top)
+                if top == node:
+                    break
+            found.append(component)
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_cycle_check_finds_a_circle():
+    assert strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["c", "b", "a"], ["d"]]
+
+
+def test_app_py_imports_the_public_api_only():
+    """import-linter sees packages; app.py is a script, so its imports are read here."""
+    tree = ast.parse((ROOT / "app.py").read_text())
+    imported = [
+        alias.name if isinstance(node, ast.Import) else node.module or ""
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    ]
+    ours = [m for m in imported if m.split(".")[0] == "simimg"]
+    assert ours and all(m in SHELL_IMPORTS or m.startswith("simimg.app.") for m in ours), ours
+
+
+def test_every_public_name_resolves():
+    import simimg
+
+    missing = [name for name in simimg.PUBLIC if not hasattr(simimg, name)]
+    assert missing == []
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = simimg.nope
+
+
+def imports_of(*argv: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run the CLI in a fresh interpreter; return its result and the top-level packages it imported."""
+    code = (
+        "import sys\nfrom simimg.cli import main\ntry:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n"
+        "    code = e.code\n"
+        "print('\\nIMPORTED', ' '.join(sorted({m.split('.')[0] for m in sys.modules})), file=sys.stderr)\n"
+        "sys.exit(code)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
+    )
+    line = next((x for x in done.stderr.splitlines() if x.startswith("IMPORTED ")), "IMPORTED")
+    return done, set(line.split()[1:])
+
+
+@pytest.fixture(scope="module")
+def built_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import simimg
+
+    root = tmp_path_factory.mktemp("layers")
+    data = make_class_images(root / "data" / "shapes", {"a": 3, "b": 3}, size=40)
+    simimg.build_index(data, home=root / "home", weights="none", image_size=32, workers=0)
+    return root / "home" / "shapes"
+
+
+def test_small_commands_import_neither_torch_nor_openvino(built_index: Path):
+    """`simimg --help`, `simimg models` and `simimg info` read files; they load no model (python -X importtime
+    gives the figures: see the README)."""
+    home = str(built_index.parent)
+    for argv in (
+        ["models", "--name", built_index.name, "--home", home],
+        ["info", "--name", built_index.name, "--home", home],
+    ):
+        done, imported = imports_of(*argv)
+        assert done.returncode == 0, done.stderr
+        assert not imported & {"torch", "openvino", "torchvision", "sklearn"}, (argv, imported & {"torch", "openvino"})
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from simimg.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
+            "print(sorted(m for m in ('torch', 'openvino', 'faiss') if m in sys.modules))",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.stdout.strip().endswith("[]"), done.stdout[-500:]
+
+
+def test_the_layers_are_documented():
+    """docs/ARCHITECTURE.md draws the layers the contracts enforce: every subpackage and module has its line."""
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    modules = sorted(
+        str(p.relative_to(ROOT / "simimg")).removesuffix(".py").removesuffix("/__init__")
+        for p in (ROOT / "simimg").rglob("*.py")
+        if p.name != "__init__.py" or p.parent != ROOT / "simimg"
+    )
+    missing = [m for m in modules if f"`{Path(m).name}" not in text and f"`{m}" not in text]
+    assert missing == [], missing
