@@ -18,7 +18,6 @@ def main() -> None:
         service = shared.index_header("Browse")
         if service is None:
             return
-        snapshot = service.snapshot
         counts = service.info()["labels"]
         choice = st.pills(
             "Class",
@@ -26,16 +25,16 @@ def main() -> None:
             default=ALL,
             key="browse-class",
             format_func=lambda c: (
-                f"{c or '(no class)'} · {counts[c]:,}" if c != ALL else f"{ALL} · {len(snapshot.paths):,}"
+                f"{c or '(no class)'} · {counts[c]:,}" if c != ALL else f"{ALL} · {sum(counts.values()):,}"
             ),
         )
-        rows = [(p, lab) for p, lab in zip(snapshot.paths, snapshot.labels) if choice in (None, ALL) or lab == choice]
-        pages = max(1, math.ceil(len(rows) / PAGE_SIZE))
-        page = pager(pages, f"browse-page-{choice}", "top")
-        first = (page - 1) * PAGE_SIZE
-        st.caption(f"Images {first + 1:,}–{min(first + PAGE_SIZE, len(rows)):,} of {len(rows):,}")
-        gallery_ui(rows[first : first + PAGE_SIZE], service.data_root)
-        pager(pages, f"browse-page-{choice}", "bottom")
+        label = None if choice in (None, ALL) else choice
+        pages = max(1, math.ceil((sum(counts.values()) if label is None else counts[label]) / PAGE_SIZE))
+        page = service.browse(label, pager(pages, f"browse-page-{choice}", "top"), PAGE_SIZE)
+        first = (page.page - 1) * PAGE_SIZE
+        st.caption(f"Images {first + 1:,}–{first + len(page.items):,} of {page.total:,}")
+        gallery_ui(page.items, service.data_root)
+        pager(page.pages, f"browse-page-{choice}", "bottom")
 
 
 def pager(pages: int, key: str, where: str) -> int:

@@ -30,9 +30,9 @@ from simimg.choices import PRECISIONS
 from simimg.dataset.scan import scan_folder
 from simimg.jobs.index import run_index
 from simimg.jobs.index_config import IndexJob
+from simimg.memory import reuse_freed_memory
 from simimg.models.device import Compute, loader_workers, resolve_compute
 from simimg.models.encoder import infer, prepare_net
-from simimg.memory import reuse_freed_memory
 from simimg.models.net import LoadedModel, build_model
 from simimg.models.openvino import convert
 

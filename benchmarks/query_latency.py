@@ -20,9 +20,9 @@ from simimg.choices import PRECISIONS
 from simimg.dataset.images import load_image
 from simimg.jobs.index import run_index
 from simimg.jobs.index_config import IndexJob
+from simimg.memory import reuse_freed_memory
 from simimg.models.device import resolve_compute
 from simimg.models.encoder import infer
-from simimg.memory import reuse_freed_memory
 from simimg.query.service import SearchService
 
 NAME = "bench"

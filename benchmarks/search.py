@@ -23,7 +23,7 @@ from simimg.store.ann import (
     FaissSearcher,
     TorchFlatSearcher,
     VectorSearcher,
-    build_index,
+    build_ann,
     index_kind_for,
     ivf_lists_for,
     make_searcher,
@@ -49,7 +49,7 @@ def main() -> None:
     if device.type == "cuda":
         rows.append(_measure("flat (torch, GPU)", TorchFlatSearcher(ids, gallery, device), queries, truth, args.k))
     build = time.perf_counter()
-    ivf = build_index(ids, gallery, args.dim, "ivf")
+    ivf = build_ann(ids, gallery, args.dim, "ivf")
     build = time.perf_counter() - build
     chosen = faiss.extract_index_ivf(ivf).nprobe
     for nprobe in sorted({chosen, *_sweep(args.nprobe, ivf_lists_for(args.n))}):

@@ -21,8 +21,8 @@ from _common import finish, hardware, make_jpegs, median, parser, seconds
 from simimg.choices import PRECISIONS
 from simimg.jobs.train import run_training
 from simimg.jobs.train_config import TrainConfig
-from simimg.models.device import Compute, memory_format_for, resolve_compute
 from simimg.memory import reuse_freed_memory
+from simimg.models.device import Compute, memory_format_for, resolve_compute
 from simimg.models.net import build_model, with_classes
 from simimg.progress import Hooks
 

@@ -124,6 +124,11 @@ def add_compute(p: argparse.ArgumentParser, config: type = IndexJob) -> None:
     )
 
 
+def given(args: argparse.Namespace, *keys: str) -> dict:
+    """The options the user set: the rest keep the library's own defaults, which live in one place."""
+    return {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
+
+
 def emit(args: argparse.Namespace, payload: object, human: Callable[[], None]) -> None:
     """Machine-readable JSON on stdout with --json; a human summary otherwise."""
     if args.json:
@@ -432,7 +437,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_home(p)
     add_compute(p)
-    p.add_argument("--batch-size", type=positive_int, default=64, help="(default %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, help="(default: simimg.evaluate's, 64)")
     p.add_argument("--workers", type=non_negative_int)
     p.add_argument("--model", help="a kept model's fingerprint (or a unique prefix); default: the one serving")
 
@@ -446,10 +451,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             args.home,
             model=args.model,
             progress=bar,
-            device=args.device,
-            precision=args.precision,
-            batch_size=args.batch_size,
-            workers=args.workers,
+            **given(args, "device", "precision", "batch_size", "workers"),
         )
     finally:
         bar.close()
@@ -483,15 +485,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 def _model_info_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", choices=sorted(ARCHITECTURES), default=DEFAULT_ARCH)
-    p.add_argument("--image-size", type=positive_int, default=224)
-    p.add_argument("--batch-size", type=positive_int, default=32, help="batch for the CUDA peak training memory")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--image-size", type=positive_int, help="(default 224)")
+    p.add_argument("--batch-size", type=positive_int, help="batch for the CUDA peak training memory (default 32)")
+    p.add_argument("--device")
     p.add_argument("--memory-efficient", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON document on stdout, nothing else")
 
 
 def _run_model_info(args: argparse.Namespace) -> int:
-    info = simimg.model_info(args.arch, args.image_size, args.device, args.batch_size, args.memory_efficient)
+    info = simimg.model_info(args.arch, **given(args, "image_size", "device", "batch_size", "memory_efficient"))
 
     def human() -> None:
         for key, value in info.items():

@@ -11,7 +11,7 @@ from simimg.store.ann import (
     FLAT_LIMIT,
     FaissSearcher,
     TorchFlatSearcher,
-    build_index,
+    build_ann,
     index_kind_for,
     ivf_lists_for,
     make_searcher,
@@ -44,8 +44,8 @@ def test_kind_and_parameters_follow_size():
 def test_ivf_recall_against_flat_is_high():
     vectors, queries = clustered(5000), clustered(50, seed=1)
     ids = np.arange(100, 100 + len(vectors), dtype=np.int64)
-    _, truth = FaissSearcher(build_index(ids, vectors, 32, "flat")).search(queries, 10)
-    _, found = FaissSearcher(build_index(ids, vectors, 32, "ivf")).search(queries, 10)
+    _, truth = FaissSearcher(build_ann(ids, vectors, 32, "flat")).search(queries, 10)
+    _, found = FaissSearcher(build_ann(ids, vectors, 32, "ivf")).search(queries, 10)
     assert recall(found, truth) >= 0.95
 
 
@@ -53,8 +53,8 @@ def test_ivf_recall_against_flat_is_high():
 def test_torch_exact_search_agrees_with_faiss_flat(kind):
     vectors, queries = clustered(3000), clustered(20, seed=1)
     ids = np.arange(7, 7 + len(vectors), dtype=np.int64) * 3
-    flat = FaissSearcher(build_index(ids, vectors, 32, "flat"))
-    torch_search = TorchFlatSearcher.from_index(build_index(ids, vectors, 32, kind), torch.device("cpu"))
+    flat = FaissSearcher(build_ann(ids, vectors, 32, "flat"))
+    torch_search = TorchFlatSearcher.from_index(build_ann(ids, vectors, 32, kind), torch.device("cpu"))
     want_scores, want_ids = flat.search(queries, 10)
     scores, found = torch_search.search(queries, 10)
     assert recall(found, want_ids) >= 0.95  # fp16 may swap near-ties; the sets agree
@@ -71,8 +71,8 @@ def test_torch_exact_search_agrees_with_faiss_flat(kind):
 def test_the_cuda_searcher_agrees_with_faiss_flat(kind, cuda):
     vectors, queries = clustered(3000), clustered(20, seed=1)
     ids = np.arange(len(vectors), dtype=np.int64) * 2
-    want_scores, want_ids = FaissSearcher(build_index(ids, vectors, 32, "flat")).search(queries, 10)
-    searcher = make_searcher(build_index(ids, vectors, 32, kind), cuda)  # what a CUDA SearchService uses
+    want_scores, want_ids = FaissSearcher(build_ann(ids, vectors, 32, "flat")).search(queries, 10)
+    searcher = make_searcher(build_ann(ids, vectors, 32, kind), cuda)  # what a CUDA SearchService uses
     scores, found = searcher.search(queries, 10)
     assert recall(found, want_ids) >= 0.95
     np.testing.assert_allclose(scores, want_scores, atol=2e-3)
@@ -81,15 +81,15 @@ def test_the_cuda_searcher_agrees_with_faiss_flat(kind, cuda):
 def test_torch_search_pads_when_fewer_match():
     vectors = clustered(50)
     ids = np.arange(len(vectors), dtype=np.int64)
-    searcher = TorchFlatSearcher.from_index(build_index(ids, vectors, 32, "flat"), torch.device("cpu"))
+    searcher = TorchFlatSearcher.from_index(build_ann(ids, vectors, 32, "flat"), torch.device("cpu"))
     _, found = searcher.search(vectors[:2], 5, allowed=np.array([3, 4], np.int64))
     assert sorted(found[0][:2]) == [3, 4] and (found[:, 2:] == -1).all()
 
 
 def test_an_ivf_index_has_outgrown_its_lists_once_its_size_asks_for_many_more():
     ids, vectors = np.arange(700, dtype=np.int64), clustered(700)
-    index = build_index(ids, vectors, 32, "ivf")
+    index = build_ann(ids, vectors, 32, "ivf")
     nlist = faiss.extract_index_ivf(index).nlist
     assert nlist == ivf_lists_for(700) and not outgrown(index, 700) and not outgrown(index, 900)
     assert outgrown(index, 3000) and ivf_lists_for(3000) > 1.4 * nlist
-    assert not outgrown(build_index(ids, vectors, 32, "flat"), 10**6)  # exact search has no lists
+    assert not outgrown(build_ann(ids, vectors, 32, "flat"), 10**6)  # exact search has no lists

@@ -18,7 +18,7 @@ from simimg.store import ann_ivfpq
 from simimg.store.ann import (
     FaissSearcher,
     RefinedSearcher,
-    build_index,
+    build_ann,
     index_kind_for,
     is_compressed,
     load_index,
@@ -68,7 +68,7 @@ def test_refined_search_finds_what_exact_search_finds_and_keeps_ids(tmp_path, mo
     index = ann_ivfpq.build(DIM, ids, stored)
     assert is_compressed(index) and index.ntotal == 5000
     assert index.code_size == DIM // 4  # 16 bytes a vector instead of 256
-    _, truth = FaissSearcher(build_index(ids, vectors, DIM, "flat")).search(queries, 10)
+    _, truth = FaissSearcher(build_ann(ids, vectors, DIM, "flat")).search(queries, 10)
     _, approximate = FaissSearcher(index).search(queries, 10)
     _, found = make_searcher(index, torch.device("cpu"), stored).search(queries, 10)
     assert recall(found, truth) >= 0.95

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -19,8 +20,8 @@ from test_net import write_densenet121_checkpoint
 
 def readme_example() -> str:
     text = (ROOT / "README.md").read_text()
-    section = text.split("## The Python API", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    section = text.split("## The Python API", 1)[1].split("\n## ", 1)[0]
+    return "\n".join(re.findall(r"```python\n(.*?)```", section, re.S))  # each block goes on from the last
 
 
 def test_the_readme_example_runs(tmp_path: Path):
@@ -47,6 +48,32 @@ def test_the_readme_example_runs(tmp_path: Path):
     assert lines[1].split()[0] in ("cats", "dogs") and "('cats/cat_000.jpg', 1.0)" in lines[1]
     assert lines[3] == "(1, 1024) [('data/pets/notes.txt', 'not an image: the file holds text')]"
     assert "head" in lines[4] and "serving" in lines[4] and "pretrained" in lines[5]
+    assert lines[6].startswith("{'nearest': ")  # the second block: what the app shows, from a notebook
+    info = ast.literal_eval(lines[7])
+    assert info["labels"] == {"cats": 6, "dogs": 6} and info["kind"] == "head" and info["version"] == 2
+
+
+def test_what_an_index_holds_is_read_without_a_model(tmp_path: Path):
+    data = make_class_images(tmp_path / "data" / "shapes", {"a": 3, "b": 3}, size=40)
+    home = tmp_path / "home"
+    assert simimg.list_indexes(home) == []
+    report = simimg.build_index(data, home=home, weights="none", image_size=32, workers=0)
+    assert simimg.list_indexes(home) == ["shapes"]
+    assert simimg.serving_model("shapes", home) == report.model
+    assert simimg.collection_folder("shapes", home) == data.resolve()
+    info = simimg.index_info("shapes", home)
+    assert (info["total"], info["labels"], info["model"], info["version"]) == (6, {"a": 3, "b": 3}, report.model, 1)
+    service = simimg.open_index("shapes", home, device="cpu")
+    assert service.info() == {**info, "device": service.info()["device"]}  # one summary, two readers
+    service.close()
+    assert (
+        simimg.export_path("shapes", report.model, "onnx", home)
+        == home / "shapes" / "exports" / report.model / "model.onnx"
+    )
+    source, counts = simimg.class_counts(data)
+    assert source and [(c.label, c.train + c.val) for c in counts] == [("a", 3), ("b", 3)]
+    with pytest.raises(SimimgError, match="no index named 'nope'"):
+        simimg.serving_model("nope", home)
 
 
 def test_the_public_names_and_a_light_import():

@@ -178,3 +178,40 @@ def test_a_shown_score_used_as_min_score_keeps_that_neighbor():
     snap = Snapshot(1, "fp", "emb", "flat", np.array([3]), ["a.png"], ["x"], ["h"])
     shown = neighbors_from(np.array([0.87654321]), np.array([3]), snap, min_score=None)[0].score
     assert [n.path for n in neighbors_from(np.array([0.87654321]), np.array([3]), snap, min_score=shown)] == ["a.png"]
+
+
+# --- the collection as a whole: what the app's Browse and Inspect pages show, public for notebooks ----------
+def test_browse_pages_through_a_label_or_everything(service):
+    everything = service.browse(page=1, per_page=4)
+    assert (everything.total, everything.pages, len(everything.items)) == (sum(CLASSES.values()) + 2, 4, 4)
+    last = service.browse(page=99, per_page=4)  # past the end: the last page
+    assert last.page == 4 and len(last.items) == (sum(CLASSES.values()) + 2) - 12
+    squares = service.browse("squares", per_page=3)
+    assert squares.total == 4 and all(label == "squares" for _, label in squares.items)
+    unlabelled = service.browse("", per_page=10)  # the loose files: "" is how info() counts them
+    assert sorted(p for p, _ in unlabelled.items) == ["loose.jpg", "loose.png"]
+
+
+def test_near_duplicates_use_the_collections_own_threshold_unless_given(built, tmp_path):
+    root = tmp_path / "shapes"
+    shutil.copytree(built[0], root)
+    shutil.copy(root / "squares" / "squares_000.png", root / "squares" / "copy.png")  # an exact copy
+    run_index(IndexJob(str(root), "dups", str(tmp_path / "home"), weights="none", image_size=32, workers=0))
+    service = SearchService(tmp_path / "home", "dups", "cpu")
+    pairs, threshold = service.near_duplicates()
+    assert 0.5 < threshold < 1.0
+    assert ("squares/copy.png", "squares/squares_000.png") in {tuple(sorted((p.a, p.b))) for p in pairs}
+    assert all(p.score >= threshold for p in pairs)
+    everything, given = service.near_duplicates(threshold=-1.0, limit=1000)
+    assert given == -1.0 and len(everything) > len(pairs)
+
+
+def test_score_landmarks_and_map_describe_the_published_vectors(service):
+    marks = service.score_landmarks()
+    assert set(marks) == {"nearest", "neighbour_10", "random_pair"}
+    assert 1.0 >= marks["nearest"] >= marks["neighbour_10"] and -1.0 <= marks["random_pair"] <= 1.0
+    columns = service.map_2d("pca", limit=5)
+    assert set(columns) == {"x", "y", "label", "path"} and len(columns["path"]) == 5
+    assert set(columns["path"]) <= set(service.snapshot.paths)
+    snapshot, vectors = service.vectors()
+    assert vectors.shape == (len(snapshot.paths), service.info()["dim"])

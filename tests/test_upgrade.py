@@ -20,7 +20,7 @@ from simimg.jobs.upgrade import needs_upgrade, upgrade
 from simimg.models.encoder import Encoder
 from simimg.models.net import build_model, with_classes
 from simimg.query.service import SearchService
-from simimg.store.ann import build_index, save_index
+from simimg.store.ann import build_ann, save_index
 from simimg.store.catalog import reading
 from simimg.store.layout import IndexFolder
 from simimg.store.model_store import model_fingerprints, read_model
@@ -73,7 +73,7 @@ def write_v1_index(data: Path, home: Path, name: str) -> dict[str, np.ndarray]:
     db.execute("INSERT INTO meta VALUES ('data_root', ?)", (str(data.resolve()),))
     db.commit()
     db.close()
-    save_index(build_index(np.arange(1, len(records) + 1), vectors, 1024, "flat"), folder.faiss(1))
+    save_index(build_ann(np.arange(1, len(records) + 1), vectors, 1024, "flat"), folder.faiss(1))
     (folder.index_job).write_text(json.dumps({"data_dir": str(data), "name": name, "home": str(home)}))
     return {r.path: v for r, v in zip(records, vectors)}
 

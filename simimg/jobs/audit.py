@@ -34,11 +34,10 @@ from simimg.dataset.splits import Split, split_dataset
 from simimg.errors import SimimgError
 from simimg.fsutil import atomic_write_bytes
 from simimg.jobs.audit_config import AuditJob, AuditReport
-from simimg.jobs.train_head import SplitVectors, collection_folder, held_vectors, split_vectors
+from simimg.jobs.train_head import SplitVectors, collection_folder, held_vectors, split_vectors, stored_model
 from simimg.models.device import loader_workers, resolve_compute
 from simimg.models.encoder import EmbedSettings
 from simimg.store.layout import IndexFolder
-from simimg.store.model_store import load_model, serving_model
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ def run_audit(
     phase = on_phase or (lambda _: None)
     folder = IndexFolder.of(job.home, job.name)
     phase("reading")
-    base = load_model(folder, serving_model(folder))
+    base = stored_model(folder)
     split = split_dataset(job.data_dir, job.val_split, job.seed)
     refuse_foreign(folder, split.root.resolve())
     held = held_vectors(folder, base, split)

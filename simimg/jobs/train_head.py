@@ -51,7 +51,7 @@ def train_head(config: TrainConfig, split: Split, folder: IndexFolder, compute: 
     `training.run_training` calls this under the training lock, and serves the result. Images the index does not
     hold are refused (`refuse_unheld`) before anything is embedded, unless `config.embed_missing`.
     """
-    base = load_model(folder, serving_model(folder))
+    base = stored_model(folder)
     held = held_vectors(folder, base, split)
     if not config.embed_missing:
         held = refuse_unheld(folder, split, held, base)
@@ -94,6 +94,16 @@ def train_head(config: TrainConfig, split: Split, folder: IndexFolder, compute: 
         None,
         {**found.counts, "C": head.c},
     )
+
+
+def stored_model(folder: IndexFolder) -> LoadedModel:
+    """The serving model of an index whose stored embeddings a job works on (head-only training, the audit)."""
+    if not folder.catalog.exists():
+        raise SimimgError(
+            f"this works on an index's stored embeddings, and there is no index '{folder.name}' yet: run "
+            f"`simimg index DATA_DIR --name {folder.name}` first"
+        )
+    return load_model(folder, serving_model(folder))
 
 
 def collection_folder(folder: IndexFolder) -> Path | None:

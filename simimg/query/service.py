@@ -324,7 +324,7 @@ class SearchService:
     ) -> Explanation:
         """Where the served model looks in `image`: at the predicted class (or `label`), or, given a `neighbor`
         (a gallery path, any file or a PIL image), at what makes the two similar. The map has the decoded image's
-        size; see simimg/heatmaps.py."""
+        size; see simimg/models/heatmaps.py."""
         from simimg.models.heatmaps import explain_class, explain_similarity
 
         self.refresh(wait=False)
@@ -361,9 +361,9 @@ class SearchService:
 
     # --- the collection as a whole: what the app's Browse and Inspect pages show ---------------------------
     def browse(self, label: str | None = None, page: int = 1, per_page: int = 24) -> BrowsePage:
-        """Page `page` (from 1) of the served images, all of them or those labelled `label`."""
+        """Page `page` (from 1) of the served images, all of them or those labelled `label` ("" for none)."""
         snapshot = self.snapshot
-        rows = [(p, lab) for p, lab in zip(snapshot.paths, snapshot.labels) if label is None or lab == label]
+        rows = [(p, lab) for p, lab in zip(snapshot.paths, snapshot.labels) if label is None or (lab or "") == label]
         pages = max(1, math.ceil(len(rows) / per_page))
         page = min(max(page, 1), pages)
         first = (page - 1) * per_page

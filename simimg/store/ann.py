@@ -73,10 +73,10 @@ def build_from_stored(
     where the indexing engine runs them."""
     if kind == "ivfpq":
         return ann_ivfpq.build(dim, ids, fetch, encode=encode)
-    return build_index(ids, fetch(ids) if len(ids) else np.empty((0, dim), np.float32), dim, kind)
+    return build_ann(ids, fetch(ids) if len(ids) else np.empty((0, dim), np.float32), dim, kind)
 
 
-def build_index(ids: np.ndarray, vectors: np.ndarray, dim: int, kind: str | None = None) -> faiss.Index:
+def build_ann(ids: np.ndarray, vectors: np.ndarray, dim: int, kind: str | None = None) -> faiss.Index:
     """A fresh index over `vectors` (float32, N x dim, unit length) carrying the catalog's `ids`."""
     kind = kind or index_kind_for(len(ids))
     if kind == "ivfpq":

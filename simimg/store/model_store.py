@@ -156,15 +156,15 @@ def serving_model(folder: IndexFolder, required: bool = True) -> str | None:
 
     Without a published version it is None, or, when `required`, a user error that says what to run.
     """
-    if not folder.catalog.exists():
-        if not required:
-            return None
+    if not folder.root.is_dir() and required:
         raise SimimgError(
             f"no index named '{folder.name}' in {folder.root.parent}: build it with "
             f"`simimg index DATA_DIR --name {folder.name}`"
         )
-    with reading(folder.catalog) as catalog:
-        published = catalog.published()
+    published = None
+    if folder.catalog.exists():  # a folder with kept models but no catalog yet: trained with --no-index
+        with reading(folder.catalog) as catalog:
+            published = catalog.published()
     if published is None and required:
         raise SimimgError(
             f"index '{folder.name}' has no finished version yet, so no model serves it: run `simimg index` on it, "
