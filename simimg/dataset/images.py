@@ -46,7 +46,7 @@ def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
             if draft_size and image.format == "JPEG":
                 image.draft("RGB", (draft_size, draft_size))
             image.load()
@@ -87,7 +87,8 @@ def _to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
         high = 1.0 if array.max(initial=0) <= 1.0 else 255.0
     else:
         high = 65535.0 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
-    return np.clip(array * (255.0 / high), 0, 255).round().astype(np.uint8)
+    scaled: np.ndarray = np.clip(array * (255.0 / high), 0, 255).round().astype(np.uint8)
+    return scaled
 
 
 def _unrecognised_reason(data: bytes) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch loads on first use: a bundle's metadata is read by commands that never run a model
     import torch
@@ -28,10 +28,10 @@ class Preprocess:
         return cls(crop_size=image_size, resize_size=round(image_size * 256 / 224))
 
     @classmethod
-    def from_dict(cls, d: dict) -> Preprocess:
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
         return cls(int(d["crop_size"]), int(d["resize_size"]), tuple(d["mean"]), tuple(d["std"]))
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def to_uint8(self, image: Image.Image) -> torch.Tensor:
@@ -40,7 +40,8 @@ class Preprocess:
 
         image = F.resize(image, self.resize_size, interpolation=InterpolationMode.BILINEAR)
         image = F.center_crop(image, self.crop_size)
-        return F.pil_to_tensor(image)
+        tensor: torch.Tensor = F.pil_to_tensor(image)
+        return tensor
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """A uint8 NCHW batch to normalised float32, on whatever device the batch is on."""

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,12 +47,12 @@ class Split:
 
     def labels(self, records: Sequence[Record]) -> np.ndarray:
         index = {c: i for i, c in enumerate(self.classes)}
-        return np.array([index[r.label] for r in records], dtype=np.int64)
+        return np.array([index[_label(r)] for r in records], dtype=np.int64)
 
     def files(self, records: Sequence[Record]) -> list[Path]:
         return [self.root / r.path for r in records]
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """What the bundle records, so `simimg evaluate` can find the same validation images later."""
         return {
             "data_dir": str(self.root.resolve()),
@@ -94,7 +95,8 @@ class TrainAugment:
         return round(self.crop_size * 256 / 224)
 
     def to_uint8(self, image: Image.Image) -> torch.Tensor:
-        return self._compose(image)
+        tensor: torch.Tensor = self._compose(image)
+        return tensor
 
     @cached_property
     def _compose(self) -> transforms.Compose:
@@ -177,6 +179,12 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor | None:
     return torch.tensor(weights, dtype=torch.float32)
 
 
+def _label(record: Record) -> str:
+    """The class of a record in a split: split_dataset keeps only the records in a class folder."""
+    assert record.label is not None, record.path
+    return record.label
+
+
 def _is_split(records: Sequence[Record]) -> bool:
     """scan_folder labels a train/val root's images by the folder below the split: 'train/<label>/...'."""
 
@@ -202,8 +210,8 @@ def _folder_split(scan: Scan, records: Sequence[Record], val_split: float, seed:
         log.info("%s has no val/ folder: validating on a seeded split of train/", scan.root)
         return _seeded_split(scan, train, val_split, seed, seeded_from="train")
     _check_classes(scan.root / "train", train, minimum=1)
-    classes = tuple(sorted({r.label for r in train}))
-    unknown = sorted({r.label for r in val} - set(classes))
+    classes = tuple(sorted({_label(r) for r in train}))
+    unknown = sorted({_label(r) for r in val} - set(classes))
     if unknown:
         raise SimimgError(
             f"{scan.root}/val has classes with no training images ({', '.join(unknown)}); "
@@ -220,7 +228,7 @@ def _folder_split(scan: Scan, records: Sequence[Record], val_split: float, seed:
 def _seeded_split(scan: Scan, records: Sequence[Record], val_split: float, seed: int, seeded_from: str = "") -> Split:
     """Per class, a seeded shuffle; round(n * val_split) images (at least one, never all) validate."""
     rng = np.random.default_rng(seed)
-    classes = tuple(sorted({r.label for r in records}))
+    classes = tuple(sorted({_label(r) for r in records}))
     train: list[Record] = []
     val: list[Record] = []
     for label in classes:
@@ -236,7 +244,7 @@ def _check_classes(folder: Path, records: Sequence[Record], minimum: int) -> Non
     """At least two classes, and every class folder holding at least `minimum` images."""
     counts: dict[str, int] = {p.name: 0 for p in visible_subfolders(folder)}
     for r in records:
-        counts[r.label] = counts.get(r.label, 0) + 1
+        counts[_label(r)] = counts.get(_label(r), 0) + 1
     short = sorted(label for label, n in counts.items() if n < minimum)
     if short:
         need = "no images" if minimum == 1 else f"fewer than {minimum} images (one must train, one validate)"

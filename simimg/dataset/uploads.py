@@ -50,7 +50,9 @@ def _declared_size(data: bytes) -> tuple[int, int]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                return image.size
+            # not `with Image.open(...) as image`: Pillow types __enter__ with typing.Self, which is Any on 3.10
+            opened = Image.open(io.BytesIO(data))
+            with opened:
+                return opened.size
     except Exception:  # noqa: BLE001 - decode_image turns any bad header into the precise reason
         return 0, 0
