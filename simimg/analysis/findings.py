@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +70,8 @@ def out_of_fold_probabilities(
         )
     c = fit_head(x, y, num_classes, seed).c
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    return cross_val_predict(logistic_regression(c), x, y, cv=cv, method="predict_proba")
+    probabilities: np.ndarray = cross_val_predict(logistic_regression(c), x, y, cv=cv, method="predict_proba")
+    return probabilities
 
 
 def label_issues(labels: np.ndarray, pred_probs: np.ndarray) -> list[LabelIssue]:
@@ -113,7 +115,7 @@ def outliers(vectors: np.ndarray, neighbors: int = NEIGHBORS) -> list[Outlier]:
     return sorted((Outlier(int(i), float(scores[i])) for i in flagged), key=lambda o: o.score)
 
 
-def class_balance(labels: np.ndarray, classes: Sequence[str]) -> dict:
+def class_balance(labels: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
     """Counts per class; `imbalanced` where training would weight its loss; `rare` classes per cleanlab's rule."""
     counts = np.bincount(labels, minlength=len(classes))
     even = counts.sum() / max(len(classes), 1)

@@ -6,6 +6,7 @@ The evaluate job, the training runs (per-epoch validation) and the head-only fit
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ MOST_CONFUSED = 20
 QUERY_CHUNK = 256
 
 
-def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict:
+def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
     """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix (rows: true class)."""
     predicted = probs.argmax(axis=1)
     every = list(range(len(classes)))
@@ -40,7 +41,7 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: Seque
 
 def most_confused(
     paths: Sequence[str], labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], limit: int = MOST_CONFUSED
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """Misclassified images, the most confidently wrong first."""
     predicted = probs.argmax(axis=1)
     wrong = np.flatnonzero(predicted != labels)
@@ -53,8 +54,8 @@ def prediction_rows(
     labels: np.ndarray,
     probs: np.ndarray,
     classes: Sequence[str],
-    rows: Sequence[int] | None = None,
-) -> list[dict]:
+    rows: Sequence[int] | np.ndarray | None = None,
+) -> list[dict[str, Any]]:
     """One {path, label, predicted, probability} per evaluated image (or per `rows`): what a confusion cell shows."""
     predicted = probs.argmax(axis=1)
     rows = range(len(paths)) if rows is None else rows
@@ -76,7 +77,7 @@ def retrieval_metrics(
     gallery_labels: np.ndarray,
     exclude: np.ndarray | None = None,
     k: int = 10,
-) -> dict:
+) -> dict[str, float]:
     """P@1, P@k and mAP of cosine neighbours; a neighbour is relevant when its label matches.
 
     `exclude[i]` is the gallery position of query i itself (or -1), which is never counted as its neighbour.

@@ -47,11 +47,13 @@ def project_2d(vectors: np.ndarray, method: str = "pca", seed: int = 0) -> np.nd
     if n < 3:
         return np.zeros((n, 2), np.float32)
     if method == "pca":
-        return PCA(n_components=2, random_state=seed).fit_transform(vectors).astype(np.float32)
+        pca: np.ndarray = PCA(n_components=2, random_state=seed).fit_transform(vectors).astype(np.float32)
+        return pca
     reduced = PCA(n_components=min(50, n - 1, vectors.shape[1]), random_state=seed).fit_transform(vectors)
     perplexity = float(min(30, max(2, (n - 1) // 3)))
     tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed)
-    return tsne.fit_transform(reduced).astype(np.float32)
+    projected: np.ndarray = tsne.fit_transform(reduced).astype(np.float32)
+    return projected
 
 
 def near_duplicate_threshold(nn_similarity: np.ndarray, factor: float = NEAR_FACTOR) -> float:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 
-def curves_png(history: Sequence[dict], best_epoch: int | None = None) -> bytes:
+def curves_png(history: Sequence[dict[str, Any]], best_epoch: int | None = None) -> bytes:
     """Loss and accuracy per epoch, train against validation, with the kept epoch marked."""
     epochs = [h["epoch"] for h in history]
     fig = Figure(figsize=(10, 4))
