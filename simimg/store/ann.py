@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import faiss
 import numpy as np
@@ -82,14 +82,15 @@ def build_ann(ids: np.ndarray, vectors: np.ndarray, dim: int, kind: str | None =
     if kind == "ivfpq":
         order = np.argsort(ids)
         return ann_ivfpq.build(dim, ids, lambda wanted: vectors[order[np.searchsorted(ids[order], wanted)]])
+    index: faiss.Index
     if kind == "flat":
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     elif kind == "ivf":
         nlist = ivf_lists_for(len(ids))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.nprobe = nprobe_for(nlist)
+        index = ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        ivf.nprobe = nprobe_for(nlist)
         sample = vectors[np.random.default_rng(0).permutation(len(vectors))[: nlist * IVF_TRAIN_SAMPLES_PER_LIST]]
-        index.train(np.ascontiguousarray(sample))
+        ivf.train(np.ascontiguousarray(sample))
     else:
         raise ValueError(f"unknown index kind {kind!r}")
     if len(ids):
@@ -186,10 +187,12 @@ class FaissSearcher:
         params = None
         if allowed is not None:
             selector = faiss.IDSelectorBatch(allowed.astype(np.int64))
+            # faiss wraps each SearchParameters class to take its fields as keywords (and keep the selector alive);
+            # its stubs declare the bare SWIG constructors, which take none
             params = (
-                faiss.SearchParametersIVF(sel=selector, nprobe=faiss.extract_index_ivf(self.index).nprobe)
+                faiss.SearchParametersIVF(sel=selector, nprobe=faiss.extract_index_ivf(self.index).nprobe)  # type: ignore[call-arg]
                 if _is_ivf(self.index)
-                else faiss.SearchParameters(sel=selector)
+                else faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
             )
         scores, ids = self.index.search(queries, k, params=params)
         return scores, ids
@@ -206,7 +209,8 @@ class TorchFlatSearcher:
     @classmethod
     def from_index(cls, index: faiss.Index, device: torch.device) -> TorchFlatSearcher:
         """From a Flat or an IVF index: on a GPU, exact search over all vectors beats IVF on the CPU."""
-        ids, vectors = ivf_contents(index) if _is_ivf(index) else flat_contents(index)
+        # a Flat index is an IDMap2 over IndexFlatIP (build_index); faiss returns indexes downcast to their class
+        ids, vectors = ivf_contents(index) if _is_ivf(index) else flat_contents(cast(faiss.IndexIDMap2, index))
         return cls(ids, vectors, device)
 
     @torch.inference_mode()
@@ -226,7 +230,7 @@ class TorchFlatSearcher:
 def flat_contents(index: faiss.IndexIDMap2) -> tuple[np.ndarray, np.ndarray]:
     """(ids, vectors) stored in an IDMap2-over-Flat index, without copying through reconstruct()."""
     ids = faiss.vector_to_array(index.id_map).astype(np.int64)
-    inner = faiss.downcast_index(index.index)
+    inner = cast(faiss.IndexFlat, faiss.downcast_index(index.index))
     vectors = faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * inner.d).reshape(inner.ntotal, inner.d).copy()
     return ids, vectors
 
@@ -235,6 +239,7 @@ def ivf_contents(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
     """(ids, vectors) stored in an IVF-Flat index, list by list."""
     ivf = faiss.extract_index_ivf(index)
     invlists, ids, vectors = ivf.invlists, [], []
+    assert invlists is not None, "an IVF index has inverted lists"
     for lst in range(ivf.nlist):
         size = invlists.list_size(lst)
         if size:

@@ -50,7 +50,7 @@ def lists_for(n: int) -> int:
     return max(1, min(int(math.sqrt(n)), n // TRAIN_SAMPLES_PER_LIST))
 
 
-def empty_index(dim: int, n: int) -> faiss.Index:
+def empty_index(dim: int, n: int) -> faiss.IndexIVFPQ:
     """An untrained IVF-PQ index sized for `n` vectors, inner product over unit vectors."""
     nlist, m = lists_for(n), pq_bytes_for(dim)
     index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
@@ -127,7 +127,7 @@ def build(
     trained = train(dim, ids, fetch)
     parts = encode(trained, ((ids[s], fetch(ids[s])) for s in part_ranges(len(ids))))
     index = merge(trained, parts) if on_disk is None else merge_on_disk(trained, parts, on_disk)
-    log.info("built IVF-PQ index of %d vectors, %d bytes each", index.ntotal, index.code_size)
+    log.info("built IVF-PQ index of %d vectors, %d bytes each", index.ntotal, faiss.extract_index_ivf(index).code_size)
     return index
 
 

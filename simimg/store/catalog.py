@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
 import numpy as np
 
@@ -248,7 +249,8 @@ class Catalog:
         return [Row(*r) for r in rows]
 
     def count(self, version: int) -> int:
-        return self.db.execute(f"SELECT COUNT(*) FROM images WHERE {VISIBLE}", {"v": version}).fetchone()[0]
+        count: int = self.db.execute(f"SELECT COUNT(*) FROM images WHERE {VISIBLE}", {"v": version}).fetchone()[0]
+        return count
 
     def pending_changes(self, version: int) -> tuple[int, int]:
         added = self.db.execute("SELECT COUNT(*) FROM images WHERE added=?", (version,)).fetchone()[0]
@@ -373,7 +375,8 @@ class Catalog:
 
     def _embedding_id(self, fingerprint: str, dim: int) -> int:
         self.db.execute("INSERT OR IGNORE INTO embeddings(fingerprint, dim) VALUES (?, ?)", (fingerprint, dim))
-        return self.db.execute("SELECT id FROM embeddings WHERE fingerprint=?", (fingerprint,)).fetchone()[0]
+        emb: int = self.db.execute("SELECT id FROM embeddings WHERE fingerprint=?", (fingerprint,)).fetchone()[0]
+        return emb
 
     def _open_shard(self, emb: int, dim: int) -> tuple[int, int]:
         """(shard id, committed rows) of the embedding's current shard, starting a new one when it is full."""
@@ -385,7 +388,8 @@ class Catalog:
                 "INSERT INTO shards(embedding, rows, live) VALUES (?, 0, 0) RETURNING id", (emb,)
             ).fetchone()[0]
             return shard, 0
-        return row
+        shard, rows = row
+        return shard, rows
 
     # --- the readers' view: one published version ---------------------------------------------
     def snapshot(self) -> Snapshot | None:
@@ -466,5 +470,7 @@ class _Transaction:
         self.db.execute(self.begin)
         return self.db
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.db.execute("ROLLBACK" if exc_type else "COMMIT")
