@@ -184,16 +184,16 @@ class FaissSearcher:
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         queries = np.ascontiguousarray(queries, np.float32)
         k = max(1, min(k, self.index.ntotal)) if self.index.ntotal else 1
-        params = None
+        params: faiss.SearchParameters | None = None
         if allowed is not None:
             selector = faiss.IDSelectorBatch(allowed.astype(np.int64))
             # faiss wraps each SearchParameters class to take its fields as keywords (and keep the selector alive);
             # its stubs declare the bare SWIG constructors, which take none
-            params = (
-                faiss.SearchParametersIVF(sel=selector, nprobe=faiss.extract_index_ivf(self.index).nprobe)  # type: ignore[call-arg]
-                if _is_ivf(self.index)
-                else faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
-            )
+            if _is_ivf(self.index):
+                nprobe = faiss.extract_index_ivf(self.index).nprobe
+                params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)  # type: ignore[call-arg]
+            else:
+                params = faiss.SearchParameters(sel=selector)  # type: ignore[call-arg]
         scores, ids = self.index.search(queries, k, params=params)
         return scores, ids
 
