@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from simimg.dataset.preprocess import Preprocess
 from simimg.errors import SimimgError
@@ -37,7 +38,7 @@ class ModelBundle:
     kind: str = "pretrained"
     created: str = ""
     unit_head: bool = False
-    info: dict = field(default_factory=dict, compare=False)
+    info: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def has_classifier(self) -> bool:
@@ -54,9 +55,10 @@ class ModelBundle:
 
     @property
     def val_accuracy(self) -> float | None:
-        return self.info.get("training", {}).get("metrics", {}).get("val_accuracy")
+        accuracy: float | None = self.info.get("training", {}).get("metrics", {}).get("val_accuracy")
+        return accuracy
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "format": BUNDLE_FORMAT,
             "arch": self.arch,
@@ -73,7 +75,7 @@ class ModelBundle:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> ModelBundle:
+    def from_dict(cls, d: dict[str, Any]) -> ModelBundle:
         if d.get("format", 1) != BUNDLE_FORMAT:
             raise ValueError(f"bundle format {d.get('format', 1)}, this simimg reads format {BUNDLE_FORMAT}")
         known = {

@@ -42,7 +42,7 @@ class Compute:
 
     device: torch.device
     precision: str  # "bf16" or "fp32"
-    autocast: Callable[[], contextlib.AbstractContextManager] = field(
+    autocast: Callable[[], contextlib.AbstractContextManager[object]] = field(
         compare=False, repr=False, default=contextlib.nullcontext
     )
     runtime: str = "torch"
@@ -101,7 +101,8 @@ def native_bf16(device: torch.device) -> bool:
     (a micro-benchmark on shared cores swung 10x between runs), and needs no cache to go stale.
     """
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        supported: bool = torch.cuda.is_bf16_supported()
+        return supported
     return device.type == "cpu" and _cpu_has_bf16_units()
 
 

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -25,7 +26,16 @@ from simimg.models.net import LoadedModel, Net, build_model
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_END = object()
+
+
+class _End(Enum):
+    """read_ahead's sentinel: the batches ran out."""
+
+    END = 0
+
+
+# FileDataset's item: (position, CHW uint8 tensor or None, sha256 hex or the failure reason)
+FileItem = tuple[int, torch.Tensor | None, str]
 
 # A model's embedding function as prepared for one Compute (`prepare_net`): uint8 NCHW images (on any device) in,
 # the pooled features (not normalised) out, on the compute device.
@@ -60,12 +70,13 @@ class EmbeddedBatch:
 class ImageTransform(Protocol):
     """What FileDataset needs of a transform: Preprocess for evaluation, data.TrainAugment for training."""
 
-    resize_size: int
+    @property
+    def resize_size(self) -> int: ...
 
     def to_uint8(self, image: Image.Image) -> torch.Tensor: ...
 
 
-class FileDataset(Dataset):
+class FileDataset(Dataset[FileItem]):
     """Reads each file once: its bytes give both the content hash and the decoded image."""
 
     def __init__(self, paths: Sequence[Path], preprocess: ImageTransform) -> None:
@@ -75,7 +86,7 @@ class FileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+    def __getitem__(self, i: int) -> FileItem:
         """(position, CHW uint8 tensor or None, sha256 hex or the failure reason)."""
         try:
             data = read_bytes(self.paths[i])
@@ -89,7 +100,7 @@ class FileDataset(Dataset):
 
 
 def collate(
-    items: list[tuple[int, torch.Tensor | None, str]],
+    items: list[FileItem],
 ) -> tuple[list[int], torch.Tensor, list[str], list[tuple[int, str]]]:
     """Stack the good images; pass the failures through beside them."""
     good = [(i, t, h) for i, t, h in items if t is not None]
@@ -140,7 +151,8 @@ def prepare_net(net: Net, compute: Compute, preprocess: Preprocess, compile: boo
     `net.embed` `torch.compile`d (slow to start, faster per batch; torch runtime only). `net` itself stays as it
     was, so its fingerprints never change.
     """
-    net.eval().to(compute.device, memory_format=memory_format_for(compute.device))
+    # torch's Module.to overloads lack (device, memory_format=...), which it takes
+    net.eval().to(compute.device, memory_format=memory_format_for(compute.device))  # type: ignore[call-overload]
     if compute.runtime == "openvino":
         if compile:
             raise ValueError("torch.compile needs the torch runtime")
@@ -159,7 +171,7 @@ def make_loader(
     shuffle: bool = False,
     seed: int = 0,
     drop_last: bool = False,
-) -> DataLoader:
+) -> DataLoader[FileItem]:
     """Batches of (positions, uint8 NCHW, hashes, failures) from `collate`; unreadable files never raise.
 
     The one loader for indexing, training and evaluation: pinned memory when it feeds a GPU.
@@ -191,9 +203,9 @@ def read_ahead(batches: Iterable[T], workers: int) -> Iterator[T]:
         return
     it = iter(batches)
     with ThreadPoolExecutor(1, thread_name_prefix="simimg-read-ahead") as pool:
-        pending = pool.submit(next, it, _END)
-        while (batch := pending.result()) is not _END:
-            pending = pool.submit(next, it, _END)
+        pending = pool.submit(next, it, _End.END)
+        while (batch := pending.result()) is not _End.END:
+            pending = pool.submit(next, it, _End.END)
             yield batch
 
 

@@ -11,6 +11,7 @@ import json
 import logging
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from simimg.choices import EXPORT_FORMATS
 from simimg.errors import SimimgError
 from simimg.fsutil import atomic_target
 from simimg.models.net import LoadedModel
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +37,8 @@ class _Exported(nn.Module):
 
     def __init__(self, loaded: LoadedModel) -> None:
         super().__init__()
-        self.net = loaded.net.eval().to("cpu", memory_format=torch.contiguous_format)
+        # torch's Module.to overloads lack (device, memory_format=...), which it takes
+        self.net = loaded.net.eval().to("cpu", memory_format=torch.contiguous_format)  # type: ignore[call-overload]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         features = self.net.embed(images)
@@ -41,7 +46,7 @@ class _Exported(nn.Module):
         return (embedding, self.net.logits(features)) if self.net.head is not None else (embedding,)
 
 
-def export_onnx(loaded: LoadedModel, out: Path) -> dict:
+def export_onnx(loaded: LoadedModel, out: Path) -> dict[str, Any]:
     """Write `out` (atomically) and check it with onnxruntime; returns what was checked."""
     import onnx
     import onnxruntime
@@ -81,7 +86,7 @@ def export_onnx(loaded: LoadedModel, out: Path) -> dict:
     }
 
 
-def _max_difference(module: nn.Module, session: object, batch: torch.Tensor) -> float:
+def _max_difference(module: nn.Module, session: onnxruntime.InferenceSession, batch: torch.Tensor) -> float:
     """Largest absolute difference between torch's and onnxruntime's outputs; above TOLERANCE is an error."""
     with torch.inference_mode():
         expected = [t.numpy() for t in module(batch)]
@@ -94,7 +99,7 @@ def _max_difference(module: nn.Module, session: object, batch: torch.Tensor) -> 
     return difference
 
 
-def export_bundle(model_dir: Path, out: Path) -> dict:
+def export_bundle(model_dir: Path, out: Path) -> dict[str, Any]:
     """The model folder as one zip (model.json, model.safetensors, and its pictures and job record)."""
     with atomic_target(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
         for file in sorted(model_dir.iterdir()):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,7 +68,7 @@ class Explanation:
         """This map in colour over `image` (the image it explains, at the map's size: see `resized`)."""
         return overlay(image, self.heatmap, image_weight)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
             "target": self.target,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -11,7 +13,7 @@ from simimg.models.net import Net, build_model, set_memory_efficient, with_class
 
 def model_info(
     arch: str, image_size: int = 224, device: str = "auto", batch_size: int = 32, memory_efficient: bool = False
-) -> dict:
+) -> dict[str, Any]:
     """Parameters, GFLOPs per image, embedding size and, on CUDA, peak memory of one training step at `batch_size`.
 
     FLOPs count a multiply-add as two (torch's FlopCounterMode); `gmacs` is the figure torchvision's docs quote.
@@ -44,7 +46,8 @@ def model_info(
 def _peak_training_memory(net: Net, image_size: int, compute: Compute, batch_size: int) -> float:
     """One forward and backward pass under the training settings (bf16 autocast, channels_last)."""
     device = compute.device
-    net.train().to(device, memory_format=memory_format_for(device))
+    # torch's Module.to overloads lack (device, memory_format=...), which it takes
+    net.train().to(device, memory_format=memory_format_for(device))  # type: ignore[call-overload]
     torch.cuda.reset_peak_memory_stats(device)
     x = torch.randn(batch_size, 3, image_size, image_size, device=device)
     x = x.contiguous(memory_format=memory_format_for(device))

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -61,14 +61,16 @@ class Net(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled features that feed the classifier (1024-d for densenet121), not normalised."""
-        return self.trunk(x)
+        features: torch.Tensor = self.trunk(x)
+        return features
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         if self.head is None:
             raise SimimgError("this model has no trained classifier: run `simimg train` first")
         if self.unit_head:
             features = nn.functional.normalize(features.float(), dim=1)
-        return self.head(features)
+        logits: torch.Tensor = self.head(features)
+        return logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.logits(self.trunk(x))
@@ -117,7 +119,7 @@ def describe(
     source: str,
     kind: str,
     embedding: str | None = None,
-    **info,
+    **info: Any,
 ) -> ModelBundle:
     """A bundle for `net` as it is now, with fresh fingerprints; pass `embedding` when the trunk is known unchanged."""
     embedding = embedding or embedding_fingerprint(net, arch, preprocess)
@@ -218,7 +220,7 @@ def set_memory_efficient(net: nn.Module, enabled: bool) -> None:
     """DenseNet's checkpointed concatenation: less activation memory for some recompute; a no-op elsewhere."""
     for module in net.modules():
         if hasattr(module, "memory_efficient"):
-            module.memory_efficient = enabled
+            module.memory_efficient = enabled  # type: ignore[assignment]  # torch types attributes Tensor | Module
 
 
 def imagenet_cached(arch: str) -> bool:
@@ -229,7 +231,8 @@ def imagenet_cached(arch: str) -> bool:
 def weights_file(arch: str) -> Path:
     """Where torchvision looks for an architecture's ImageNet weights: $TORCH_HOME/hub/checkpoints/<file>."""
     _, enum = _architecture(arch)
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
+    name: str = os.path.basename(enum.url)
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
 
 
 def _architecture(arch: str) -> tuple[Callable[..., nn.Module], models.WeightsEnum]:
@@ -255,7 +258,7 @@ def _cached_or_downloadable(arch: str, enum: models.WeightsEnum) -> models.Weigh
     return enum
 
 
-def _imagenet_model(builder: Callable[..., nn.Module], arch: str, enum: models.WeightsEnum, **kwargs) -> nn.Module:
+def _imagenet_model(builder: Callable[..., nn.Module], arch: str, enum: models.WeightsEnum, **kwargs: Any) -> nn.Module:
     """torchvision's own loader on the cached file; a damaged or wrong file there is the user's to replace."""
     enum = _cached_or_downloadable(arch, enum)
     try:
@@ -307,6 +310,7 @@ def _transfer_from_bundle(directory: Path, arch: str | None, image_size: int) ->
 
 
 def _load_torchvision_state_dict(tv_model: nn.Module, path: Path) -> None:
+    state: Any  # whatever the file holds: a state dict, or a checkpoint dict with one under "state_dict"
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
@@ -325,12 +329,19 @@ def _load_torchvision_state_dict(tv_model: nn.Module, path: Path) -> None:
 def _split_last_linear(arch: str, tv_model: nn.Module) -> tuple[nn.Module, int]:
     """Replace the final linear layer with Identity, so the model's output is the embedding."""
     if arch.startswith("densenet"):
-        dim = tv_model.classifier.in_features
+        dim = _in_features(tv_model.classifier)
         tv_model.classifier = nn.Identity()
     elif arch.startswith("resnet"):
-        dim = tv_model.fc.in_features
+        dim = _in_features(tv_model.fc)
         tv_model.fc = nn.Identity()
     else:
-        dim = tv_model.classifier[-1].in_features
-        tv_model.classifier[-1] = nn.Identity()
+        classifier = tv_model.classifier
+        assert isinstance(classifier, nn.Sequential), f"{arch}'s classifier is {type(classifier).__name__}"
+        dim = _in_features(classifier[-1])
+        classifier[-1] = nn.Identity()
     return tv_model, dim
+
+
+def _in_features(layer: torch.Tensor | nn.Module) -> int:
+    assert isinstance(layer, nn.Linear), f"the last layer is {type(layer).__name__}, not Linear"
+    return layer.in_features

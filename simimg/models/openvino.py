@@ -29,7 +29,7 @@ import os
 import shutil
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -69,7 +69,7 @@ class OpenVinoTrunk:
     its own.
     """
 
-    def __init__(self, model: ov.Model, config: dict) -> None:
+    def __init__(self, model: ov.Model, config: dict[str, Any]) -> None:
         self._model, self._config = model, config
         self._latency = _core().compile_model(model, "CPU", {**config, "PERFORMANCE_HINT": "LATENCY"})
         self._throughput: ov.CompiledModel | None = None
@@ -90,7 +90,8 @@ class OpenVinoTrunk:
         if request is None:
             request = self._local.request = self._latency.create_infer_request()
         request.infer({0: pixels})
-        return request.get_output_tensor(0).data.copy()
+        features: np.ndarray = request.get_output_tensor(0).data.copy()
+        return features
 
     def _streamed(self, pixels: np.ndarray) -> np.ndarray:
         """Sub-batches through this thread's queue of infer requests, one per stream; rows come back in order.
@@ -232,12 +233,12 @@ def _publish(model: ov.Model, target: Path) -> bool:
 
 def _prune(folder: Path, keep: int) -> None:
     """Remove all but the `keep` most recently used converted models in `folder`."""
-    used = {}
+    used: dict[Path, float] = {}
     for entry in folder.iterdir():
         with contextlib.suppress(OSError):  # another process may be pruning too
             if entry.is_dir() and not entry.name.startswith("."):
                 used[entry] = entry.stat().st_mtime
-    for old in sorted(used, key=used.get, reverse=True)[keep:]:
+    for old in sorted(used, key=used.__getitem__, reverse=True)[keep:]:
         _remove(old)
 
 
@@ -253,7 +254,8 @@ def _remove(target: Path) -> None:
 def _version_folder() -> str:
     import openvino as ov
 
-    return "openvino-" + ov.get_version().split("-")[0]
+    version: str = ov.get_version()
+    return "openvino-" + version.split("-")[0]
 
 
 @functools.cache
