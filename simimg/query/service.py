@@ -13,7 +13,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ class Neighbor:
 class Prediction:
     label: str
     probability: float
-    top: list[dict]
+    top: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class QueryResult:
     neighbors: list[Neighbor]
     error: str | None = None
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         if d["error"] is None:
             del d["error"]
@@ -143,21 +143,23 @@ class SearchService:
 
     @property
     def served(self) -> ServedVersion:
-        return self._served
+        served = self._served
+        assert served is not None, "__init__ loads a version (refresh) or raises"
+        return served
 
     @property
     def snapshot(self) -> Snapshot:
-        return self._served.snapshot
+        return self.served.snapshot
 
     @property
     def model(self) -> LoadedModel:
-        return self._served.model
+        return self.served.model
 
     @property
     def data_root(self) -> Path:
         """Read with the version when it was loaded: a page never waits here while another thread loads a newer
         version (the app's pages ask for it often; waiting on the loader stalled a search behind a model load)."""
-        return self._served.data_root
+        return self.served.data_root
 
     def refresh(self, wait: bool = True) -> bool:
         """Switch to the newest published version if there is one; True when it switched.
@@ -181,8 +183,10 @@ class SearchService:
             if snapshot is None:
                 raise SimimgError(f"index '{self.folder.name}' has no finished version yet: run `simimg index`")
             try:
-                same_model = current is not None and current.model.bundle.fingerprint == snapshot.model
-                model, trunk = (current.model, current.trunk) if same_model else self._load_model(snapshot.model)
+                if current is not None and current.model.bundle.fingerprint == snapshot.model:
+                    model, trunk = current.model, current.trunk
+                else:
+                    model, trunk = self._load_model(snapshot.model)
                 index = load_index(self.folder.faiss(snapshot.version))
                 stored = (
                     self.catalog.stored_vectors(snapshot.version, snapshot.embedding) if is_compressed(index) else None
@@ -235,17 +239,26 @@ class SearchService:
             answers = self.query_batch([im for _, im, _ in chunk], k, label, min_score, [n for _, _, n in chunk])
             for (i, _, _), answer in zip(chunk, answers):
                 results[i] = answer
-        return results[0] if single else results
+        answered = [r for r in results if r is not None]
+        assert len(answered) == len(results), "every image has its answer or its error"
+        return answered[0] if single else answered
 
     def predict(self, images: ImageInput | Sequence[ImageInput]) -> Prediction | list[Prediction | None]:
         """The predicted class of each image (None for an unreadable one in a list); needs a trained classifier."""
         if not self.model.bundle.has_classifier:
-            raise SimimgError(
-                f"index '{self.folder.name}' serves a model with no classifier: train one with "
-                f"`simimg train DATA_DIR --name {self.folder.name} --head-only` (seconds)"
-            )
+            raise self._no_classifier()
         found = self.search(images, k=1)
-        return found.prediction if isinstance(found, QueryResult) else [r.prediction for r in found]
+        if isinstance(found, list):
+            return [r.prediction for r in found]
+        if found.prediction is None:  # a version without a classifier was published since the check above
+            raise self._no_classifier()
+        return found.prediction
+
+    def _no_classifier(self) -> SimimgError:
+        return SimimgError(
+            f"index '{self.folder.name}' serves a model with no classifier: train one with "
+            f"`simimg train DATA_DIR --name {self.folder.name} --head-only` (seconds)"
+        )
 
     # --- decoded images in -------------------------------------------------------------------------
     @property
@@ -281,7 +294,7 @@ class SearchService:
     ) -> list[QueryResult]:
         """Many decoded images in one forward pass and one search; the HTTP server's micro-batches come here."""
         self.refresh(wait=False)
-        served = self._served
+        served = self.served
         embeddings, logits = self._embed(served, images)
         names = list(names or [""] * len(images))
         predictions = [_prediction(logits, i, served.model) for i in range(len(images))]
@@ -303,7 +316,7 @@ class SearchService:
     def embed_batch(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, ModelBundle]:
         """Embeddings and the model that made them, read from one served version even while a new one arrives."""
         self.refresh(wait=False)
-        served = self._served
+        served = self.served
         return self._embed(served, images)[0], served.model.bundle
 
     def _embed(self, served: ServedVersion, images: Sequence[Image.Image]) -> tuple[np.ndarray, torch.Tensor | None]:
@@ -328,7 +341,7 @@ class SearchService:
         from simimg.models.heatmaps import explain_class, explain_similarity
 
         self.refresh(wait=False)
-        model = self._served.model
+        model = self.served.model
         seen = self._decoded(image)
         if neighbor is None:
             return explain_class(model, seen, label, method, self.device)
@@ -408,10 +421,10 @@ class SearchService:
             "path": [snapshot.paths[i] for i in keep],
         }
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, Any]:
         """What the served version holds (store/summary.py: the same dict as `simimg.index_info`) and where the
         model runs."""
-        served = self._served
+        served = self.served
         summary = summarize(self.folder.name, served.snapshot, served.model.bundle, served.data_root)
         return {**summary, "device": str(self.compute)}
 

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import overload
 
 import numpy as np
 
@@ -163,6 +164,10 @@ class Catalog:
         return _Transaction(self.db)
 
     # --- meta and versions ----------------------------------------------------------------------
+    @overload
+    def get_meta(self, key: str, default: str) -> str: ...
+    @overload
+    def get_meta(self, key: str, default: str | None = None) -> str | None: ...
     def get_meta(self, key: str, default: str | None = None) -> str | None:
         try:
             row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
