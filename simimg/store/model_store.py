@@ -12,7 +12,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, overload
 
 from simimg.errors import SimimgError
 from simimg.models.bundle import BUNDLE_JSON, ModelBundle, read_bundle
@@ -150,6 +150,10 @@ def kept_embeddings(folder: IndexFolder) -> set[str]:
     return {read_model(folder, fp).embedding for fp in model_fingerprints(folder)}
 
 
+@overload
+def serving_model(folder: IndexFolder, required: Literal[True] = True) -> str: ...
+@overload
+def serving_model(folder: IndexFolder, required: bool) -> str | None: ...
 def serving_model(folder: IndexFolder, required: bool = True) -> str | None:
     """The fingerprint of the model the index's published version names: the one answer to "which model serves
     this index" (queries, evaluation, head-only training, the audit, export, `simimg models`).
