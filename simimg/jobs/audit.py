@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -143,7 +144,9 @@ def _collection(split: Split, found: SplitVectors) -> Collection:
     )
 
 
-def find_all(c: Collection, folds: int, seed: int) -> tuple[list[dict], list[dict], list[dict], float]:
+def find_all(
+    c: Collection, folds: int, seed: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], float]:
     """(label issues, duplicates, outliers, the near-duplicate threshold) as the report lists them."""
     probs = out_of_fold_probabilities(c.vectors, c.labels, len(c.classes), folds, seed)
     issues = [
@@ -161,7 +164,7 @@ def find_all(c: Collection, folds: int, seed: int) -> tuple[list[dict], list[dic
     return issues, duplicates, atypical, threshold
 
 
-def _duplicate(positions: Sequence[int], kind: str, score: float, c: Collection) -> dict:
+def _duplicate(positions: Sequence[int], kind: str, score: float, c: Collection) -> dict[str, Any]:
     labels = [c.classes[c.labels[i]] for i in positions]
     cross_class, cross_split = crosses(positions, c.labels.tolist(), c.splits)
     return {

@@ -123,7 +123,8 @@ class RayEngine:
         """A compressed index's parts encoded by Ray tasks, the vectors going through the object store (so no
         shared disk is needed), at most PARTS_IN_FLIGHT at once; the parts come back in order for the merge."""
         encode = ray.remote(num_cpus=1)(_encode_part)
-        trained_ref, in_flight = ray.put(faiss.serialize_index(trained)), deque()
+        trained_ref = ray.put(faiss.serialize_index(trained))
+        in_flight: deque[ray.ObjectRef[np.ndarray]] = deque()
         for ids, vectors in parts:
             in_flight.append(encode.remote(trained_ref, ids, vectors))
             if len(in_flight) >= PARTS_IN_FLIGHT:
@@ -138,8 +139,9 @@ class RayEngine:
             run.write_manifest(work), override_num_blocks=math.ceil(len(work) / (job.batch_size * BLOCK_BATCHES))
         )
         ds.context.enable_progress_bars = False  # the indexer's own progress bar follows ingestion
+        # ray types a batch function as one batch in, one out; fn_kwargs passes the rest (decode_files, write_shard)
         ds = ds.map_batches(
-            decode_files,
+            decode_files,  # type: ignore[arg-type]
             batch_size=job.batch_size,
             batch_format="numpy",
             num_cpus=1,
@@ -160,7 +162,7 @@ class RayEngine:
             num_cpus=1 if self.use_gpu else CPUS_PER_ACTOR,
         )
         ds = ds.map_batches(
-            write_shard,
+            write_shard,  # type: ignore[arg-type]
             batch_size=job.chunk_size,
             batch_format="numpy",
             num_cpus=WRITER_CPUS,
@@ -380,7 +382,8 @@ class RunFolder:
 def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     if "://" not in uri:
         return pafs.LocalFileSystem(), uri
-    return pafs.FileSystem.from_uri(uri)
+    found: tuple[pafs.FileSystem, str] = pafs.FileSystem.from_uri(uri)
+    return found
 
 
 # --- joining the cluster ------------------------------------------------------------------------------------------

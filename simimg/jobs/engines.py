@@ -27,7 +27,8 @@ class Engine(Protocol):
     the engine, so both give the same index. `run` names the pending version and embedding the work is for.
     """
 
-    description: str
+    @property
+    def description(self) -> str: ...
 
     def embed(self, model: LoadedModel, root: Path, run: str, work: ToEmbed) -> Iterator[EmbeddedBatch]: ...
 

@@ -8,9 +8,10 @@ this model's embedding of the same folder (the query itself left out), else the 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from simimg.dataset.scan import Record
 from simimg.dataset.splits import Split, split_dataset
 from simimg.errors import SimimgError
 from simimg.models.device import Compute, loader_workers, resolve_compute
-from simimg.models.encoder import Trunk, infer, make_loader, prepare_net, read_ahead
+from simimg.models.encoder import FileItem, Trunk, infer, make_loader, prepare_net, read_ahead
 from simimg.models.net import LoadedModel, Net
 from simimg.progress import Progress
 from simimg.store.catalog import reading
@@ -52,24 +53,24 @@ def run_evaluation(
     workers: int | None = None,
     model: str | None = None,
     precision: str = "auto",
-) -> dict:
+) -> dict[str, Any]:
     """The `simimg evaluate --json` object for the serving (or the named kept) model of index NAME."""
     paths = IndexFolder.of(home, name)
     fingerprint = resolve_fingerprint(paths, model) if model else serving_model(paths)
-    model = load_model(paths, fingerprint)
-    if not model.bundle.has_classifier:
+    loaded = load_model(paths, fingerprint)
+    if not loaded.bundle.has_classifier:
         raise SimimgError(
             f"model {fingerprint} of '{name}' has no trained classifier: run "
             f"`simimg train DATA_DIR --name {name}` (add --head-only for one in seconds)"
         )
-    split = evaluation_split(model, data_dir)
+    split = evaluation_split(loaded, data_dir)
     compute = resolve_compute(device, precision)
-    trunk = prepare_net(model.net, compute, model.bundle.preprocess)
+    trunk = prepare_net(loaded.net, compute, loaded.bundle.preprocess)
     workers = loader_workers(workers, compute.device)
 
     def predict(records: Sequence[Record], report: Progress | None) -> Predictions:
-        loader = make_loader(split.files(records), model.bundle.preprocess, batch_size, workers, compute.device)
-        return predict_loader(model.net, loader, model.bundle.preprocess, compute, report, trunk)
+        loader = make_loader(split.files(records), loaded.bundle.preprocess, batch_size, workers, compute.device)
+        return predict_loader(loaded.net, loader, loaded.bundle.preprocess, compute, report, trunk)
 
     val = predict(split.val, progress)
     labels = split.labels(split.val)[val.positions]
@@ -81,7 +82,7 @@ def run_evaluation(
         "data_dir": str(split.root),
         "images": len(val.positions),
         **classification_metrics(labels, probs, split.classes),
-        "retrieval": _retrieval(paths, model, split, val, labels, lambda: predict(split.train, None)),
+        "retrieval": _retrieval(paths, loaded, split, val, labels, lambda: predict(split.train, None)),
         "most_confused": most_confused(val_paths, labels, probs, split.classes),
         "predictions": prediction_rows(val_paths, labels, probs, split.classes),
         "skipped": [{"path": split.val[i].path, "reason": why} for i, why in val.failures],
@@ -124,7 +125,7 @@ def evaluation_split(model: LoadedModel, data_dir: str | None) -> Split:
 
 def predict_loader(
     net: Net,
-    loader: DataLoader,
+    loader: DataLoader[FileItem],
     preprocess: Preprocess,
     compute: Compute,
     progress: Progress | None = None,
@@ -139,6 +140,7 @@ def predict_loader(
     embeddings: list[torch.Tensor] = []
     logits: list[torch.Tensor] = []
     failures: list[tuple[int, str]] = []
+    assert isinstance(loader.dataset, Sized), "make_loader's FileDataset has a length"
     total, done = len(loader.dataset), 0
     for batch_positions, batch, _, batch_failures in read_ahead(loader, loader.num_workers):
         if batch_positions:
@@ -162,7 +164,7 @@ def _retrieval(
     val: Predictions,
     labels: np.ndarray,
     train_embeddings: Callable[[], Predictions],
-) -> dict:
+) -> dict[str, Any]:
     """Against the index when it holds this model's vectors of this folder, else against the training images."""
     gallery = _index_gallery(paths, model, split)
     queries = [split.val[p].path for p in val.positions]
@@ -196,7 +198,7 @@ def _index_gallery(
         )
         return None
     snapshot, vectors = read
-    index = {c: i for i, c in enumerate(split.classes)}
+    index: dict[str | None, int] = {c: i for i, c in enumerate(split.classes)}
     keep = np.array([label in index for label in snapshot.labels], dtype=bool)
     labels = np.array([index.get(label, -1) for label in snapshot.labels], dtype=np.int64)
     return vectors[keep], [p for p, k in zip(snapshot.paths, keep) if k], labels[keep]

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -86,7 +86,8 @@ def run_index(job: IndexJob, progress: Progress | None = None, on_phase: Phase |
         )
     if needs_upgrade(folder):
         upgrade(folder)
-    job = replace(job, index_kind=_asked_kind(job, folder))
+    kind = _asked_kind(job, folder)
+    job = replace(job, index_kind=kind)
     phase("loading the model")
     with open_engine(job, folder) as engine, writer_lock(folder.lock, f"index '{job.name}'", wait=job.wait):
         model = _model_for(job, folder)  # before the catalog exists: a first run that cannot get a model leaves none
@@ -102,7 +103,7 @@ def run_index(job: IndexJob, progress: Progress | None = None, on_phase: Phase |
             phase("embedding")
             embedded, failures = _apply(catalog, pending, model, scan.root, work, batches, job.chunk_size, progress)
             phase("publishing")
-            version, total = _publish(catalog, folder, pending, model, job.index_kind, engine.encode_parts)
+            version, total = _publish(catalog, folder, pending, model, kind, engine.encode_parts)
             engine.finish(run)
             _tidy(catalog, folder)
         finally:
@@ -173,8 +174,9 @@ def _prepare_pending(catalog: Catalog, model: LoadedModel, root: Path) -> bool:
     """Record what the pending version is for; True when it changes the published version's embedding."""
     with catalog.transaction():
         published = catalog.published()
-        rebuilt = published is not None and published.embedding != model.bundle.embedding
-        if rebuilt:
+        rebuilt = False
+        if published is not None and published.embedding != model.bundle.embedding:
+            rebuilt = True
             log.info(
                 "the model's embedding differs from version %d's: every image gets a vector of the new one",
                 published.version,
@@ -254,12 +256,12 @@ def _apply(
     if progress:
         progress(0, len(work))
     for batch in batches:
-        stats = batch.stats or [None] * len(batch.positions)
+        stats: Sequence[tuple[int, int] | None] = batch.stats or [None] * len(batch.positions)
         for pos, vector, sha, stat in zip(batch.positions, batch.vectors, batch.hashes, stats):
             failure = _collect(chunk, work[pos], root / work[pos].path, vector, sha, stat)
             failures += [(pos, failure)] if failure else []
         failures += [(pos, Skipped(work[pos].path, reason)) for pos, reason in batch.failures]
-        lost = [work[pos].id for pos, _ in batch.failures if isinstance(work[pos], Row)]
+        lost = [item.id for pos, _ in batch.failures if isinstance(item := work[pos], Row)]
         if len(chunk) >= chunk_size or lost:
             _commit(catalog, chunk, lost, pending, model.bundle.embedding)
         done += len(batch.positions) + len(batch.failures)
@@ -301,7 +303,10 @@ def _commit(catalog: Catalog, chunk: _Chunk, lost: list[int], pending: int, embe
         if chunk.row_ids:
             catalog.add_vectors(embedding, chunk.row_ids, np.stack(chunk.row_vectors))
         catalog.remove(lost, pending)
-    chunk.images.clear(), chunk.image_vectors.clear(), chunk.row_ids.clear(), chunk.row_vectors.clear()
+    chunk.images.clear()
+    chunk.image_vectors.clear()
+    chunk.row_ids.clear()
+    chunk.row_vectors.clear()
 
 
 def _asked_kind(job: IndexJob, folder: IndexFolder) -> str:
@@ -326,12 +331,12 @@ def _publish(
     unchanged = previous is not None and not added and not removed
     total = catalog.count(pending)
     kind = index_kind_for(total, asked_kind)
-    if unchanged and published.model == model.bundle.fingerprint and published.index_kind == kind:
-        return published.version, published.count
-    if unchanged and published.index_kind == kind:
+    if published is not None and unchanged and published.index_kind == kind:  # (no `previous` without `published`)
+        if published.model == model.bundle.fingerprint:
+            return published.version, published.count
         atomic_copy(folder.faiss(published.version), folder.faiss(pending))  # a new head on the same vectors
     else:
-        same_kind = previous if previous is not None and published.index_kind == kind else None
+        same_kind = previous if published is not None and published.index_kind == kind else None
         index = _updated(catalog, same_kind, pending, emb, total)
         if index is None:
             stored = catalog.stored_vectors(pending, emb)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 from simimg.dataset.scan import Record, Skipped
 from simimg.store.catalog import Row
@@ -51,7 +52,7 @@ class IndexReport:
     rebuilt: bool
     model: str = ""
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["skipped"] = [asdict(s) for s in self.skipped]
         return d

@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from simimg.jobs.index import switch_model
 from simimg.jobs.train_config import TrainConfig, TrainReport
 from simimg.models.bundle import ModelBundle
 from simimg.models.device import Compute, loader_workers, memory_format_for, resolve_compute
-from simimg.models.encoder import make_loader
+from simimg.models.encoder import FileItem, make_loader
 from simimg.models.net import LoadedModel, Net, build_model, describe, set_memory_efficient, with_classes
 from simimg.progress import EpochStats, Hooks
 from simimg.store.layout import IndexFolder
@@ -88,7 +89,7 @@ SCRATCH_RECIPE = Recipe(
 def recipe_for(config: TrainConfig) -> Recipe:
     """The mode's defaults, with whatever the config sets explicitly."""
     base = SCRATCH_RECIPE if config.weights == "none" else PRETRAINED_RECIPE
-    overrides = {
+    overrides: dict[str, Any] = {
         "epochs": config.epochs,
         "lr": config.lr,
         "freeze_epochs": config.freeze_epochs,
@@ -133,9 +134,9 @@ class _Run:
     model: LoadedModel
     source: str
     optimizer: torch.optim.Optimizer
-    criterion: nn.Module
-    train_loader: DataLoader
-    val_loader: DataLoader
+    criterion: nn.CrossEntropyLoss
+    train_loader: DataLoader[FileItem]
+    val_loader: DataLoader[FileItem]
     state: _State
     best_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -218,7 +219,8 @@ def _open_run(config: TrainConfig, split: Split, folder: IndexFolder, compute: C
         source = checkpoint["meta"]["source"]
     model = with_classes(base, split.classes)
     set_memory_efficient(model.net, config.memory_efficient)
-    model.net.to(device, memory_format=memory_format_for(device))
+    # torch's Module.to overloads lack (device, memory_format=...), which it takes
+    model.net.to(device, memory_format=memory_format_for(device))  # type: ignore[call-overload]
     workers = loader_workers(config.workers, device)
     optimizer = _optimizer(model.net, recipe)
     labels = split.labels(split.train)
@@ -248,6 +250,7 @@ def _open_run(config: TrainConfig, split: Split, folder: IndexFolder, compute: C
 
 def _optimizer(net: Net, recipe: Recipe) -> torch.optim.Optimizer:
     """AdamW with the backbone and the head in their own groups; `base_lr` is each group's peak."""
+    assert net.head is not None, "training's net has its classes' head (with_classes)"
     groups = [
         {"params": list(net.trunk.parameters()), "base_lr": recipe.lr * recipe.backbone_lr_factor},
         {"params": list(net.head.parameters()), "base_lr": recipe.lr},
@@ -380,7 +383,7 @@ def _keep_best(run: _Run, cancelled: bool) -> ModelBundle | None:
     net = run.model.net
     net.load_state_dict(run.best_weights)
     best = state.history[state.best_epoch - 1]
-    info = {
+    info: dict[str, Any] = {
         "weights": run.config.weights,
         "training": {
             "config": asdict(run.config),
@@ -433,12 +436,12 @@ def _write_checkpoint(run: _Run) -> None:
         torch.save(payload, tmp)
 
 
-def _read_checkpoint(folder: IndexFolder, split: Split, config: TrainConfig) -> dict:
+def _read_checkpoint(folder: IndexFolder, split: Split, config: TrainConfig) -> dict[str, Any]:
     path = folder.checkpoint
     if not path.is_file():
         raise SimimgError(f"nothing to resume: no checkpoint at {path}; run without --resume to start training")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint means the same to the user
         raise SimimgError(f"checkpoint {path} is unreadable ({err}); run without --resume to start again") from None
     meta = checkpoint["meta"]
@@ -454,7 +457,7 @@ def _read_checkpoint(folder: IndexFolder, split: Split, config: TrainConfig) -> 
     return checkpoint
 
 
-def _restore(run: _Run, checkpoint: dict) -> None:
+def _restore(run: _Run, checkpoint: dict[str, Any]) -> None:
     run.model.net.load_state_dict(checkpoint["model"])
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.best_weights = checkpoint["best_model"]

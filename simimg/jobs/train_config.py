@@ -4,6 +4,7 @@ and the head-only fit, and saved beside the model they make."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from simimg.jobs.index_config import IndexReport
 from simimg.progress import EpochStats
@@ -46,13 +47,13 @@ class TrainReport:
     device: str  # where it ran and in what precision: "cpu (bf16)", "cuda (bf16)", "cpu (fp32)"
     stopped_early: bool
     cancelled: bool
-    skipped: list[dict] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
     model: str = ""  # the new model's fingerprint; "" when no epoch finished
     kind: str = "fine-tuned"
     index: IndexReport | None = None  # the version that serves the new model, unless `index` was off
-    head: dict | None = None  # head-only runs: the chosen C, and how many embeddings came from the catalog
+    head: dict[str, Any] | None = None  # head-only runs: the chosen C, and how many embeddings came from the catalog
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["index"] = self.index.to_dict() if self.index else None
         return d

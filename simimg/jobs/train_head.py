@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -172,7 +173,7 @@ class SplitVectors:
 
     vectors: dict[int, np.ndarray]
     hashes: dict[int, str]
-    skipped: list[dict]
+    skipped: list[dict[str, Any]]
     counts: dict[str, int]
 
 
@@ -189,7 +190,7 @@ def split_vectors(
     vectors = {i: vector for i, (vector, _) in held.stored.items()}
     hashes = {i: sha for i, (_, sha) in held.stored.items()}
     missing = held.missing
-    skipped: list[dict] = [{"path": s.path, "reason": s.reason} for s in split.skipped]
+    skipped: list[dict[str, Any]] = [{"path": s.path, "reason": s.reason} for s in split.skipped]
     skipped += [{"path": records[i].path, "reason": why} for i, why in held.unreadable.items()]
     if missing:
         log.info("%d of %d images are not in the index as they are now: embedding them", len(missing), len(held.files))
@@ -219,7 +220,9 @@ def _stored_vectors(folder: IndexFolder, embedding: str, files: list[Path]) -> d
     found: dict[int, tuple[np.ndarray, str]] = {}
     for i, f in enumerate(files):
         n = where.get(str(f))
-        stamp = None if n is None else stamps.get(int(snapshot.ids[n]))
+        if n is None:
+            continue
+        stamp = stamps.get(int(snapshot.ids[n]))
         if stamp is not None and _unchanged(f, *stamp):
             found[i] = (vectors[n], snapshot.sha256[n])
     return found
@@ -238,14 +241,16 @@ def _keep_head(
     base: LoadedModel,
     head: FittedHead,
     split: Split,
-    metrics: dict,
+    metrics: dict[str, Any],
     config: TrainConfig,
     counts: dict[str, int],
 ) -> ModelBundle:
     """The base trunk with the fitted head, kept as a model version of kind 'head' with its confusion plot."""
     model = with_classes(base, split.classes, unit_head=True)
-    model.net.head.weight.data = torch.from_numpy(head.weight)
-    model.net.head.bias.data = torch.from_numpy(head.bias)
+    linear = model.net.head
+    assert linear is not None, "with_classes gives a net with classes its head"
+    linear.weight.data = torch.from_numpy(head.weight)
+    linear.bias.data = torch.from_numpy(head.bias)
     training = {
         "config": asdict(config),
         "head": {"C": head.c, **counts},
@@ -277,4 +282,5 @@ def _keep_head(
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
+    probabilities: np.ndarray = z / z.sum(axis=1, keepdims=True)
+    return probabilities
