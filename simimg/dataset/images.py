@@ -116,8 +116,11 @@ def read_inputs(
     """The one way "a path, a PIL image, or a list of them" becomes RGB images: each decoded (a path through
     `locate` first, e.g. a gallery path made absolute), an unreadable one kept with its reason, in input order;
     and whether a single image (not a list) was given."""
-    single = isinstance(images, (str, Path, Image.Image))
-    items: Sequence[ImageInput] = [images] if single else list(images)  # type: ignore[list-item]
+    items: list[ImageInput]
+    if isinstance(images, (str, Path, Image.Image)):
+        items, single = [images], True
+    else:
+        items, single = list(images), False
     found = []
     for i, item in enumerate(items):
         if isinstance(item, Image.Image):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from simimg.store.layout import IndexFolder
 
@@ -29,12 +30,12 @@ class AuditReport:
     """`label_issues` {path, label, suggested, score}, `duplicates` {paths, kind, score, labels, cross_class,
     cross_split}, `outliers` {path, score}, and a `summary`; paths are relative to the audited folder."""
 
-    label_issues: list[dict]
-    duplicates: list[dict]
-    outliers: list[dict]
-    summary: dict
+    label_issues: list[dict[str, Any]]
+    duplicates: list[dict[str, Any]]
+    outliers: list[dict[str, Any]]
+    summary: dict[str, Any]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 

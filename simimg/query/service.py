@@ -409,7 +409,7 @@ class SearchService:
         random pair (neighbours.score_landmarks)."""
         return score_landmarks(self.vectors()[1])
 
-    def map_2d(self, method: str = "pca", limit: int = 1000) -> dict[str, list]:
+    def map_2d(self, method: str = "pca", limit: int = 1000) -> dict[str, list[Any]]:
         """Columns x, y, label, path of up to `limit` served images (a fixed sample) projected to 2-D."""
         snapshot, vectors = self.vectors()
         keep = sample_positions(len(snapshot.paths), limit)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from simimg.errors import SimimgError
 from simimg.models.bundle import ModelBundle
@@ -15,7 +16,7 @@ from simimg.store.layout import IndexFolder
 from simimg.store.model_store import read_model
 
 
-def summarize(name: str, snapshot: Snapshot, bundle: ModelBundle, data_root: Path) -> dict:
+def summarize(name: str, snapshot: Snapshot, bundle: ModelBundle, data_root: Path) -> dict[str, Any]:
     """Counts per label, the model that answers and the version: what a person reads about an index."""
     counts = Counter(label or "" for label in snapshot.labels)
     return {
@@ -39,7 +40,7 @@ def summarize(name: str, snapshot: Snapshot, bundle: ModelBundle, data_root: Pat
     }
 
 
-def read_summary(folder: IndexFolder) -> dict:
+def read_summary(folder: IndexFolder) -> dict[str, Any]:
     """`summarize` of the index's published version, read from disk; a user error when there is none yet."""
     if not folder.catalog.exists():
         raise SimimgError(
