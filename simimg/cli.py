@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import simimg
 from simimg import (
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes (an unknown --arch, a missing argument) get one line, like every other simimg error."""
 
-    def error(self, message: str) -> None:
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
@@ -113,7 +113,7 @@ def add_model_options(p: argparse.ArgumentParser, config: type[IndexJob] | type[
     )
 
 
-def add_compute(p: argparse.ArgumentParser, config: type = IndexJob) -> None:
+def add_compute(p: argparse.ArgumentParser, config: type[Any] = IndexJob) -> None:
     p.add_argument("--device", default=config.device, help="auto, cpu or cuda (default auto: CUDA when present)")
     p.add_argument(
         "--precision",
@@ -140,6 +140,8 @@ def emit(args: argparse.Namespace, payload: object, human: Callable[[], None]) -
 
 class ProgressBar:
     """A tqdm bar on stderr driven by (done, total) callbacks from the library."""
+
+    bar: Any  # a tqdm bar from the first callback on (None before)
 
     def __init__(self, desc: str, unit: str = "img") -> None:
         self.desc, self.unit, self.bar = desc, unit, None

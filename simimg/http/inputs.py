@@ -125,9 +125,10 @@ def _counting(receive: Receive, limit: int) -> Receive:
 async def _uploads(request: Request, limits: Limits) -> list[Input]:
     async with request.form(max_files=limits.max_files, max_fields=limits.max_files) as form:
         found = form.getlist(FILE_FIELD)
-        if any(not isinstance(item, UploadFile) for item in found):
+        files = [item for item in found if isinstance(item, UploadFile)]
+        if len(files) < len(found):
             raise ApiError(400, f"the field `{FILE_FIELD}` must hold files, not text: {HOW_TO_SEND}")
-        return [Input(item.filename or f"upload {i}", await item.read()) for i, item in enumerate(found)]
+        return [Input(item.filename or f"upload {i}", await item.read()) for i, item in enumerate(files)]
 
 
 async def _paths(request: Request) -> list[Input]:

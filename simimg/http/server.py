@@ -93,7 +93,7 @@ def run_server(config: ServeConfig, token: str | None) -> None:
 
     use_threads(config)
 
-    options = {"host": config.host, "port": config.port, "access_log": config.access_log}
+    options: dict[str, Any] = {"host": config.host, "port": config.port, "access_log": config.access_log}
     if config.workers == 1:
         uvicorn.run(create_app(config, token), **options)
         return
