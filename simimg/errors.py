@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 class SimimgError(Exception):
@@ -30,7 +33,7 @@ class NotAnImageError(BadImageError):
 
 def checked_options(cls: type[T], **values: Any) -> T:
     """A config dataclass from keyword options; an unknown option is a user error that lists the known ones."""
-    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise SimimgError(f"unknown option(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
