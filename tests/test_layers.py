@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,13 @@ SHELL_IMPORTS = ("simimg", "simimg.errors", "simimg.app")  # what app.py may imp
 def test_import_linter_contracts_are_kept(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
     monkeypatch.chdir(ROOT)
     monkeypatch.syspath_prepend(str(ROOT))
-    code = lint_imports(no_cache=True, no_logo=True)
+    loggers = [logger for logger in logging.root.manager.loggerDict.values() if isinstance(logger, logging.Logger)]
+    enabled = [logger for logger in loggers if not logger.disabled]
+    try:
+        code = lint_imports(no_cache=True, no_logo=True)
+    finally:  # its logging.config.dictConfig disables every logger that exists: simimg's, for the tests after this
+        for logger in enabled:
+            logger.disabled = False
     assert code == 0, capsys.readouterr().out[-4000:]
 
 
