@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine:  scripts/dev.sh app  |  scripts/dev.sh test [pytest args]
-# Sets up .venv (torch, the package, test tools, Debian's chromium for the browser test), then runs the app or the tests.
+# Sets up .venv (torch, the package, test tools, Debian's chromium for the browser test), then runs the app or the
+# full test suite (a bare `pytest` in the venv is the fast tier).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -35,7 +36,10 @@ case "${1:-}" in
         setup
         setup_browser
         shift
-        exec .venv/bin/python -m pytest "$@"
+        # The full suite: every tier (-m "": pyproject's addopts deselect the slow ones for a bare `pytest`), on two
+        # workers (SIMIMG_TEST_WORKERS), each taking whole modules, longest first (tests/conftest.py's order).
+        exec .venv/bin/python -m pytest -m "" -n "${SIMIMG_TEST_WORKERS:-2}" --dist loadscope --no-loadscope-reorder \
+            --durations=25 "$@"
         ;;
     *)
         echo "usage: scripts/dev.sh app | test [pytest args]" >&2

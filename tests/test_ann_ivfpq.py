@@ -3,6 +3,7 @@ stored vectors; and `simimg index --index-kind ivfpq` end to end through a Searc
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import faiss
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_class_images
+from conftest import make_class_images, point_index_at
 from simimg import api
 from simimg.jobs.index import run_index
 from simimg.jobs.index_config import IndexJob, read_index_job
@@ -60,6 +61,7 @@ def test_re_rank_orders_candidates_by_their_exact_scores_and_pads_missing_ones()
     assert np.allclose(scores[0, :3], [0.7, 0.1, 0.0])
 
 
+@pytest.mark.slow
 def test_refined_search_finds_what_exact_search_finds_and_keeps_ids(tmp_path, monkeypatch):
     monkeypatch.setattr(ann_ivfpq, "PART_ROWS", 1000)  # several parts, merged
     vectors, queries = clustered(5000, dim=DIM), clustered(50, dim=DIM, seed=1)
@@ -75,6 +77,7 @@ def test_refined_search_finds_what_exact_search_finds_and_keeps_ids(tmp_path, mo
     assert recall(found, truth) > recall(approximate, truth)  # the re-rank is what brings recall up
 
 
+@pytest.mark.slow
 def test_parts_merged_in_ram_or_on_disk_answer_like_one_index(tmp_path):
     vectors, queries = clustered(3000, dim=DIM), clustered(20, dim=DIM, seed=2)
     ids = np.arange(3000, dtype=np.int64)
@@ -117,6 +120,7 @@ def test_asking_for_a_compressed_index_of_too_few_vectors_gives_exact_search():
     assert index_kind_for(2_000_000) == "ivfpq" and index_kind_for(500_000) == "ivf"
 
 
+@pytest.mark.slow
 def test_index_kind_ivfpq_end_to_end_is_kept_added_to_removed_from_and_served(tmp_path):
     photos = make_class_images(tmp_path / "photos", {"circles": 150, "squares": 150}, size=48)
     home = tmp_path / "home"
@@ -143,6 +147,7 @@ def test_index_kind_ivfpq_end_to_end_is_kept_added_to_removed_from_and_served(tm
     assert flat.total == 300 and service.refresh() and service.info()["index_kind"] == "flat"
 
 
+@pytest.mark.slow
 def test_an_index_that_doubled_is_trained_afresh_and_one_that_grew_a_little_is_updated(tmp_path):
     photos = make_class_images(tmp_path / "photos", {"circles": 150, "squares": 150}, size=40)
     home = tmp_path / "home"
@@ -176,9 +181,10 @@ def test_on_real_photos_a_compressed_index_finds_what_exact_search_finds(shared_
     At this size the re-rank sees every vector the 8 probed lists hold, so this checks the path on real
     embeddings, not the compression (benchmarks/scale.py measures that at 2M)."""
     data = shared_dataset("cats_dogs")
-    options = dict(home=tmp_path, weights="none", image_size=64)
-    for kind in ("flat", "ivfpq"):
-        api.build_index(data, kind, index_kind=kind, **options)
+    api.build_index(data, "flat", tmp_path, index_kind="flat", weights="none", image_size=64)
+    shutil.copytree(tmp_path / "flat", tmp_path / "ivfpq")  # the same stored vectors: the photos are embedded once
+    point_index_at(tmp_path, "ivfpq", data)
+    assert api.build_index(data, "ivfpq", tmp_path, index_kind="ivfpq").indexed == 0
     exact, compressed = api.open_index("flat", tmp_path), api.open_index("ivfpq", tmp_path)
     assert compressed.info()["index_kind"] == "ivfpq"
     queries = [exact.data_root / p for p in exact.snapshot.paths[::7]]

@@ -24,6 +24,7 @@ def readme_example() -> str:
     return "\n".join(re.findall(r"```python\n(.*?)```", section, re.S))  # each block goes on from the last
 
 
+@pytest.mark.e2e
 def test_the_readme_example_runs(tmp_path: Path):
     """In a fresh process, from a folder holding data/pets; ImageNet weights come from a file the test writes."""
     make_class_images(tmp_path / "data" / "pets", {"cats": 6, "dogs": 6}, size=64, ext="jpg")
@@ -86,6 +87,7 @@ def test_the_public_names_and_a_light_import():
     assert out.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_importing_the_library_changes_nothing_process_wide():
     """No plotting backend chosen, no allocator tuning: only the entry points opt in."""
     code = (
@@ -102,12 +104,10 @@ def test_options_are_checked_by_name(tmp_path: Path):
         simimg.build_index(tmp_path, epoch=3)
 
 
-def test_encoder_takes_paths_and_images_and_matches_the_index(tmp_path: Path):
-    data = make_class_images(tmp_path / "d", {"a": 3, "b": 3}, size=48)
-    simimg.build_index(data, home=tmp_path / "home", weights="none", image_size=32, workers=0)
-    index = simimg.open_index("d", tmp_path / "home", "cpu")
+def test_encoder_takes_paths_and_images_and_matches_the_index(shapes_index):
+    index = simimg.open_index("shapes", shapes_index.home, "cpu")  # random-init weights, 32 px
     encoder = simimg.Encoder(weights="none", image_size=32, device="cpu")
-    paths = [data / "a" / "a_000.png", data / "b" / "b_001.png"]
+    paths = [shapes_index.data / "circles" / "circles_000.png", shapes_index.data / "squares" / "squares_001.png"]
     vectors, skipped = encoder.encode([paths[0], Image.open(paths[1])])
     assert vectors.shape == (2, 1024) and skipped == []
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)

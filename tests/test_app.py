@@ -15,30 +15,9 @@ from streamlit import config as st_config
 from streamlit.testing.v1 import AppTest
 
 import job_tasks
-from conftest import ROOT, make_class_images, run_cli
+from conftest import ROOT, Built, make_class_images
 
 APP = str(ROOT / "app.py")
-CLASSES = {"circles": 6, "squares": 6, "triangles": 6}
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny indexed collection: tmp/data/shapes (3 classes x 6) in tmp/indexes/shapes."""
-    base = tmp_path_factory.mktemp("app")
-    make_class_images(base / "data" / "shapes", CLASSES, size=48)
-    run_cli(
-        "index",
-        str(base / "data" / "shapes"),
-        "--home",
-        str(base / "indexes"),
-        "--weights",
-        "none",
-        "--image-size",
-        "32",
-        "--workers",
-        "0",
-    )
-    return base
 
 
 @pytest.fixture
@@ -54,10 +33,11 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.fixture
-def indexed(workdir: Path, built: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("SIMIMG_HOME", str(built / "indexes"))
-    monkeypatch.setenv("SIMIMG_DATA_ROOTS", str(built / "data"))
-    return built
+def indexed(workdir: Path, shapes_index: Built, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The session's 'shapes' (3 classes x 6): BASE/data/shapes in BASE/indexes/shapes; returns BASE."""
+    monkeypatch.setenv("SIMIMG_HOME", str(shapes_index.home))
+    monkeypatch.setenv("SIMIMG_DATA_ROOTS", str(shapes_index.base / "data"))
+    return shapes_index.base
 
 
 def open_app(page: str | None = None) -> AppTest:
@@ -86,18 +66,20 @@ def upload(at: AppTest, name: str, data: bytes, mime: str = "image/png") -> AppT
 
 
 def run_until(at: AppTest, done, timeout: float = 180) -> AppTest:
-    """Rerun the page (as the browser's polling would) until `done(at)` or the timeout."""
+    """Rerun the page (as the browser's polling would) until `done(at)` or the timeout: once a second, as each
+    rerun is the whole page here (the browser reruns a fragment) and takes CPU from the job it waits for."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         at.run()
         assert not at.exception, at.exception
         if done(at):
             return at
-        time.sleep(0.3)
+        time.sleep(1.0)
     raise AssertionError("the background job did not finish in time")
 
 
 # --- first run -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_first_run_shows_the_guide_and_builds_the_demo(workdir: Path):
     at = open_app()
     assert "Put class folders under `data/`" in at.markdown[0].value
@@ -144,6 +126,7 @@ def test_find_similar_requeries_with_the_gallery_image(indexed: Path):
     assert "score 1.000" in cards[0]
 
 
+@pytest.mark.slow
 def test_label_filter_and_min_score(indexed: Path):
     at = open_app()
     at.selectbox[1].set_value("triangles").run()
@@ -181,7 +164,12 @@ def _truncated(path: Path) -> bytes:
 
 @pytest.mark.parametrize(
     "kind, expected",
-    [("text", "not an image"), ("truncated", "truncated"), ("bomb", "decompression bomb"), ("empty", "empty file")],
+    [
+        ("text", "not an image"),
+        pytest.param("truncated", "truncated", marks=pytest.mark.slow),
+        pytest.param("bomb", "decompression bomb", marks=pytest.mark.slow),
+        pytest.param("empty", "empty file", marks=pytest.mark.slow),
+    ],
 )
 def test_bad_uploads_show_an_error_and_the_app_keeps_working(indexed: Path, kind: str, expected: str):
     good = indexed / "data" / "shapes" / "circles" / "circles_003.png"
@@ -209,6 +197,7 @@ def test_an_upload_over_the_size_cap_is_refused(indexed: Path):
 
 
 # --- index ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_index_page_builds_and_lists_skipped_files(workdir: Path):
     folder = make_class_images(workdir / "data" / "mixed", {"red": 4, "green": 4}, size=40)
     (folder / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
@@ -239,19 +228,28 @@ def test_index_page_refuses_folders_outside_the_data_roots(workdir: Path, tmp_pa
 
 
 # --- train and inspect (their modules arrive separately) ----------------------------------------------------
-def test_train_then_search_then_evaluate(workdir: Path):
-    make_class_images(workdir / "data" / "toys", {"red": 8, "blue": 8}, size=40)
+@pytest.mark.slow
+def test_train_page_previews_trains_and_links_to_search_which_predicts_and_inspect_evaluates(workdir: Path):
+    """One full training run through the Train page (was two tests, each training its own model): the class
+    preview, the run, the form kept, then Search predicts with the new model and Inspect evaluates it."""
+    make_class_images(workdir / "data" / "toys", {"red": 5, "blue": 5}, size=32)
     at = open_app("app_pages/train.py")
     at.radio(key="train-mode").set_value("full").run()
+    preview = at.dataframe[0].value
+    assert list(preview["class"]) == ["blue", "red"] and list(preview["train"]) == [4, 4]
+    assert "seeded 80/20 split" in preview.columns[-1]
     at.text_input[1].set_value("toys")
-    at.radio[1].set_value("none")
-    at.number_input[0].set_value(1)
-    at.select_slider[0].set_value(64)
-    at.button[0].click().run()
+    at.radio(key="train-weights").set_value("none").run()
+    at.number_input(key="train-epochs").set_value(1)
+    at.select_slider(key="train-size").set_value(64)
+    next(b for b in at.button if b.label == "Start training").click().run()
     assert not at.exception and not at.error
     run_until(at, lambda a: bool(a.success) or bool(a.error))
     assert not at.error, at.error[0].value
     assert "validation accuracy" in at.success[0].value and "now serves it (version 1)" in at.success[0].value
+    assert at.get("page_link")[0].proto.label == "Search **toys**"
+    assert at.number_input(key="train-epochs").value == 1  # the form kept what the user chose
+
     at.switch_page("app_pages/search.py").run()
     upload(at, "q.png", png_bytes(workdir / "data" / "toys" / "red" / "red_000.png"))
     assert at.metric[0].label == "Predicted class"
@@ -282,6 +280,7 @@ def test_inspect_page_map_and_duplicates(indexed: Path):
 
 
 # --- model versions: quick training, the Models tab, one writer per index ----------------------------------
+@pytest.mark.slow
 def test_quick_training_then_switching_models_from_the_models_tab(
     indexed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -368,6 +367,7 @@ def test_another_tab_cancels_a_running_build_after_confirming(
 
 
 # --- issue 13: what a first walk through every page hit ------------------------------------------------
+@pytest.mark.slow
 def test_weights_forms_check_the_cache_first_and_use_the_same_words(workdir: Path, monkeypatch: pytest.MonkeyPatch):
     from test_net import write_densenet121_checkpoint
 
@@ -413,6 +413,7 @@ def test_errors_in_the_app_never_name_a_command(workdir: Path):
         assert "`simimg" not in shown and " --" not in shown and not shown.startswith("--"), shown
 
 
+@pytest.mark.slow
 def test_a_failed_new_attempt_shows_its_error_alone(workdir: Path):
     make_class_images(workdir / "data" / "mixed", {"red": 3, "green": 3}, size=32)
     at = open_app("app_pages/build.py")
@@ -443,24 +444,6 @@ def test_browse_pages_through_a_class_and_finds_similar(indexed: Path):
     assert not at.exception
 
 
-def test_train_page_previews_the_classes_then_trains_and_links_to_search(workdir: Path):
-    make_class_images(workdir / "data" / "toys", {"red": 5, "blue": 5}, size=32)
-    at = open_app("app_pages/train.py")
-    at.radio(key="train-mode").set_value("full").run()
-    preview = at.dataframe[0].value
-    assert list(preview["class"]) == ["blue", "red"] and list(preview["train"]) == [4, 4]
-    assert "seeded 80/20 split" in preview.columns[-1]
-    at.radio(key="train-weights").set_value("none").run()
-    at.number_input(key="train-epochs").set_value(1)
-    at.select_slider(key="train-size").set_value(64)
-    next(b for b in at.button if b.label == "Start training").click().run()
-    run_until(at, lambda a: bool(a.success) or bool(a.error))
-    assert not at.error, at.error[0].value
-    assert "now serves it (version 1)" in at.success[0].value
-    assert at.get("page_link")[0].proto.label == "Search **toys**"
-    assert at.number_input(key="train-epochs").value == 1  # the form kept what the user chose
-
-
 def test_an_untrained_index_says_so_and_scores_are_put_in_context(indexed: Path):
     at = open_app()
     assert any("model is **untrained**" in w.value for w in at.warning)
@@ -468,6 +451,7 @@ def test_an_untrained_index_says_so_and_scores_are_put_in_context(indexed: Path)
     assert at.get("camera_input")  # a photo can be the query too
 
 
+@pytest.mark.slow
 def test_the_models_tab_exports_onnx_and_the_bundle(indexed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     shutil.copytree(indexed / "indexes", tmp_path / "home")
     monkeypatch.setenv("SIMIMG_HOME", str(tmp_path / "home"))
@@ -480,6 +464,7 @@ def test_the_models_tab_exports_onnx_and_the_bundle(indexed: Path, tmp_path: Pat
 
 
 # --- the audit and explanations ------------------------------------------------------------------------
+@pytest.mark.slow
 def test_audit_tab_shows_findings_and_opens_them_in_search(
     indexed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -512,6 +497,7 @@ def test_audit_tab_shows_findings_and_opens_them_in_search(
     assert "score 1.000" in cards[0] and "circles" in cards[0]
 
 
+@pytest.mark.slow
 def test_explain_skips_the_query_itself_and_draws_no_flat_map(indexed: Path):
     """Issue 18: the default target was the query itself (cosine 1.000), drawn as a uniform blue overlay."""
     at = open_app()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import simimg
+from conftest import copy_built, main_json, point_index_at, run_main
 from simimg.analysis.findings import (
     class_balance,
     crosses,
@@ -25,7 +26,6 @@ from simimg.jobs.audit_config import read_audit
 from simimg.jobs.index import run_index
 from simimg.jobs.index_config import IndexJob
 from simimg.store.layout import IndexFolder
-from tests.conftest import cli_json, make_class_images, run_cli
 
 CLASSES = {"circles": 8, "squares": 8, "triangles": 8}
 
@@ -67,6 +67,7 @@ def clusters(rng: np.random.Generator, per_class: int = 30, classes: int = 3) ->
     return unit(x), np.repeat(np.arange(classes), per_class)
 
 
+@pytest.mark.slow
 def test_label_issues_finds_flipped_labels_with_the_class_they_look_like():
     rng = np.random.default_rng(0)
     x, y = clusters(rng)
@@ -106,20 +107,29 @@ def test_class_balance_and_crosses():
     assert crosses([1, 2], ["a", "a", "b"], ["train", "val", "val"]) == (True, False)
 
 
-@pytest.fixture
-def dirty(tmp_path: Path) -> tuple[Path, Path]:
-    """(a train/val folder with three exact copies injected: cross-class, cross-split, both; an index of it)."""
-    data = tmp_path / "shapes"
-    make_class_images(data / "train", CLASSES, size=40)
-    make_class_images(data / "val", {c: 3 for c in CLASSES}, size=40, seed=1)
+@pytest.fixture(scope="module")
+def dirty_index(split_index, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(a train/val folder with three exact copies injected: cross-class, cross-split, both; an index of it): the
+    session's train/val collection, copied, with the copies added and indexed."""
+    copy = copy_built(split_index, tmp_path_factory.mktemp("audit") / "base")
+    data, home = copy.data, copy.home
     for source, target in [
         ("train/circles/circles_000.png", "train/squares/copy_a.png"),
         ("train/circles/circles_001.png", "val/circles/copy_b.png"),
         ("train/squares/squares_002.png", "val/triangles/copy_c.png"),
     ]:
         shutil.copy(data / source, data / target)
-    home = tmp_path / "home"
-    run_index(IndexJob(str(data), "shapes", str(home), weights="none", image_size=32, workers=0))
+    assert run_index(IndexJob(str(data), "shapes", str(home))).indexed == 3
+    return data, home
+
+
+@pytest.fixture
+def dirty(dirty_index: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    """This test's copy of the module's folder and index (an audit keeps its report in the index folder)."""
+    data, home = tmp_path / "shapes", tmp_path / "home"
+    shutil.copytree(dirty_index[0], data)
+    shutil.copytree(dirty_index[1], home)
+    point_index_at(home, "shapes", data)
     return data, home
 
 
@@ -155,6 +165,7 @@ def test_audit_finds_every_injected_exact_duplicate_and_keeps_its_report(dirty):
     assert read_audit(IndexFolder.of(home, "shapes")) == report
 
 
+@pytest.mark.slow
 def test_audit_skips_a_bad_image_and_reports_it(dirty):
     data, home = dirty
     (data / "train/circles/broken.png").write_bytes(b"not a png")
@@ -163,6 +174,7 @@ def test_audit_skips_a_bad_image_and_reports_it(dirty):
     assert len([d for d in report.duplicates if d["kind"] == "exact"]) == 3
 
 
+@pytest.mark.slow
 def test_audit_of_a_held_folder_reports_no_embedding_phase_and_a_folder_inside_the_collection_is_audited(dirty):
     data, home = dirty
     phases, progress = [], []
@@ -173,6 +185,7 @@ def test_audit_of_a_held_folder_reports_no_embedding_phase_and_a_folder_inside_t
     assert read_audit(IndexFolder.of(home, "shapes")) == inside
 
 
+@pytest.mark.slow
 def test_audit_of_another_collection_is_refused_and_keeps_the_last_report(dirty, tmp_path, monkeypatch):
     data, home = dirty
     kept = simimg.audit(data, "shapes", home, workers=0)
@@ -187,20 +200,21 @@ def test_audit_of_another_collection_is_refused_and_keeps_the_last_report(dirty,
         f"--name other`) and audit it with that index (`simimg audit {other.resolve()} --name other`)"
     )
     assert read_audit(IndexFolder.of(home, "shapes")) == kept
-    code = run_cli("audit", str(other), "--name", "shapes", "--home", str(home), check=False)
-    assert code.returncode == 2 and code.stderr.strip() == f"simimg: error: {refused.value}"
+    code, out, err = run_main("audit", str(other), "--name", "shapes", "--home", str(home))
+    assert code == 2 and out == "" and err.strip() == f"simimg: error: {refused.value}"
 
 
+@pytest.mark.slow
 def test_audit_cli_json_contract_and_errors(dirty, tmp_path):
     data, home = dirty
-    out = cli_json("audit", str(data), "--name", "shapes", "--home", str(home), "--workers", "0", "--folds", "3")
+    out = main_json("audit", str(data), "--name", "shapes", "--home", str(home), "--workers", "0", "--folds", "3")
     assert set(out) == {"label_issues", "duplicates", "outliers", "summary"}
     for d in out["duplicates"]:
         assert set(d) == {"paths", "kind", "score", "labels", "cross_class", "cross_split"}
         assert d["kind"] in ("exact", "near") and len(d["labels"]) == len(d["paths"]) >= 2
     assert all(set(o) == {"path", "score"} for o in out["outliers"])
     assert out["summary"]["job"]["folds"] == 3
-    text = run_cli("audit", str(data), "--name", "shapes", "--home", str(home), "--workers", "0").stdout
-    assert "exact duplicates 3" in text and "copy_c.png" in text
-    missing = run_cli("audit", str(data), "--name", "nothing", "--home", str(home), check=False)
-    assert missing.returncode != 0 and "simimg index" in missing.stderr and "Traceback" not in missing.stderr
+    code, text, _ = run_main("audit", str(data), "--name", "shapes", "--home", str(home), "--workers", "0")
+    assert code == 0 and "exact duplicates 3" in text and "copy_c.png" in text
+    code, _, err = run_main("audit", str(data), "--name", "nothing", "--home", str(home))
+    assert code != 0 and "simimg index" in err and "Traceback" not in err

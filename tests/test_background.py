@@ -21,12 +21,14 @@ def finished(job, timeout: float = 60.0):
     return job
 
 
+@pytest.mark.slow
 def test_a_job_runs_in_its_own_process_and_reports_progress_and_result():
     job = finished(JobBoard().start("pets", "build", "Indexing pets", Task(job_tasks.count, {"n": 3}), owner="tab"))
     assert job.error is None and job.result != os.getpid() and isinstance(job.result, int)
     assert (job.done, job.total, job.fraction(), job.owner) == (3, 3, 1.0, "tab")
 
 
+@pytest.mark.slow
 def test_a_second_writer_on_the_same_index_is_refused_naming_the_first(tmp_path: Path):
     board, release = JobBoard(), tmp_path / "release"
     first = board.start("pets", "train", "Training of 'pets'", Task(job_tasks.wait_for, {"path": str(release)}))
@@ -51,11 +53,13 @@ def test_a_second_writer_on_the_same_index_is_refused_naming_the_first(tmp_path:
         ("die", "the job's process ended without an answer (exit code 3)"),
     ],
 )
+@pytest.mark.slow
 def test_errors_and_a_dead_child_become_the_jobs_message(function: str, message: str):
     job = finished(JobBoard().start("a", "build", "A", Task(getattr(job_tasks, function), callbacks="")))
     assert job.error == message and job.result is None
 
 
+@pytest.mark.slow
 def test_a_job_reports_its_steps_from_the_start_and_estimates_the_time_left(monkeypatch: pytest.MonkeyPatch):
     from simimg.app.background import Job
 

@@ -10,11 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_class_images
 from simimg.errors import SimimgError
 from simimg.http.batching import MicroBatcher, QueueFull, Work, answer
-from simimg.jobs.index import run_index
-from simimg.jobs.index_config import IndexJob
 from simimg.query.service import SearchService
 
 
@@ -142,11 +139,9 @@ class CountingService(SearchService):
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory) -> tuple[Path, CountingService]:
-    root = make_class_images(tmp_path_factory.mktemp("data") / "shapes", {"circles": 5, "squares": 5}, size=40)
-    home = tmp_path_factory.mktemp("home")
-    run_index(IndexJob(str(root), "shapes", str(home), weights="none", image_size=32, workers=0))
-    return root, CountingService(home, "shapes", "cpu")
+def service(shapes_index) -> tuple[Path, CountingService]:
+    """The session's index 'shapes', read through a counting service."""
+    return shapes_index.data, CountingService(shapes_index.home, "shapes", "cpu")
 
 
 def assert_same_answer(got, expected) -> None:

@@ -14,6 +14,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # each case is a fresh Python running a whole script
+
 TINY_MODEL = ["--image-size", "32", "--repeats", "1"]
 # this checkout's simimg first, whatever an installed copy points at (a script's own folder is sys.path[0])
 BENCH_ENV = {
@@ -22,93 +24,83 @@ BENCH_ENV = {
     "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
 }
 
-CASES = {
-    "audit_recall.py": (
-        ["--images", "12", "--flips", "2", "--exact", "2", "--near", "2", "--image-size", "32"],
-        {"exact_recall", "identical_groups", "near_threshold", "audit_s"},
-    ),
-    "index_throughput.py": (
-        ["--device", "cpu", "--images", "8", "--batch-size", "4", "--workers", "1", *TINY_MODEL],
-        {
-            "device",
-            "precision",
-            "runtime",
-            "images",
-            "end_to_end_img_s",
-            "model_only_img_s",
-            "baseline_img_s",
-            "ratio_model_only",
-            "ratio_fp32_model_only",
-            "ratio_baseline",
-        },
-    ),
-    "head_only.py": (
-        ["--images", "12", *TINY_MODEL],
-        {"images", "head_only_s", "fine_tune_epoch_s", "ratio_fine_tune_epoch", "index_after_embedded"},
-    ),
-    "scale.py": (
-        ["--n", "3000", "--dim", "32", "--queries", "10", "--nprobe", "8"],
-        {"n", "dim", "index", "build_s", "peak_rss_mib", "index_bytes", "flat_bytes", "recall_at_10", "ms_per_query"},
-    ),
-    "search.py": (
-        ["--n", "3000", "--dim", "32", "--queries", "10", "--nprobe", "4,8"],
-        {"N", "dim", "ivf_ms_per_query", "ivf_recall_at_k", "flat_ms_per_query", "rows"},
-    ),
-    "query_latency.py": (
-        ["--images", "4", "--queries", "2", *TINY_MODEL],
-        {
-            "device",
-            "precision",
-            "runtime",
-            "query_p50_ms",
-            "query_p95_ms",
-            "forward_p50_ms",
-            "ratio_query_over_forward_p50",
-            "ratio_fp32_query_p50",
-        },
-    ),
-    "index_engines.py": (
-        ["--images", "8", "--batch-size", "4", "--repeats", "1", "--image-size", "32"],
-        {"images", "local_s", "ray_s", "ratio_ray_over_local", "min_cosine", "same_result"},
-    ),
-    "serve_load.py": (
-        [
-            "--gallery",
-            "8",
-            "--image-size",
-            "32",
-            "--requests",
-            "8",
-            "--concurrency",
-            "2",
-            "--repeats",
-            "1",
-            "--threads",
-            "1",
-        ],
-        {"requests", "concurrency", "errors", "p50_ms", "p99_ms", "rps", "rps_unbatched", "ratio"},
-    ),
-    "train_throughput.py": (
-        ["--images", "16", "--batch-size", "4", "--epochs", "1", "--workers", "0", *TINY_MODEL],
-        {"device", "train_img_s", "raw_step_img_s", "ratio_raw"},
-    ),
+# each script's arguments for a tiny run; the scripts the GPU suite runs take its arguments
+ARGS = {
+    "audit_recall.py": ["--images", "12", "--flips", "2", "--exact", "2", "--near", "2", "--image-size", "32"],
+    "head_only.py": ["--images", "12", *TINY_MODEL],
+    "scale.py": ["--n", "3000", "--dim", "32", "--queries", "10", "--nprobe", "8"],
+    "index_engines.py": ["--images", "8", "--batch-size", "4", "--repeats", "1", "--image-size", "32"],
+    "serve_load.py": [
+        "--gallery",
+        "8",
+        "--image-size",
+        "32",
+        "--requests",
+        "8",
+        "--concurrency",
+        "2",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+    ],
+    "train_throughput.py": ["--images", "16", "--batch-size", "4", "--epochs", "1", "--workers", "0", *TINY_MODEL],
+}
+# the figures each script's JSON line must hold
+REQUIRED = {
+    "audit_recall.py": {"exact_recall", "identical_groups", "near_threshold", "audit_s"},
+    "index_throughput.py": {
+        "device",
+        "precision",
+        "runtime",
+        "images",
+        "end_to_end_img_s",
+        "model_only_img_s",
+        "baseline_img_s",
+        "ratio_model_only",
+        "ratio_fp32_model_only",
+        "ratio_baseline",
+    },
+    "head_only.py": {"images", "head_only_s", "fine_tune_epoch_s", "ratio_fine_tune_epoch", "index_after_embedded"},
+    "scale.py": {
+        "n",
+        "dim",
+        "index",
+        "build_s",
+        "peak_rss_mib",
+        "index_bytes",
+        "flat_bytes",
+        "recall_at_10",
+        "ms_per_query",
+    },
+    "search.py": {"N", "dim", "ivf_ms_per_query", "ivf_recall_at_k", "flat_ms_per_query", "rows"},
+    "query_latency.py": {
+        "device",
+        "precision",
+        "runtime",
+        "query_p50_ms",
+        "query_p95_ms",
+        "forward_p50_ms",
+        "ratio_query_over_forward_p50",
+        "ratio_fp32_query_p50",
+    },
+    "index_engines.py": {"images", "local_s", "ray_s", "ratio_ray_over_local", "min_cosine", "same_result"},
+    "serve_load.py": {"requests", "concurrency", "errors", "p50_ms", "p99_ms", "rps", "rps_unbatched", "ratio"},
+    "train_throughput.py": {"device", "train_img_s", "raw_step_img_s", "ratio_raw"},
 }
 
 
-@pytest.mark.parametrize("script", sorted(CASES))
-def test_benchmark_ends_with_its_json_line(script, tmp_path):
-    args, required = CASES[script]
-    args = [*args, "--work", str(tmp_path)] if script == "scale.py" else args  # its shards are kept for a re-run
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), *args, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-        env=BENCH_ENV,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+# the scripts benchmarks/gpu_suite.sh runs, checked on its --cpu-smoke results (one process fewer each)
+IN_GPU_SUITE = {
+    "index_throughput": "index_throughput.py",
+    "search_1m": "search.py",
+    "query_latency": "query_latency.py",
+}
+
+
+def check_result(script: str, result: dict) -> None:
+    """What every run of `script` must print: its required figures, positive, and no errors."""
+    required = REQUIRED[script]
     assert required <= set(result), required - set(result)
     assert all(result[key] > 0 for key in required if isinstance(result[key], float))
     assert result.get("index_after_embedded", 0) == 0
@@ -120,6 +112,22 @@ def test_benchmark_ends_with_its_json_line(script, tmp_path):
         assert 0 <= result["near_recall"] <= 1 and 0 <= result["flip_recall"] <= 1
     if result.get("precision") == "bf16" or result.get("runtime") == "openvino":  # and torch float32 in the same run
         assert {"fp32_model_only_img_s", "fp32_query_p50_ms"} & set(result), result
+
+
+@pytest.mark.parametrize("script", sorted(ARGS))
+def test_benchmark_ends_with_its_json_line(script, tmp_path):
+    args = ARGS[script]
+    args = [*args, "--work", str(tmp_path)] if script == "scale.py" else args  # its shards are kept for a re-run
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=BENCH_ENV,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_result(script, json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
 def test_the_gpu_suite_runs_every_step_on_the_cpu(tmp_path):
@@ -150,5 +158,14 @@ def test_the_gpu_suite_runs_every_step_on_the_cpu(tmp_path):
     assert steps["evaluate_cats_dogs"]["images"] == 6 and steps["evaluate_cats_dogs"]["gallery"] == "index"
     assert steps["index_throughput"]["images"] == 16 and steps["index_throughput"]["ratio_baseline"] > 0
     assert steps["search_1m"]["N"] == 3000 and steps["query_latency"]["query_p50_ms"] > 0
+    for step, script in IN_GPU_SUITE.items():
+        check_result(script, steps[step])
     assert summary["headline"]["train_cats_dogs.val_accuracy"] == steps["train_cats_dogs"]["val_accuracy"]
     assert "===== query_latency" in (tmp_path / "gpu_suite.log").read_text()
+
+
+def test_every_benchmark_script_is_checked_here():
+    scripts = {
+        p.name for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith(("_", "gpu_suite", "prepare"))
+    }
+    assert scripts == set(REQUIRED) == set(ARGS) | set(IN_GPU_SUITE.values())

@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import pytest
 
-from conftest import ROOT, cli_json, make_class_images, run_cli
+import simimg
+from conftest import ROOT, copy_built, main_json, make_class_images
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -29,22 +32,17 @@ CHROMIUM_ARGS = [
 ]
 K = 12
 FIRST_RUN_MS = 180_000  # a page's first run in a fresh server imports torch: slow when the machine is busy
-CLASSES = {"circles": 6, "squares": 6, "triangles": 6}
+CLASSES = {"circles": 6, "squares": 6, "triangles": 6}  # conftest.SHAPES
 
 pytestmark = pytest.mark.browser
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 90) -> None:
+def wait_healthy(url: str, server: subprocess.Popen, log: IO[str], timeout: float = 90) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if server.poll() is not None:
-            raise AssertionError(f"streamlit exited {server.returncode}: {server.stdout.read()[-3000:]}")
+            log.seek(0)
+            raise AssertionError(f"streamlit exited {server.returncode}: {log.read()[-3000:]}")
         try:
             with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
                 if response.status == 200:
@@ -54,46 +52,51 @@ def wait_healthy(url: str, server: subprocess.Popen, timeout: float = 90) -> Non
     raise AssertionError("streamlit did not become healthy in time")
 
 
-@pytest.fixture
-def server(tmp_path: Path):
-    """The real app, against an index this test built with the real CLI; its data folder is an allowed root."""
+@contextmanager
+def running_app(base: Path, port: int) -> Iterator[str]:
+    """`streamlit run app.py` on `port` with base/indexes as its home and base/data as its one allowed data root;
+    yields its URL. Its output goes to base/streamlit.log (a pipe nobody reads would fill and stall it)."""
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (scripts/dev.sh test does)")
-    data = make_class_images(tmp_path / "data" / "shapes", CLASSES, size=64)
-    home = tmp_path / "indexes"
-    run_cli("index", str(data), "--home", str(home), "--weights", "none", "--image-size", "32", "--workers", "0")
-    port = free_port()
-    env = {**os.environ, "SIMIMG_HOME": str(home), "SIMIMG_OFFLINE": "1", "SIMIMG_DATA_ROOTS": str(tmp_path / "data")}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "streamlit",
-            "run",
-            str(ROOT / "app.py"),
-            "--server.headless",
-            "true",
-            "--server.port",
-            str(port),
-            "--server.address",
-            "127.0.0.1",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc)
-        yield url, data
-    finally:
-        proc.terminate()
+    env = {
+        **os.environ,
+        "SIMIMG_HOME": str(base / "indexes"),
+        "SIMIMG_OFFLINE": "1",
+        "SIMIMG_DATA_ROOTS": str(base / "data"),
+    }
+    command = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true"]
+    command += ["--server.port", str(port), "--server.address", "127.0.0.1"]
+    with (base / "streamlit.log").open("w+") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        url = f"http://127.0.0.1:{port}"
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            wait_healthy(url, proc, log)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture
+def server(tmp_path: Path, shapes_index, free_port):
+    """(URL, data folder): the real app against this test's own copy of the session's index 'shapes'
+    (tmp_path/indexes, of tmp_path/data/shapes), for a test that changes the index or the data."""
+    built = copy_built(shapes_index, tmp_path)
+    with running_app(tmp_path, free_port()) as url:
+        yield url, built.data
+
+
+@pytest.fixture(scope="module")
+def reading_server(tmp_path_factory, shapes_index, free_port):
+    """(URL, data folder): one app for the tests that only search, browse and export, which change neither the
+    index nor the data (a server start and its first page, ~15 s, each saved)."""
+    base = tmp_path_factory.mktemp("browser")
+    built = copy_built(shapes_index, base)
+    with running_app(base, free_port()) as url:
+        yield url, built.data
 
 
 @pytest.fixture
@@ -131,8 +134,8 @@ def search(page, image: Path, timeout_ms: int = 90_000) -> None:
     assert page.locator("[data-testid=stException]").count() == 0
 
 
-def test_upload_shows_a_result_grid(server, browser, tmp_path: Path):
-    url, data = server
+def test_upload_shows_a_result_grid(reading_server, browser, tmp_path: Path):
+    url, data = reading_server
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(url, wait_until="domcontentloaded")
     search(page, data / "squares" / "squares_003.png")
@@ -155,7 +158,7 @@ def test_search_keeps_working_and_new_tabs_load_while_a_model_trains(server, bro
     trainer.get_by_text("Full: fine-tune the whole network").click(timeout=FIRST_RUN_MS)
     trainer.get_by_role("textbox", name="Model / index name").fill("shapes")
     trainer.get_by_role("radio", name="Scratch (random init)").check()
-    trainer.get_by_role("spinbutton", name="Epochs").fill("3")
+    trainer.get_by_role("spinbutton", name="Epochs").fill("1")  # one: the job (start, epoch, index) is long enough
     trainer.get_by_role("slider").focus()
     trainer.keyboard.press("Home")  # the smallest image size: 64 px
     trainer.get_by_role("button", name="Start training").click()
@@ -172,15 +175,16 @@ def test_search_keeps_working_and_new_tabs_load_while_a_model_trains(server, bro
         fresh.get_by_text("Drop an image to search with").wait_for(timeout=60_000)
         fresh.close()
         queries += 1
+        searcher.wait_for_timeout(2_000)  # a user's pace, not the machine's: the job keeps CPU to finish
     assert queries >= 1
     search(searcher, data / "circles" / "circles_001.png")
     searcher.get_by_text("Predicted class").wait_for(timeout=30_000)  # the new model took over, no reload
     assert trainer.locator("[data-testid=stException]").count() == 0
 
 
-def test_a_900_px_window_keeps_the_grid_readable(server, browser, tmp_path: Path):
+def test_a_900_px_window_keeps_the_grid_readable(reading_server, browser, tmp_path: Path):
     """Cards reflow to fewer columns: "Find similar" stays on one line and scores are shown whole."""
-    url, data = server
+    url, data = reading_server
     page = browser.new_page(viewport={"width": 900, "height": 1000})
     page.goto(url, wait_until="domcontentloaded")
     search(page, data / "circles" / "circles_002.png")
@@ -208,8 +212,8 @@ def test_a_900_px_window_keeps_the_grid_readable(server, browser, tmp_path: Path
     page.wait_for_function(f"({scrolled})() < 50", timeout=30_000)
 
 
-def test_the_offline_weights_form_browsing_a_class_and_exporting(server, browser, tmp_path: Path):
-    url, _data = server
+def test_the_offline_weights_form_browsing_a_class_and_exporting(reading_server, browser, tmp_path: Path):
+    url, _data = reading_server
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     from playwright.sync_api import expect
 
@@ -302,7 +306,7 @@ def test_quick_training_defaults_to_the_index_folder_and_refuses_another_collect
     page.get_by_role("button", name="Train the classifier").click()
     page.get_by_text("are not in index 'shapes'").wait_for(timeout=120_000)
     assert page.get_by_text("Embed the images the index does not hold").count() >= 1
-    info = cli_json("info", "--name", "shapes", "--home", str(data.parents[1] / "indexes"))
+    info = main_json("info", "--name", "shapes", "--home", str(data.parents[1] / "indexes"))
     assert info["classifier"] is False and info["version"] == 1  # nothing was served
     assert page.locator("[data-testid=stException]").count() == 0
 
@@ -349,7 +353,7 @@ def test_the_url_keeps_the_index_and_an_audit_follows_the_switch(server, browser
     url, data = server
     home = tmp_path / "indexes"
     pets = make_class_images(data.parent / "pets", {"cats": 5, "dogs": 5}, size=48, seed=7)
-    run_cli("index", str(pets), "--home", str(home), "--weights", "none", "--image-size", "32", "--workers", "0")
+    simimg.build_index(pets, home=home, weights="none", image_size=32, workers=0)
     page = open_page(browser, url, "?index=shapes")
     expect_index(page, "shapes")  # not the newest index, which is pets
     page.reload(wait_until="domcontentloaded")

@@ -1,7 +1,8 @@
 """The `simimg` CLI: its JSON contract, the incremental add/change/delete cycle, the offline weights path, and errors.
 
-Most runs call `simimg.cli.main` in this process (the same argparse, JSON and error handling, without paying for a
-new Python and torch each time); a user error, the offline weights path and the acceptance check run the real command.
+The runs call `simimg.cli.main` in this process (the same argparse, JSON and error handling, without paying for a
+new Python and torch each time); two e2e tests run the real command for what only a process shows: nothing but the
+JSON on its stdout, and its exit code.
 """
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import cli_json, make_class_images, run_cli, synthetic_image
+from conftest import ROOT, main_json, make_class_images, run_cli, synthetic_image
 from simimg.cli import main
 from simimg.models.device import resolve_compute
 from simimg.store.catalog import Catalog
@@ -32,9 +35,8 @@ TINY = ("--weights", "none", "--image-size", "32", "--workers", "0")
 
 
 @pytest.fixture
-def cli(capsys, monkeypatch, tmp_path):
+def cli(capsys, tmp_path):
     """Run `simimg ARGS` in process with --home tmp_path/home; returns (exit code, stdout, stderr)."""
-    monkeypatch.setenv("SIMIMG_OFFLINE", "1")
 
     def run(*args: str) -> tuple[int, str, str]:
         try:
@@ -102,9 +104,28 @@ def test_without_json_a_human_summary_and_progress_on_stderr(cli, photos):
     assert code == 0 and out.splitlines()[1].split() == ["1.0000", "a", "a/a_001.png"]
 
 
+@pytest.mark.e2e
 def test_the_command_reports_a_user_error_in_one_line(tmp_path):
     proc = run_cli("index", str(tmp_path / "missing"), "--home", str(tmp_path / "home"), *TINY, check=False)
     assert_one_line_error(proc.returncode, proc.stdout, proc.stderr, "is not a folder")
+
+
+@pytest.mark.e2e
+def test_the_command_prints_nothing_but_its_json_on_stdout(photos, tmp_path):
+    """What only a real process shows: no library, thread or child process writes to stdout (fd 1) beside the one
+    JSON line, and progress goes to stderr; for an index run and a training run (epochs print as they end)."""
+    home = str(tmp_path / "home")
+    train = ("train", str(photos), "--name", "t", "--home", home, *TINY, "--epochs", "1", "--batch-size", "2")
+    for args, progress in (
+        (("index", str(photos), "--home", home, *TINY), "6/6"),
+        ((*train, "--no-index"), "epoch   1"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "simimg.cli", *args, "--json"], capture_output=True, text=True, cwd=ROOT, timeout=600
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert len(proc.stdout.splitlines()) == 1 and isinstance(json.loads(proc.stdout), dict), proc.stdout[-3000:]
+        assert progress in proc.stderr, proc.stderr[-3000:]
 
 
 # --- the incremental cycle ------------------------------------------------------------------------------------
@@ -154,6 +175,7 @@ def test_add_change_touch_delete_cycle(cli, photos, tmp_path):
     assert "a/a_001.png" not in after_delete
 
 
+@pytest.mark.slow
 def test_moving_a_file_to_another_class_relabels_it(cli, photos, tmp_path):
     index_step(cli, photos, tmp_path, indexed=6, removed=0, total=6)
     shutil.move(photos / "a" / "a_000.png", photos / "b" / "moved.png")
@@ -162,22 +184,12 @@ def test_moving_a_file_to_another_class_relabels_it(cli, photos, tmp_path):
 
 
 # --- the offline ImageNet weights path ------------------------------------------------------------------------
-def test_index_reads_imagenet_weights_from_torch_home_offline(photos, tmp_path):
+@pytest.mark.slow
+def test_index_reads_imagenet_weights_from_torch_home_offline(cli, photos, tmp_path, monkeypatch):
     torch_home = tmp_path / "torch_home"
     state = write_densenet121_checkpoint(torch_home, seed=11, old_keys=True)
-    report = cli_json(
-        "index",
-        str(photos),
-        "--home",
-        str(tmp_path / "home"),
-        "--weights",
-        "imagenet",
-        "--image-size",
-        "32",
-        "--workers",
-        "0",
-        env={"TORCH_HOME": str(torch_home)},
-    )
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+    report = json_of(cli, "index", str(photos), "--weights", "imagenet", "--image-size", "32", "--workers", "0")
     assert report["total"] == 6
     net, bundle = load_model(IndexFolder.of(tmp_path / "home", "photos"), report["model"])
     assert bundle.source == "torchvision:DenseNet121_Weights.IMAGENET1K_V1"
@@ -203,7 +215,7 @@ def test_missing_and_imageless_folders(cli, tmp_path):
     "flags, phrase",
     [
         (("--image-size", "64"), "--image-size 64 (it uses 32)"),
-        (("--arch", "resnet50"), "--arch resnet50 (it uses densenet121)"),
+        pytest.param(("--arch", "resnet50"), "--arch resnet50 (it uses densenet121)", marks=pytest.mark.slow),
     ],
 )
 def test_fingerprint_mismatch(cli, photos, flags, phrase):
@@ -230,6 +242,7 @@ def test_bad_weights_path(cli, photos, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_query_of_an_unreadable_image(cli, photos, tmp_path):
     assert cli("index", str(photos), *TINY)[0] == 0
     (tmp_path / "bad.jpg").write_bytes(b"")
@@ -242,14 +255,14 @@ def test_query_of_an_unreadable_image(cli, photos, tmp_path):
 def test_hymenoptera_train_indexes_245_images_that_each_find_themselves(shared_dataset, tmp_path):
     train = shared_dataset("hymenoptera") / "train"
     home = str(tmp_path / "home")
-    first = cli_json("index", str(train), "--weights", "none", "--image-size", "64", "--home", home)
+    first = main_json("index", str(train), "--weights", "none", "--image-size", "64", "--home", home)
     assert (first["name"], first["indexed"], first["total"], first["skipped"]) == ("train", 245, 245, [])
-    again = cli_json("index", str(train), "--weights", "none", "--image-size", "64", "--home", home)
+    again = main_json("index", str(train), "--weights", "none", "--image-size", "64", "--home", home)
     assert (again["indexed"], again["removed"], again["total"]) == (0, 0, 245)
     files = sorted(p for p in train.rglob("*") if p.is_file())
     assert len(files) == 245 and {p.suffix for p in files} >= {".gif", ".jpeg", ".jpg"}
     sample = files[::12] + [p for p in files if p.suffix != ".jpg"]  # the .gif, .jpeg and a spread of .jpg
-    results = cli_json("query", *map(str, sample), "--name", "train", "--home", home, "-k", "1")
+    results = main_json("query", *map(str, sample), "--name", "train", "--home", home, "-k", "1")
     for path, result in zip(sample, results, strict=True):
         top = result["neighbors"][0]
         assert top["path"] == path.relative_to(train).as_posix() and top["score"] >= 0.999, result
@@ -267,6 +280,7 @@ def test_k_below_one_is_a_one_line_usage_error(flag: list[str], capsys: pytest.C
 
 
 # --- model versions -----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_head_only_training_models_and_use(cli, photos):
     base = json_of(cli, "index", str(photos), *TINY)
     head = json_of(cli, "train", str(photos), "--name", "photos", "--head-only", "--val-split", "0.34")
@@ -287,6 +301,7 @@ def test_head_only_training_models_and_use(cli, photos):
     assert code == 0 and out.splitlines()[1].startswith(f"* {base['model']}")
 
 
+@pytest.mark.slow
 def test_train_without_serving_and_a_wrong_model_prefix(cli, photos):
     json_of(cli, "index", str(photos), *TINY)
     code, out, _err = cli("train", str(photos), "--name", "photos", "--head-only", "--no-index")
@@ -294,6 +309,7 @@ def test_train_without_serving_and_a_wrong_model_prefix(cli, photos):
     assert_one_line_error(*cli("use", "zzzz", "--name", "photos"), "'zzzz' matches no kept model of index 'photos'")
 
 
+@pytest.mark.slow
 def test_head_only_on_another_collection_is_refused_unless_embed_missing(cli, photos, tmp_path):
     json_of(cli, "index", str(photos), *TINY)
     other = tmp_path / "other"
@@ -312,6 +328,7 @@ def test_head_only_on_another_collection_is_refused_unless_embed_missing(cli, ph
     assert (head["head"]["from_catalog"], head["head"]["embedded"], head["index"]) == (0, 6, None)
 
 
+@pytest.mark.slow
 def test_query_of_several_images_reports_the_unreadable_one_and_answers_the_rest(cli, photos, tmp_path):
     json_of(cli, "index", str(photos), *TINY)
     (tmp_path / "bad.jpg").write_bytes(b"")
@@ -321,6 +338,7 @@ def test_query_of_several_images_reports_the_unreadable_one_and_answers_the_rest
     assert results[1]["error"] == "empty file (0 bytes)" and results[1]["neighbors"] == []
 
 
+@pytest.mark.slow
 def test_index_kind_is_chosen_kept_and_refused_when_unknown(cli, photos, tmp_path, caplog):
     job = tmp_path / "home" / "p" / "index_job.json"
     code, _out, err = cli("index", str(photos), "--name", "p", *TINY, "--index-kind", "ivf")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from simimg.jobs.demo import DEMO_CLASSES, DemoJob, build_demo, write_demo_images
 from simimg.query.service import SearchService
 
@@ -16,8 +18,8 @@ def test_demo_images_are_the_same_every_time(tmp_path: Path):
         assert first == (tmp_path / "b" / label / f"{label}_001.png").read_bytes()
 
 
-def test_demo_builds_an_index_where_neighbours_share_the_class(tmp_path: Path, monkeypatch):
-    monkeypatch.setenv("SIMIMG_OFFLINE", "1")
+@pytest.mark.slow
+def test_demo_builds_an_index_where_neighbours_share_the_class(tmp_path: Path):
     job = DemoJob(data_dir=str(tmp_path / "data" / "demo"), home=str(tmp_path / "indexes"), per_class=6, size=64)
     report = build_demo(job)
     assert (report.name, report.total, report.skipped) == ("demo", 18, [])

@@ -51,13 +51,20 @@ def ray_address() -> str:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A messy folder (good, awkward and broken files) and the local engine's index of it."""
+def messy(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A messy folder: good, awkward and broken files."""
     base = tmp_path_factory.mktemp("ray")
     data = make_class_images(base / "data", CLASSES, size=40)
     awkward = write_awkward(data / "odd")
     broken = write_broken(data / "bad")
     (data / "bad" / "dangling.png").symlink_to(base / "nowhere.png")  # skipped by the scan, before any engine
+    return {"base": base, "data": data, "awkward": awkward, "broken": broken}
+
+
+@pytest.fixture(scope="module")
+def world(messy: dict) -> dict:
+    """The messy folder and the local engine's index of it."""
+    base, data, awkward, broken = messy["base"], messy["data"], messy["awkward"], messy["broken"]
     home = base / "local"
     report = run_index(IndexJob(str(data), "photos", str(home), workers=0, **TINY))
     assert report.total == sum(CLASSES.values()) + len(awkward) and len(report.skipped) == len(broken) + 1
@@ -108,6 +115,7 @@ def ray_built(ray_address, world) -> dict:
     return {"home": home, "report": report, "progress": seen}
 
 
+@pytest.mark.ray
 def test_ray_engine_builds_the_same_index_as_the_local_engine(ray_built, world):
     report, local, work = ray_built["report"], world["local"], world["work"]
     assert (report.total, report.indexed, report.removed, report.version) == (local.total, local.indexed, 0, 1)
@@ -119,6 +127,7 @@ def test_ray_engine_builds_the_same_index_as_the_local_engine(ray_built, world):
     assert read_index_job(folder).engine == "ray" and not folder.runs.exists()  # published: no shards left
 
 
+@pytest.mark.ray
 def test_updates_and_a_model_switch_on_ray_match_the_local_engine(ray_built, world, tmp_path):
     """Files added, deleted and rewritten; then every row needs the new model's vector (rows, not files, as work)."""
     edited = tmp_path / "edited"
@@ -158,6 +167,7 @@ def test_updates_and_a_model_switch_on_ray_match_the_local_engine(ray_built, wor
     assert run_index(ray_job(edited, remote)).indexed == 0  # nothing to embed: Ray runs no pipeline
 
 
+@pytest.mark.ray
 def test_an_interrupted_run_ingests_its_finished_shards_and_embeds_only_the_rest(
     ray_address, world, tmp_path, monkeypatch, caplog
 ):
@@ -194,6 +204,8 @@ def test_an_interrupted_run_ingests_its_finished_shards_and_embeds_only_the_rest
     assert np.dot(got[changed][1], world["local_rows"][changed][1]) < 0.99  # not the stale vector of its shard
 
 
+@pytest.mark.ray
+@pytest.mark.e2e
 def test_kill_9_mid_run_then_the_same_command_finishes_with_nothing_doubled(ray_address, world, tmp_path):
     args = [
         "index",
@@ -238,22 +250,23 @@ def test_kill_9_mid_run_then_the_same_command_finishes_with_nothing_doubled(ray_
 
 
 # --- user errors: one line, nothing written ---------------------------------------------------------------------
-def test_without_ray_installed_the_ray_engine_is_one_line_naming_the_extra(world, tmp_path, monkeypatch, capsys):
+def test_without_ray_installed_the_ray_engine_is_one_line_naming_the_extra(messy, tmp_path, monkeypatch, capsys):
     from simimg.cli import main
 
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     monkeypatch.delitem(sys.modules, "simimg.jobs.engine_ray", raising=False)
-    code = main(["index", str(world["data"]), "--home", str(tmp_path), "--engine", "ray", *CLI_TINY])
+    code = main(["index", str(messy["data"]), "--home", str(tmp_path), "--engine", "ray", *CLI_TINY])
     out, err = capsys.readouterr()
     assert_one_line_error(code, out, err, "pip install 'simimg[ray]'")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_ray_options_without_the_ray_engine_are_refused(world, tmp_path):
+def test_ray_options_without_the_ray_engine_are_refused(messy, tmp_path):
     with pytest.raises(SimimgError, match="--address, --ray-actors only apply with --engine ray"):
-        run_index(IndexJob(str(world["data"]), "photos", str(tmp_path), address="auto", ray_actors=2, **TINY))
+        run_index(IndexJob(str(messy["data"]), "photos", str(tmp_path), address="auto", ray_actors=2, **TINY))
 
 
+@pytest.mark.e2e
 def test_an_unreachable_address_is_one_line_and_the_local_engine_never_imports_ray(world, tmp_path):
     """In a fresh process: a local index first, with no Ray imported; then --address where nothing listens."""
     common = [str(world["data"]), "--home", str(tmp_path), *CLI_TINY]
@@ -287,6 +300,7 @@ def test_a_shard_this_process_cannot_see_names_the_ray_shards_option(tmp_path):
 
 
 # --- compressed indexes --------------------------------------------------------------------------------------
+@pytest.mark.ray
 def test_compressed_index_parts_encoded_by_ray_tasks_equal_those_encoded_here(ray_address):
     from simimg.jobs.engine_ray import PARTS_IN_FLIGHT, RayEngine
 
@@ -301,9 +315,11 @@ def test_compressed_index_parts_encoded_by_ray_tasks_equal_those_encoded_here(ra
     assert np.array_equal(here.search(queries, 10)[1], on_ray.search(queries, 10)[1])
 
 
+@pytest.mark.ray
 def test_the_ray_engine_builds_a_compressed_index_that_is_served(ray_address, tmp_path):
     data = make_class_images(tmp_path / "data", {"circles": 130, "squares": 130}, size=32)
-    report = run_index(ray_job(data, tmp_path / "home", index_kind="ivfpq"))
+    # 4 tasks of 65 images, not 65 of 4: what is tested is the compressed index, not the scheduling
+    report = run_index(ray_job(data, tmp_path / "home", index_kind="ivfpq", batch_size=32, chunk_size=65))
     service = SearchService(tmp_path / "home", "photos")
     assert report.total == 260 and service.info()["index_kind"] == "ivfpq"
     assert service.search(data / "squares" / "squares_007.png", k=1).neighbors[0].path == "squares/squares_007.png"
@@ -311,6 +327,7 @@ def test_the_ray_engine_builds_a_compressed_index_that_is_served(ray_address, tm
 
 # --- real photos ----------------------------------------------------------------------------------------------
 @pytest.mark.datasets
+@pytest.mark.ray
 def test_cats_dogs_train_at_64_px_matches_the_local_engine(ray_address, shared_dataset, tmp_path):
     train = shared_dataset("cats_dogs") / "train"
     job = IndexJob(str(train), "train", str(tmp_path / "local"), weights="none", image_size=64, workers=0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_class_images, run_cli
+from conftest import main_json, make_class_images, run_main
 from simimg.analysis.metrics import classification_metrics, most_confused, retrieval_metrics
 from simimg.errors import SimimgError
 from simimg.jobs.evaluate import run_evaluation
@@ -17,11 +17,10 @@ from simimg.jobs.index import run_index
 from simimg.jobs.index_config import IndexJob
 from simimg.query.service import SearchService
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two cores shared by many jobs: oversubscription makes torch crawl
-
 
 @pytest.fixture(autouse=True)
 def one_thread():
+    """Two cores shared by many jobs: oversubscription makes torch crawl."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -60,30 +59,36 @@ def test_retrieval_metrics_by_hand() -> None:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`simimg train ... --no-index --json`, in this process: 4 epochs from scratch at 32 px."""
     root = tmp_path_factory.mktemp("evaluate")
     data = make_class_images(root / "toys", {"circle": 14, "square": 14, "triangle": 14}, size=40)
-    proc = run_cli(
-        "train",
-        str(data),
-        "--home",
-        str(root / "home"),
-        "--weights",
-        "none",
-        "--epochs",
-        "4",
-        "--image-size",
-        "32",
-        "--batch-size",
-        "8",
-        "--workers",
-        "0",
-        "--val-split",
-        "0.25",
-        "--no-index",
-        "--json",
-        env=ONE_THREAD,
-    )
-    return {"data": data, "home": root / "home", "report": json.loads(proc.stdout), "stderr": proc.stderr}
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code, out, err = run_main(
+            "train",
+            str(data),
+            "--home",
+            str(root / "home"),
+            "--weights",
+            "none",
+            "--epochs",
+            "4",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--workers",
+            "0",
+            "--val-split",
+            "0.25",
+            "--no-index",
+            "--json",
+        )
+    finally:
+        torch.set_num_threads(before)
+    assert code == 0 and len(out.splitlines()) == 1, err[-3000:]
+    return {"data": data, "home": root / "home", "report": json.loads(out), "stderr": err}
 
 
 def test_train_json_is_one_object_with_progress_on_stderr(trained: dict) -> None:
@@ -103,16 +108,14 @@ def test_evaluate_then_serve_then_query_then_evaluate_again(trained: dict) -> No
     assert before["images"] == 12 and before["accuracy"] == pytest.approx(trained["report"]["val_accuracy"], abs=1e-6)
     assert before["model"] == model
 
-    served = json.loads(run_cli("use", model[:8], "--name", "toys", "--home", home, "--json", env=ONE_THREAD).stdout)
+    served = main_json("use", model[:8], "--name", "toys", "--home", home)
     assert (served["model"], served["version"], served["indexed"], served["total"]) == (model, 1, 42, 42)
-    assert json.loads(run_cli("models", "--name", "toys", "--home", home, "--json").stdout)[0]["serving"]
+    assert main_json("models", "--name", "toys", "--home", home)[0]["serving"]
     result = SearchService(home, "toys", "cpu").query_file(trained["data"] / "circle" / "circle_000.png", k=5)
     assert result.prediction is not None and result.neighbors[0].path == "circle/circle_000.png"
     assert sum(t["probability"] for t in result.prediction.top) == pytest.approx(1.0, abs=1e-5)
 
-    after = json.loads(
-        run_cli("evaluate", "--name", "toys", "--home", home, "--workers", "0", "--json", env=ONE_THREAD).stdout
-    )
+    after = main_json("evaluate", "--name", "toys", "--home", home, "--workers", "0")
     required = {"classes", "accuracy", "macro_f1", "per_class", "confusion_matrix", "retrieval", "most_confused"}
     assert required <= set(after)
     assert after["classes"] == ["circle", "square", "triangle"] and after["accuracy"] == before["accuracy"]

@@ -13,31 +13,30 @@ import pytest
 import torch
 
 import simimg
-from conftest import make_class_images, run_cli
+from conftest import main_json
 from simimg.errors import SimimgError
 from simimg.store.layout import IndexFolder
 from simimg.store.model_store import load_model
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path, str]:
-    base = tmp_path_factory.mktemp("export")
-    data = make_class_images(base / "toys", {"a": 5, "b": 5}, size=40)
-    simimg.build_index(data, home=base / "home", weights="none", image_size=32, workers=0)
-    report = simimg.train(data, "toys", base / "home", head_only=True)
-    return data, base / "home", report.model
+@pytest.fixture
+def trained(pair_head) -> tuple[Path, Path, str]:
+    """(data, home, model): the session's 'shapes' (circles, squares) with a head-only classifier, served."""
+    built, model = pair_head
+    return built.data, built.home, model
 
 
+@pytest.mark.slow
 def test_onnx_gives_the_models_embeddings_and_logits(trained, tmp_path):
     data, home, model = trained
-    written = simimg.export_model("toys", tmp_path / "m.onnx", home=home)
+    written = simimg.export_model("shapes", tmp_path / "m.onnx", home=home)
     assert written["model"] == model and written["outputs"] == ["embedding", "logits"]
     assert written["max_abs_difference"] < 1e-4
     graph = onnx.load(str(tmp_path / "m.onnx"))
     bundle = json.loads({p.key: p.value for p in graph.metadata_props}["simimg_bundle"])
-    assert bundle["fingerprint"] == model and bundle["classes"] == ["a", "b"]
-    loaded = load_model(IndexFolder.of(home, "toys"), model)
-    service = simimg.open_index("toys", home, "cpu", precision="fp32")  # ONNX runs float32
+    assert bundle["fingerprint"] == model and bundle["classes"] == ["circles", "squares"]
+    loaded = load_model(IndexFolder.of(home, "shapes"), model)
+    service = simimg.open_index("shapes", home, "cpu", precision="fp32")  # ONNX runs float32
     images = [service.load(p) for p in sorted(data.rglob("*.png"))[:4]]
     preprocess = loaded.bundle.preprocess
     batch = preprocess.normalize(torch.stack([preprocess.to_uint8(im) for im in images])).numpy()
@@ -48,22 +47,15 @@ def test_onnx_gives_the_models_embeddings_and_logits(trained, tmp_path):
     assert [bundle["classes"][i] for i in logits.argmax(1)] == expected
 
 
-def test_the_bundle_zip_and_the_cli(trained, tmp_path):
-    _, home, model = trained
-    proc = run_cli(
-        "export",
-        "--name",
-        "toys",
-        "--home",
-        str(home),
-        "--format",
-        "bundle",
-        "--out",
-        str(tmp_path / "m.zip"),
-        "--json",
+def test_the_bundle_zip_and_the_cli(shapes_index, tmp_path):
+    """The serving model of the session's index 'shapes' (random init, no classifier): a kept model like any."""
+    home = shapes_index.home
+    (model,) = [m["fingerprint"] for m in main_json("models", "--name", "shapes", "--home", str(home)) if m["serving"]]
+    written = main_json(
+        "export", "--name", "shapes", "--home", str(home), "--format", "bundle", "--out", str(tmp_path / "m.zip")
     )
-    assert json.loads(proc.stdout)["model"] == model
+    assert written["model"] == model
     with zipfile.ZipFile(tmp_path / "m.zip") as archive:
         assert {f"{model}/model.json", f"{model}/model.safetensors"} <= set(archive.namelist())
     with pytest.raises(SimimgError, match="unknown export format 'tflite'"):
-        simimg.export_model("toys", tmp_path / "x", "tflite", home)
+        simimg.export_model("shapes", tmp_path / "x", "tflite", home)

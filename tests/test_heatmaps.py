@@ -9,22 +9,26 @@ import pytest
 from PIL import Image
 
 import simimg
+from conftest import TWO_SHAPES, main_json, make_class_images, run_main, synthetic_image
 from simimg.dataset.preprocess import Preprocess
 from simimg.errors import SimimgError
 from simimg.models.heatmaps import Explanation, informative, is_flat, to_image_frame
 from simimg.query.service import SELF_MATCH_SCORE, Neighbor, QueryResult, SearchService
-from tests.conftest import cli_json, make_class_images, run_cli, synthetic_image
 
-CLASSES = {"circles": 6, "squares": 6}
+CLASSES = TWO_SHAPES
 
 
 @pytest.fixture
-def indexed(tmp_path: Path) -> tuple[Path, Path]:
-    """(a folder of two classes, home) with an index of it made with random-init densenet121 features at 64 px
-    (2 x 2 maps)."""
-    data = make_class_images(tmp_path / "shapes", CLASSES, size=40)
-    simimg.build_index(data, "shapes", tmp_path / "home", weights="none", image_size=64, workers=0)
-    return data, tmp_path / "home"
+def indexed(pair_index) -> tuple[Path, Path]:
+    """(a folder of two classes of 40 px images, home) with an index of it made with random-init densenet121
+    features at 64 px (2 x 2 maps): the session's, read-only."""
+    return pair_index.data, pair_index.home
+
+
+@pytest.fixture
+def with_head(pair_head) -> tuple[Path, Path]:
+    """The same, with a classifier fitted on the stored embeddings (`simimg train --head-only`) and served."""
+    return pair_head[0].data, pair_head[0].home
 
 
 def query(tmp_path: Path, size: tuple[int, int] = (70, 45)) -> Path:
@@ -41,9 +45,9 @@ def test_to_image_frame_puts_the_crop_back_where_it_came_from():
     assert frame[:, :8].max() == 0 and frame[:, -8:].max() == 0 and frame[18, 37] == pytest.approx(1.0)
 
 
-def test_explain_the_predicted_class_of_a_head_trained_here(indexed, tmp_path):
-    data, home = indexed
-    simimg.train(data, "shapes", home, head_only=True)
+@pytest.mark.slow
+def test_explain_the_predicted_class_of_a_head_trained_here(with_head, tmp_path):
+    _, home = with_head
     image, out = query(tmp_path), tmp_path / "maps" / "cam.png"
     result = simimg.explain(image, "shapes", home, out=out)
     assert isinstance(result, Explanation) and result.kind == "class" and result.target in CLASSES
@@ -62,6 +66,7 @@ def test_explain_the_predicted_class_of_a_head_trained_here(indexed, tmp_path):
         simimg.explain(image, "shapes", home, label="dogs")
 
 
+@pytest.mark.slow
 def test_a_model_without_a_classifier_explains_similarity(indexed, tmp_path):
     data, home = indexed
     image = query(tmp_path)
@@ -125,6 +130,7 @@ def test_a_gallery_query_never_explains_its_likeness_to_itself(indexed):
     assert service.explain_targets(bf16, own) == [] and service.explain_targets(bf16) == bf16.neighbors
 
 
+@pytest.mark.slow
 def test_explain_a_resnet_fine_tuned_here_from_the_cli(tmp_path):
     data = make_class_images(tmp_path / "shapes", CLASSES, size=40)
     home = tmp_path / "home"
@@ -132,22 +138,14 @@ def test_explain_a_resnet_fine_tuned_here_from_the_cli(tmp_path):
         data, "shapes", home, arch="resnet50", weights="none", epochs=1, image_size=64, batch_size=8, workers=0
     )
     out = tmp_path / "cam.png"
-    payload = cli_json(
+    payload = main_json(
         "explain", str(query(tmp_path, (33, 61))), "--name", "shapes", "--home", str(home), "--out", str(out)
     )
     assert payload["kind"] == "class" and payload["size"] == [33, 61] and payload["layer"] == "trunk.layer4"
     assert payload["out"] == str(out) and Image.open(out).size == (33, 61)
     (tmp_path / "bad.png").write_bytes(b"nope")
-    bad = run_cli(
-        "explain",
-        str(tmp_path / "bad.png"),
-        "--name",
-        "shapes",
-        "--home",
-        str(home),
-        "--out",
-        str(tmp_path / "x.png"),
-        check=False,
+    code, _, err = run_main(
+        "explain", str(tmp_path / "bad.png"), "--name", "shapes", "--home", str(home), "--out", str(tmp_path / "x.png")
     )
-    assert bad.returncode != 0 and "cannot explain" in bad.stderr and "Traceback" not in bad.stderr
+    assert code != 0 and "cannot explain" in err and "Traceback" not in err
     assert not (tmp_path / "x.png").exists()

@@ -92,6 +92,7 @@ def test_job_is_saved_beside_the_index(job):
     assert read_model(folder, fingerprint).kind == "pretrained"
 
 
+@pytest.mark.slow
 def test_switching_models_embeds_only_what_the_new_one_lacks(job, tmp_path):
     make_class_images(Path(job.data_dir), {"a": 3, "b": 2}, size=40)
     first = run_index(job)
@@ -111,6 +112,7 @@ def test_switching_models_embeds_only_what_the_new_one_lacks(job, tmp_path):
     assert assert_consistent(Path(job.home), job.name).embedding == before.embedding
 
 
+@pytest.mark.slow
 def test_an_interrupted_switch_leaves_the_published_version_serving(job, tmp_path, monkeypatch):
     make_class_images(Path(job.data_dir), {"a": 3, "b": 3}, size=40)
     run_index(job)
@@ -138,7 +140,14 @@ def test_an_interrupted_switch_leaves_the_published_version_serving(job, tmp_pat
     assert resumed.indexed == 0 and resumed.model == other.bundle.fingerprint  # its vectors were committed
 
 
-@pytest.mark.parametrize("change", [{"image_size": 64}, {"arch": "resnet50"}, {"weights": "imagenet"}])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"image_size": 64},
+        pytest.param({"arch": "resnet50"}, marks=pytest.mark.slow),
+        pytest.param({"weights": "imagenet"}, marks=pytest.mark.slow),
+    ],
+)
 def test_flags_that_disagree_with_the_index_model_are_refused(job, change):
     make_class_images(Path(job.data_dir), {"a": 2}, size=40)
     run_index(job)

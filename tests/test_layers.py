@@ -13,7 +13,7 @@ import grimp
 import pytest
 from importlinter.cli import lint_imports
 
-from conftest import ROOT, make_class_images
+from conftest import ROOT
 
 SHELL_IMPORTS = ("simimg", "simimg.errors", "simimg.app")  # what app.py may import from simimg
 
@@ -113,14 +113,10 @@ def imports_of(*argv: str, env: dict | None = None) -> tuple[subprocess.Complete
     return done, set(line.split()[1:])
 
 
-@pytest.fixture(scope="module")
-def built_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import simimg
-
-    root = tmp_path_factory.mktemp("layers")
-    data = make_class_images(root / "data" / "shapes", {"a": 3, "b": 3}, size=40)
-    simimg.build_index(data, home=root / "home", weights="none", image_size=32, workers=0)
-    return root / "home" / "shapes"
+@pytest.fixture
+def built_index(shapes_index) -> Path:
+    """The session's index folder 'shapes' (read-only)."""
+    return shapes_index.home / shapes_index.name
 
 
 def test_small_commands_import_neither_torch_nor_openvino(built_index: Path):

@@ -10,12 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_class_images, run_cli
+from conftest import ROOT, make_class_images, run_main
 from simimg.errors import SimimgError
 from simimg.store.layout import IndexFolder
 from simimg.store.lock import writer_lock
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # Holds the lock until killed; with 'fork' it first forks a sleeping child, as DataLoader workers are forked, and
 # says "held" only once the child runs Python code (so its at-fork handlers have run: CI caught the parent being
@@ -57,23 +55,12 @@ def test_second_index_fails_at_once_naming_the_holder(tmp_path: Path) -> None:
     data = make_class_images(tmp_path / "data", {"a": 2}, size=32)
     holder, _ = hold_lock(IndexFolder.of(tmp_path / "home", "busy").lock)
     try:
-        proc = run_cli(
-            "index",
-            str(data),
-            "--home",
-            str(tmp_path / "home"),
-            "--name",
-            "busy",
-            "--weights",
-            "none",
-            "--image-size",
-            "32",
-            check=False,
-        )
+        args = ("--home", str(tmp_path / "home"), "--name", "busy", "--weights", "none", "--image-size", "32")
+        code, out, err = run_main("index", str(data), *args)
     finally:
         kill(holder)
-    assert proc.returncode == 2
-    line = proc.stderr.strip()
+    assert code == 2 and out == ""
+    line = err.strip()
     assert "\n" not in line and "Traceback" not in line
     assert "busy" in line and f"process {holder.pid}" in line and "-c" in line
 

@@ -82,7 +82,9 @@ def test_every_architecture_is_documented():
     assert set(ARCHITECTURES) == set(EMBEDDING_DIMS)
 
 
-@pytest.mark.parametrize("arch", sorted(EMBEDDING_DIMS))
+@pytest.mark.parametrize(
+    "arch", [a if a != "vgg16" else pytest.param(a, marks=pytest.mark.slow) for a in sorted(EMBEDDING_DIMS)]
+)
 def test_each_backbone_embeds_at_its_documented_size(arch):
     net, bundle = build_model(arch, "none", image_size=32)
     with torch.inference_mode():

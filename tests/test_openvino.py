@@ -57,7 +57,10 @@ def torch_fp32(net: nn.Module, preprocess, batch: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("arch", ["densenet121", "resnet50", "vgg16"])  # densenet169/201/161 are built alike
+@pytest.mark.parametrize(  # densenet169/201/161 are built alike
+    "arch",
+    ["densenet121", pytest.param("resnet50", marks=pytest.mark.slow), pytest.param("vgg16", marks=pytest.mark.slow)],
+)
 def test_the_converted_trunk_agrees_with_torch_float32(arch, precision):
     model = build_model(arch, "none", SIZE)
     net, preprocess = with_batch_norm_statistics(model.net), model.bundle.preprocess
@@ -71,6 +74,7 @@ def test_the_converted_trunk_agrees_with_torch_float32(arch, precision):
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())  # the model itself is untouched
 
 
+@pytest.mark.slow
 def test_a_vector_does_not_depend_on_its_batch():
     """A batch runs in sub-batches on several streams (a remainder included), a single image on one: same rows,
     in the same order."""
@@ -85,6 +89,7 @@ def test_a_vector_does_not_depend_on_its_batch():
     assert trunk(batch[:0]).shape == (0, model.net.dim)
 
 
+@pytest.mark.slow
 def test_threads_share_one_compiled_trunk():
     """The app's sessions and a server's threads call one trunk at once, with single images and batches: each gets
     its own infer request and queue of requests."""
@@ -107,6 +112,7 @@ def test_threads_share_one_compiled_trunk():
         torch.testing.assert_close(together[i], want)
 
 
+@pytest.mark.slow
 def test_converting_leaves_training_in_other_threads_alone():
     """A model loads (and converts) while another thread trains: torch.fx tracing once broke that thread's step."""
     net = build_model("densenet121", "none", SIZE).net.train()
@@ -162,6 +168,7 @@ def test_the_key_names_the_weights_and_the_preprocessing():
     assert trunk_key(trunk, preprocess) != key
 
 
+@pytest.mark.slow
 def test_a_damaged_cache_is_converted_again(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     model = build_model("densenet121", "none", SIZE)
@@ -175,6 +182,7 @@ def test_a_damaged_cache_is_converted_again(tmp_path, monkeypatch, caplog):
     assert "does not read" in caplog.text and xml.read_text().startswith("<?xml")
 
 
+@pytest.mark.slow
 def test_an_unwritable_cache_only_costs_a_conversion(tmp_path, monkeypatch, caplog):
     blocked = tmp_path / "file"
     blocked.write_text("a file where the cache folder would go")
@@ -185,6 +193,7 @@ def test_an_unwritable_cache_only_costs_a_conversion(tmp_path, monkeypatch, capl
     assert trunk(pixels(1)).shape == (1, model.net.dim) and "could not keep the converted model" in caplog.text
 
 
+@pytest.mark.slow
 def test_the_cache_keeps_the_most_recently_used(tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(openvino, "KEEP_CONVERTED", 2)
@@ -204,6 +213,7 @@ def test_the_cache_keeps_the_most_recently_used(tmp_path, monkeypatch):
     assert kept == {trunk_key(trunks[0], preprocess), trunk_key(trunks[2], preprocess)}
 
 
+@pytest.mark.slow
 def test_converting_sends_no_telemetry(monkeypatch):
     """`ov.convert_model` reports usage to Intel unless the user opted out; simimg converts without it."""
     telemetry = pytest.importorskip("openvino_telemetry")

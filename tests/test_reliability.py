@@ -1,4 +1,5 @@
-"""Reliability through the real CLI: SIGKILL at random points then resume, readers during re-indexes, bad input.
+"""Reliability through the CLI: SIGKILL of the real command at random points then resume (e2e), readers during
+re-indexes, bad input (`simimg.cli.main` in this process).
 
 Every index here is tiny (32 px crops, random-init weights, batches of 4, chunks of 4) so a run has many
 commit points to be killed between, and the whole file stays fast on two CPU cores.
@@ -23,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, cli_json, make_class_images, run_cli, synthetic_image
+from conftest import ROOT, main_json, make_class_images, run_main, synthetic_image
 from simimg.errors import SimimgError
 from simimg.jobs.index import run_index
 from simimg.jobs.index_config import IndexJob
@@ -154,9 +155,10 @@ def kill_during_index(
 def resume_after_kill(
     data: Path, home: Path, name: str, after_rows: int, to_embed: int, args: list[str] | None = None
 ) -> dict:
-    """Kill a run, re-run the same command, and check that committed embeddings were not computed again."""
+    """Kill a run, re-run the same command (in this process), and check that committed embeddings were not computed
+    again."""
     finished, committed = kill_during_index(data, home, name, after_rows, args)
-    report = cli_json(*(args or index_args(data, home, name)))
+    report = main_json(*(args or index_args(data, home, name)))
     assert report["indexed"] == (0 if finished else to_embed - committed)
     return report
 
@@ -222,6 +224,7 @@ def install_model(model2: tuple, home: Path, name: str) -> str:
 
 
 # --- crash safety -------------------------------------------------------------------------------------
+@pytest.mark.e2e
 @pytest.mark.parametrize("after_rows", kill_points(N_IMAGES, 1))
 def test_killed_initial_index_resumes_to_the_uninterrupted_result(world: dict, tmp_path: Path, after_rows: int) -> None:
     report = resume_after_kill(world["data"], tmp_path, "photos", after_rows, N_IMAGES)
@@ -229,6 +232,7 @@ def test_killed_initial_index_resumes_to_the_uninterrupted_result(world: dict, t
     assert_same_rows(consistent_state(tmp_path, "photos"), world["first"])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("after_rows", kill_points(9, 1)[1:])
 def test_killed_incremental_update_resumes_to_the_uninterrupted_result(
     world: dict, tmp_path: Path, after_rows: int
@@ -239,6 +243,7 @@ def test_killed_incremental_update_resumes_to_the_uninterrupted_result(
     assert_same_rows(consistent_state(tmp_path, "photos"), world["edited_rows"])
 
 
+@pytest.mark.e2e
 def test_killed_switch_to_a_new_model_never_mixes_models(world: dict, tmp_path: Path) -> None:
     copy_index(world["home"] / "first", tmp_path, "photos")
     model = install_model(world["model2"], tmp_path, "photos")
@@ -248,11 +253,12 @@ def test_killed_switch_to_a_new_model_never_mixes_models(world: dict, tmp_path: 
     )
     if not finished:  # readers still get the first model's version, whole
         assert_same_rows(consistent_state(tmp_path, "photos"), world["first"])
-    report = cli_json(*use_args(model, tmp_path, "photos"))
+    report = main_json(*use_args(model, tmp_path, "photos"))
     assert report["rebuilt"] and report["indexed"] == (0 if finished else N_IMAGES - committed)
     assert_same_rows(consistent_state(tmp_path, "photos"), world["model2_rows"])
 
 
+@pytest.mark.e2e
 def test_a_switch_after_a_killed_first_index_keeps_the_committed_rows(world: dict, tmp_path: Path) -> None:
     finished, committed = kill_during_index(world["data"], tmp_path, "photos", N_IMAGES // 2)
     assert not finished and committed >= N_IMAGES // 2
@@ -283,7 +289,9 @@ FAISS_DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("damage", sorted(FAISS_DAMAGE))
+@pytest.mark.parametrize(
+    "damage", [d if d == "truncated" else pytest.param(d, marks=pytest.mark.slow) for d in sorted(FAISS_DAMAGE)]
+)
 def test_a_damaged_faiss_file_is_an_error_for_readers_and_rebuilt_by_the_next_index(
     world: dict, tmp_path: Path, damage: str
 ) -> None:
@@ -341,19 +349,13 @@ def test_a_lost_serving_model_is_one_line_and_serving_a_kept_one_repairs_it(worl
     copy_index(world["home"] / "first", tmp_path, "photos")
     model = install_model(world["model2"], tmp_path, "photos")
     shutil.rmtree(serving_dir(tmp_path, "photos"))
-    proc = run_cli(
-        "query",
-        str(world["data"] / "circles" / "circles_004.png"),
-        "--home",
-        str(tmp_path),
-        "--name",
-        "photos",
-        check=False,
+    code, out, err = run_main(
+        "query", str(world["data"] / "circles" / "circles_004.png"), "--home", str(tmp_path), "--name", "photos"
     )
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.startswith("simimg: error: ") and proc.stderr.count("\n") == 1
-    assert "keeps no model" in proc.stderr and "simimg models" in proc.stderr
-    cli_json(*use_args(model, tmp_path, "photos"))
+    assert code == 2 and out == ""
+    assert err.startswith("simimg: error: ") and err.count("\n") == 1
+    assert "keeps no model" in err and "simimg models" in err
+    main_json(*use_args(model, tmp_path, "photos"))
     assert_same_rows(consistent_state(tmp_path, "photos"), world["model2_rows"])
 
 
@@ -364,6 +366,7 @@ def answer(service: SearchService, query: Path) -> tuple[int, list[str], list[fl
     return service.snapshot.version, [n.path for n in result.neighbors], [n.score for n in result.neighbors]
 
 
+@pytest.mark.slow
 def test_readers_see_one_whole_version_at_a_time_and_pick_up_new_ones(world: dict, tmp_path: Path) -> None:
     live = tmp_path / "live"
     shutil.copytree(world["data"], live)
@@ -394,7 +397,7 @@ def test_readers_see_one_whole_version_at_a_time_and_pick_up_new_ones(world: dic
     try:
         for edit in edits:
             edit()
-            cli_json(*index_args(live, tmp_path, "photos"))
+            main_json(*index_args(live, tmp_path, "photos"))
             fresh = SearchService(tmp_path, "photos", "cpu")
             expected[fresh.snapshot.version] = (answer(fresh, query), set(fresh.snapshot.paths))
         published_last = len(answers)
@@ -488,7 +491,7 @@ def test_a_batch_of_bad_files_is_reported_and_everything_else_is_indexed(tmp_pat
     data = make_class_images(tmp_path / "data", {"good": 6}, size=40)
     readable = [f"good/good_{i:03d}.png" for i in range(6)] + awkward_images(data / "awkward") + ["linked/linked.png"]
     expected_skips = {**broken_files(data / "bad", tmp_path), **link_loop(data, tmp_path / "outside")}
-    report = cli_json(*index_args(data, tmp_path / "home", "messy"))
+    report = main_json(*index_args(data, tmp_path / "home", "messy"))
     skipped = {s["path"]: s["reason"] for s in report["skipped"]}
     assert sorted(skipped) == sorted(expected_skips), skipped
     for path, words in expected_skips.items():
@@ -507,7 +510,7 @@ def test_an_unreadable_file_is_skipped_and_the_rest_indexed(tmp_path: Path) -> N
     try:
         if os.access(locked, os.R_OK):
             pytest.skip("running as root: a file without read permission can still be read")
-        report = cli_json(*index_args(data, tmp_path / "home", "locked"))
+        report = main_json(*index_args(data, tmp_path / "home", "locked"))
     finally:
         locked.chmod(0o644)
     assert [(s["path"], s["reason"]) for s in report["skipped"]] == [

@@ -1,11 +1,13 @@
-"""server.py and http_inputs.py: `simimg serve` on a free local port, driven by a real HTTP client (httpx).
+"""server.py and http_inputs.py: the HTTP API on a free local port, driven by a real HTTP client (httpx).
 
-The main server is the real command in a subprocess; the queue and timeout tests run the same app in a
-uvicorn.Server thread whose model thread the test holds, so a full queue and a late answer happen on cue.
+Most tests run the app `simimg serve` runs in a uvicorn.Server thread of this process (the queue and timeout tests
+hold its model thread, so a full queue and a late answer happen on cue); the token server is the real command in a
+subprocess with two worker processes, which the README's curl example also runs against (e2e).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -17,6 +19,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -26,25 +30,19 @@ import uvicorn
 from PIL import Image
 
 import simimg
-from conftest import ROOT, make_class_images, run_cli
+from conftest import ROOT, copy_built, free_tcp_port, make_class_images, run_main
 from simimg.cli import build_parser
 from simimg.errors import SimimgError
 from simimg.http.batching import answer
 from simimg.http.server import ServeConfig, check_exposure, create_app, wait_until_ready
 
-CLASSES = {"circles": 6, "squares": 6, "triangles": 6}
+CLASSES = {"circles": 6, "squares": 6, "triangles": 6}  # conftest.SHAPES
 TOKEN = "s3cret-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_cli_server(home: Path, *flags: str, token: str | None = None) -> tuple[str, subprocess.Popen]:
     """The real `simimg serve` in a subprocess on a free port, its output in a file (a pipe nobody reads fills)."""
-    port, log = free_port(), tempfile.TemporaryFile("w+")  # noqa: SIM115 - the server writes it after we return
+    port, log = free_tcp_port(), tempfile.TemporaryFile("w+")  # noqa: SIM115 - the server writes it after we return
     env = {k: v for k, v in os.environ.items() if k != "SIMIMG_API_TOKEN"}
     env.update({"SIMIMG_OFFLINE": "1", **({"SIMIMG_API_TOKEN": token} if token else {})})
     proc = subprocess.Popen(
@@ -94,24 +92,36 @@ def png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> tuple[Path, Path]:
-    """(data root, home): the index 'shapes' of three classes, 32 px, random-init weights."""
-    base = tmp_path_factory.mktemp("serve")
-    data = make_class_images(base / "data" / "shapes", CLASSES, size=48)
-    home = base / "home"
-    run_cli("index", str(data), "--home", str(home), "--weights", "none", "--image-size", "32", "--workers", "0")
-    return data, home
-
-
-@pytest.fixture(scope="module")
-def server(built):
-    """`simimg serve` with a 1 MB upload cap and 4 files per request."""
-    url, proc = start_cli_server(built[1], "--max-mb", "1", "--max-files", "4")
+@contextmanager
+def thread_server(config: ServeConfig, token: str | None = None, run_batch=answer) -> Iterator[str]:
+    """The app `simimg serve` runs, in a uvicorn.Server thread of this process on `config.port`; yields its URL."""
+    app = create_app(config, token, run_batch=run_batch)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=config.port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{config.port}"
     try:
+        wait_until_ready(url, token)
         yield url
     finally:
-        stop(proc)
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def built(shapes_index, tmp_path_factory) -> tuple[Path, Path]:
+    """(data root, home): a copy of the session's index 'shapes' (three classes, 32 px, random-init weights); the
+    tests add files and indexes to it."""
+    copy = copy_built(shapes_index, tmp_path_factory.mktemp("serve") / "base")
+    return copy.data, copy.home
+
+
+@pytest.fixture(scope="module")
+def server(built, free_port):
+    """The server with a 1 MB upload cap and 4 files per request (`simimg serve --max-mb 1 --max-files 4`)."""
+    config = ServeConfig(home=str(built[1]), port=free_port(), device="cpu", max_mb=1, max_files=4)
+    with thread_server(config) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -283,6 +293,7 @@ def token_server(built):
         stop(proc)
 
 
+@pytest.mark.e2e
 def test_with_a_token_every_request_but_healthz_needs_it(token_server):
     assert httpx.get(f"{token_server}/healthz").status_code == 200
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
@@ -301,11 +312,12 @@ def test_with_a_token_every_request_but_healthz_needs_it(token_server):
     assert found.status_code == 200 and found.json()[0]["neighbors"][0]["score"] == 1.0
 
 
-def test_without_a_token_only_loopback_may_be_bound(built):
-    proc = run_cli("serve", "--home", str(built[1]), "--host", "0.0.0.0", check=False, env={"SIMIMG_API_TOKEN": ""})
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
-    assert "--host 0.0.0.0 would let other machines" in proc.stderr and "SIMIMG_API_TOKEN" in proc.stderr
+def test_without_a_token_only_loopback_may_be_bound(built, monkeypatch):
+    monkeypatch.setenv("SIMIMG_API_TOKEN", "")
+    code, out, err = run_main("serve", "--home", str(built[1]), "--host", "0.0.0.0")
+    assert code == 2 and out == ""
+    assert err.strip().splitlines() == [err.strip()]
+    assert "--host 0.0.0.0 would let other machines" in err and "SIMIMG_API_TOKEN" in err
 
 
 @pytest.mark.parametrize(
@@ -356,25 +368,19 @@ class HeldModel:
 
 
 @pytest.fixture
-def held_server(built):
+def held_server(built, free_port):
     """The app in a uvicorn.Server thread; yields (url, model) and lets the held model go at the end."""
-    servers = []
+    with contextlib.ExitStack() as stack:
+        models: list[HeldModel] = []
+        stack.callback(lambda: [model.go.set() for model in models])
 
-    def start(**config) -> tuple[str, HeldModel]:
-        model, port = HeldModel(), free_port()
-        app = create_app(ServeConfig(home=str(built[1]), port=port, device="cpu", **config), run_batch=model)
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        servers.append((server, thread, model))
-        wait_until_ready(f"http://127.0.0.1:{port}")
-        return f"http://127.0.0.1:{port}", model
+        def start(**config) -> tuple[str, HeldModel]:
+            model = HeldModel()
+            models.append(model)
+            serve = ServeConfig(home=str(built[1]), port=free_port(), device="cpu", **config)
+            return stack.enter_context(thread_server(serve, run_batch=model)), model
 
-    yield start
-    for server, thread, model in servers:
-        model.go.set()
-        server.should_exit = True
-        thread.join(30)
+        yield start
 
 
 def post_in_thread(url: str, paths: list[str]) -> tuple[threading.Thread, list]:
@@ -425,6 +431,7 @@ def test_a_request_not_answered_in_time_gets_504(held_server):
 
 
 # --- live updates ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_new_index_a_reindex_and_a_retrain_are_served_without_a_restart(built, server):
     data_root, home = built
     data = make_class_images(data_root.parent / "live", {"reds": 6, "greens": 6}, size=48, seed=3)
@@ -455,6 +462,7 @@ def readme_commands() -> list[str]:
     return [line.split("  #")[0].rstrip(" &") for line in block.splitlines() if line and not line.startswith("#")]
 
 
+@pytest.mark.e2e
 def test_the_readme_curl_example_runs(built, server, token_server, tmp_path):
     """Its `simimg serve` lines parse; its curl lines run against the two servers (8000: no token, 8001: token)."""
     make_class_images(tmp_path / "data" / "pets", {"cats": 4, "dogs": 4}, size=48, ext="jpg")

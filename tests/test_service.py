@@ -122,6 +122,7 @@ def test_info_counts_each_label(service):
     assert info["embedding"] == service.model.bundle.embedding and info["kind"] == "pretrained"
 
 
+@pytest.mark.slow
 def test_a_warm_service_follows_a_new_model_version_and_predicts(built, tmp_path):
     home = tmp_path / "home"
     shutil.copytree(built[1] / "shapes", home / "shapes")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_class_images, run_cli
+from conftest import make_class_images, run_main
 from simimg.errors import SimimgError
 from simimg.jobs.index import run_index
 from simimg.jobs.index_config import IndexJob
@@ -29,9 +29,8 @@ CLASSES = {"circle": 16, "square": 16, "triangle": 8}  # imbalanced: the loss is
 
 
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch: pytest.MonkeyPatch):
+def one_thread():
     """Two cores shared by many jobs: more than one OpenMP thread each makes every job crawl."""
-    monkeypatch.setenv("SIMIMG_OFFLINE", "1")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -113,6 +112,7 @@ def test_the_model_version_carries_the_training_record(trained: dict) -> None:
         assert (model_dir / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_cancel_keeps_the_best_model_unserved_and_resume_continues(toys: Path, tmp_path: Path) -> None:
     config = small(toys, tmp_path, epochs=3)
     folder = IndexFolder.of(tmp_path, "toys")
@@ -141,6 +141,7 @@ def test_cancel_before_an_epoch_ends_keeps_no_model(toys: Path, tmp_path: Path) 
     assert not IndexFolder.of(tmp_path, "toys").models.exists() and list_indexes(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_queries_never_fail_while_a_model_trains_and_takes_over(toys: Path, tmp_path: Path) -> None:
     """The issue's user story: query an index every moment while `simimg train` runs on it, warm and cold."""
     run_index(IndexJob(str(toys), "toys", str(tmp_path), weights="none", image_size=32, workers=0))
@@ -177,6 +178,7 @@ def test_resume_without_a_checkpoint_says_so(toys: Path, tmp_path: Path) -> None
         run_training(small(toys, tmp_path, resume=True))
 
 
+@pytest.mark.slow
 def test_frozen_warm_up_changes_only_the_head(trained: dict, toys: Path, tmp_path: Path) -> None:
     """Transfer from an earlier simimg model: one frozen epoch keeps its backbone, so its fingerprint too."""
     source = trained["paths"]  # an index folder as --weights: the model it serves
@@ -186,6 +188,7 @@ def test_frozen_warm_up_changes_only_the_head(trained: dict, toys: Path, tmp_pat
     assert new.embedding == old.embedding and new.fingerprint != old.fingerprint
 
 
+@pytest.mark.slow
 def test_early_stopping_counts_only_annealed_epochs_and_keeps_the_best(
     trained: dict, toys: Path, tmp_path: Path
 ) -> None:
@@ -229,9 +232,9 @@ def test_model_info_counts_densenet121() -> None:
 def test_cli_rejects_a_bad_data_dir_in_one_line(tmp_path: Path) -> None:
     """Every kind of bad folder is in test_data; here, that the CLI turns one into a single line and exit 2."""
     data = make_class_images(tmp_path / "d", {"a": 3, "b": 0}, size=16)
-    proc = run_cli("train", str(data), "--home", str(tmp_path / "home"), "--weights", "none", check=False)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.startswith("simimg: error: ") and proc.stderr.count("\n") == 1
+    code, out, err = run_main("train", str(data), "--home", str(tmp_path / "home"), "--weights", "none")
+    assert code == 2 and out == ""
+    assert err.startswith("simimg: error: ") and err.count("\n") == 1
 
 
 @pytest.mark.gpu

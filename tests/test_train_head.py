@@ -11,7 +11,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 import simimg
-from conftest import make_class_images
+from conftest import copy_built, make_class_images
 from simimg.analysis.classifier import fit_head
 from simimg.errors import SimimgError
 from simimg.jobs.index import run_index
@@ -54,13 +54,11 @@ def test_fit_head_learns_several_classes_and_copes_with_a_class_of_one():
 
 
 @pytest.fixture
-def indexed(tmp_path: Path) -> tuple[Path, Path]:
-    """(folder with train/ and val/, home) with an index of the whole folder."""
-    data = tmp_path / "shapes"
-    make_class_images(data / "train", CLASSES, size=40)
-    make_class_images(data / "val", {c: 3 for c in CLASSES}, size=40, seed=1)
-    run_index(IndexJob(str(data), "shapes", str(tmp_path / "home"), weights="none", image_size=32, workers=0))
-    return data, tmp_path / "home"
+def indexed(split_index, tmp_path: Path) -> tuple[Path, Path]:
+    """(folder with train/ (3 x 8) and val/ (3 x 3), home) with an index of the whole folder: this test's copy of
+    the session's."""
+    copy = copy_built(split_index, tmp_path / "base")
+    return copy.data, copy.home
 
 
 def test_head_only_uses_the_stored_vectors_keeps_a_head_model_and_serves_it(indexed):
@@ -120,6 +118,7 @@ def test_head_only_embeds_images_the_index_does_not_hold_when_asked(indexed, tmp
     assert json.loads((folder.model_dir(report.model) / "train_job.json").read_text())["embed_missing"] is True
 
 
+@pytest.mark.slow
 def test_head_only_refuses_new_files_of_its_own_collection_until_indexed_and_ignores_unreadable_ones(indexed):
     data, home = indexed
     (data / "train" / "circles" / "broken.png").write_bytes(b"not a png")  # the index skips it too

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.torch import save_file
 
-from conftest import cli_json, make_class_images, run_cli
+from conftest import main_json, make_class_images, run_main
 from simimg.dataset.scan import scan_folder
 from simimg.errors import SimimgError
 from simimg.jobs.index import run_index
@@ -88,15 +88,15 @@ def test_readers_ask_for_the_upgrade_in_one_line(v1):
     data, home, _ = v1
     with pytest.raises(SimimgError, match=r"run `simimg upgrade --name photos`"):
         SearchService(home, "photos", "cpu")
-    proc = run_cli("query", str(data / "a" / "a_000.png"), "--name", "photos", "--home", str(home), check=False)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "simimg upgrade" in proc.stderr
+    code, out, err = run_main("query", str(data / "a" / "a_000.png"), "--name", "photos", "--home", str(home))
+    assert code == 2 and out == "" and err.count("\n") == 1 and "simimg upgrade" in err
 
 
 def test_upgrade_keeps_every_vector_the_model_and_its_pictures(v1):
     data, home, vectors = v1
     folder = IndexFolder.of(home, "photos")
     assert needs_upgrade(folder)
-    assert cli_json("upgrade", "--name", "photos", "--home", str(home)) == {"name": "photos", "upgraded": True}
+    assert main_json("upgrade", "--name", "photos", "--home", str(home)) == {"name": "photos", "upgraded": True}
     assert not needs_upgrade(folder) and not (folder.root / "model.json").exists()
     (fingerprint,) = model_fingerprints(folder)
     bundle = read_model(folder, fingerprint)
@@ -114,6 +114,7 @@ def test_upgrade_keeps_every_vector_the_model_and_its_pictures(v1):
     assert upgrade(folder) is False
 
 
+@pytest.mark.slow
 def test_a_writer_upgrades_by_itself(v1):
     data, home, _ = v1
     (data / "a" / "a_000.png").unlink()
