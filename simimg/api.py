@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from simimg.dataset.splits import ClassCount
     from simimg.jobs.audit_config import AuditReport
     from simimg.jobs.index_config import IndexReport
+    from simimg.jobs.labels_config import LabelsReport
     from simimg.jobs.train_config import TrainReport
     from simimg.models.heatmaps import Explanation
     from simimg.progress import Hooks, Phase, Progress
@@ -156,6 +157,81 @@ def last_audit(name: str, home: str | Path | None = None) -> AuditReport | None:
     from simimg.jobs.audit_config import read_audit
 
     return read_audit(IndexFolder.of(home, name))
+
+
+# --- label edits: versioned data, one batch per call, each published as an index version -------------------
+def set_labels(
+    name: str, paths: list[str], to: str, home: str | Path | None = None, source: str = "user"
+) -> LabelsReport:
+    """Give each image (a file path, or its path in the index) the class `to`; the files stay where they are.
+
+    `source` records who proposed it: "user", "audit" (an accepted suggestion) or "prediction".
+    """
+    from simimg.jobs.labels import edit_labels
+
+    return edit_labels(home, name, paths, "set", to, source)
+
+
+def exclude_images(name: str, paths: list[str], home: str | Path | None = None) -> LabelsReport:
+    """Take images out of the index, training and evaluation; they stay on disk (undo brings them back)."""
+    from simimg.jobs.labels import edit_labels
+
+    return edit_labels(home, name, paths, "exclude")
+
+
+def keep_one(name: str, keep: str, group: list[str], home: str | Path | None = None) -> LabelsReport:
+    """Of a group of duplicates, keep `keep` and exclude the others."""
+    others = [p for p in group if p != keep]
+    if len(others) == len(group):
+        raise SimimgError(f"{keep!r} is not one of the group it should be kept from")
+    return exclude_images(name, others, home)
+
+
+def dismiss_findings(name: str, paths: list[str], home: str | Path | None = None) -> LabelsReport:
+    """Judge these images fine as they are: later audits mark their findings as seen and do not count them."""
+    from simimg.jobs.labels import edit_labels
+
+    return edit_labels(home, name, paths, "dismiss")
+
+
+def accept_suggestions(name: str, top: int | None = None, home: str | Path | None = None) -> LabelsReport:
+    """Accept the last audit's suggested labels, its `top` highest-ranked (all by default), as one batch."""
+    from simimg.jobs.labels import accept_suggestions as accept
+
+    return accept(home, name, top)
+
+
+def undo_labels(name: str, home: str | Path | None = None) -> LabelsReport:
+    """Undo the latest batch of label edits not undone yet."""
+    from simimg.jobs.labels import undo_labels as undo
+
+    return undo(home, name)
+
+
+def label_edits(name: str, home: str | Path | None = None) -> list[dict[str, Any]]:
+    """The edits in force, oldest first: {path, action, old_label, new_label, source, batch, created}."""
+    from dataclasses import asdict
+
+    from simimg.jobs.labels_config import list_edits
+
+    return [asdict(e) for e in list_edits(home, name)]
+
+
+def export_labels(
+    name: str, out: str | Path, format: str = "imagefolder", move: bool = False, home: str | Path | None = None
+) -> dict[str, Any]:
+    """Write the corrected collection: a class-folder tree under `out` (copies; `move=True` moves the files and
+    writes an undo log), or one CSV or Parquet file of path, label, folder label and edits."""
+    from simimg.jobs.label_export import export_labels as export
+
+    return export(home, name, out, format, move)
+
+
+def undo_moves(log_file: str | Path) -> int:
+    """Put back every file an `export_labels(move=True)` moved (its OUT/moves.jsonl); returns how many."""
+    from simimg.jobs.label_export import undo_moves as undo
+
+    return undo(log_file)
 
 
 def use_model(

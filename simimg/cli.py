@@ -180,6 +180,12 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
         help="FAISS index: flat (exact), ivf, or ivfpq (compressed, 264 bytes a vector, exact re-rank "
         "from the stored vectors); auto picks by size (default: as last built, else auto)",
     )
+    p.add_argument(
+        "--unlabeled",
+        metavar="DIR",
+        help="a folder of unlabeled images to index too: searchable, predicted, never trained on (an unlabeled/ "
+        "folder beside the class folders is found anyway; default: as last built)",
+    )
     group = p.add_argument_group("the ray engine (pip install 'simimg[ray]'; see docs/SCALING.md)")
     group.add_argument(
         "--engine",
@@ -227,6 +233,7 @@ def _run_index(args: argparse.Namespace) -> int:
             ray_actors=args.ray_actors,
             ray_shards=args.ray_shards,
             index_kind=args.index_kind,
+            unlabeled=args.unlabeled,
         )
     finally:
         bar.close()
@@ -563,12 +570,12 @@ def print_audit_report(report: AuditReport, show: int) -> None:
         + ", ".join(f"{c} {n}" for c, n in balance["counts"].items())
         + (f" (imbalanced, {balance['ratio']:.2f}x)" if balance["imbalanced"] else "")
     )
-    for d in report.duplicates[:show]:
+    for d in [f for f in report.duplicates if not f.get("seen")][:show]:
         flags = " ".join(f for f, on in (("cross-class", d["cross_class"]), ("cross-split", d["cross_split"])) if on)
         print(f"  {d['kind']:<5} {d['score']:.6f} {flags:<23} " + " = ".join(d["paths"]))
-    for i in report.label_issues[:show]:
+    for i in [f for f in report.label_issues if not f.get("seen")][:show]:
         print(f"  label {i['score']:.3f} {i['label']} -> {i['suggested']}: {i['path']}")
-    for o in report.outliers[:show]:
+    for o in [f for f in report.outliers if not f.get("seen")][:show]:
         print(f"  outlier {o['score']:.3f}: {o['path']}")
     for skipped in s["skipped"]:
         print(f"skipped {skipped['path']}: {skipped['reason']}")
@@ -619,6 +626,68 @@ def _run_explain(args: argparse.Namespace) -> int:
         ),
     )
     return 0
+
+
+# --- labels ---------------------------------------------------------------------------------------------
+LABEL_ACTIONS = {
+    "set": "give images another class (PATH: a file, or its path as the index shows it)",
+    "exclude": "take images out of the index, training and evaluation (they stay on disk)",
+    "accept": "accept the last audit's suggested labels (its --top highest-ranked; all by default)",
+    "dismiss": "judge images fine as they are: later audits mark their findings as seen",
+    "undo": "undo the latest batch of edits",
+    "list": "the edits in force, oldest first",
+    "export": "write the corrected collection: a class-folder tree (copies, or --move) or a CSV/Parquet file",
+}
+
+
+def _labels_arguments(p: argparse.ArgumentParser) -> None:
+    actions = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    for action, help_text in LABEL_ACTIONS.items():
+        a = actions.add_parser(action, help=help_text, description=help_text)
+        add_home(a)
+        if action in ("set", "exclude", "dismiss"):
+            a.add_argument("paths", nargs="+", metavar="PATH")
+        if action == "set":
+            a.add_argument("--to", required=True, metavar="CLASS", help="the class to give them")
+        if action == "accept":
+            a.add_argument("--top", type=positive_int, help="accept only the highest-ranked suggestions")
+        if action == "export":
+            a.add_argument("--out", required=True, metavar="DIR_OR_FILE")
+            a.add_argument("--format", choices=("imagefolder", "csv", "parquet"), default="imagefolder")
+            a.add_argument("--move", action="store_true", help="move the files (writes OUT/moves.jsonl to undo it)")
+
+
+def _run_labels(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        edits = simimg.label_edits(args.name, args.home)
+        emit(args, edits, lambda: print("\n".join([*map(_edit_line, edits), f"{len(edits)} edits in force"])))
+        return 0
+    if args.action == "export":
+        result = simimg.export_labels(args.name, args.out, args.format, args.move, args.home)
+        emit(args, result, lambda: print(f"wrote {result['images']} images to {result['out']} ({args.format})"))
+        return 0
+    report = {
+        "set": lambda: simimg.set_labels(args.name, args.paths, args.to, args.home),
+        "exclude": lambda: simimg.exclude_images(args.name, args.paths, args.home),
+        "dismiss": lambda: simimg.dismiss_findings(args.name, args.paths, args.home),
+        "accept": lambda: simimg.accept_suggestions(args.name, args.top, args.home),
+        "undo": lambda: simimg.undo_labels(args.name, args.home),
+    }[args.action]()
+    emit(
+        args,
+        report.to_dict(),
+        lambda: print(
+            f"{'undid' if report.action == 'undo' else 'recorded'} batch {report.batch} ({report.edits} edits): "
+            f"version {report.version}, {report.relabelled} relabelled, {report.excluded} excluded in all"
+        ),
+    )
+    return 0
+
+
+def _edit_line(edit: dict) -> str:
+    old = edit["old_label"] or "(unlabeled)"
+    change = f"{old} -> {edit['new_label']}" if edit["action"] == "set" else edit["action"]
+    return f"batch {edit['batch']:<4} {edit['source']:<10} {change:<30} {edit['path']}"
 
 
 # --- models, use ----------------------------------------------------------------------------------------
@@ -800,6 +869,12 @@ COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callab
         "where the model looks: a heatmap of the predicted class, or of the similarity to a neighbour",
         _explain_arguments,
         _run_explain,
+    ),
+    (
+        "labels",
+        "correct labels as versioned data: set, exclude, accept, dismiss, undo, list, export",
+        _labels_arguments,
+        _run_labels,
     ),
     ("models", "every model NAME keeps, newest first; * marks the one serving", _models_arguments, _run_models),
     ("use", "serve a kept model (re-embeds only images it has no vectors for)", _use_arguments, _run_use),

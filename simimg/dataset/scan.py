@@ -13,6 +13,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 SPLIT_NAMES = frozenset({"train", "val", "test"})
+UNLABELED_FOLDERS = frozenset({"unlabeled", "_unlabeled"})  # beside the class (or split) folders: the unlabeled pool
 
 
 @dataclass(frozen=True)
@@ -46,18 +47,21 @@ def is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def scan_folder(root: str | Path) -> Scan:
+def scan_folder(root: str | Path, unlabeled: str | Path | None = None) -> Scan:
     """Walk `root` once, following links but never a loop; files in `root` itself get no label.
 
     A root holding only split folders (train/, val/, test/) is read as a split dataset when they hold class folders
     (or are train/ and val/ together): the class is the folder below the split, so `val/` alone is still labelled.
+    The unlabeled pool gets no label: an `unlabeled/` (or `_unlabeled/`) folder beside the class or split folders,
+    and every image under `unlabeled`, a folder elsewhere, whose records carry absolute paths (`root / path` reads
+    them all the same).
     """
     root = Path(root).expanduser()
     if not root.is_dir():
         raise SimimgError(f"{root} is not a folder: point simimg at a folder of images (root/<class>/<image>)")
     records: list[Record] = []
     skipped: list[Skipped] = []
-    depth = 2 if _is_split_root(root) else 1
+    depth = label_depth(root)
     real_root = root.resolve()
     seen_dirs: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=_log_walk_error):
@@ -77,11 +81,29 @@ def scan_folder(root: str | Path) -> Scan:
             if not full.exists():
                 skipped.append(Skipped(rel.as_posix(), "broken symbolic link"))
                 continue
-            parts = rel.parts
-            label = parts[depth - 1] if len(parts) > depth else None
-            records.append(Record(rel.as_posix(), label))
+            records.append(Record(rel.as_posix(), folder_label(rel.parts, depth)))
+    if unlabeled is not None:
+        records += _outside_pool(Path(unlabeled).expanduser(), real_root, skipped)
     log.info("scanned %s: %d images, %d skipped", root, len(records), len(skipped))
     return Scan(root, tuple(records), tuple(skipped))
+
+
+def folder_label(parts: tuple[str, ...], depth: int) -> str | None:
+    """The class folder's name; None for files above it and for the unlabeled pool."""
+    if len(parts) <= depth or parts[0] in UNLABELED_FOLDERS or parts[depth - 1] in UNLABELED_FOLDERS:
+        return None
+    return parts[depth - 1]
+
+
+def _outside_pool(folder: Path, real_root: Path, skipped: list[Skipped]) -> list[Record]:
+    """The images of an unlabeled folder passed on its own, by absolute path; those inside the collection are
+    already scanned, under their own path."""
+    if folder.resolve().is_relative_to(real_root):
+        raise SimimgError(f"--unlabeled {folder} is inside the collection: name it unlabeled/ there instead")
+    pool = scan_folder(folder)
+    base = folder.resolve()
+    skipped += [Skipped((base / s.path).as_posix(), s.reason) for s in pool.skipped]
+    return [Record((base / r.path).as_posix(), None) for r in pool.records]
 
 
 def visible_subfolders(folder: Path) -> list[Path]:
@@ -107,9 +129,14 @@ def _subfolders_to_walk(parent: Path, names: list[str], real_root: Path) -> list
     return keep
 
 
+def label_depth(root: Path) -> int:
+    """How deep the class folder sits: 2 under split folders (root/train/<class>/...), else 1."""
+    return 2 if _is_split_root(root) else 1
+
+
 def _is_split_root(root: Path) -> bool:
     """Nothing but split folders, which hold class folders; train/ with val/ counts even without (as it always did)."""
-    splits = visible_subfolders(root)
+    splits = [p for p in visible_subfolders(root) if p.name not in UNLABELED_FOLDERS]
     names = {p.name for p in splits}
     if not names or not names <= SPLIT_NAMES:
         return False

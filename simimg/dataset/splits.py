@@ -21,7 +21,17 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from simimg.dataset.scan import IMAGE_EXTENSIONS, SPLIT_NAMES, Record, Scan, Skipped, scan_folder, visible_subfolders
+from simimg.dataset.corrections import Corrections
+from simimg.dataset.scan import (
+    IMAGE_EXTENSIONS,
+    SPLIT_NAMES,
+    UNLABELED_FOLDERS,
+    Record,
+    Scan,
+    Skipped,
+    scan_folder,
+    visible_subfolders,
+)
 from simimg.errors import SimimgError
 
 log = logging.getLogger(__name__)
@@ -110,27 +120,29 @@ class TrainAugment:
         )
 
 
-def split_dataset(data_dir: str | Path, val_split: float = VAL_SPLIT, seed: int = 0) -> Split:
+def split_dataset(
+    data_dir: str | Path, val_split: float = VAL_SPLIT, seed: int = 0, corrections: Corrections | None = None
+) -> Split:
     """The split to train on; a folder that cannot train a classifier raises SimimgError saying why.
 
     `train/` and `val/` are used as they are. `train/` without `val/` gets the seeded, stratified split a plain class
     folder gets, drawn from train/ alone (`seeded_from` 'train'; test/ is never used). `val/` (or `test/`) without
-    `train/` has nothing to train on: SimimgError.
+    `train/` has nothing to train on: SimimgError. `corrections` (the index's label edits) relabel and exclude
+    images first; the unlabeled pool is never trained or validated on.
     """
     if not 0.0 < val_split < 1.0:
         raise SimimgError(f"--val-split {val_split} must be between 0 and 1 (e.g. 0.2)")
     scan = scan_folder(data_dir)
-    labelled = [r for r in scan.records if r.label is not None]
+    records = corrections.apply(scan.records) if corrections else scan.records
+    labelled = [r for r in records if r.label is not None]
     if not labelled:
         raise SimimgError(
             f"no images in class folders under {scan.root} (looked for "
             f"{', '.join(sorted(IMAGE_EXTENSIONS))}); put them in <folder>/<class>/<image>"
         )
-    if len(labelled) < len(scan.records):
-        log.warning(
-            "ignoring %d images directly in %s: they have no class folder", len(scan.records) - len(labelled), scan.root
-        )
-    if _is_split(labelled):
+    if len(labelled) < len(records):
+        log.info("leaving out %d unlabeled images of %s", len(records) - len(labelled), scan.root)
+    if _is_split([r for r in scan.records if r.label is not None]):  # the folders' layout, before any relabel
         split = _folder_split(scan, labelled, val_split, seed)
     else:
         _check_classes(scan.root, labelled, minimum=2)
@@ -242,7 +254,7 @@ def _seeded_split(scan: Scan, records: Sequence[Record], val_split: float, seed:
 
 def _check_classes(folder: Path, records: Sequence[Record], minimum: int) -> None:
     """At least two classes, and every class folder holding at least `minimum` images."""
-    counts: dict[str, int] = {p.name: 0 for p in visible_subfolders(folder)}
+    counts: dict[str, int] = {p.name: 0 for p in visible_subfolders(folder) if p.name not in UNLABELED_FOLDERS}
     for r in records:
         counts[_label(r)] = counts.get(_label(r), 0) + 1
     short = sorted(label for label, n in counts.items() if n < minimum)

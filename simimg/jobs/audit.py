@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from simimg.dataset.splits import Split, split_dataset
 from simimg.errors import SimimgError
 from simimg.fsutil import atomic_write_bytes
 from simimg.jobs.audit_config import AuditJob, AuditReport
+from simimg.jobs.labels_config import corrections_for
 from simimg.jobs.train_head import SplitVectors, collection_folder, held_vectors, split_vectors, stored_model
 from simimg.models.device import loader_workers, resolve_compute
 from simimg.models.encoder import EmbedSettings
@@ -68,7 +69,8 @@ def run_audit(
     folder = IndexFolder.of(job.home, job.name)
     phase("reading")
     base = stored_model(folder)
-    split = split_dataset(job.data_dir, job.val_split, job.seed)
+    corrections = corrections_for(job.home, job.name, job.data_dir)
+    split = split_dataset(job.data_dir, job.val_split, job.seed, corrections)
     refuse_foreign(folder, split.root.resolve())
     held = held_vectors(folder, base, split)
     if held.missing:
@@ -79,6 +81,8 @@ def run_audit(
     collection = _collection(split, found)
     phase("fitting")
     issues, duplicates, atypical, threshold = find_all(collection, job.folds, job.seed)
+    seen = _mark_seen(issues, duplicates, atypical, corrections.dismissed)
+    issues_now, duplicates_now = [i for i in issues if not i["seen"]], [d for d in duplicates if not d["seen"]]
     summary = {
         "name": job.name,
         "data_dir": str(split.root.resolve()),
@@ -90,12 +94,13 @@ def run_audit(
         "classes": list(split.classes),
         **found.counts,
         "skipped": found.skipped,
-        "label_issues": len(issues),
-        "exact_duplicates": sum(d["kind"] == "exact" for d in duplicates),
-        "near_duplicates": sum(d["kind"] == "near" for d in duplicates),
-        "cross_class": sum(d["cross_class"] for d in duplicates),
-        "cross_split": sum(d["cross_split"] for d in duplicates),
-        "outliers": len(atypical),
+        "label_issues": len(issues_now),
+        "exact_duplicates": sum(d["kind"] == "exact" for d in duplicates_now),
+        "near_duplicates": sum(d["kind"] == "near" for d in duplicates_now),
+        "cross_class": sum(d["cross_class"] for d in duplicates_now),
+        "cross_split": sum(d["cross_split"] for d in duplicates_now),
+        "outliers": sum(not o["seen"] for o in atypical),
+        "seen": seen,
         "near_threshold": round(threshold, 6),
         "imbalance": class_balance(collection.labels, split.classes),
         "seconds": round(time.perf_counter() - started, 3),
@@ -112,6 +117,17 @@ def run_audit(
         len(atypical),
     )
     return report
+
+
+def _mark_seen(
+    issues: list[dict[str, Any]], duplicates: list[dict[str, Any]], atypical: list[dict[str, Any]], dismissed: Set[str]
+) -> int:
+    """Flag the findings the user dismissed (a duplicate group when all its images were): listed, not counted."""
+    for finding in issues + atypical:
+        finding["seen"] = finding["path"] in dismissed
+    for group in duplicates:
+        group["seen"] = all(path in dismissed for path in group["paths"])
+    return sum(f["seen"] for f in issues + atypical + duplicates)
 
 
 def refuse_foreign(folder: IndexFolder, root: Path) -> None:

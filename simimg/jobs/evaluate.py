@@ -22,6 +22,7 @@ from simimg.dataset.preprocess import Preprocess
 from simimg.dataset.scan import Record
 from simimg.dataset.splits import Split, split_dataset
 from simimg.errors import SimimgError
+from simimg.jobs.labels_config import corrections_for
 from simimg.models.device import Compute, loader_workers, resolve_compute
 from simimg.models.encoder import FileItem, Trunk, infer, make_loader, prepare_net, read_ahead
 from simimg.models.net import LoadedModel, Net
@@ -63,7 +64,7 @@ def run_evaluation(
             f"model {fingerprint} of '{name}' has no trained classifier: run "
             f"`simimg train DATA_DIR --name {name}` (add --head-only for one in seconds)"
         )
-    split = evaluation_split(loaded, data_dir)
+    split = evaluation_split(loaded, data_dir, home, name)
     compute = resolve_compute(device, precision)
     trunk = prepare_net(loaded.net, compute, loaded.bundle.preprocess)
     workers = loader_workers(workers, compute.device)
@@ -90,13 +91,16 @@ def run_evaluation(
     return result
 
 
-def evaluation_split(model: LoadedModel, data_dir: str | None) -> Split:
-    """DATA_DIR/val when it exists, else the validation images the bundle recorded when it was trained."""
+def evaluation_split(
+    model: LoadedModel, data_dir: str | None, home: str | None = None, name: str | None = None
+) -> Split:
+    """DATA_DIR/val when it exists, else the validation images the bundle recorded when it was trained; labelled
+    as index NAME's edits have them, when it is an index of that folder."""
     recorded = model.bundle.info.get("training", {}).get("split", {})
     root = data_dir or recorded.get("data_dir")
     if not root:
         raise SimimgError("this model records no training folder: give DATA_DIR (with train/ and val/ folders)")
-    split = split_dataset(root)
+    split = split_dataset(root, corrections=corrections_for(home, name, root) if name else None)
     if split.kind == "seeded":
         val_paths = set(recorded.get("val_paths", ()))
         everything = split.train + split.val

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import faiss
@@ -43,6 +43,7 @@ from simimg.store.ann import (
 )
 from simimg.store.ann_ivfpq import PartEncoder, encode_here
 from simimg.store.catalog import Catalog, NewImage, Published, Row, reading
+from simimg.store.edits import forget_paths, read_corrections
 from simimg.store.layout import IndexFolder
 from simimg.store.lock import writer_lock
 from simimg.store.model_store import (
@@ -66,6 +67,7 @@ class Plan:
     to_remove: list[int]
     to_touch: list[tuple[int, int, int]]
     deleted: int
+    to_relabel: list[tuple[int, str | None]] = field(default_factory=list)
 
 
 def run_index(job: IndexJob, progress: Progress | None = None, on_phase: Phase | None = None) -> IndexReport:
@@ -78,7 +80,8 @@ def run_index(job: IndexJob, progress: Progress | None = None, on_phase: Phase |
     phase = on_phase or (lambda _: None)
     folder = IndexFolder.of(job.home, job.name)
     phase("scanning")
-    scan = scan_folder(job.data_dir)
+    job = replace(job, unlabeled=_asked_pool(job, folder))
+    scan = scan_folder(job.data_dir, job.unlabeled)
     if not scan.records:
         raise SimimgError(
             f"no images found in {scan.root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
@@ -95,7 +98,8 @@ def run_index(job: IndexJob, progress: Progress | None = None, on_phase: Phase |
         try:
             pending = catalog.version + 1
             rebuilt = _prepare_pending(catalog, model, scan.root)
-            plan = _plan(catalog.head(), scan.records, scan.root)
+            records, excluded = _corrected(catalog, scan.records)
+            plan = _plan(catalog.head(), records, scan.root, excluded)
             _record_plan(catalog, plan, pending)
             run = f"v{pending:06d}-{model.bundle.embedding}"
             work = _work(catalog, plan, pending, model)
@@ -123,6 +127,8 @@ def run_index(job: IndexJob, progress: Progress | None = None, on_phase: Phase |
         version,
         rebuilt,
         model.bundle.fingerprint,
+        len(plan.to_relabel),
+        len(excluded),
     )
 
 
@@ -185,9 +191,25 @@ def _prepare_pending(catalog: Catalog, model: LoadedModel, root: Path) -> bool:
     return rebuilt
 
 
-def _plan(head: dict[str, Row], records: tuple[Record, ...], root: Path) -> Plan:
-    """New files and changed contents get embedded; same size and mtime, or same hash, keep their vector."""
-    to_embed, to_remove, to_touch = [], [], []
+def _corrected(catalog: Catalog, records: tuple[Record, ...]) -> tuple[tuple[Record, ...], frozenset[str]]:
+    """The scan as the user's label edits have it (relabelled, excluded left out), and the paths it excludes;
+    the edits of files that are gone go too (an edit follows its path while the file is there)."""
+    corrections = read_corrections(catalog)
+    present = {r.path for r in records}
+    gone = {e.path for e in corrections.edits} - present
+    if gone:
+        with catalog.transaction():
+            forget_paths(catalog, gone)
+        log.info("dropped the label edits of %d files that are gone", len(gone))
+    return corrections.apply(records), corrections.excluded & present
+
+
+def _plan(
+    head: dict[str, Row], records: tuple[Record, ...], root: Path, excluded: frozenset[str] = frozenset()
+) -> Plan:
+    """New files and changed contents get embedded; same size and mtime, or same hash, keep their vector, under
+    their label now (a label edit only relabels)."""
+    to_embed, to_remove, to_touch, to_relabel = [], [], [], []
     for rec in records:
         row = head.get(rec.path)
         if row is None:
@@ -197,17 +219,18 @@ def _plan(head: dict[str, Row], records: tuple[Record, ...], root: Path) -> Plan
             st = os.stat(root / rec.path)
         except OSError:
             st = None
-        if st is not None and row.label == rec.label:
-            if (st.st_size, st.st_mtime_ns) == (row.size, row.mtime_ns):
-                continue
-            if st.st_size == row.size and _sha256_file(root / rec.path) == row.sha256:
-                to_touch.append((row.id, st.st_size, st.st_mtime_ns))
+        if st is not None:
+            unchanged = (st.st_size, st.st_mtime_ns) == (row.size, row.mtime_ns)
+            if unchanged or (st.st_size == row.size and _sha256_file(root / rec.path) == row.sha256):
+                to_touch += [] if unchanged else [(row.id, st.st_size, st.st_mtime_ns)]
+                to_relabel += [(row.id, rec.label)] if row.label != rec.label else []
                 continue
         to_remove.append(row.id)
         to_embed.append(rec)
     present = {rec.path for rec in records}
     gone = [row.id for path, row in head.items() if path not in present]
-    return Plan(to_embed, to_remove + gone, to_touch, len(gone))
+    deleted = sum(path not in present and path not in excluded for path in head)
+    return Plan(to_embed, to_remove + gone, to_touch, deleted, to_relabel)
 
 
 @dataclass
@@ -229,6 +252,7 @@ def _record_plan(catalog: Catalog, plan: Plan, pending: int) -> None:
         catalog.remove(plan.to_remove, pending)
         for row_id, size, mtime_ns in plan.to_touch:
             catalog.touch(row_id, size, mtime_ns)
+        catalog.relabel(plan.to_relabel, pending)
 
 
 def _work(catalog: Catalog, plan: Plan, pending: int, model: LoadedModel) -> ToEmbed:
@@ -307,6 +331,14 @@ def _commit(catalog: Catalog, chunk: _Chunk, lost: list[int], pending: int, embe
     chunk.image_vectors.clear()
     chunk.row_ids.clear()
     chunk.row_vectors.clear()
+
+
+def _asked_pool(job: IndexJob, folder: IndexFolder) -> str | None:
+    """The job's outside unlabeled folder, else the one the last run was given (a plain re-index keeps it)."""
+    if job.unlabeled is not None:
+        return job.unlabeled or None  # "" drops it
+    recorded = read_index_job(folder)
+    return recorded.unlabeled if recorded else None
 
 
 def _asked_kind(job: IndexJob, folder: IndexFolder) -> str:

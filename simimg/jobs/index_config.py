@@ -37,6 +37,7 @@ class IndexJob:
     ray_actors: int | None = None  # ray: embedding actors; None: one per GPU, else one per 4 CPUs of the cluster
     ray_shards: str | None = None  # ray: where the Parquet shards go (a folder or a URI); None: HOME/NAME/runs
     index_kind: str | None = None  # auto, flat, ivf or ivfpq (faiss_index.index_kind_for); None: as last built
+    unlabeled: str | None = None  # a folder of unlabeled images elsewhere (an unlabeled/ folder inside is found anyway)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class IndexReport:
     version: int
     rebuilt: bool
     model: str = ""
+    relabelled: int = 0  # rows whose label changed (label edits), their vectors kept
+    excluded: int = 0  # images on disk that label edits keep out of the index
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -32,6 +32,7 @@ from simimg.errors import SimimgError
 from simimg.fsutil import atomic_target
 from simimg.jobs.evaluate import predict_loader
 from simimg.jobs.index import switch_model
+from simimg.jobs.labels_config import corrections_for
 from simimg.jobs.train_config import TrainConfig, TrainReport
 from simimg.models.bundle import ModelBundle
 from simimg.models.device import Compute, loader_workers, memory_format_for, resolve_compute
@@ -150,7 +151,8 @@ def run_training(config: TrainConfig, hooks: Hooks = Hooks()) -> TrainReport:
     started = time.perf_counter()
     folder = IndexFolder.of(config.home, config.name)
     hooks.on_phase("loading")
-    split = split_dataset(config.data_dir, config.val_split, config.seed)
+    corrections = corrections_for(config.home, config.name, config.data_dir)
+    split = split_dataset(config.data_dir, config.val_split, config.seed, corrections)
     compute = resolve_compute(config.device, config.precision, training=not config.head_only)
     with writer_lock(folder.train_lock, f"training of '{config.name}'"):
         if config.head_only:

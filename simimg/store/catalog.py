@@ -25,7 +25,18 @@ from simimg.errors import SimimgError
 from simimg.store.vectors import ShardReader, StoredVectors, append_rows, remove_stray_files, rows_per_shard, shard_path
 
 SCHEMA_VERSION = 2
-SCHEMA = """
+# label edits (store/edits.py): a batch is one user action; undone batches stay, marked, for the record. Created on
+# the first write to a catalog that lacks them (an index made before them reads as having no edits).
+EDITS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS edit_batches(
+    batch INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, created REAL NOT NULL, undone REAL);
+CREATE TABLE IF NOT EXISTS edits(
+    id INTEGER PRIMARY KEY AUTOINCREMENT, batch INTEGER NOT NULL, path TEXT NOT NULL, action TEXT NOT NULL,
+    old_label TEXT, new_label TEXT, source TEXT NOT NULL, created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS edits_path ON edits(path);
+"""
+SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS versions(
     version INTEGER PRIMARY KEY, model TEXT NOT NULL, embedding TEXT NOT NULL, count INTEGER NOT NULL,
@@ -45,6 +56,8 @@ CREATE TABLE IF NOT EXISTS vectors(
     PRIMARY KEY(embedding, image)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS vectors_image ON vectors(image);
 """
+    + EDITS_SCHEMA
+)
 VISIBLE = "added <= :v AND (removed IS NULL OR removed > :v)"
 COMPACT_BELOW = 0.5  # rewrite a shard once fewer than half its rows are still pointed to
 
@@ -130,6 +143,8 @@ class Catalog:
                         f"BEGIN IMMEDIATE; {SCHEMA} INSERT OR REPLACE INTO meta VALUES "
                         f"('schema', '{SCHEMA_VERSION}'); COMMIT;"
                     )
+                elif not _has_table(self.db, "edits"):
+                    self.db.executescript(f"BEGIN IMMEDIATE; {EDITS_SCHEMA} COMMIT;")
             self._check_schema()
         except sqlite3.DatabaseError as err:
             raise SimimgError(
@@ -239,6 +254,23 @@ class Catalog:
         self._drop_vectors_of(fresh)
         self.db.executemany("DELETE FROM images WHERE id=?", [(i,) for i in fresh])
         self.db.executemany("UPDATE images SET removed=? WHERE id=? AND removed IS NULL", [(version, i) for i in ids])
+
+    def relabel(self, changes: Iterable[tuple[int, str | None]], version: int) -> None:
+        """New labels for head rows in the pending `version`: each gets a new row pointing at the same vectors (the
+        old one leaves at `version`), so readers of the published version keep its labels."""
+        for row_id, label in changes:
+            old = self.db.execute("SELECT path, size, mtime_ns, sha256 FROM images WHERE id=?", (row_id,)).fetchone()
+            vectors = self.db.execute("SELECT embedding, shard, row FROM vectors WHERE image=?", (row_id,)).fetchall()
+            self.remove([row_id], version)  # first: a path is live once; a row new in `version` goes whole
+            (new_id,) = self.db.execute(
+                "INSERT INTO images(path, label, size, mtime_ns, sha256, added) VALUES (?,?,?,?,?,?) RETURNING id",
+                (old[0], label, old[1], old[2], old[3], version),
+            ).fetchone()
+            self.db.executemany(
+                "INSERT INTO vectors(embedding, image, shard, row) VALUES (?,?,?,?)",
+                [(emb, new_id, shard, row) for emb, shard, row in vectors],
+            )
+            self.db.executemany("UPDATE shards SET live = live + 1 WHERE id=?", [(shard,) for _, shard, _ in vectors])
 
     def touch(self, row_id: int, size: int, mtime_ns: int) -> None:
         """Same content, new timestamp: remember it so the file is not hashed again next time."""
