@@ -26,8 +26,9 @@ import simimg
 from conftest import ROOT, make_class_images, run_cli
 from simimg.cli import main
 from simimg.errors import SimimgError
+from simimg.jobs import predict as predict_module
 from simimg.jobs.index import switch_model
-from simimg.jobs.predict import Version
+from simimg.jobs.predict import Parts, Version
 from simimg.jobs.predict_config import COLUMNS, PredictJob
 from simimg.models.net import describe, with_classes
 from simimg.store.ann import FaissSearcher, build_ann
@@ -255,6 +256,21 @@ def test_an_interrupted_run_resumes_from_its_parts_and_redoes_only_what_changed(
     assert next(r for r in rows if r["path"] == changed)["label"] == "squares"
     assert sorted(s.path for s in report.skipped) == sorted(s.path for s in clean.skipped)
     assert not (tmp_path / "preds.csv.parts").exists()
+
+
+def test_parts_merge_in_rounds_to_each_paths_newest_record_in_path_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(predict_module, "MERGE_FAN_IN", 3)
+    parts = Parts(tmp_path / "out.csv.parts")
+    parts.root.mkdir()
+    rng = np.random.default_rng(0)
+    newest: dict[str, int] = {}
+    for n in range(10):  # 10 parts: merged 3 at a time, in two rounds
+        paths = sorted({f"{rng.integers(0, 30):02d}.png" for _ in range(4)})
+        parts.add([{"path": path, "part": n} for path in paths], chunk_size=len(paths))
+        newest.update(dict.fromkeys(paths, n))
+    assert len(parts.files()) == 10
+    merged = list(parts.merged(set(newest) - {"00.png"}))
+    assert [(r["path"], r["part"]) for r in merged] == sorted((p, n) for p, n in newest.items() if p != "00.png")
 
 
 def test_a_rerun_with_other_options_starts_over_instead_of_mixing_rows(world, tmp_path, caplog):
