@@ -34,6 +34,7 @@ PUBLIC: dict[str, str] = {
         "evaluate",
         "audit",
         "last_audit",
+        "predict",
         "use_model",
         "upgrade_index",
         # label edits
@@ -83,6 +84,7 @@ PUBLIC: dict[str, str] = {
         "EXPLAIN_METHODS",
         "EXPORT_FORMATS",
         "PROJECTIONS",
+        "PREDICT_FORMATS",
     ),
     # types
     **_names("simimg.query.service", "SearchService", "QueryResult", "Neighbor", "Prediction", "BrowsePage"),
@@ -94,6 +96,7 @@ PUBLIC: dict[str, str] = {
     **_names("simimg.jobs.train_config", "TrainConfig", "TrainReport"),
     **_names("simimg.jobs.audit_config", "AuditJob", "AuditReport"),
     **_names("simimg.jobs.labels_config", "LabelsReport"),
+    **_names("simimg.jobs.predict_config", "PredictJob", "PredictReport"),
     **_names("simimg.progress", "Hooks", "EpochStats", "Progress", "Phase"),
     **_names("simimg.store.model_store", "ModelEntry"),
     **_names("simimg.dataset.splits", "ClassCount"),

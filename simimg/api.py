@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from simimg.jobs.audit_config import AuditReport
     from simimg.jobs.index_config import IndexReport
     from simimg.jobs.labels_config import LabelsReport
+    from simimg.jobs.predict_config import PredictReport
     from simimg.jobs.train_config import TrainReport
     from simimg.models.heatmaps import Explanation
     from simimg.progress import Hooks, Phase, Progress
@@ -150,6 +151,35 @@ def audit(
         AuditJob, data_dir=str(data_dir), name=name or folder_name(data_dir), home=str(resolve_home(home)), **options
     )
     return run_audit(job, progress, on_phase)
+
+
+def predict(
+    data_dir: str | Path,
+    name: str,
+    out: str | Path,
+    home: str | Path | None = None,
+    progress: Progress | None = None,
+    on_phase: Phase | None = None,
+    **options: Any,
+) -> PredictReport:
+    """Classify every image under DATA_DIR (any layout) with index NAME's serving model into the file `out`: a
+    row per readable image with its top labels and probabilities, the margin between the first two, its nearest
+    labelled image in the index with that image's label and cosine, and an `uncertain` flag. Unreadable files are
+    reported (`.skipped`), never fatal; a killed run resumes where it stopped when called again the same way.
+
+    `progress(done, total)` hears the images; `on_phase(step)` each step (scanning, loading the model,
+    classifying, writing). `options` are `PredictJob` fields: format ("csv", "parquet", "jsonl"; default: from
+    `out`'s extension), top_k, uncertain_margin, device, precision, batch_size, workers, chunk_size; engine="ray"
+    classifies on Ray Data (address, ray_actors, ray_shards). The model needs a classifier (`train(...,
+    head_only=True)` fits one in seconds).
+    """
+    from simimg.jobs.predict import run_predict
+    from simimg.jobs.predict_config import PredictJob
+
+    job = checked_options(
+        PredictJob, data_dir=str(data_dir), name=name, home=str(resolve_home(home)), out=str(out), **options
+    )
+    return run_predict(job, progress, on_phase)
 
 
 def last_audit(name: str, home: str | Path | None = None) -> AuditReport | None:

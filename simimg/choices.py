@@ -13,3 +13,4 @@ ENGINES = ("local", "ray")  # where `simimg index` embeds: this process, or Ray 
 EXPLAIN_METHODS = ("gradcam", "gradcam++", "layercam")  # class activation maps (models/heatmaps.py)
 EXPORT_FORMATS = ("onnx", "bundle")  # `simimg export` (models/export.py)
 PROJECTIONS = ("pca", "tsne")  # the Inspect map and `SearchService.map_2d`: PCA (fast) or t-SNE
+PREDICT_FORMATS = ("csv", "parquet", "jsonl")  # `simimg predict`'s output file (jobs/predict.py)

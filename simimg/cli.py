@@ -19,15 +19,17 @@ from simimg import (
     EXPORT_FORMATS,
     INDEX_KINDS,
     PRECISIONS,
+    PREDICT_FORMATS,
     AuditJob,
     IndexJob,
+    PredictJob,
     ServeConfig,
     TrainConfig,
 )
 from simimg.errors import SimimgError
 
 if TYPE_CHECKING:
-    from simimg import AuditReport, EpochStats, IndexReport, TrainReport
+    from simimg import AuditReport, EpochStats, IndexReport, PredictReport, TrainReport
 
 log = logging.getLogger("simimg")
 
@@ -186,11 +188,16 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
         help="a folder of unlabeled images to index too: searchable, predicted, never trained on (an unlabeled/ "
         "folder beside the class folders is found anyway; default: as last built)",
     )
+    add_engine(p, IndexJob, "HOME/NAME/runs")
+
+
+def add_engine(p: argparse.ArgumentParser, config: type[IndexJob] | type[PredictJob], shards: str) -> None:
+    """Where images are embedded: this process or Ray Data (`simimg index` and `simimg predict`)."""
     group = p.add_argument_group("the ray engine (pip install 'simimg[ray]'; see docs/SCALING.md)")
     group.add_argument(
         "--engine",
         choices=ENGINES,
-        default=IndexJob.engine,
+        default=config.engine,
         help="where images are embedded: this process (default), or Ray Data on a cluster",
     )
     group.add_argument(
@@ -205,8 +212,8 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--ray-shards",
         metavar="URI",
-        help="where the run's Parquet shards go: a folder every node "
-        "reaches, or s3://..., gs://... (default HOME/NAME/runs)",
+        help="where the run's Parquet shards go: a folder every node reaches, or s3://..., gs://... "
+        f"(default {shards})",
     )
 
 
@@ -251,6 +258,81 @@ def print_index_report(report: IndexReport) -> None:
             f"the model's embedding changed: the search index was rebuilt from its vectors "
             f"({report.indexed} images needed one)"
         )
+    for s in report.skipped:
+        print(f"skipped {s.path}: {s.reason}")
+
+
+# --- predict -------------------------------------------------------------------------------------------
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data_dir", metavar="DIR", help="the images to classify: any folder, subfolders included")
+    add_home(p)
+    p.add_argument("--out", required=True, metavar="FILE", help="the file to write, a row per readable image")
+    p.add_argument(
+        "--format",
+        choices=PREDICT_FORMATS,
+        help="csv, parquet or jsonl (default: from FILE's extension: .csv, .parquet, .jsonl)",
+    )
+    p.add_argument(
+        "--top-k", type=positive_int, default=PredictJob.top_k, help="top labels per row (default %(default)s)"
+    )
+    p.add_argument(
+        "--uncertain-margin",
+        type=float,
+        default=PredictJob.uncertain_margin,
+        help="flag a row uncertain when its top two probabilities are closer than this, or when its nearest "
+        "labelled image has another label (default %(default)s)",
+    )
+    add_compute(p, PredictJob)
+    p.add_argument("--batch-size", type=positive_int, default=PredictJob.batch_size, help="(default %(default)s)")
+    p.add_argument("--workers", type=non_negative_int, help="decode processes (default: as `simimg index`)")
+    p.add_argument(
+        "--chunk-size",
+        type=positive_int,
+        default=PredictJob.chunk_size,
+        help="write results every this many images, so a killed run resumes (default %(default)s)",
+    )
+    add_engine(p, PredictJob, "FILE.parts/runs")
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    bar = ProgressBar(f"predict {args.name}")
+    try:
+        report = simimg.predict(
+            args.data_dir,
+            args.name,
+            args.out,
+            args.home,
+            progress=bar,
+            **{
+                key: getattr(args, key)
+                for key in (
+                    "format",
+                    "top_k",
+                    "uncertain_margin",
+                    "device",
+                    "precision",
+                    "batch_size",
+                    "workers",
+                    "chunk_size",
+                    "engine",
+                    "address",
+                    "ray_actors",
+                    "ray_shards",
+                )
+            },
+        )
+    finally:
+        bar.close()
+    emit(args, report.to_dict(), lambda: print_predict_report(report))
+    return 0
+
+
+def print_predict_report(report: PredictReport) -> None:
+    resumed = f", {report.resumed} from an interrupted run" if report.resumed else ""
+    print(
+        f"{report.out}: {report.rows} images classified ({report.uncertain} uncertain), {len(report.skipped)} "
+        f"skipped{resumed} (model {report.model}, version {report.version}, {report.seconds:.1f} s on {report.device})"
+    )
     for s in report.skipped:
         print(f"skipped {s.path}: {s.reason}")
 
@@ -837,6 +919,13 @@ COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callab
         "build or update an index of a folder (only new or changed files are embedded)",
         _index_arguments,
         _run_index,
+    ),
+    (
+        "predict",
+        "classify every image under a folder into a file (csv, parquet, jsonl): top labels, margin, nearest "
+        "labelled image, an uncertain flag",
+        _predict_arguments,
+        _run_predict,
     ),
     (
         "query",

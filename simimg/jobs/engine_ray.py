@@ -94,8 +94,11 @@ class RayEngine:
     def description(self) -> str:
         return f"ray ({self.actors} {'GPU' if self.use_gpu else 'CPU'} actor{'s' * (self.actors > 1)})"
 
-    def embed(self, model: LoadedModel, root: Path, run: str, work: ToEmbed) -> Iterator[EmbeddedBatch]:
-        """Batches for `work`: first what an interrupted attempt left in its shards, then Ray's new shards."""
+    def embed(
+        self, model: LoadedModel, root: Path, run: str, work: ToEmbed, logits: bool = False
+    ) -> Iterator[EmbeddedBatch]:
+        """Batches for `work`: first what an interrupted attempt left in its shards, then Ray's new shards (with
+        the head's logits when asked: a run always asks the same, so its shards hold them or not alike)."""
         waiting = {item.path: n for n, item in enumerate(work)}
         folder = self.store.run(run)
         reusable = _reusable(folder, root, waiting)
@@ -110,7 +113,7 @@ class RayEngine:
             yield shard_batch(folder.read(shard), waiting, paths)
         rest = [item for item in work if item.path in waiting]
         if rest:
-            for shard in self._shards(model, root, folder, rest):
+            for shard in self._shards(model, root, folder, rest, logits):
                 yield shard_batch(folder.read(shard), waiting)
 
     def finish(self, run: str) -> None:
@@ -132,7 +135,7 @@ class RayEngine:
         while in_flight:
             yield faiss.deserialize_index(ray.get(in_flight.popleft()))
 
-    def _shards(self, model: LoadedModel, root: Path, run: RunFolder, work: ToEmbed) -> Iterator[str]:
+    def _shards(self, model: LoadedModel, root: Path, run: RunFolder, work: ToEmbed, logits: bool) -> Iterator[str]:
         """Run `work` through Ray Data; yields each shard's name once it is written whole."""
         job = self.job
         ds = ray.data.read_json(
@@ -157,6 +160,7 @@ class RayEngine:
                 "use_gpu": self.use_gpu,
                 "precision": job.precision,
                 "compile": job.compile,
+                "with_logits": logits,
             },
             num_gpus=1 if self.use_gpu else 0,
             num_cpus=1 if self.use_gpu else CPUS_PER_ACTOR,
@@ -210,42 +214,54 @@ def decode_files(batch: dict[str, np.ndarray], root: str, preprocess: Preprocess
 
 
 class EmbedActor:
-    """One model replica per actor: decoded pixels in, unit-length float32 vectors out (zeros for bad files)."""
+    """One model replica per actor: decoded pixels in, unit-length float32 vectors out (zeros for bad files), and
+    the head's logits when asked."""
 
-    def __init__(self, model: LoadedModel, use_gpu: bool, precision: str, compile: bool) -> None:
+    def __init__(
+        self, model: LoadedModel, use_gpu: bool, precision: str, compile: bool, with_logits: bool = False
+    ) -> None:
         self.compute = resolve_compute("cuda" if use_gpu else "cpu", precision, compile=compile)
         if not use_gpu:
             torch.set_num_threads(CPUS_PER_ACTOR)  # this worker process's own setting: it reserved these CPUs
-        self.model = model
+        self.model, self.with_logits = model, with_logits
         self.trunk = prepare_net(model.net, self.compute, model.bundle.preprocess, compile)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         good = np.flatnonzero(batch["reason"] == "")
-        vectors = np.zeros((len(batch["reason"]), self.model.net.dim), np.float32)
+        net, n = self.model.net, len(batch["reason"])
+        vectors = np.zeros((n, net.dim), np.float32)
+        logits = np.zeros((n, net.head.out_features if net.head is not None else 0), np.float32)
         if len(good):
             pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"][good]))
-            embedded, _ = infer(self.model.net, pixels, self.model.bundle.preprocess, self.compute, trunk=self.trunk)
+            embedded, scores = infer(
+                net, pixels, self.model.bundle.preprocess, self.compute, self.with_logits, trunk=self.trunk
+            )
             vectors[good] = embedded.cpu().numpy()
-        return {**{key: value for key, value in batch.items() if key != "pixels"}, "vector": vectors}
+            if scores is not None:
+                logits[good] = scores.cpu().numpy()
+        out = {**{key: value for key, value in batch.items() if key != "pixels"}, "vector": vectors}
+        return {**out, "logits": logits} if self.with_logits else out
 
 
 def write_shard(batch: dict[str, np.ndarray], run: str) -> dict[str, np.ndarray]:
-    """One Parquet shard of results; sha256 and vector are null for a skipped file, reason for an embedded one."""
+    """One Parquet shard of results; sha256 and vector (and logits) are null for a skipped file, reason for an
+    embedded one."""
     good = batch["reason"] == ""
-    vectors = batch["vector"]
-    table = pa.table(
-        {
-            "path": pa.array(list(batch["path"]), pa.string()),
-            "label": pa.array(list(batch["label"]), pa.string()),
-            "size": pa.array(batch["size"], pa.int64()),
-            "mtime_ns": pa.array(batch["mtime_ns"], pa.int64()),
-            "sha256": pa.array([h if ok else None for h, ok in zip(batch["sha256"], good)], pa.string()),
-            "reason": pa.array([None if ok else r for r, ok in zip(batch["reason"], good)], pa.string()),
-            "vector": pa.FixedSizeListArray.from_arrays(
-                pa.array(vectors.reshape(-1)), vectors.shape[1], mask=pa.array(~good)
-            ),
-        }
-    )
+    columns = {
+        "path": pa.array(list(batch["path"]), pa.string()),
+        "label": pa.array(list(batch["label"]), pa.string()),
+        "size": pa.array(batch["size"], pa.int64()),
+        "mtime_ns": pa.array(batch["mtime_ns"], pa.int64()),
+        "sha256": pa.array([h if ok else None for h, ok in zip(batch["sha256"], good)], pa.string()),
+        "reason": pa.array([None if ok else r for r, ok in zip(batch["reason"], good)], pa.string()),
+    }
+    for name in ("vector", "logits"):
+        if name in batch:
+            rows = batch[name]
+            columns[name] = pa.FixedSizeListArray.from_arrays(
+                pa.array(rows.reshape(-1)), rows.shape[1], mask=pa.array(~good)
+            )
+    table = pa.table(columns)
     return {"shard": np.array([RunFolder(run).write(table)]), "rows": np.array([table.num_rows])}
 
 
@@ -254,6 +270,7 @@ def shard_batch(table: pa.Table, waiting: dict[str, int], only: set[str] | None 
     """A shard's rows for paths still waiting (each taken out of `waiting`, so nothing is ingested twice)."""
     rows = table.select(["path", "size", "mtime_ns", "sha256", "reason"]).to_pylist()
     vectors = _vectors(table)
+    logits = _vectors(table, "logits") if "logits" in table.column_names else None
     picked, failures = [], []
     for n, row in enumerate(rows):
         pos = waiting.pop(row["path"], None) if only is None or row["path"] in only else None
@@ -269,12 +286,13 @@ def shard_batch(table: pa.Table, waiting: dict[str, int], only: set[str] | None 
         [rows[n]["sha256"] for n, _ in picked],
         failures,
         [(rows[n]["size"], rows[n]["mtime_ns"]) for n, _ in picked],
+        None if logits is None else logits[[n for n, _ in picked]],
     )
 
 
-def _vectors(table: pa.Table) -> np.ndarray:
-    """The vector column as rows x dim float32, zeros where a file was skipped (a null vector)."""
-    column = table.column("vector").combine_chunks()
+def _vectors(table: pa.Table, name: str = "vector") -> np.ndarray:
+    """A fixed-size list column (the vectors, the logits) as rows x width float32, zeros where a file was skipped."""
+    column = table.column(name).combine_chunks()
     out = np.zeros((len(column), column.type.list_size), np.float32)
     valid = column.is_valid().to_numpy(zero_copy_only=False)
     out[valid] = column.flatten().to_numpy().reshape(-1, column.type.list_size)

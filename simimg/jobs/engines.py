@@ -24,13 +24,16 @@ class Engine(Protocol):
     """The one step that differs between engines: the work list in, embedded batches out (positions into it).
 
     Planning, ingesting (chunked commits into the pending version) and publishing are this module's, whatever
-    the engine, so both give the same index. `run` names the pending version and embedding the work is for.
+    the engine, so both give the same index. `run` names the pending version and embedding the work is for
+    (`simimg predict`: its output and model). `logits` adds the head's logits to each batch.
     """
 
     @property
     def description(self) -> str: ...
 
-    def embed(self, model: LoadedModel, root: Path, run: str, work: ToEmbed) -> Iterator[EmbeddedBatch]: ...
+    def embed(
+        self, model: LoadedModel, root: Path, run: str, work: ToEmbed, logits: bool = False
+    ) -> Iterator[EmbeddedBatch]: ...
 
     def finish(self, run: str) -> None:
         """Called once `run` is published: forget whatever the engine kept to resume it."""
@@ -49,9 +52,11 @@ class LocalEngine:
     def description(self) -> str:
         return str(self.settings.compute)
 
-    def embed(self, model: LoadedModel, root: Path, run: str, work: ToEmbed) -> Iterator[EmbeddedBatch]:
+    def embed(
+        self, model: LoadedModel, root: Path, run: str, work: ToEmbed, logits: bool = False
+    ) -> Iterator[EmbeddedBatch]:
         files = [root / item.path for item in work]
-        return embed_files(model.net, files, model.bundle.preprocess, self.settings) if files else iter(())
+        return embed_files(model.net, files, model.bundle.preprocess, self.settings, logits) if files else iter(())
 
     encode_parts = staticmethod(encode_here)
 

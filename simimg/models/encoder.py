@@ -57,7 +57,8 @@ class EmbeddedBatch:
     """One batch's results: positions into the input list, their vectors and content hashes, and failures.
 
     `stats` holds each embedded file's (size, mtime_ns) when the reader recorded them before reading its bytes
-    (the ray engine); None leaves the indexer to look.
+    (the ray engine); None leaves the indexer to look. `logits` holds the head's logits, a row per vector, when
+    they were asked for (bulk prediction: a head that reads the raw features needs them before normalisation).
     """
 
     positions: list[int]
@@ -65,6 +66,7 @@ class EmbeddedBatch:
     hashes: list[str]
     failures: list[tuple[int, str]]
     stats: list[tuple[int, int]] | None = None
+    logits: np.ndarray | None = None
 
 
 class ImageTransform(Protocol):
@@ -126,6 +128,15 @@ def infer(
     features = (trunk or torch_trunk(net, preprocess, compute))(batch).float()
     logits = net.logits(features).float() if with_logits and net.head is not None else None
     return torch.nn.functional.normalize(features, dim=1), logits
+
+
+def ranked_classes(logits: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over each row of logits: its `top` highest probabilities, best first, and their class indices.
+
+    The one place probabilities come from: a query's prediction and `simimg predict`'s rows."""
+    probabilities = torch.softmax(logits.float(), dim=-1)
+    values, order = probabilities.topk(min(top, probabilities.shape[-1]), dim=-1)
+    return values, order
 
 
 def torch_trunk(
@@ -210,19 +221,23 @@ def read_ahead(batches: Iterable[T], workers: int) -> Iterator[T]:
 
 
 def embed_files(
-    net: Net, paths: Sequence[Path], preprocess: Preprocess, settings: EmbedSettings
+    net: Net, paths: Sequence[Path], preprocess: Preprocess, settings: EmbedSettings, with_logits: bool = False
 ) -> Iterator[EmbeddedBatch]:
-    """Yield a batch at a time, so callers can checkpoint and report progress as they go."""
+    """Yield a batch at a time, so callers can checkpoint and report progress as they go; `with_logits` adds the
+    head's logits to each batch."""
     compute = settings.compute
     trunk = prepare_net(net, compute, preprocess, settings.compile)
     loader = make_loader(paths, preprocess, settings.batch_size, settings.workers, compute.device)
+    if with_logits and net.head is None:
+        raise ValueError("logits need a model with a classifier")
+    width = net.head.out_features if net.head is not None else 0
     for positions, batch, hashes, failures in read_ahead(loader, loader.num_workers):
-        vectors = (
-            infer(net, batch, preprocess, compute, trunk=trunk)[0].cpu().numpy()
-            if positions
-            else np.empty((0, net.dim), np.float32)
-        )
-        yield EmbeddedBatch(positions, vectors, hashes, failures)
+        vectors, logits = np.empty((0, net.dim), np.float32), np.empty((0, width), np.float32)
+        if positions:
+            embedded, scores = infer(net, batch, preprocess, compute, with_logits=with_logits, trunk=trunk)
+            vectors = embedded.cpu().numpy()
+            logits = logits if scores is None else scores.cpu().numpy()
+        yield EmbeddedBatch(positions, vectors, hashes, failures, logits=logits if with_logits else None)
 
 
 class Encoder:

@@ -24,12 +24,13 @@ from simimg.dataset.images import ImageInput, load_image, read_inputs, to_rgb
 from simimg.errors import BadImageError, SimimgError
 from simimg.models.bundle import ModelBundle
 from simimg.models.device import resolve_compute
-from simimg.models.encoder import Trunk, infer, prepare_net
+from simimg.models.encoder import Trunk, infer, prepare_net, ranked_classes
 from simimg.models.net import LoadedModel
-from simimg.store.ann import VectorSearcher, is_compressed, load_index, make_searcher
+from simimg.store.ann import VectorSearcher
 from simimg.store.catalog import Catalog, Snapshot, reading
 from simimg.store.layout import IndexFolder
-from simimg.store.model_store import load_model
+from simimg.store.model_store import load_model, no_classifier
+from simimg.store.served import open_searcher, positions_of
 from simimg.store.summary import summarize
 
 if TYPE_CHECKING:
@@ -92,18 +93,16 @@ class DuplicatePair:
 
 def predict(logits: torch.Tensor, classes: tuple[str, ...], top: int = 5) -> Prediction:
     """Softmax over one row of logits; the top classes, most probable first."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    values, order = probs.topk(min(top, len(classes)))
+    values, order = ranked_classes(logits, top)
     ranked = [{"label": classes[i], "probability": float(p)} for p, i in zip(values.tolist(), order.tolist())]
     return Prediction(ranked[0]["label"], ranked[0]["probability"], ranked)
 
 
 def neighbors_from(scores: np.ndarray, ids: np.ndarray, snapshot: Snapshot, min_score: float | None) -> list[Neighbor]:
     """Map FAISS ids back to catalog rows, dropping padding (-1) and scores under `min_score`."""
-    position = np.searchsorted(snapshot.ids, ids)
     found = []
-    for score, row_id, pos in zip(scores.tolist(), ids.tolist(), position.tolist()):
-        if row_id < 0 or pos >= len(snapshot.ids) or snapshot.ids[pos] != row_id:
+    for score, pos in zip(scores.tolist(), positions_of(snapshot, ids).tolist()):
+        if pos < 0:
             continue
         score = round(float(score), 6)  # compared as shown, so a score a user copies passes its own filter
         if min_score is not None and score < min_score:
@@ -187,26 +186,16 @@ class SearchService:
                     model, trunk = current.model, current.trunk
                 else:
                     model, trunk = self._load_model(snapshot.model)
-                index = load_index(self.folder.faiss(snapshot.version))
-                stored = (
-                    self.catalog.stored_vectors(snapshot.version, snapshot.embedding) if is_compressed(index) else None
-                )
+                searcher = open_searcher(self.folder, self.catalog, snapshot, self.device)
             except SimimgError:
                 if self.catalog.version == snapshot.version:
                     raise
                 continue
-            if index.ntotal != len(snapshot.ids):
-                raise SimimgError(
-                    f"index '{self.folder.name}' is inconsistent (FAISS {index.ntotal} vectors, "
-                    f"catalog {len(snapshot.ids)}); re-run `simimg index` to repair it"
-                )
             labels = np.array(snapshot.labels, dtype=object)
             label_ids = {lab: snapshot.ids[labels == lab] for lab in set(snapshot.labels)}
             log.info("serving version %d of '%s' with model %s", snapshot.version, self.folder.name, snapshot.model)
             data_root = Path(self.catalog.get_meta("data_root", "."))
-            return ServedVersion(
-                snapshot, model, trunk, make_searcher(index, self.device, stored), label_ids, data_root
-            )
+            return ServedVersion(snapshot, model, trunk, searcher, label_ids, data_root)
         raise SimimgError(f"index '{self.folder.name}' kept changing while loading; try again")
 
     def _load_model(self, fingerprint: str) -> tuple[LoadedModel, Trunk]:
@@ -255,10 +244,7 @@ class SearchService:
         return found.prediction
 
     def _no_classifier(self) -> SimimgError:
-        return SimimgError(
-            f"index '{self.folder.name}' serves a model with no classifier: train one with "
-            f"`simimg train DATA_DIR --name {self.folder.name} --head-only` (seconds)"
-        )
+        return no_classifier(self.folder)
 
     # --- decoded images in -------------------------------------------------------------------------
     @property

@@ -177,6 +177,14 @@ def serving_model(folder: IndexFolder, required: bool = True) -> str | None:
     return published.model if published else None
 
 
+def no_classifier(folder: IndexFolder) -> SimimgError:
+    """The error of a job that needs the serving model's classifier when it has none: it says how to get one."""
+    return SimimgError(
+        f"index '{folder.name}' serves a model with no classifier: train one with "
+        f"`simimg train DATA_DIR --name {folder.name} --head-only` (seconds)"
+    )
+
+
 def resolve_weights(weights: str) -> str:
     """`--weights` may name an index folder: it then means the model that index serves."""
     path = Path(weights).expanduser()

@@ -1,0 +1,36 @@
+"""What a reader of one published version searches with: its FAISS searcher, and catalog rows from FAISS ids.
+
+The warm query service and `simimg predict` read a version the same way, through these.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from simimg.errors import SimimgError
+from simimg.store.ann import VectorSearcher, is_compressed, load_index, make_searcher
+from simimg.store.catalog import Catalog, Snapshot
+from simimg.store.layout import IndexFolder
+
+
+def open_searcher(folder: IndexFolder, catalog: Catalog, snapshot: Snapshot, device: torch.device) -> VectorSearcher:
+    """`snapshot`'s FAISS file as a searcher on `device` (ann.make_searcher); a compressed index re-ranks from the
+    stored vectors, read through `catalog` while it searches. A SimimgError when the file is gone or disagrees
+    with the snapshot (a writer may have published and pruned since the snapshot was read)."""
+    index = load_index(folder.faiss(snapshot.version))
+    if index.ntotal != len(snapshot.ids):
+        raise SimimgError(
+            f"index '{folder.name}' is inconsistent (FAISS {index.ntotal} vectors, "
+            f"catalog {len(snapshot.ids)}); re-run `simimg index` to repair it"
+        )
+    stored = catalog.stored_vectors(snapshot.version, snapshot.embedding) if is_compressed(index) else None
+    return make_searcher(index, device, stored)
+
+
+def positions_of(snapshot: Snapshot, ids: np.ndarray) -> np.ndarray:
+    """Each FAISS id's position in `snapshot` (its path, label, hash), or -1 for padding and unknown ids."""
+    if not len(snapshot.ids):
+        return np.full(np.shape(ids), -1, np.int64)
+    found = np.minimum(np.searchsorted(snapshot.ids, ids), len(snapshot.ids) - 1)
+    return np.where((snapshot.ids[found] == ids) & (ids >= 0), found, -1)
