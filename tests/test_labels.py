@@ -79,6 +79,7 @@ def test_set_relabels_over_the_same_vectors_and_undo_restores(shapes: Built):
         simimg.undo_labels(shapes.name, shapes.home)
 
 
+@pytest.mark.slow
 def test_exclude_leaves_the_index_keeps_the_file_and_keep_one_excludes_the_rest(shapes: Built):
     report = simimg.exclude_images(shapes.name, ["squares/squares_002.png"], shapes.home)
     assert (report.excluded, simimg.index_info(shapes.name, shapes.home)["total"]) == (1, 17)
@@ -102,6 +103,7 @@ def test_exclude_leaves_the_index_keeps_the_file_and_keep_one_excludes_the_rest(
     assert hit.neighbors[0].path == "squares/squares_002.png"
 
 
+@pytest.mark.slow
 def test_a_rescan_keeps_an_edit_on_a_changed_file_and_drops_it_when_the_file_is_gone(shapes: Built):
     simimg.set_labels(shapes.name, ["circles/circles_002.png", "circles/circles_003.png"], "ovals", shapes.home)
     changed = shapes.data / "circles/circles_002.png"
@@ -114,6 +116,7 @@ def test_a_rescan_keeps_an_edit_on_a_changed_file_and_drops_it_when_the_file_is_
     assert [e["path"] for e in simimg.label_edits(shapes.name, shapes.home)] == ["circles/circles_002.png"]
 
 
+@pytest.mark.slow
 def test_the_unlabeled_pool_is_searchable_never_trained_on_and_can_be_labelled(shapes: Built, tmp_path: Path):
     make_class_images(shapes.data / "unlabeled", {"pool": 2}, size=48, seed=3)
     outside = make_class_images(tmp_path / "elsewhere", {"more": 2}, size=48, seed=4)
@@ -132,6 +135,7 @@ def test_the_unlabeled_pool_is_searchable_never_trained_on_and_can_be_labelled(s
     assert [e["source"] for e in simimg.label_edits(shapes.name, shapes.home)] == ["prediction", "prediction"]
 
 
+@pytest.mark.slow
 def test_dismissed_findings_are_marked_seen_and_accepted_suggestions_become_edits(split_index: Built, tmp_path: Path):
     built = copy_built(split_index, tmp_path)
     flipped = [f"train/circles/circles_00{i}.png" for i in range(3)]
@@ -156,6 +160,7 @@ def test_dismissed_findings_are_marked_seen_and_accepted_suggestions_become_edit
     assert labels_now(built)[issue["path"]] == "circles"
 
 
+@pytest.mark.slow
 def test_export_writes_the_corrected_tree_or_a_table_and_a_move_can_be_undone(shapes: Built, tmp_path: Path):
     simimg.set_labels(shapes.name, ["circles/circles_000.png"], "squares", shapes.home)
     simimg.exclude_images(shapes.name, ["triangles/triangles_000.png"], shapes.home)

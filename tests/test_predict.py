@@ -142,6 +142,7 @@ def test_every_readable_image_gets_a_row_and_every_bad_file_is_reported_by_path(
     )
 
 
+@pytest.mark.slow
 def test_rows_agree_with_the_warm_service_and_each_format_holds_the_same_rows(world, tmp_path):
     outputs = {fmt: tmp_path / f"preds.{fmt}" for fmt in ("csv", "parquet", "jsonl")}
     for fmt, out in outputs.items():
@@ -158,6 +159,7 @@ def test_rows_agree_with_the_warm_service_and_each_format_holds_the_same_rows(wo
         assert row["probability"] == pytest.approx(prediction.probability, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_top_k_is_capped_by_the_classes_and_format_overrides_the_extension(world, tmp_path):
     report = predict(world, tmp_path / "preds.txt", top_k=10, format="jsonl")
     assert report.format == "jsonl" and list(read_rows(tmp_path / "preds.txt", "jsonl")[0]) == columns(3)
@@ -166,6 +168,7 @@ def test_top_k_is_capped_by_the_classes_and_format_overrides_the_extension(world
     assert list(rows[0]) == columns(1) and all(0 <= row["margin"] <= row["probability"] for row in rows)
 
 
+@pytest.mark.slow
 def test_predicting_the_indexed_folder_never_names_an_image_or_an_unlabelled_one_its_own_neighbour(world, tmp_path):
     report = simimg.predict(world["data"], "shapes", tmp_path / "self.jsonl", world["home"], **PREDICT)
     rows = read_rows(tmp_path / "self.jsonl")
@@ -189,6 +192,7 @@ def test_the_nearest_labelled_image_skips_unlabelled_ones_and_the_image_itself()
     assert nobody.nearest(vectors[:1], ["/x.png"]) == [None]
 
 
+@pytest.mark.slow
 def test_a_head_on_the_raw_features_gets_the_features_before_normalisation(world, tmp_path):
     """A fine-tuned model's head reads the pooled features as they are (not the unit vectors FAISS holds)."""
     home = tmp_path / "home"
@@ -273,6 +277,7 @@ def test_parts_merge_in_rounds_to_each_paths_newest_record_in_path_order(tmp_pat
     assert [(r["path"], r["part"]) for r in merged] == sorted((p, n) for p, n in newest.items() if p != "00.png")
 
 
+@pytest.mark.slow
 def test_a_rerun_with_other_options_starts_over_instead_of_mixing_rows(world, tmp_path, caplog):
     out = tmp_path / "preds.jsonl"
     with pytest.raises(Interrupted):
