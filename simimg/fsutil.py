@@ -38,3 +38,12 @@ def atomic_copy(source: str | Path, path: str | Path) -> None:
             os.link(source, tmp)
         except OSError:
             shutil.copyfile(source, tmp)
+
+
+def size_and_mtime(path: str | Path) -> tuple[int, int] | None:
+    """(size, mtime_ns) of a file, what tells a changed file from a kept one; None when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns

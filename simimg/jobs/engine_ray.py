@@ -40,6 +40,7 @@ import torch
 
 from simimg.dataset.preprocess import Preprocess
 from simimg.errors import SimimgError
+from simimg.fsutil import size_and_mtime
 from simimg.models.device import resolve_compute
 from simimg.models.encoder import EmbeddedBatch, FileDataset, infer, prepare_net
 from simimg.models.net import LoadedModel
@@ -196,7 +197,7 @@ def decode_files(batch: dict[str, np.ndarray], root: str, preprocess: Preprocess
     stats = np.full((n, 2), -1, np.int64)
     hashes, reasons = np.full(n, "", object), np.full(n, "", object)
     for i, file in enumerate(reader.paths):
-        stats[i] = _stat(file) or (-1, -1)  # before the bytes are read: a later change shows as a new mtime
+        stats[i] = size_and_mtime(file) or (-1, -1)  # before the bytes are read: a later change shows as a new mtime
         _, tensor, text = reader[i]
         if tensor is None:
             reasons[i] = text
@@ -311,19 +312,11 @@ def _reusable(run: RunFolder, root: Path, waiting: dict[str, int]) -> dict[str, 
                 row["reason"] is None
                 and path in waiting
                 and path not in seen
-                and _stat(root / path) == (row["size"], row["mtime_ns"])
+                and size_and_mtime(root / path) == (row["size"], row["mtime_ns"])
             ):
                 chosen.setdefault(shard, set()).add(path)
                 seen.add(path)
     return chosen
-
-
-def _stat(file: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(file)
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
 
 
 # --- where runs keep their files -------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import torch
 from simimg.choices import PREDICT_FORMATS
 from simimg.dataset.scan import IMAGE_EXTENSIONS, Record, Skipped, scan_folder
 from simimg.errors import SimimgError
-from simimg.fsutil import atomic_target, atomic_write_bytes
+from simimg.fsutil import atomic_target, atomic_write_bytes, size_and_mtime
 from simimg.jobs.engines import Engine, open_engine
 from simimg.jobs.index_config import IndexJob
 from simimg.jobs.predict_config import COLUMNS, PredictJob, PredictReport
@@ -247,7 +247,7 @@ def classify_batch(
         assert batch.logits is not None, "the engine was asked for logits"
         values, order = ranked_classes(torch.from_numpy(batch.logits), max(version.top(job.top_k), 2))
         neighbours = version.nearest(batch.vectors, [os.path.join(root, path) for path in paths])
-        stats: Sequence[tuple[int, int] | None] = batch.stats or [_stat(root / path) for path in paths]
+        stats: Sequence[tuple[int, int] | None] = batch.stats or [size_and_mtime(root / path) for path in paths]
         for path, probabilities, ranked, neighbour, stat in zip(
             paths, values.tolist(), order.tolist(), neighbours, stats
         ):
@@ -255,7 +255,7 @@ def classify_batch(
             records.append({"path": path, **_stamp(stat), "row": row})
     for pos, reason in batch.failures:
         path = work[pos].path
-        records.append({"path": path, **_stamp(_stat(root / path)), "reason": reason})
+        records.append({"path": path, **_stamp(size_and_mtime(root / path)), "reason": reason})
     return records
 
 
@@ -289,14 +289,6 @@ def make_row(
     return row
 
 
-def _stat(file: Path) -> tuple[int, int] | None:
-    try:
-        st = os.stat(file)
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
-
-
 def _stamp(stat: tuple[int, int] | None) -> dict[str, int]:
     size, mtime_ns = stat or (-1, -1)
     return {"size": size, "mtime_ns": mtime_ns}
@@ -304,7 +296,7 @@ def _stamp(stat: tuple[int, int] | None) -> dict[str, int]:
 
 def _still(stamp: tuple[int, int] | None, file: Path) -> bool:
     """Whether a part's record of `file` still holds: the file has the size and mtime it had then."""
-    return stamp is not None and _stat(file) == stamp
+    return stamp is not None and size_and_mtime(file) == stamp
 
 
 # --- OUT.parts/: what a killed run resumes from -----------------------------------------------------------
