@@ -161,7 +161,8 @@ def test_audit_finds_every_injected_exact_duplicate_and_keeps_its_report(dirty):
     assert 0 < s["near_threshold"] < 1 and s["classes"] == sorted(CLASSES) and s["skipped"] == []
     assert s["imbalance"]["counts"] == {"circles": 12, "squares": 12, "triangles": 13}
     for issue in report.label_issues:
-        assert set(issue) == {"path", "label", "suggested", "score"} and issue["label"] != issue["suggested"]
+        assert set(issue) == {"path", "label", "suggested", "score", "seen"} and issue["label"] != issue["suggested"]
+        assert issue["seen"] is False  # nothing dismissed (tests/test_labels.py dismisses)
     assert read_audit(IndexFolder.of(home, "shapes")) == report
 
 
@@ -210,9 +211,10 @@ def test_audit_cli_json_contract_and_errors(dirty, tmp_path):
     out = main_json("audit", str(data), "--name", "shapes", "--home", str(home), "--workers", "0", "--folds", "3")
     assert set(out) == {"label_issues", "duplicates", "outliers", "summary"}
     for d in out["duplicates"]:
-        assert set(d) == {"paths", "kind", "score", "labels", "cross_class", "cross_split"}
+        assert set(d) == {"paths", "kind", "score", "labels", "cross_class", "cross_split", "seen"}
         assert d["kind"] in ("exact", "near") and len(d["labels"]) == len(d["paths"]) >= 2
-    assert all(set(o) == {"path", "score"} for o in out["outliers"])
+    assert all(set(o) == {"path", "score", "seen"} for o in out["outliers"])
+    assert out["summary"]["seen"] == 0
     assert out["summary"]["job"]["folds"] == 3
     code, text, _ = run_main("audit", str(data), "--name", "shapes", "--home", str(home), "--workers", "0")
     assert code == 0 and "exact duplicates 3" in text and "copy_c.png" in text

@@ -27,8 +27,9 @@ class AuditJob:
 
 @dataclass(frozen=True)
 class AuditReport:
-    """`label_issues` {path, label, suggested, score}, `duplicates` {paths, kind, score, labels, cross_class,
-    cross_split}, `outliers` {path, score}, and a `summary`; paths are relative to the audited folder."""
+    """`label_issues` {path, label, suggested, score, seen}, `duplicates` {paths, kind, score, labels, cross_class,
+    cross_split, seen}, `outliers` {path, score, seen}, and a `summary` (its counts leave out what was seen: the
+    findings the user dismissed); paths are relative to the audited folder."""
 
     label_issues: list[dict[str, Any]]
     duplicates: list[dict[str, Any]]
