@@ -41,27 +41,11 @@ def edit_labels(
     on_phase: Phase | None = None,
 ) -> LabelsReport:
     """Record one batch (`set` each path's label `to`, `exclude` them, or `dismiss` their findings) and publish it."""
-    started = time.perf_counter()
-    folder, job = _indexed(home, name)
     if action == "set":
         check_label(to)
     elif to is not None:
         raise SimimgError(f"--to applies to `labels set` only, not `labels {action}`")
-    with writer_lock(folder.lock, f"labels '{name}'", wait=True), closing(Catalog(folder.catalog)) as catalog:
-        wanted = _catalog_paths(paths, Path(job.data_dir))
-        labels = _current_labels(catalog)
-        unknown = [p for p in wanted if p not in labels]
-        if unknown:
-            raise SimimgError(
-                f"index '{name}' holds no image {unknown[0]!r}"
-                + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
-                + ": give paths inside its collection, as `simimg labels list` or the audit shows them"
-            )
-        edits = [Edit(p, action, labels[p], to if action == "set" else labels[p], source) for p in wanted]
-        with catalog.transaction():
-            batch = record_batch(catalog, edits, source)
-    log.info("labels '%s': batch %d, %d %s edits", name, batch, len(edits), action)
-    return _published(job, action, batch, len(edits), started, on_phase)
+    return _record_many(home, name, [(paths, action, to)], source, on_phase)
 
 
 def accept_suggestions(
@@ -111,20 +95,29 @@ def _record_many(
     source: str,
     on_phase: Phase | None,
 ) -> LabelsReport:
-    """One batch of several (paths, action, label) groups."""
+    """One batch of several (paths, action, label) groups, every path one the index holds (or excluded)."""
     started = time.perf_counter()
     folder, job = _indexed(home, name)
     with writer_lock(folder.lock, f"labels '{name}'", wait=True), closing(Catalog(folder.catalog)) as catalog:
         labels = _current_labels(catalog)
+        wanted = [(_catalog_paths(paths, Path(job.data_dir)), action, to) for paths, action, to in groups]
+        unknown = [p for paths, _, _ in wanted for p in paths if p not in labels]
+        if unknown:
+            raise SimimgError(
+                f"index '{name}' holds no image {unknown[0]!r}"
+                + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+                + ": give paths inside its collection, as `simimg labels list` or the audit shows them"
+            )
         edits = [
-            Edit(p, action, labels.get(p), to if action == "set" else labels.get(p), source)
-            for paths, action, to in groups
+            Edit(p, action, labels[p], to if action == "set" else labels[p], source)
+            for paths, action, to in wanted
             for p in paths
-            if p in labels
         ]
         with catalog.transaction():
             batch = record_batch(catalog, edits, source)
-    return _published(job, "set", batch, len(edits), started, on_phase)
+    action = groups[0][1] if len({g[1] for g in groups}) == 1 else "set"
+    log.info("labels '%s': batch %d, %d %s edits", name, batch, len(edits), action)
+    return _published(job, action, batch, len(edits), started, on_phase)
 
 
 def _published(
