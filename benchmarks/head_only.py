@@ -66,7 +66,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     sets = [generated(size, args.dim) for size in args.sizes.split(",") if size]
     with tempfile.TemporaryDirectory() as home:
-        folders = args.data or [str(make_jpegs(Path(home) / "photos", args.images, classes=2))]
+        folders = [str(Path(d).resolve()) for d in args.data]  # the commands run in the repository root
+        folders = folders or [str(make_jpegs(Path(home) / "photos", args.images, classes=2))]
         common = ["--home", home, "--device", args.device]
         ends = []
         for n, folder in enumerate(folders):
