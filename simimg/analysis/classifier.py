@@ -79,8 +79,8 @@ def _selection_splits(y: np.ndarray, num_classes: int, seed: int) -> Splits:
     HOLDOUT_ABOVE images, one stratified 80/20 split of at most SELECTION_ROWS of them: 2,000 held-out images rank
     the C values as well, for a fraction of the work."""
     smallest = int(np.bincount(y, minlength=num_classes).min())
-    if len(y) > HOLDOUT_ABOVE and smallest >= MAX_FOLDS:
-        rows = min(len(y), SELECTION_ROWS)
+    rows = min(len(y), SELECTION_ROWS)
+    if len(y) > HOLDOUT_ABOVE and smallest >= MAX_FOLDS and rows // 5 >= num_classes:  # every class held out
         split = StratifiedShuffleSplit(1, train_size=rows * 4 // 5, test_size=rows // 5, random_state=seed)
         return list(split.split(y, y))
     return _folds(y, min(MAX_FOLDS, smallest), seed) if smallest >= 2 else []
