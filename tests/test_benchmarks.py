@@ -27,7 +27,7 @@ BENCH_ENV = {
 # each script's arguments for a tiny run; the scripts the GPU suite runs take its arguments
 ARGS = {
     "audit_recall.py": ["--images", "12", "--flips", "2", "--exact", "2", "--near", "2", "--image-size", "32"],
-    "head_only.py": ["--images", "12", *TINY_MODEL],
+    "head_only.py": ["--images", "12", "--sizes", "200x4", "--dim", "64", *TINY_MODEL],
     "scale.py": ["--n", "3000", "--dim", "32", "--queries", "10", "--nprobe", "8"],
     "index_engines.py": ["--images", "8", "--batch-size", "4", "--repeats", "1", "--image-size", "32"],
     "serve_load.py": [
@@ -61,7 +61,7 @@ REQUIRED = {
         "ratio_fp32_model_only",
         "ratio_baseline",
     },
-    "head_only.py": {"images", "head_only_s", "fine_tune_epoch_s", "ratio_fine_tune_epoch", "index_after_embedded"},
+    "head_only.py": {"images", "head_only_s", "index_after_embedded", "sets", "min_ratio_grid"},
     "scale.py": {
         "n",
         "dim",
@@ -107,6 +107,9 @@ def check_result(script: str, result: dict) -> None:
     assert result.get("errors", 0) == 0
     if script == "scale.py":  # the compressed index is a fraction of float32 and finds what exact search finds
         assert result["index_bytes"] < result["flat_bytes"] and result["recall_at_10"] >= 0.9
+    if script == "head_only.py":  # the new fit and the grid search it replaced, on the same vectors
+        assert [s["set"] for s in result["sets"]] == ["generated 200x4"]
+        assert all(s["ratio_grid"] > 0 and 0 <= s["val_accuracy"] <= 1 for s in result["sets"])
     if script == "audit_recall.py":  # every byte-identical group, injected or not, is reported
         assert result["exact_recall"] == 1.0 and result["identical_groups_reported"] == result["identical_groups"]
         assert 0 <= result["near_recall"] <= 1 and 0 <= result["flip_recall"] <= 1

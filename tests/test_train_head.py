@@ -6,13 +6,10 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from sklearn.linear_model import LogisticRegression
 
 import simimg
 from conftest import copy_built, make_class_images
-from simimg.analysis.classifier import fit_head
 from simimg.errors import SimimgError
 from simimg.jobs.index import run_index
 from simimg.jobs.index_config import IndexJob
@@ -25,32 +22,6 @@ from simimg.store.layout import IndexFolder
 from simimg.store.model_store import list_models, read_model
 
 CLASSES = {"circles": 8, "squares": 8, "triangles": 8}
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def test_fit_head_matches_scikit_learn_probabilities_for_two_classes():
-    rng = np.random.default_rng(0)
-    x = np.concatenate([rng.normal(-1, 1, (30, 5)), rng.normal(1, 1, (30, 5))])
-    y = np.repeat([0, 1], 30)
-    head = fit_head(x, y, 2)
-    assert head.weight.shape == (2, 5) and head.bias.shape == (2,)
-    reference = LogisticRegression(C=head.c, class_weight="balanced", max_iter=2000).fit(x, y)
-    np.testing.assert_allclose(softmax(x @ head.weight.T + head.bias), reference.predict_proba(x), atol=1e-5)
-
-
-def test_fit_head_learns_several_classes_and_copes_with_a_class_of_one():
-    rng = np.random.default_rng(1)
-    centres = np.eye(4) * 4
-    x = np.concatenate([rng.normal(c, 0.5, (10, 4)) for c in centres] + [centres[:1] + 0.1])
-    y = np.concatenate([np.repeat(np.arange(4), 10), [0]])
-    head = fit_head(x, y, 4)
-    assert (softmax(x @ head.weight.T + head.bias).argmax(1) == y).mean() == 1.0
-    lonely = fit_head(np.concatenate([x, centres[3:] * 2]), np.concatenate([y, [4]]), 5)  # no CV possible
-    assert lonely.weight.shape == (5, 4)
 
 
 @pytest.fixture

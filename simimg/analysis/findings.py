@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from simimg.analysis.classifier import fit_head, logistic_regression
+from simimg.analysis.classifier import cross_validate
 from simimg.analysis.neighbours import NEIGHBORS, near_duplicates as pairs_near
 from simimg.dataset.splits import IMBALANCE_RATIO
 from simimg.errors import SimimgError
@@ -59,19 +59,14 @@ class Outlier:
 def out_of_fold_probabilities(
     x: np.ndarray, y: np.ndarray, num_classes: int, folds: int = MAX_FOLDS, seed: int = 0
 ) -> np.ndarray:
-    """N x classes probabilities, each row from a classifier that never saw that image (the head's kind: class-
-    weighted logistic regression, C chosen once by `fit_head`'s cross-validation)."""
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-
+    """N x classes probabilities, each row from a classifier that never saw that image: the head's kind (class-
+    weighted logistic regression), at the C that the same folds' cross-validation picks."""
     folds = min(folds, int(np.bincount(y, minlength=num_classes).min()))
     if folds < 2:
         raise SimimgError(
             "finding label issues needs at least 2 images in every class: add images or remove the classes with one"
         )
-    c = fit_head(x, y, num_classes, seed).c
-    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    probabilities: np.ndarray = cross_val_predict(logistic_regression(c), x, y, cv=cv, method="predict_proba")
-    return probabilities
+    return cross_validate(x, y, num_classes, folds, seed).probabilities
 
 
 def label_issues(labels: np.ndarray, pred_probs: np.ndarray) -> list[LabelIssue]:

@@ -2,8 +2,9 @@
 
 The trunk stays as it is, so every stored vector stays valid: the new model (kind "head") shares the serving
 model's embedding, and serving it publishes a version over the same vectors without embedding anything. The head
-is scikit-learn's logistic regression on the unit-length embeddings, class-weighted, its C chosen by
-cross-validation, then carried as a torch linear layer that reads the normalised embedding.
+is class-weighted logistic regression on the unit-length embeddings (scikit-learn's objective, its C chosen by
+cross-validation, fitted fast: analysis/classifier.py), then carried as a torch linear layer that reads the
+normalised embedding.
 
 Every image of the folder must be held by the index as it is now: a folder with images the index does not hold
 (new, changed, or another collection's) is refused before anything is embedded, unless `embed_missing` asks for
