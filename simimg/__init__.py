@@ -39,6 +39,7 @@ PUBLIC: dict[str, str] = {
         "upgrade_index",
         # label edits
         "set_labels",
+        "apply_labels",
         "exclude_images",
         "keep_one",
         "dismiss_findings",
@@ -47,6 +48,7 @@ PUBLIC: dict[str, str] = {
         "label_edits",
         "export_labels",
         "undo_moves",
+        "review_queue",
         # queries
         "open_index",
         "explain",
@@ -96,6 +98,7 @@ PUBLIC: dict[str, str] = {
     **_names("simimg.jobs.train_config", "TrainConfig", "TrainReport"),
     **_names("simimg.jobs.audit_config", "AuditJob", "AuditReport"),
     **_names("simimg.jobs.labels_config", "LabelsReport"),
+    **_names("simimg.jobs.review", "ReviewItem", "QUEUES"),
     **_names("simimg.jobs.predict_config", "PredictJob", "PredictReport"),
     **_names("simimg.progress", "Hooks", "EpochStats", "Progress", "Phase"),
     **_names("simimg.store.model_store", "ModelEntry"),

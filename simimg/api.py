@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from simimg.jobs.index_config import IndexReport
     from simimg.jobs.labels_config import LabelsReport
     from simimg.jobs.predict_config import PredictReport
+    from simimg.jobs.review import ReviewItem
     from simimg.jobs.train_config import TrainReport
     from simimg.models.heatmaps import Explanation
     from simimg.progress import Hooks, Phase, Progress
@@ -202,6 +203,15 @@ def set_labels(
     return edit_labels(home, name, paths, "set", to, source)
 
 
+def apply_labels(
+    name: str, labels: dict[str, str], home: str | Path | None = None, source: str = "user"
+) -> LabelsReport:
+    """Give each image its own class in one batch ({path: class}): accepted suggestions differ image by image."""
+    from simimg.jobs.labels import apply_labels as apply
+
+    return apply(home, name, labels, source)
+
+
 def exclude_images(name: str, paths: list[str], home: str | Path | None = None) -> LabelsReport:
     """Take images out of the index, training and evaluation; they stay on disk (undo brings them back)."""
     from simimg.jobs.labels import edit_labels
@@ -262,6 +272,16 @@ def undo_moves(log_file: str | Path) -> int:
     from simimg.jobs.label_export import undo_moves as undo
 
     return undo(log_file)
+
+
+def review_queue(
+    name: str, queue: str = "issues", label: str | None = None, home: str | Path | None = None, limit: int | None = None
+) -> list[ReviewItem]:
+    """What to ask the user about, first to ask first: the last audit's open label "issues" or "duplicates", the
+    "unlabeled" pool least certain first, or one "class" (`label`) least typical first."""
+    from simimg.jobs.review import review_queue as queue_of
+
+    return queue_of(home, name, queue, label, limit)
 
 
 def use_model(

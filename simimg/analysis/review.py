@@ -13,7 +13,7 @@ def margins(probabilities: np.ndarray) -> np.ndarray:
     """Top-1 minus top-2 probability of each row (the top-1 itself with one class): small means unsure."""
     p = np.asarray(probabilities, np.float64)
     if p.shape[1] == 1:
-        return p[:, 0].copy()
+        return np.array(p[:, 0])
     top = np.partition(p, -2, axis=1)
     return top[:, -1] - top[:, -2]
 

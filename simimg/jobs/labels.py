@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +22,7 @@ from simimg.jobs.audit_config import read_audit
 from simimg.jobs.index import run_index
 from simimg.jobs.index_config import IndexJob, read_index_job
 from simimg.jobs.labels_config import LabelsReport
+from simimg.jobs.review import open_label_issues
 from simimg.progress import Phase
 from simimg.store.catalog import Catalog, reading
 from simimg.store.edits import read_corrections, record_batch, undo_batch
@@ -58,20 +59,28 @@ def accept_suggestions(
     if report is None:
         raise SimimgError(f"index '{name}' has no audit to accept: run `simimg audit --name {name}` first")
     with reading(folder.catalog) as catalog:
-        corrections = read_corrections(catalog)
         labels = {path: row.label for path, row in catalog.head().items()}
-    open_issues = [
-        i
-        for i in report.label_issues
-        if i["path"] not in corrections.dismissed and labels.get(i["path"], "") == i["label"]
-    ]
-    issues = open_issues[:top]
+        issues = open_label_issues(report, labels, read_corrections(catalog))[:top]
     if not issues:
         raise SimimgError(f"the last audit of '{name}' has no label suggestion left to accept")
+    return apply_labels(home, name, {i["path"]: i["suggested"] for i in issues}, "audit", on_phase)
+
+
+def apply_labels(
+    home: str | Path | None,
+    name: str,
+    labels: Mapping[str, str],
+    source: str = "user",
+    on_phase: Phase | None = None,
+) -> LabelsReport:
+    """One batch giving each path its own label (accepted suggestions differ image by image)."""
+    if not labels:
+        raise SimimgError("no label to set: name at least one image")
     by_label: dict[str, list[str]] = {}
-    for issue in issues:
-        by_label.setdefault(issue["suggested"], []).append(issue["path"])
-    return _record_many(home, name, [(paths, "set", label) for label, paths in by_label.items()], "audit", on_phase)
+    for path, label in labels.items():
+        check_label(label)
+        by_label.setdefault(label, []).append(path)
+    return _record_many(home, name, [(paths, "set", label) for label, paths in by_label.items()], source, on_phase)
 
 
 def undo_labels(home: str | Path | None, name: str, on_phase: Phase | None = None) -> LabelsReport:
