@@ -1,6 +1,6 @@
 """simimg's web app: `streamlit run app.py`.
 
-Search is the landing page; Browse, Train, Build and Inspect sit beside it.
+Search is the landing page; Browse, Review, Train, Build and Inspect sit beside it.
 """
 
 import streamlit as st
@@ -14,6 +14,7 @@ navigation = st.navigation(
     [
         st.Page("app_pages/search.py", title="Search", icon=":material/image_search:", default=True),
         st.Page("app_pages/browse.py", title="Browse", icon=":material/photo_library:"),
+        st.Page("app_pages/review.py", title="Review", icon=":material/rule:"),
         st.Page("app_pages/train.py", title="Train", icon=":material/model_training:"),
         st.Page("app_pages/build.py", title="Build", icon=":material/library_add:"),
         st.Page("app_pages/inspect.py", title="Inspect", icon=":material/insights:"),

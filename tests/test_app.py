@@ -15,7 +15,8 @@ from streamlit import config as st_config
 from streamlit.testing.v1 import AppTest
 
 import job_tasks
-from conftest import ROOT, Built, make_class_images
+import simimg
+from conftest import ROOT, Built, copy_built, make_class_images
 
 APP = str(ROOT / "app.py")
 
@@ -526,3 +527,79 @@ def test_confusion_cell_filters_and_sorts():
     ]
     assert [it["path"] for it in shared.confusion_cell(items, "ant", "bee")] == ["b", "a"]
     assert shared.confusion_cell(items, "ant", "ant") == []
+
+
+# --- the Review page -------------------------------------------------------------------------------------
+@pytest.fixture
+def pooled(workdir: Path, shapes_index: Built, monkeypatch: pytest.MonkeyPatch) -> Built:
+    """A copy of 'shapes' with an unlabeled pool of 6 images, indexed."""
+    built = copy_built(shapes_index, workdir / "base")
+    make_class_images(built.data / "unlabeled", {"circles": 2, "squares": 2, "triangles": 2}, size=48, seed=5)
+    simimg.build_index(built.data, built.name, built.home)
+    monkeypatch.setenv("SIMIMG_HOME", str(built.home))
+    monkeypatch.setenv("SIMIMG_DATA_ROOTS", str(built.base / "data"))
+    return built
+
+
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def cards(at: AppTest) -> list[str]:
+    """The paths of the Review page's cards, in queue order (each card's selection box is labelled with it)."""
+    return [c.label for c in at.checkbox if c.key.startswith("review-pick")]
+
+
+@pytest.mark.slow
+def test_review_accepts_the_least_certain_suggestion_refits_and_undoes(pooled: Built):
+    at = open_app("app_pages/review.py")
+    (advice,) = [i.value for i in at.info if "no audit to review" in i.value]  # the default queue, before any audit
+    assert advice.endswith("audit it in the Audit tab of the **Inspect** page first")
+    at.segmented_control(key="review-queue").set_value("unlabeled").run()
+    assert not at.exception, at.exception
+    first = simimg.review_queue(pooled.name, "unlabeled", home=pooled.home)[0]
+    assert cards(at)[0] == first.path  # the least certain first
+    assert metrics(at)["Labels given"] == "0"
+    at.button(key="review-Accept:shapes").click().run()  # nothing selected: the first image
+    assert not at.exception and not at.warning, at.exception or at.warning[0].value
+    assert metrics(at)["Labels given"] == "1" and metrics(at)["Validation accuracy"].endswith("%")
+    said = at.success[0].value
+    assert said.startswith("Accepted: 1 image, index version 2. Classifier refit in ") and "validation accuracy" in said
+    assert simimg.label_edits(pooled.name, pooled.home)[0]["new_label"] == first.suggested
+    assert simimg.label_edits(pooled.name, pooled.home)[0]["source"] == "prediction"
+    assert first.path not in cards(at)
+    assert simimg.list_models(pooled.name, pooled.home)[0].kind == "head"  # refit and served
+    picked = cards(at)[:2]
+    for path in picked:
+        at.checkbox(key=f"review-pick {path}:shapes").check().run()
+    at.selectbox(key="review-to:shapes").set_value("triangles").run()
+    at.button(key="review-Relabel:shapes").click().run()
+    assert metrics(at)["Labels given"] == "3"
+    assert {e["path"]: e["new_label"] for e in simimg.label_edits(pooled.name, pooled.home)}.keys() >= set(picked)
+    at.button(key="review-undo:shapes").click().run()
+    at.button(key="review-undo:shapes").click().run()
+    assert metrics(at)["Labels given"] == "0" and not at.exception
+    assert len(cards(at)) == 6
+
+
+def test_review_keeps_one_of_a_duplicate_group_and_skips(pooled: Built):
+    shutil.copy(pooled.data / "circles/circles_000.png", pooled.data / "squares/copy.png")
+    simimg.build_index(pooled.data, pooled.name, pooled.home)
+    simimg.audit(pooled.data, pooled.name, pooled.home, workers=0)
+    at = open_app("app_pages/review.py")
+    at.segmented_control(key="review-queue").set_value("duplicates").run()
+    paths = cards(at)
+    assert {"circles/circles_000.png", "squares/copy.png"} <= set(paths)
+    at.button(key="review-keep squares/copy.png:shapes").click().run()
+    assert not at.exception, at.exception
+    assert metrics(at)["Excluded"] == "1"
+    assert "squares/copy.png" not in cards(at)
+    edits = simimg.label_edits(pooled.name, pooled.home)
+    assert [(e["path"], e["action"]) for e in edits] == [("circles/circles_000.png", "exclude")]
+    at.segmented_control(key="review-queue").set_value("class").run()
+    at.selectbox(key="review-class").set_value("circles").run()
+    shown = cards(at)
+    at.button(key="review-Skip:shapes").click().run()
+    assert shown[0] not in cards(at) and not at.exception
+    at.button(key="review-skipped:shapes").click().run()
+    assert cards(at) == shown

@@ -373,3 +373,41 @@ def test_the_url_keeps_the_index_and_an_audit_follows_the_switch(server, browser
     assert Path(audit["summary"]["data_dir"]).resolve() == pets.resolve()
     assert not (home / "shapes" / "audit.json").exists()
     assert page.locator("[data-testid=stException]").count() == 0
+
+
+# --- issue 20: the Review page ---------------------------------------------------------------------------
+def top_card_label(page, image: Path) -> str:
+    """Search with `image` and read the label badge of its best match (itself: score 1.000)."""
+    search(page, image)
+    card = page.locator("[data-testid=stMarkdownContainer]", has_text=re.compile(r"#1\s*score 1\.000")).first
+    return card.inner_text().split("1.000")[-1].strip()
+
+
+def test_review_accepts_a_suggestion_that_search_then_shows_and_undoes_it(server, browser, tmp_path: Path):
+    """The keyboard walks the unlabeled queue: A accepts the first suggestion, Search shows the new label, U undoes."""
+    from playwright.sync_api import expect
+
+    url, data = server
+    make_class_images(data / "unlabeled", {"circles": 2, "squares": 2}, size=48, seed=5)
+    home = data.parent.parent / "indexes"
+    simimg.build_index(data, "shapes", home)  # the running app follows the new version
+    page = open_page(browser, url, "review")
+    page.get_by_role("radio", name="Unlabeled, least certain first").click(timeout=FIRST_RUN_MS)
+    first = page.get_by_test_id("stCheckbox").filter(has_text="unlabeled/").first
+    expect(first).to_be_visible(timeout=90_000)
+    path = first.inner_text().strip()
+    suggested = simimg.review_queue("shapes", "unlabeled", home=home)[0].suggested
+    wait_for_run_end(page, 60_000)
+    page.keyboard.press("a")
+    expect(page.get_by_test_id("stMetric").filter(has_text="Labels given")).to_contain_text("1", timeout=120_000)
+    expect(page.get_by_test_id("stMetric").filter(has_text="Validation accuracy")).to_contain_text("%")
+    assert page.locator("[data-testid=stException]").count() == 0
+    page.screenshot(path=str(tmp_path / "review.png"), full_page=True)
+
+    searcher = open_page(browser, url)
+    assert top_card_label(searcher, data / path) == suggested
+    wait_for_run_end(page, 60_000)
+    page.keyboard.press("u")
+    expect(page.get_by_test_id("stMetric").filter(has_text="Labels given")).to_contain_text("0", timeout=120_000)
+    searcher.reload()
+    assert top_card_label(searcher, data / path) == "no label"

@@ -57,6 +57,7 @@ APP_ADVICE = [
     (r"--weights none", "**Scratch (random init)**"),
     (r",? or pass --model", ""),
     (r"--head-only", "Quick training"),
+    (r"run `simimg audit[^`]*`", "audit it in the Audit tab of the **Inspect** page"),
 ]
 
 
