@@ -564,7 +564,7 @@ def test_review_accepts_the_least_certain_suggestion_refits_and_undoes(pooled: B
     assert not at.exception and not at.warning, at.exception or at.warning[0].value
     assert metrics(at)["Labels given"] == "1" and metrics(at)["Validation accuracy"].endswith("%")
     said = at.success[0].value
-    assert said.startswith("Accepted: 1 image, index version 2. Classifier refit in ") and "validation accuracy" in said
+    assert said.startswith("Accepted: 1 image, index version 3. Classifier refit in ") and "validation accuracy" in said
     assert simimg.label_edits(pooled.name, pooled.home)[0]["new_label"] == first.suggested
     assert simimg.label_edits(pooled.name, pooled.home)[0]["source"] == "prediction"
     assert first.path not in cards(at)
