@@ -87,6 +87,7 @@ PUBLIC: dict[str, str] = {
         "EXPORT_FORMATS",
         "PROJECTIONS",
         "PREDICT_FORMATS",
+        "REVIEW_QUEUES",
     ),
     # types
     **_names("simimg.query.service", "SearchService", "QueryResult", "Neighbor", "Prediction", "BrowsePage"),
@@ -98,7 +99,7 @@ PUBLIC: dict[str, str] = {
     **_names("simimg.jobs.train_config", "TrainConfig", "TrainReport"),
     **_names("simimg.jobs.audit_config", "AuditJob", "AuditReport"),
     **_names("simimg.jobs.labels_config", "LabelsReport"),
-    **_names("simimg.jobs.review", "ReviewItem", "QUEUES"),
+    **_names("simimg.jobs.review", "ReviewItem"),
     **_names("simimg.jobs.predict_config", "PredictJob", "PredictReport"),
     **_names("simimg.progress", "Hooks", "EpochStats", "Progress", "Phase"),
     **_names("simimg.store.model_store", "ModelEntry"),

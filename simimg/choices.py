@@ -14,3 +14,4 @@ EXPLAIN_METHODS = ("gradcam", "gradcam++", "layercam")  # class activation maps 
 EXPORT_FORMATS = ("onnx", "bundle")  # `simimg export` (models/export.py)
 PROJECTIONS = ("pca", "tsne")  # the Inspect map and `SearchService.map_2d`: PCA (fast) or t-SNE
 PREDICT_FORMATS = ("csv", "parquet", "jsonl")  # `simimg predict`'s output file (jobs/predict.py)
+REVIEW_QUEUES = ("issues", "duplicates", "unlabeled", "class")  # `simimg.review_queue`: the Review page's queues

@@ -718,6 +718,7 @@ LABEL_ACTIONS = {
     "dismiss": "judge images fine as they are: later audits mark their findings as seen",
     "undo": "undo the latest batch of edits",
     "list": "the edits in force, oldest first",
+    "queue": "what to review first: the audit's open issues or duplicates, the unlabeled pool, or a class",
     "export": "write the corrected collection: a class-folder tree (copies, or --move) or a CSV/Parquet file",
 }
 
@@ -733,6 +734,10 @@ def _labels_arguments(p: argparse.ArgumentParser) -> None:
             a.add_argument("--to", required=True, metavar="CLASS", help="the class to give them")
         if action == "accept":
             a.add_argument("--top", type=positive_int, help="accept only the highest-ranked suggestions")
+        if action == "queue":
+            a.add_argument("--queue", choices=simimg.REVIEW_QUEUES, default="issues", help="(default %(default)s)")
+            a.add_argument("--class", dest="label", metavar="CLASS", help="the class of --queue class")
+            a.add_argument("--limit", type=positive_int, default=20, help="items to list (default %(default)s)")
         if action == "export":
             a.add_argument("--out", required=True, metavar="DIR_OR_FILE")
             a.add_argument("--format", choices=("imagefolder", "csv", "parquet"), default="imagefolder")
@@ -743,6 +748,10 @@ def _run_labels(args: argparse.Namespace) -> int:
     if args.action == "list":
         edits = simimg.label_edits(args.name, args.home)
         emit(args, edits, lambda: print("\n".join([*map(_edit_line, edits), f"{len(edits)} edits in force"])))
+        return 0
+    if args.action == "queue":
+        items = [i.to_dict() for i in simimg.review_queue(args.name, args.queue, args.label, args.home, args.limit)]
+        emit(args, items, lambda: print("\n".join([*map(_queue_line, items), f"{len(items)} to review"])))
         return 0
     if args.action == "export":
         result = simimg.export_labels(args.name, args.out, args.format, args.move, args.home)
@@ -770,6 +779,12 @@ def _edit_line(edit: dict) -> str:
     old = edit["old_label"] or "(unlabeled)"
     change = f"{old} -> {edit['new_label']}" if edit["action"] == "set" else edit["action"]
     return f"batch {edit['batch']:<4} {edit['source']:<10} {change:<30} {edit['path']}"
+
+
+def _queue_line(item: dict) -> str:
+    change = f"{item['label'] or '(unlabeled)'} -> {item['suggested']}" if item["suggested"] else item["label"]
+    group = f"group {item['group']:<4} " if item["group"] is not None else ""
+    return f"{item['score']:8.4f}  {group}{change or '':<30} {item['path']}"
 
 
 # --- models, use ----------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import simimg
-from conftest import Built, copy_built, make_class_images
+from conftest import Built, copy_built, main_json, make_class_images, run_main
 from simimg.analysis.review import least_certain_first, least_typical_first, margins, typicality
 from simimg.errors import SimimgError
 
@@ -100,6 +100,13 @@ def test_the_unlabeled_queue_puts_the_least_certain_first_and_shrinks_as_the_use
     )
     simimg.undo_labels(shapes.name, shapes.home)  # one batch, one undo
     assert len(simimg.review_queue(shapes.name, "unlabeled", home=shapes.home)) == len(queue)
+    common = ["--name", shapes.name, "--home", str(shapes.home)]
+    listed = main_json("labels", "queue", *common, "--queue", "unlabeled", "--limit", "2")
+    assert listed == [i.to_dict() for i in queue[:2]]
+    code, out, _ = run_main("labels", "queue", *common, "--queue", "unlabeled")
+    assert code == 0 and out.splitlines()[0].endswith(queue[0].path) and out.splitlines()[-1] == "6 to review"
+    code, _, err = run_main("labels", "queue", *common, "--queue", "class", "--class", "dogs")
+    assert code == 2 and "one of the index's classes" in err
 
 
 def test_the_class_queue_orders_one_class_least_typical_first(shapes: Built):

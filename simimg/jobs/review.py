@@ -19,14 +19,13 @@ import numpy as np
 
 from simimg.analysis.classifier import fit_head
 from simimg.analysis.review import least_certain_first, least_typical_first, margins, typicality
+from simimg.choices import REVIEW_QUEUES
 from simimg.dataset.corrections import Corrections
 from simimg.errors import SimimgError
 from simimg.jobs.audit_config import AuditReport, read_audit
 from simimg.store.catalog import Snapshot, reading
 from simimg.store.edits import read_corrections
 from simimg.store.layout import IndexFolder
-
-QUEUES = ("issues", "duplicates", "unlabeled", "class")
 
 
 @dataclass(frozen=True)
@@ -50,8 +49,8 @@ def review_queue(
     home: str | Path | None, name: str, queue: str, label: str | None = None, limit: int | None = None
 ) -> list[ReviewItem]:
     """The queue's open items, first to ask first; `label` picks the class of the `class` queue."""
-    if queue not in QUEUES:
-        raise SimimgError(f"unknown review queue {queue!r}: choose one of {', '.join(QUEUES)}")
+    if queue not in REVIEW_QUEUES:
+        raise SimimgError(f"unknown review queue {queue!r}: choose one of {', '.join(REVIEW_QUEUES)}")
     folder = IndexFolder.of(home, name)
     with reading(folder.catalog) as catalog:
         read = catalog.snapshot_with_vectors()
