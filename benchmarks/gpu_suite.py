@@ -124,6 +124,8 @@ def _steps(sizes: Sizes, data: Path, tmp: Path) -> dict[str, Step]:
                 py,
                 "-m",
                 "pytest",
+                "-o",
+                "addopts=",  # not the fast tier's: no xdist workers (the GPU machine may lack pytest-xdist)
                 "-m",
                 "gpu",
                 "-q",
