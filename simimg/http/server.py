@@ -37,6 +37,17 @@ from simimg.errors import SimimgError, checked_options
 from simimg.http.batching import Embedded, MicroBatcher, QueueFull, Work, answer
 from simimg.http.config import TOKEN_ENV, ServeConfig
 from simimg.http.inputs import ApiError, decode_inputs, read_inputs
+from simimg.http.schema import (
+    IMAGE_ERRORS,
+    EmbeddingAnswer,
+    Health,
+    IndexEntry,
+    IndexInfo,
+    QueryAnswer,
+    Readiness,
+    answers,
+    images_body,
+)
 
 log = logging.getLogger(__name__)
 
@@ -300,41 +311,22 @@ def _error_handlers(app: FastAPI) -> None:
         return JSONResponse({"error": problems}, 422)
 
 
-IMAGES_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                            "description": "one or more images (repeat the field)",
-                        }
-                    },
-                }
-            },
-            "application/json": {
-                "schema": {
-                    "type": "array",
-                    "items": {"type": "string"},
-                    "description": "gallery paths, relative to the index's data root",
-                }
-            },
-        },
-    }
-}
-
-
 def _routes(app: FastAPI, state: State) -> None:
-    @app.get("/healthz", summary="the process is up (no token needed)")
+    @app.get(
+        "/healthz",
+        summary="the process is up (no token needed)",
+        response_model=None,
+        responses={200: {"model": Health}},
+    )
     async def healthz() -> dict:
         return {"ok": True}
 
-    @app.get("/readyz", summary="the indexes present at start are warm and the model thread runs")
+    @app.get(
+        "/readyz",
+        summary="the indexes present at start are warm and the model thread runs",
+        response_model=None,
+        responses={**answers(Readiness), 503: {"model": Readiness, "description": "not ready yet"}},
+    )
     async def readyz() -> JSONResponse:
         b = state.batcher
         ready = state.ready.is_set() and b.alive
@@ -350,19 +342,30 @@ def _routes(app: FastAPI, state: State) -> None:
             200 if ready else 503,
         )
 
-    @app.get("/v1/indexes", summary="every index under HOME, newest first")
+    @app.get(
+        "/v1/indexes",
+        summary="every index under HOME, newest first",
+        response_model=None,
+        responses=answers(list[IndexEntry]),
+    )
     async def indexes() -> list[dict]:
         loaded = set(state.indexes.loaded())
         return [{"name": name, "loaded": name in loaded} for name in await run_in_threadpool(state.indexes.names)]
 
-    @app.get("/v1/indexes/{name}", summary="what an index holds: counts per label, model, classifier, data root")
+    @app.get(
+        "/v1/indexes/{name}",
+        summary="what an index holds: counts per label, model, classifier, data root",
+        response_model=None,
+        responses=answers(IndexInfo, 404, 422, 503),
+    )
     async def info(name: str) -> dict:
         return await run_in_threadpool(_info, state.indexes, name)
 
     @app.post(
         "/v1/indexes/{name}/query",
-        openapi_extra=IMAGES_BODY,
+        openapi_extra=images_body(state.config.limits.max_files),
         summary="nearest gallery images (and the predicted class) of each image: `simimg query --json`",
+        responses=answers(list[QueryAnswer], *IMAGE_ERRORS),
     )
     async def query(
         request: Request,
@@ -376,8 +379,9 @@ def _routes(app: FastAPI, state: State) -> None:
 
     @app.post(
         "/v1/indexes/{name}/embed",
-        openapi_extra=IMAGES_BODY,
+        openapi_extra=images_body(state.config.limits.max_files),
         summary="the unit-length embedding of each image, with the model that made it",
+        responses=answers(list[EmbeddingAnswer], *IMAGE_ERRORS),
     )
     async def embed(request: Request, name: str) -> JSONResponse:
         found = await _answer(state, request, name, embed=True)
