@@ -14,7 +14,8 @@ setup() {
     # The pinned pair this project is tested with; pip takes it from the local wheel cache where there is one.
     .venv/bin/python -c "import torch, torchvision" 2>/dev/null ||
         .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-    .venv/bin/python -m pip install -q -e ".[dev]"
+    # scripts/constraints.txt: the versions the suite last passed with, so a fresh machine gets the tested set
+    .venv/bin/python -m pip install -q -c scripts/constraints.txt -e ".[dev]"
 }
 
 setup_browser() {
