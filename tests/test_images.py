@@ -1,4 +1,5 @@
-"""images.py: every awkward file becomes an upright 8-bit RGB image; every broken one a short, specific reason.
+"""images.py: every awkward file becomes an upright 8-bit RGB image; every broken one a short, specific reason
+(hand-made cases first, then hypothesis-generated ones: random bytes, mutated headers, lying sizes).
 
 The writers here are shared with the indexer and CLI tests, which check the same files go through a whole batch.
 """
@@ -16,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 from simimg.dataset.images import MAX_PIXELS, decode_image, load_image, read_bytes, to_rgb
-from simimg.errors import BadImageError
+from simimg.dataset.uploads import validate_upload
+from simimg.errors import BadImageError, ImageTooLargeError
 
 RED, BLUE, WHITE = (220, 30, 30), (30, 40, 220), (255, 255, 255)
 BOMB_SIDE = 40_000
@@ -283,3 +286,112 @@ def test_bomb_is_refused_without_allocating_its_pixels(tmp_path):
 def test_unreadable_paths_give_a_reason(tmp_path, make, reason):
     with pytest.raises(BadImageError, match=reason):
         read_bytes(make(tmp_path / "x.jpg"))
+
+
+# --- generated inputs (hypothesis): whatever the bytes, an RGB image or a BadImageError with a reason --------------
+FORMATS = {
+    "JPEG": ("RGB", {"quality": 80}),
+    "PNG": ("RGBA", {}),
+    "GIF": ("P", {}),
+    "WEBP": ("RGB", {}),
+    "TIFF": ("RGB", {}),
+    "BMP": ("RGB", {}),
+}
+DEADLINE_MS = 5_000  # a hang guard, not a speed target: a decode of these small files takes milliseconds
+CAP = 1_000_000  # validate_upload's pixel cap in these tests
+
+
+def seed_file(fmt: str, size: tuple[int, int] = (24, 16)) -> bytes:
+    mode, params = FORMATS[fmt]
+    rng = np.random.default_rng(len(fmt))
+    pixels = rng.integers(0, 255, (size[1], size[0], 4), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGBA").convert("RGB" if mode == "P" else mode)
+    return encode(image.convert("P") if mode == "P" else image, fmt, **params)
+
+
+SEEDS = {fmt: seed_file(fmt) for fmt in FORMATS}
+
+
+def decoded_or_refused(data: bytes) -> Image.Image | None:
+    """The property every input must have: an RGB image within the pixel cap, or a BadImageError with a reason."""
+    try:
+        image = decode_image(data)
+    except BadImageError as err:
+        assert err.reason.strip(), repr(err)
+        return None
+    assert image.mode == "RGB" and image.width * image.height <= MAX_PIXELS
+    return image
+
+
+@settings(max_examples=200, deadline=DEADLINE_MS)
+@given(st.binary(max_size=4096))
+def test_random_bytes_decode_or_are_refused(data: bytes):
+    decoded_or_refused(data)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's notes on the damage it reads past
+@settings(max_examples=300, deadline=DEADLINE_MS, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(sorted(FORMATS)),
+    st.lists(st.tuples(st.integers(0, 63), st.integers(0, 255)), min_size=1, max_size=6),
+    st.one_of(st.none(), st.integers(8, 400)),
+)
+def test_real_files_with_mutated_headers_decode_or_are_refused(fmt: str, flips: list, cut: int | None):
+    data = bytearray(SEEDS[fmt])
+    for position, value in flips:
+        data[position % len(data)] = value
+    decoded_or_refused(bytes(data[:cut]))
+
+
+def png_claiming(width: int, height: int, fix_crc: bool) -> bytes:
+    """A real small PNG whose header claims width x height (its pixel data unchanged)."""
+    data = bytearray(SEEDS["PNG"])
+    data[16:24] = struct.pack(">II", width, height)
+    if fix_crc:
+        data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+@settings(max_examples=100, deadline=DEADLINE_MS)
+@given(st.integers(1, 2**31 - 1), st.integers(1, 2**31 - 1), st.booleans())
+def test_a_header_claiming_any_size_never_decodes_past_the_cap(width: int, height: int, fix_crc: bool):
+    data = png_claiming(width, height, fix_crc)
+    try:
+        image = validate_upload("claims.png", data, max_pixels=CAP)
+    except ImageTooLargeError:
+        assert width * height > CAP  # refused from the header, before any pixel is decoded
+        return
+    except BadImageError as err:
+        assert err.reason.startswith("claims.png: ")
+        return
+    assert image.width * image.height <= CAP
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_comes_out_upright(orientation: int):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    image = Image.new("RGB", (40, 20), RED)
+    image.paste(BLUE, (0, 0, 10, 10))  # a marker in the stored top-left corner
+    got = decoded_or_refused(encode(image, "JPEG", quality=95, exif=exif.tobytes()))
+    assert got is not None and got.size == ((20, 40) if orientation >= 5 else (40, 20))
+
+
+@given(st.sampled_from(["I;16", "I", "F"]), st.integers(0, 65535), st.integers(0, 65535))
+@settings(max_examples=30, deadline=DEADLINE_MS)
+def test_sixteen_bit_and_float_images_become_eight_bit_rgb(mode: str, low: int, high: int):
+    values = np.linspace(low, high, 64, dtype=np.float64).reshape(8, 8)
+    dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+    image = Image.fromarray(values.astype(dtype))
+    assert image.mode == mode
+    got = decoded_or_refused(encode(image, "TIFF"))
+    assert got is not None and got.size == (8, 8)
+
+
+@given(st.integers(0, 255), st.sampled_from(["PNG", "GIF"]))
+@settings(max_examples=30, deadline=DEADLINE_MS)
+def test_a_palette_with_a_transparent_entry_is_flattened_onto_white(index: int, fmt: str):
+    image = Image.new("P", (4, 4), index)
+    image.putpalette([(i * 7) % 256 for i in range(768)])
+    got = decoded_or_refused(encode(image, fmt, transparency=index))
+    assert got is not None and got.getpixel((0, 0)) == WHITE
