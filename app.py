@@ -10,6 +10,8 @@ from simimg.app import shared
 
 simimg.reuse_freed_memory()  # process-wide allocator tuning: the entry point opts in (once per process)
 st.set_page_config(page_title="simimg", page_icon="🔎", layout="wide")
+if not shared.access_gate():  # a login, or a refusal to serve other machines without one
+    st.stop()
 navigation = st.navigation(
     [
         st.Page("app_pages/search.py", title="Search", icon=":material/image_search:", default=True),

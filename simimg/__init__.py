@@ -70,7 +70,7 @@ PUBLIC: dict[str, str] = {
         "folder_name",
     ),
     **_names("simimg.http.server", "serve"),
-    **_names("simimg.http.config", "ServeConfig"),
+    **_names("simimg.http.config", "ServeConfig", "is_loopback"),
     **_names("simimg.store.layout", "resolve_home", "IndexFolder"),
     **_names("simimg.dataset.images", "load_image", "ImageInput"),
     **_names("simimg.dataset.uploads", "validate_upload", "UPLOAD_TYPES", "DEFAULT_MAX_MB", "MAX_UPLOAD_PIXELS"),

@@ -603,3 +603,34 @@ def test_review_keeps_one_of_a_duplicate_group_and_skips(pooled: Built):
     assert shown[0] not in cards(at) and not at.exception
     at.button(key="review-skipped:shapes").click().run()
     assert cards(at) == shown
+
+
+# --- who may use the app (issue 22, item 6) ----------------------------------------------------------------------
+@pytest.fixture
+def address():
+    """Set Streamlit's server.address for one test, as `--server.address` would."""
+    before = st_config.get_option("server.address")
+    yield lambda value: st_config.set_option("server.address", value)
+    st_config.set_option("server.address", before)
+
+
+def test_on_another_address_the_app_refuses_without_a_login_unless_allowed_open(indexed, address, monkeypatch):
+    address("0.0.0.0")
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    assert not at.exception and "listens on **0.0.0.0**" in at.error[0].value
+    assert "SIMIMG_ALLOW_OPEN=1" in at.error[0].value and not at.file_uploader  # nothing else is shown
+    monkeypatch.setenv("SIMIMG_ALLOW_OPEN", "1")
+    at.run()
+    assert not at.error and uploader(at) is not None
+    address("127.0.0.1")
+    monkeypatch.delenv("SIMIMG_ALLOW_OPEN")
+    assert not AppTest.from_file(APP, default_timeout=120).run().error  # loopback: open, as before
+
+
+def test_with_an_auth_section_only_a_logged_in_user_gets_the_app(indexed, address):
+    address("0.0.0.0")
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.secrets["auth"] = {"redirect_uri": "http://example.test/oauth2callback", "cookie_secret": "x"}
+    at.run()
+    assert not at.exception and not at.error
+    assert [b.label for b in at.button] == ["Log in"] and not at.file_uploader

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import uuid
 from collections.abc import Callable, Iterator
@@ -89,6 +90,43 @@ STYLE = """<style>
 def style() -> None:
     """The app's few style rules (an entry point's choice: `app.py` calls it once per run)."""
     st.html(STYLE)
+
+
+# --- who may use the app ---------------------------------------------------------------------------------
+ALLOW_OPEN_ENV = "SIMIMG_ALLOW_OPEN"
+
+
+def access_gate() -> bool:
+    """Whether this run may show the app (an entry point's choice: `app.py` calls it first).
+
+    With an `[auth]` section in .streamlit/secrets.toml, only a logged-in user may (Streamlit's `st.login`, any
+    OIDC provider). Without one, the app answers anyone who can reach it, which is right on localhost only: on
+    another address it refuses, saying what to do, unless $SIMIMG_ALLOW_OPEN=1 (a proxy in front does the login).
+    """
+    if _login_configured():
+        if st.user.get("is_logged_in"):  # a Mapping: AppTest runs have no user at all
+            return True
+        st.title("simimg", anchor=False)
+        st.button("Log in", type="primary", icon=":material/login:", on_click=st.login)
+        return False
+    address = st.get_option("server.address") or "0.0.0.0"  # unset: Streamlit listens on every interface
+    if simimg.is_loopback(address) or os.environ.get(ALLOW_OPEN_ENV) == "1":
+        return True
+    st.error(
+        f"This app listens on **{address}**, where other machines can reach it, and nothing asks who they are. "
+        'Configure a login (an `[auth]` section in `.streamlit/secrets.toml`: see README, "The app for a '
+        f'team"), or put a proxy that logs people in in front and set `{ALLOW_OPEN_ENV}=1`, or listen on '
+        "localhost (`--server.address localhost`).",
+        icon=":material/lock:",
+    )
+    return False
+
+
+def _login_configured() -> bool:
+    try:
+        return "auth" in st.secrets
+    except (FileNotFoundError, st.errors.StreamlitSecretNotFoundError):
+        return False
 
 
 # --- the index picker and warm services ----------------------------------------------------------------

@@ -3,12 +3,23 @@ and the server's stack loads only when a server starts."""
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from simimg import DEFAULT_MAX_MB, MAX_UPLOAD_PIXELS
 from simimg.errors import SimimgError
 
 TOKEN_ENV = "SIMIMG_API_TOKEN"
+
+
+def is_loopback(host: str) -> bool:
+    """localhost or a loopback address (127.0.0.0/8, ::1): reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from simimg import QueryResult, SearchService, list_indexes, open_index, resolve_home
 from simimg.errors import SimimgError, checked_options
 from simimg.http.batching import Embedded, MicroBatcher, QueueFull, Work, answer
-from simimg.http.config import TOKEN_ENV, ServeConfig
+from simimg.http.config import TOKEN_ENV, ServeConfig, is_loopback
 from simimg.http.inputs import ApiError, decode_inputs, read_inputs
 from simimg.http.schema import (
     IMAGE_ERRORS,
@@ -85,16 +84,6 @@ def check_exposure(host: str, token: str | None) -> None:
         f"--host {host} would let other machines query your indexes without a password: set "
         f"{TOKEN_ENV} to a secret (clients then send `Authorization: Bearer <it>`), or bind 127.0.0.1"
     )
-
-
-def is_loopback(host: str) -> bool:
-    """localhost or a loopback address (127.0.0.0/8, ::1): reachable from this machine only."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def run_server(config: ServeConfig, token: str | None) -> None:
