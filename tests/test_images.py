@@ -11,6 +11,7 @@ import json
 import struct
 import subprocess
 import sys
+import tracemalloc
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -395,3 +396,23 @@ def test_a_palette_with_a_transparent_entry_is_flattened_onto_white(index: int, 
     image.putpalette([(i * 7) % 256 for i in range(768)])
     got = decoded_or_refused(encode(image, fmt, transparency=index))
     assert got is not None and got.getpixel((0, 0)) == WHITE
+
+
+def test_wide_pixels_are_scaled_strip_by_strip_within_a_bounded_footprint(monkeypatch):
+    """Found by scripts/fuzz_decode.py: a 390-byte float TIFF declaring 8 x 16,777,226 pixels took 3.7 GB to
+    decode, through whole-image float64 copies. The scaling now allocates the 8-bit result and a strip or two."""
+    from simimg.dataset import images
+
+    values = np.random.default_rng(0).random((2000, 2000), dtype=np.float32)  # 16 MB as float32
+    image = Image.fromarray(values)
+    monkeypatch.setattr(images, "STRIP_PIXELS", 250_000)  # 16 strips of 1 MB as float32
+    tracemalloc.start()
+    try:
+        got = images._to_uint8(image)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < values.nbytes / 2  # the 4 MB result and a strip or two; whole-image float64 copies took 32+ MB
+    np.testing.assert_array_equal(got, np.rint(values * 255).astype(np.uint8))
+    monkeypatch.setattr(images, "STRIP_PIXELS", 1 << 30)  # one strip: the same pixels
+    np.testing.assert_array_equal(images._to_uint8(image), got)

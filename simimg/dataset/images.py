@@ -20,6 +20,7 @@ ImageInput = str | Path | Image.Image  # what every image-taking call accepts: a
 
 # Pillow's own guard stays on: it raises for more than twice this many pixels.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+STRIP_PIXELS = 1 << 22  # 16/32-bit and float images are scaled to 8 bits this many pixels at a time
 
 
 def read_bytes(path: str | Path) -> bytes:
@@ -70,7 +71,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        image = Image.fromarray(_to_uint8(np.asarray(image), image.mode), mode="L")
+        image = Image.fromarray(_to_uint8(image), mode="L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -80,15 +81,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
-    """Scale 16/32-bit integer or float pixels to 0-255."""
-    array = array.astype(np.float64)
-    if mode == "F":
-        high = 1.0 if array.max(initial=0) <= 1.0 else 255.0
+def _to_uint8(image: Image.Image) -> np.ndarray:
+    """Scale 16/32-bit integer or float pixels to 0-255, strip by strip: a float copy of a whole 130-megapixel
+    image is gigabytes (scripts/fuzz_decode.py found a 390-byte TIFF that took 3.7 GB that way)."""
+    width, height = image.size
+    rows = max(1, STRIP_PIXELS // max(width, 1))
+    strips = [(top, min(top + rows, height)) for top in range(0, height, rows)]
+    peak = max((float(np.asarray(image.crop((0, a, width, b))).max(initial=0)) for a, b in strips), default=0.0)
+    if image.mode == "F":
+        high = 1.0 if peak <= 1.0 else 255.0
     else:
-        high = 65535.0 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
-    scaled: np.ndarray = np.clip(array * (255.0 / high), 0, 255).round().astype(np.uint8)
-    return scaled
+        high = 65535.0 if image.mode.startswith("I;16") or peak > 255 else 255.0
+    out = np.empty((height, width), np.uint8)
+    for a, b in strips:
+        strip = np.array(image.crop((0, a, width, b)), dtype=np.float32)
+        np.nan_to_num(strip, copy=False, nan=0.0)
+        np.multiply(strip, 255.0 / high, out=strip)
+        np.clip(strip, 0, 255, out=strip)
+        out[a:b] = np.rint(strip, out=strip)
+    return out
 
 
 def _unrecognised_reason(data: bytes) -> str:
