@@ -44,6 +44,20 @@ ARGS = {
         "--threads",
         "1",
     ],
+    "serve_soak.py": [
+        "--minutes",
+        "0.15",
+        "--warmup-s",
+        "3",
+        "--sample-s",
+        "1",
+        "--gallery",
+        "8",
+        "--image-size",
+        "32",
+        "--concurrency",
+        "2",
+    ],
     "train_throughput.py": ["--images", "16", "--batch-size", "4", "--epochs", "1", "--workers", "0", *TINY_MODEL],
 }
 # the figures each script's JSON line must hold
@@ -86,6 +100,7 @@ REQUIRED = {
     },
     "index_engines.py": {"images", "local_s", "ray_s", "ratio_ray_over_local", "min_cosine", "same_result"},
     "serve_load.py": {"requests", "concurrency", "errors", "p50_ms", "p99_ms", "rps", "rps_unbatched", "ratio"},
+    "serve_soak.py": {"requests", "answers", "errors", "rss_warm_mib", "rss_growth_after_warmup", "p99_ms_per_minute"},
     "train_throughput.py": {"device", "train_img_s", "raw_step_img_s", "ratio_raw"},
 }
 
@@ -107,6 +122,9 @@ def check_result(script: str, result: dict) -> None:
     assert result.get("errors", 0) == 0
     if script == "scale.py":  # the compressed index is a fraction of float32 and finds what exact search finds
         assert result["index_bytes"] < result["flat_bytes"] and result["recall_at_10"] >= 0.9
+    if script == "serve_soak.py":  # every kind of request was sent and answered as designed; memory was read
+        assert {a.split()[0] for a in result["answers"]} == {"query", "embed", "not_an_image", "too_many"}
+        assert result["rss_start_mib"] > 0 and result["unexpected_errors"] == {}
     if script == "head_only.py":  # the new fit and the grid search it replaced, on the same vectors
         assert [s["set"] for s in result["sets"]] == ["generated 200x4"]
         assert all(s["ratio_grid"] > 0 and 0 <= s["val_accuracy"] <= 1 for s in result["sets"])
