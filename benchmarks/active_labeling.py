@@ -29,6 +29,7 @@ import math
 import statistics
 import tempfile
 import time
+from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +90,7 @@ def main() -> None:
         "classes": data.classes,
         "start_labels": args.start * data.classes,
         "batch": args.batch,
+        "full_curve": args.full_curve,
         "full_label_accuracy": full_accuracy,
         "target_accuracy": target,
         **needed(runs),
@@ -101,7 +103,7 @@ def main() -> None:
     finish(title, rows, summary, args.json)
 
 
-def load(args) -> tuple[Vectors, float]:
+def load(args: Namespace) -> tuple[Vectors, float]:
     """DATA (or generated JPEGs) indexed once in a temporary home, optionally trained first; its split's vectors."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.data).resolve() if args.data else make_jpegs(Path(tmp) / "photos", args.images)
@@ -123,7 +125,7 @@ def start_set(y: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picks))
 
 
-def simulate(data: Vectors, order: str, start: np.ndarray, args, target: float, seed: int) -> dict:
+def simulate(data: Vectors, order: str, start: np.ndarray, args: Namespace, target: float, seed: int) -> dict:
     """One labelling run: fit on the labelled rows, record val accuracy, let the oracle label `args.batch` more
     (the least certain first, or at random), until the target is reached (or, with --full-curve, the pool ends)."""
     rng = np.random.default_rng(seed)
