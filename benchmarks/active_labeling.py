@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 import tempfile
 import time
 from argparse import Namespace
@@ -148,6 +149,7 @@ def simulate(data: Vectors, order: str, start: np.ndarray, args: Namespace, targ
             pool = pool[least_certain_first(probabilities(head, data.x[pool]))]
         labelled += list(pool[: args.batch])
         pool = pool[args.batch :]
+    print(f"{order} from seed {seed}: target reached at {reached} labels, {len(curve)} rounds", file=sys.stderr)
     return {
         "order": order,
         "seed": seed,
