@@ -5,8 +5,9 @@ random order, simulated with an oracle in the same run.
     python benchmarks/active_labeling.py --data ../shared/datasets/cats_dogs --json
     python benchmarks/active_labeling.py --data ../shared/datasets/hymenoptera --epochs 20 --json
 
-Indexes DATA once (random-init DenseNet-121, `--weights none`: no download, at `--image-size`), or with `--epochs`
-trains that model from scratch first (`simimg.train`, which re-embeds the collection) and reads its embeddings;
+Indexes DATA once (DenseNet-121 at `--image-size`; `--weights none` by default, random init: nothing to download;
+`imagenet` where those weights are cached, or a fine-tuned bundle's folder), or with `--epochs` trains that model
+first (`simimg.train`, which re-embeds the collection with it) and reads its embeddings;
 then reads the train and val vectors of the split `simimg train` makes back from the catalog. The full-label head
 is `analysis/classifier.fit_head` on every train vector (what `simimg train --head-only` fits); the target is
 `--target` (0.95) times its val accuracy.
@@ -62,7 +63,8 @@ def main() -> None:
     p.add_argument("--data", help="a folder of class folders (or train/ and val/); default: generated JPEGs")
     p.add_argument("--images", type=int, default=60, help="JPEGs to generate without --data")
     p.add_argument("--image-size", type=int, default=96)
-    p.add_argument("--epochs", type=int, default=0, help="train the model from scratch first (0: random-init features)")
+    p.add_argument("--weights", default="none", help="none (random init), imagenet where cached, or a bundle folder")
+    p.add_argument("--epochs", type=int, default=0, help="train the model from --weights first (0: its features)")
     p.add_argument("--start", type=int, default=2, help="labels per class the loop starts from")
     p.add_argument("--batch", type=int, default=10, help="labels the oracle gives each round")
     p.add_argument("--target", type=float, default=0.95, help="share of the full-label head's val accuracy to reach")
@@ -80,7 +82,7 @@ def main() -> None:
         for order in ORDERS
     ]
     rows = [{k: v for k, v in run.items() if k != "curve"} for run in runs]
-    model = f"densenet121 trained from scratch, {args.epochs} epochs" if args.epochs else "random-init densenet121"
+    model = describe_model(args.weights, args.epochs)
     summary = {
         "benchmark": "active_labeling",
         "data": str(args.data or "generated"),
@@ -108,7 +110,7 @@ def load(args: Namespace) -> tuple[Vectors, float]:
     """DATA (or generated JPEGs) indexed once in a temporary home, optionally trained first; its split's vectors."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.data).resolve() if args.data else make_jpegs(Path(tmp) / "photos", args.images)
-        options = {"device": args.device, "image_size": args.image_size, "weights": "none"}
+        options = {"device": args.device, "image_size": args.image_size, "weights": args.weights}
         started = time.perf_counter()
         simimg.build_index(folder, "active", tmp, **options)
         if args.epochs:  # the trained model is served and the collection embedded with it
@@ -117,6 +119,12 @@ def load(args: Namespace) -> tuple[Vectors, float]:
         split, x, vx = indexed_split(folder, IndexFolder.of(tmp, "active"))
     vectors = Vectors(x, split.labels(split.train), vx, split.labels(split.val), len(split.classes))
     return vectors, index_s
+
+
+def describe_model(weights: str, epochs: int) -> str:
+    """The features the loop ran on, in words for the table's title and the JSON line."""
+    base = "random-init densenet121" if weights == "none" else f"densenet121 from {weights}"
+    return f"{base}, trained {epochs} epochs on the train labels" if epochs else base
 
 
 def start_set(y: np.ndarray, per_class: int, seed: int) -> np.ndarray:

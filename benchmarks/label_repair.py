@@ -6,13 +6,14 @@ audit's top suggestions, keep one of each duplicate group, and refit the head; v
 
 Copies DATA (train/ and val/ class folders; a temporary copy) and injects, with audit_recall.py's code
 (`_common.inject`), `--flips` label flips (an image moved to another class folder of its split) and `--exact`
-exact copies filed under another class (half of them in the other split). Then, through the public API only:
-`build_index` (random-init DenseNet-121, `weights="none"`: no download, at `--image-size`), `train(head_only=True)`
-(before), `audit`; then for each value of `--accept-top`: `accept_suggestions(top=K)`, `keep_one` on every exact
-duplicate group the audit reports across classes, keeping the group's first path in the audit's order (a user
-cannot tell which copy is right; the audit lists paths in split order, train before val, then by path), and
-`train(head_only=True)` again (after). Every batch is then taken back with `undo_labels`, so each K starts from
-the same audit and labels.
+exact copies filed under another class (half of them in the other split). Then the repair, through the public API
+only: `build_index` (DenseNet-121 at `--image-size`, random init by default: `--weights none`, nothing to
+download), `train(head_only=True)` (before), `audit`; then for each value of `--accept-top`:
+`accept_suggestions(top=K)`, `keep_one` on every exact duplicate group the audit reports across classes, keeping
+the group's first path in the audit's order (a user cannot tell which copy is right; the audit lists paths in
+split order, train before val, then by class folder and name), and `train(head_only=True)` again (after). Every
+batch is then taken back with `undo_labels`, so each K starts from the same audit and labels. (Scoring reads the
+catalog's vectors and the served model's head directly.)
 
 K: an int, a percentage of the label issues the audit flags ("10%"), or "all" (what `simimg labels accept` does
 without --top); 0 accepts nothing and only keeps one of each duplicate group (what deduplication alone does). The
@@ -76,6 +77,7 @@ def main() -> None:
     p.add_argument("--exact", type=int, default=10)
     p.add_argument("--accept-top", default="0,10%,all", help="K values, comma-separated: N, N%% of flagged, all")
     p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--weights", default="none", help="none (random init), imagenet where cached, or a bundle folder")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     started = time.perf_counter()
@@ -83,7 +85,7 @@ def main() -> None:
         copy, home = Path(tmp) / "data", Path(tmp) / "home"
         copy_dataset(args.data, copy, args.images, 0, args.seed)
         truth = inject(copy, args.flips, args.exact, 0, np.random.default_rng(args.seed))
-        simimg.build_index(copy, NAME, home, device=args.device, image_size=args.image_size, weights="none")
+        simimg.build_index(copy, NAME, home, device=args.device, image_size=args.image_size, weights=args.weights)
         val, clean = true_val(copy, home, truth)
         began = time.perf_counter()
         before = simimg.train(copy, NAME, home, head_only=True, device=args.device, seed=args.seed)
@@ -99,7 +101,7 @@ def main() -> None:
         "data": str(args.data or "generated"),
         "images": report.summary["images"],
         "image_size": args.image_size,
-        "model": "random-init densenet121",
+        "model": "random-init densenet121" if args.weights == "none" else f"densenet121 from {args.weights}",
         "flips_injected": len(truth.flips),
         "copies_injected": len(truth.exact),
         "label_issues_flagged": flagged,
