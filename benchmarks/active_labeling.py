@@ -123,8 +123,10 @@ def load(args: Namespace) -> tuple[Vectors, float]:
 
 def describe_model(weights: str, epochs: int) -> str:
     """The features the loop ran on, in words for the table's title and the JSON line."""
-    base = "random-init densenet121" if weights == "none" else f"densenet121 from {weights}"
-    return f"{base}, trained {epochs} epochs on the train labels" if epochs else base
+    start = "random init" if weights == "none" else weights
+    if epochs:
+        return f"densenet121 trained {epochs} epochs from {start} on the train labels"
+    return "random-init densenet121" if weights == "none" else f"densenet121 from {weights}"
 
 
 def start_set(y: np.ndarray, per_class: int, seed: int) -> np.ndarray:
