@@ -107,7 +107,8 @@ def main() -> None:
         "label_issues_flagged": flagged,
         "val_true_before": rows[0]["val_true"],
         "val_reported_before": rows[0]["val_reported"],
-        "val_true_clean": clean,
+        "c_before": rows[0]["c"],
+        **clean,
         "runs": rows[1:],
         "seconds": round(time.perf_counter() - started, 1),
         "hardware": hardware(resolve_device(args.device)),
@@ -130,9 +131,9 @@ def tops(text: str, flagged: int) -> list[tuple[str, int | None]]:
     return out
 
 
-def true_val(copy: Path, home: Path, truth: Injected) -> tuple[TrueVal, float]:
-    """The original val images with their true classes (vectors as first indexed), and the val accuracy of a head
-    fitted on the train images' true labels, the injected copies left out of both."""
+def true_val(copy: Path, home: Path, truth: Injected) -> tuple[TrueVal, dict]:
+    """The original val images with their true classes (vectors as first indexed), and the val accuracy (and C) of a
+    head fitted on the train images' true labels, the injected copies left out of both."""
     split, x, vx = indexed_split(copy, IndexFolder.of(home, NAME))
     copies = {target for _, target, _ in truth.exact}
 
@@ -145,16 +146,18 @@ def true_val(copy: Path, home: Path, truth: Injected) -> tuple[TrueVal, float]:
     head = fit_head(x[train_rows], np.array([number[c] for c in train_labels]), len(split.classes))
     predicted = (vx[val_rows] @ head.weight.T + head.bias).argmax(axis=1)
     clean = float(np.mean([split.classes[p] == t for p, t in zip(predicted, val_labels)]))
-    return TrueVal(vx[val_rows], val_labels), clean
+    return TrueVal(vx[val_rows], val_labels), {"val_true_clean": clean, "c_clean": head.c}
 
 
 def accuracies(report: TrainReport, home: Path, val: TrueVal) -> dict:
-    """The served head (the model `train` just made) on the true val set, and the accuracy train reported."""
+    """The served head (the model `train` just made) on the true val set, the accuracy train reported, and the C
+    its fit chose (the val accuracy of these heads moves by several points with C)."""
     loaded = load_model(IndexFolder.of(home, NAME), report.model)
     with torch.no_grad():
         predicted = loaded.net.logits(torch.from_numpy(val.vectors)).argmax(dim=1).tolist()
     right = [loaded.bundle.classes[p] == t for p, t in zip(predicted, val.labels)]
-    return {"val_true": float(np.mean(right)), "val_reported": report.val_accuracy}
+    assert report.head is not None, "a head-only run reports its head"
+    return {"val_true": float(np.mean(right)), "val_reported": report.val_accuracy, "c": report.head["C"]}
 
 
 def repair(
