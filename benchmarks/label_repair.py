@@ -56,6 +56,7 @@ from simimg.store.model_store import load_model
 
 if TYPE_CHECKING:
     from simimg.dataset.scan import Record
+    from simimg.jobs.audit_config import AuditReport
     from simimg.jobs.train_config import TrainReport
 
 NAME = "repair"
@@ -95,7 +96,7 @@ def main() -> None:
         counts = {"accepted": 0, "groups_kept_one": 0, **score({}, set(), truth)}
         rows = [{"accept_top": "before", **counts, **accuracies(before, home, val), "seconds": seconds}]
         for label, top in tops(args.accept_top, flagged):
-            rows.append({"accept_top": label, **repair(copy, home, report.duplicates, top, truth, val, args)})
+            rows.append({"accept_top": label, **repair(copy, home, report, top, truth, val, args)})
     summary = {
         "benchmark": "label_repair",
         "data": str(args.data or "generated"),
@@ -161,16 +162,17 @@ def accuracies(report: TrainReport, home: Path, val: TrueVal) -> dict:
 
 
 def repair(
-    copy: Path, home: Path, duplicates: list[dict], top: int | None, truth: Injected, val: TrueVal, args: Namespace
+    copy: Path, home: Path, report: AuditReport, top: int | None, truth: Injected, val: TrueVal, args: Namespace
 ) -> dict:
     """One user's repair from the audit: accept its top `top` suggestions (none when 0), keep the first path of each
     cross-class exact group, refit the head; scored, then every batch undone. Relabels are read right after the
     accept (a later exclusion of the same image replaces its relabel among the edits in force)."""
     started = time.perf_counter()
-    if top != 0:
+    accepting = top != 0 and len(report.label_issues) > 0  # accept_suggestions refuses an audit with nothing to accept
+    if accepting:
         simimg.accept_suggestions(NAME, top=top, home=home)
     relabelled = {e["path"]: e["new_label"] for e in simimg.label_edits(NAME, home) if e["action"] == "set"}
-    groups = [d["paths"] for d in duplicates if d["kind"] == "exact" and d["cross_class"]]
+    groups = [d["paths"] for d in report.duplicates if d["kind"] == "exact" and d["cross_class"]]
     for group in groups:
         simimg.keep_one(NAME, group[0], group, home)
     after = simimg.train(copy, NAME, home, head_only=True, device=args.device, seed=args.seed)
@@ -178,7 +180,7 @@ def repair(
     excluded = {e["path"] for e in simimg.label_edits(NAME, home) if e["action"] == "exclude"}
     counts = {"accepted": len(relabelled), "groups_kept_one": len(groups), **score(relabelled, excluded, truth)}
     undone = undo_all(home)
-    assert undone == (top != 0) + len(groups), (undone, top, len(groups))
+    assert undone == accepting + len(groups), (undone, top, len(groups))
     return {**counts, **accuracies(after, home, val), "seconds": seconds}
 
 
