@@ -10,17 +10,25 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
+if TYPE_CHECKING:
+    from simimg.dataset.splits import Split
+    from simimg.store.layout import IndexFolder
+
 PHOTO_SIZE = (500, 375)
+SPLITS = ("train", "val")
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -166,3 +174,90 @@ class EmbeddingLike:
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+# --- problems injected into a copy of a labelled folder (audit_recall.py, label_repair.py) -------------------
+@dataclass
+class Injected:
+    """What was done to the copy, by path relative to it."""
+
+    flips: dict[str, str] = field(default_factory=dict)  # moved image -> its true class
+    exact: list[tuple[str, str, bool]] = field(default_factory=list)  # (original, copy, crosses splits)
+    near: list[tuple[str, str]] = field(default_factory=list)  # (train original, val re-encoding)
+
+
+def copy_dataset(data: str | None, copy: Path, images: int, per_class: int, seed: int) -> None:
+    """DATA's train/ and val/ class folders (at most `per_class` images each, a seeded pick), or generated JPEGs."""
+    if data is None:
+        for i, split in enumerate(SPLITS):
+            make_jpegs(copy / split, images, size=(160, 120), seed=seed + i)
+        return
+    rng = np.random.default_rng(seed)
+    for split in SPLITS:
+        folders = (
+            sorted(d for d in (Path(data) / split).iterdir() if d.is_dir()) if (Path(data) / split).is_dir() else []
+        )
+        if not folders:
+            raise SystemExit(f"{data} has no {split}/ class folders: the injected leaks need train/ and val/")
+        for folder in folders:
+            files = sorted(f for f in folder.iterdir() if f.is_file())
+            if per_class:
+                files = [files[i] for i in sorted(rng.permutation(len(files))[:per_class])]
+            (copy / split / folder.name).mkdir(parents=True)
+            for f in files:
+                shutil.copy2(f, copy / split / folder.name / f.name)
+
+
+def inject(copy: Path, flips: int, exact: int, near: int, rng: np.random.Generator) -> Injected:
+    """Label flips, cross-class exact copies and cross-split near-duplicates, on distinct images of the copy."""
+    files = sorted(str(f.relative_to(copy)) for f in copy.glob("*/*/*") if f.is_file())
+    classes = sorted({f.split("/")[1] for f in files})
+    train = [f for f in files if f.startswith("train/")]
+    near_sources = [train[i] for i in rng.permutation(len(train))[:near]]
+    rest = [f for f in files if f not in set(near_sources)]
+    picked = [rest[i] for i in rng.permutation(len(rest))[: flips + exact]]
+    truth = Injected()
+    for i, source in enumerate(near_sources):
+        target = f"val/{source.split('/')[1]}/near_{i:03d}.jpg"
+        with Image.open(copy / source) as image:
+            rgb = image.convert("RGB")
+            rgb.resize((rgb.width * 3 // 4, rgb.height * 3 // 4), Image.Resampling.BILINEAR).save(
+                copy / target, quality=75
+            )
+        truth.near.append((source, target))
+    for i, source in enumerate(picked[flips:]):
+        split, label, name = source.split("/")
+        other_split = SPLITS[1 - SPLITS.index(split)] if i % 2 else split
+        target = f"{other_split}/{_other(label, classes, rng)}/exact_{i:03d}{Path(name).suffix}"
+        shutil.copy2(copy / source, copy / target)
+        truth.exact.append((source, target, other_split != split))
+    for source in picked[:flips]:
+        split, label, name = source.split("/")
+        target = f"{split}/{_other(label, classes, rng)}/flip_{name}"
+        (copy / source).rename(copy / target)
+        truth.flips[target] = label
+    return truth
+
+
+def _other(label: str, classes: list[str], rng: np.random.Generator) -> str:
+    return str(rng.choice([c for c in classes if c != label]))
+
+
+# --- an indexed folder's split and its stored vectors (head_only.py, active_labeling.py) ----------------------
+def indexed_split(folder: str | Path, index: IndexFolder) -> tuple[Split, np.ndarray, np.ndarray]:
+    """The folder's split as `simimg train` makes it (folder labels, no edits), with the vectors the catalog holds
+    for its train and val images (rows in the split's order; images the index does not hold are left out).
+    simimg is imported here, not at the top: scripts that never call this start without it."""
+    from simimg.dataset.splits import split_dataset
+    from simimg.store.catalog import reading
+
+    split = split_dataset(folder)
+    with reading(index.catalog) as catalog:
+        read = catalog.snapshot_with_vectors()
+    assert read is not None, "the index was just built"
+    snapshot, vectors = read
+    row = {path: n for n, path in enumerate(snapshot.paths)}
+    train = tuple(r for r in split.train if r.path in row)
+    val = tuple(r for r in split.val if r.path in row)
+    x, vx = (np.stack([vectors[row[r.path]] for r in rs]).astype(np.float32) for rs in (train, val))
+    return replace(split, train=train, val=val), x, vx

@@ -15,28 +15,14 @@ of byte-identical files (hashed here, the dataset's own ones included) is report
 from __future__ import annotations
 
 import hashlib
-import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 import simimg
-from _common import finish, hardware, make_jpegs, parser
+from _common import Injected, copy_dataset, finish, hardware, inject, parser
 from simimg.models.device import resolve_device
-
-SPLITS = ("train", "val")
-
-
-@dataclass
-class Injected:
-    """What was done to the copy, by path relative to it."""
-
-    flips: dict[str, str] = field(default_factory=dict)  # moved image -> its true class
-    exact: list[tuple[str, str, bool]] = field(default_factory=list)  # (original, copy, crosses splits)
-    near: list[tuple[str, str]] = field(default_factory=list)  # (train original, val re-encoding)
 
 
 def main() -> None:
@@ -75,59 +61,6 @@ def main() -> None:
         "hardware": hardware(resolve_device(args.device)),
     }
     finish(f"simimg audit on injected problems ({model})", rows, summary, args.json)
-
-
-def copy_dataset(data: str | None, copy: Path, images: int, per_class: int, seed: int) -> None:
-    """DATA's train/ and val/ class folders (at most `per_class` images each, a seeded pick), or generated JPEGs."""
-    if data is None:
-        for i, split in enumerate(SPLITS):
-            make_jpegs(copy / split, images, size=(160, 120), seed=seed + i)
-        return
-    rng = np.random.default_rng(seed)
-    for split in SPLITS:
-        folders = (
-            sorted(d for d in (Path(data) / split).iterdir() if d.is_dir()) if (Path(data) / split).is_dir() else []
-        )
-        if not folders:
-            raise SystemExit(f"{data} has no {split}/ class folders: the injected leaks need train/ and val/")
-        for folder in folders:
-            files = sorted(f for f in folder.iterdir() if f.is_file())
-            if per_class:
-                files = [files[i] for i in sorted(rng.permutation(len(files))[:per_class])]
-            (copy / split / folder.name).mkdir(parents=True)
-            for f in files:
-                shutil.copy2(f, copy / split / folder.name / f.name)
-
-
-def inject(copy: Path, flips: int, exact: int, near: int, rng: np.random.Generator) -> Injected:
-    """Label flips, cross-class exact copies and cross-split near-duplicates, on distinct images of the copy."""
-    files = sorted(str(f.relative_to(copy)) for f in copy.glob("*/*/*") if f.is_file())
-    classes = sorted({f.split("/")[1] for f in files})
-    train = [f for f in files if f.startswith("train/")]
-    near_sources = [train[i] for i in rng.permutation(len(train))[:near]]
-    rest = [f for f in files if f not in set(near_sources)]
-    picked = [rest[i] for i in rng.permutation(len(rest))[: flips + exact]]
-    truth = Injected()
-    for i, source in enumerate(near_sources):
-        target = f"val/{source.split('/')[1]}/near_{i:03d}.jpg"
-        with Image.open(copy / source) as image:
-            rgb = image.convert("RGB")
-            rgb.resize((rgb.width * 3 // 4, rgb.height * 3 // 4), Image.Resampling.BILINEAR).save(
-                copy / target, quality=75
-            )
-        truth.near.append((source, target))
-    for i, source in enumerate(picked[flips:]):
-        split, label, name = source.split("/")
-        other_split = SPLITS[1 - SPLITS.index(split)] if i % 2 else split
-        target = f"{other_split}/{_other(label, classes, rng)}/exact_{i:03d}{Path(name).suffix}"
-        shutil.copy2(copy / source, copy / target)
-        truth.exact.append((source, target, other_split != split))
-    for source in picked[:flips]:
-        split, label, name = source.split("/")
-        target = f"{split}/{_other(label, classes, rng)}/flip_{name}"
-        (copy / source).rename(copy / target)
-        truth.flips[target] = label
-    return truth
 
 
 def identical_files(root: Path) -> list[set[str]]:
@@ -185,10 +118,6 @@ def score(report: dict, truth: Injected, identical: list[set[str]]) -> tuple[lis
         "outliers": len(report["outliers"]),
     }
     return rows, figures
-
-
-def _other(label: str, classes: list[str], rng: np.random.Generator) -> str:
-    return str(rng.choice([c for c in classes if c != label]))
 
 
 if __name__ == "__main__":

@@ -36,11 +36,9 @@ import torch
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
-from _common import finish, hardware, make_jpegs, median, parser
+from _common import finish, hardware, indexed_split, make_jpegs, median, parser
 from simimg.analysis.classifier import C_GRID, MAX_FOLDS, FittedHead, fit_head
-from simimg.dataset.splits import split_dataset
 from simimg.models.device import resolve_device
-from simimg.store.catalog import reading
 from simimg.store.layout import IndexFolder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,16 +226,8 @@ def labelled_vectors(
 
 def indexed(folder: str, index: IndexFolder) -> DataSet:
     """The folder's split as `simimg train` makes it, with the vectors the catalog holds."""
-    split = split_dataset(folder)
-    with reading(index.catalog) as catalog:
-        read = catalog.snapshot_with_vectors()
-    assert read is not None, "the index was just built"
-    snapshot, vectors = read
-    row = {path: n for n, path in enumerate(snapshot.paths)}
-    train = [r for r in split.train if r.path in row]
-    val = [r for r in split.val if r.path in row]
-    x, vx = (np.stack([vectors[row[r.path]] for r in rs]).astype(np.float32) for rs in (train, val))
-    return Path(folder).name, x, split.labels(train), vx, split.labels(val), len(split.classes)
+    split, x, vx = indexed_split(folder, index)
+    return Path(folder).name, x, split.labels(split.train), vx, split.labels(split.val), len(split.classes)
 
 
 def end_to_end(folder: str, common: list[str], repeats: int) -> dict:

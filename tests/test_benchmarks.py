@@ -5,6 +5,7 @@ No timing is asserted here: speed claims live in benchmarks/README.md, measured 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -26,8 +27,21 @@ BENCH_ENV = {
 
 # each script's arguments for a tiny run; the scripts the GPU suite runs take its arguments
 ARGS = {
+    "active_labeling.py": ["--images", "40", "--start", "2", "--batch", "4", *TINY_MODEL],
     "audit_recall.py": ["--images", "12", "--flips", "2", "--exact", "2", "--near", "2", "--image-size", "32"],
     "head_only.py": ["--images", "12", "--sizes", "200x4", "--dim", "64", *TINY_MODEL],
+    "label_repair.py": [
+        "--images",
+        "16",
+        "--flips",
+        "2",
+        "--exact",
+        "2",
+        "--image-size",
+        "32",
+        "--accept-top",
+        "0,all",
+    ],
     "scale.py": ["--n", "3000", "--dim", "32", "--queries", "10", "--nprobe", "8"],
     "index_engines.py": ["--images", "8", "--batch-size", "4", "--repeats", "1", "--image-size", "32"],
     "serve_load.py": [
@@ -62,6 +76,15 @@ ARGS = {
 }
 # the figures each script's JSON line must hold
 REQUIRED = {
+    "active_labeling.py": {
+        "pool",
+        "start_labels",
+        "full_label_accuracy",
+        "labels_needed_uncertainty",
+        "labels_needed_random",
+        "ratio_random_over_uncertainty",
+        "curves",
+    },
     "audit_recall.py": {"exact_recall", "identical_groups", "near_threshold", "audit_s"},
     "index_throughput.py": {
         "device",
@@ -76,6 +99,7 @@ REQUIRED = {
         "ratio_baseline",
     },
     "head_only.py": {"images", "head_only_s", "index_after_embedded", "sets", "min_ratio_grid"},
+    "label_repair.py": {"images", "flips_injected", "copies_injected", "label_issues_flagged", "runs", "seconds"},
     "scale.py": {
         "n",
         "dim",
@@ -131,8 +155,55 @@ def check_result(script: str, result: dict) -> None:
     if script == "audit_recall.py":  # every byte-identical group, injected or not, is reported
         assert result["exact_recall"] == 1.0 and result["identical_groups_reported"] == result["identical_groups"]
         assert 0 <= result["near_recall"] <= 1 and 0 <= result["flip_recall"] <= 1
+    if script == "active_labeling.py":
+        check_active_labeling(result)
+    if script == "label_repair.py":
+        check_label_repair(result)
     if result.get("precision") == "bf16" or result.get("runtime") == "openvino":  # and torch float32 in the same run
         assert {"fp32_model_only_img_s", "fp32_query_p50_ms"} & set(result), result
+
+
+def check_active_labeling(result: dict) -> None:
+    """Labels needed lie between the start and the pool, each curve grows by the batch from the start labels, first
+    reaches the target where its run says (and stops there unless --full-curve), and the ratio is the medians'."""
+    start, pool, batch, target = (result[k] for k in ("start_labels", "pool", "batch", "target_accuracy"))
+    for order in ("uncertainty", "random"):
+        needed = result[f"labels_needed_{order}"]
+        assert needed is None or (isinstance(needed, int) and start <= needed <= pool), needed
+        runs = result[f"labels_needed_{order}_runs"]
+        assert needed in runs and len(runs) == len(result["curves"][order])
+        for run, curve in zip(runs, result["curves"][order]):
+            counts, accuracies = [n for n, _ in curve], [a for _, a in curve]
+            steps = [b - a for a, b in itertools.pairwise(counts)]
+            assert counts[0] == start and all(s == batch for s in steps[:-1]) and min(steps, default=1) > 0, counts
+            assert max(steps, default=0) <= batch, counts
+            assert counts[-1] <= pool and all(0 <= a <= 1 for a in accuracies)
+            reached = [a >= target - 1e-4 for a in accuracies]  # the curve's accuracies have 4 decimals
+            if run is None:
+                assert counts[-1] == pool and not any(a >= target + 1e-4 for a in accuracies), curve
+            else:
+                at = counts.index(run)
+                assert reached[at] and not any(a >= target + 1e-4 for a in accuracies[:at]), (run, curve)
+                assert result["full_curve"] or counts[-1] == run
+    by_uncertainty, by_random = result["labels_needed_uncertainty"], result["labels_needed_random"]
+    if by_uncertainty and by_random:
+        assert result["ratio_random_over_uncertainty"] == pytest.approx(by_random / by_uncertainty)
+
+
+def check_label_repair(result: dict) -> None:
+    """Fixed never exceeds injected, every injected copy ends with one image of its pair left (the audit finds
+    every exact duplicate), K=0 relabels nothing and K=all takes every flagged issue, accuracies are shares."""
+    flips, copies, flagged = result["flips_injected"], result["copies_injected"], result["label_issues_flagged"]
+    assert [r["accept_top"] for r in result["runs"]] == ["0", "all"]
+    for run in result["runs"]:
+        assert 0 <= run["flips_fixed"] + run["flips_relabelled_wrong"] <= flips
+        assert run["copies_resolved"] == copies and 0 <= run["copies_kept_wrong_label"] <= copies
+        assert 0 <= run["correct_relabelled"] <= run["accepted"] <= flagged
+        assert 0 <= run["val_true"] <= 1 and 0 <= run["val_reported"] <= 1
+    no_accept, accept_all = result["runs"]
+    assert no_accept["accepted"] == no_accept["flips_fixed"] == no_accept["correct_relabelled"] == 0
+    assert accept_all["accepted"] == flagged  # the previous K's batches were all undone
+    assert all(0 <= result[k] <= 1 for k in ("val_true_before", "val_reported_before", "val_true_clean"))
 
 
 @pytest.mark.parametrize("script", sorted(ARGS))
