@@ -23,14 +23,19 @@ APP = str(ROOT / "app.py")
 
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Run the app from an empty folder of its own: ./data and ./indexes are the test's."""
+    """Run the app from an empty folder of its own: ./data and ./indexes are the test's. The server address is
+    localhost, as the repository's .streamlit/config.toml sets it (this folder has none)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SIMIMG_HOME", str(tmp_path / "indexes"))
     monkeypatch.setenv("SIMIMG_OFFLINE", "1")
     monkeypatch.delenv("SIMIMG_DATA_ROOTS", raising=False)
+    monkeypatch.delenv("SIMIMG_ALLOW_OPEN", raising=False)
     st.cache_resource.clear()
     st.cache_data.clear()
-    return tmp_path
+    before = st_config.get_option("server.address")
+    st_config.set_option("server.address", "localhost")
+    yield tmp_path
+    st_config.set_option("server.address", before)
 
 
 @pytest.fixture
@@ -92,7 +97,7 @@ def test_first_run_shows_the_guide_and_builds_the_demo(workdir: Path):
     assert "**36** images" in at.caption[0].value
 
 
-@pytest.mark.parametrize("page", ["app_pages/inspect.py"])
+@pytest.mark.parametrize("page", ["app_pages/inspect.py", "app_pages/review.py"])
 def test_other_pages_offer_the_guide_without_an_index(workdir: Path, page: str):
     at = open_app(page)
     assert any("Put class folders" in m.value for m in at.markdown)
@@ -606,15 +611,12 @@ def test_review_keeps_one_of_a_duplicate_group_and_skips(pooled: Built):
 
 
 # --- who may use the app (issue 22, item 6) ----------------------------------------------------------------------
-@pytest.fixture
-def address():
-    """Set Streamlit's server.address for one test, as `--server.address` would."""
-    before = st_config.get_option("server.address")
-    yield lambda value: st_config.set_option("server.address", value)
-    st_config.set_option("server.address", before)
+def address(value: str) -> None:
+    """Set Streamlit's server.address, as `--server.address` would (the workdir fixture restores it)."""
+    st_config.set_option("server.address", value)
 
 
-def test_on_another_address_the_app_refuses_without_a_login_unless_allowed_open(indexed, address, monkeypatch):
+def test_on_another_address_the_app_refuses_without_a_login_unless_allowed_open(indexed, monkeypatch):
     address("0.0.0.0")
     at = AppTest.from_file(APP, default_timeout=120).run()
     assert not at.exception and "listens on **0.0.0.0**" in at.error[0].value
@@ -627,7 +629,7 @@ def test_on_another_address_the_app_refuses_without_a_login_unless_allowed_open(
     assert not AppTest.from_file(APP, default_timeout=120).run().error  # loopback: open, as before
 
 
-def test_with_an_auth_section_only_a_logged_in_user_gets_the_app(indexed, address):
+def test_with_an_auth_section_only_a_logged_in_user_gets_the_app(indexed):
     address("0.0.0.0")
     at = AppTest.from_file(APP, default_timeout=120)
     at.secrets["auth"] = {"redirect_uri": "http://example.test/oauth2callback", "cookie_secret": "x"}
