@@ -624,8 +624,10 @@ def test_on_another_address_the_app_refuses_without_a_login_unless_allowed_open(
     monkeypatch.setenv("SIMIMG_ALLOW_OPEN", "1")
     at.run()
     assert not at.error and uploader(at) is not None
-    address("127.0.0.1")
     monkeypatch.delenv("SIMIMG_ALLOW_OPEN")
+    address("")  # no address at all: Streamlit listens on every interface
+    assert "listens on every network interface" in AppTest.from_file(APP, default_timeout=120).run().error[0].value
+    address("127.0.0.1")
     assert not AppTest.from_file(APP, default_timeout=120).run().error  # loopback: open, as before
 
 

@@ -109,11 +109,12 @@ def access_gate() -> bool:
         st.title("simimg", anchor=False)
         st.button("Log in", type="primary", icon=":material/login:", on_click=st.login)
         return False
-    address = st.get_option("server.address") or "0.0.0.0"  # unset: Streamlit listens on every interface
-    if simimg.is_loopback(address) or os.environ.get(ALLOW_OPEN_ENV) == "1":
+    address = st.get_option("server.address")  # unset: Streamlit listens on every interface
+    if (address and simimg.is_loopback(address)) or os.environ.get(ALLOW_OPEN_ENV) == "1":
         return True
+    where = f"on **{address}**" if address else "on every network interface"
     st.error(
-        f"This app listens on **{address}**, where other machines can reach it, and nothing asks who they are. "
+        f"This app listens {where}, where other machines can reach it, and nothing asks who they are. "
         'Configure a login (an `[auth]` section in `.streamlit/secrets.toml`: see README, "The app for a '
         f'team"), or put a proxy that logs people in in front and set `{ALLOW_OPEN_ENV}=1`, or listen on '
         "localhost (`--server.address localhost`).",
