@@ -156,7 +156,7 @@ def simulate(data: Vectors, order: str, start: np.ndarray, args: Namespace, targ
         if len(pool) == 0 or (reached is not None and not args.full_curve):
             break
         if order == "uncertainty":  # the Review queue, ranked by the head just fitted
-            pool = pool[least_certain_first(probabilities(head, data.x[pool]))]
+            pool = pool[least_certain_first(head.probabilities(data.x[pool]))]
         labelled += list(pool[: args.batch])
         pool = pool[args.batch :]
     print(f"{order} from seed {seed}: target reached at {reached} labels, {len(curve)} rounds", file=sys.stderr)
@@ -187,16 +187,8 @@ def needed(runs: list[dict]) -> dict:
     return {**figures, "ratio_random_over_uncertainty": ratio}
 
 
-def probabilities(head: FittedHead, x: np.ndarray) -> np.ndarray:
-    """The head's softmax, as `simimg predict` and the Review page compute it."""
-    logits = x @ head.weight.T + head.bias
-    logits = logits - logits.max(axis=1, keepdims=True)
-    odds = np.exp(logits)
-    return odds / odds.sum(axis=1, keepdims=True)
-
-
 def accuracy(head: FittedHead, data: Vectors) -> float:
-    return float(((data.vx @ head.weight.T + head.bias).argmax(axis=1) == data.vy).mean())
+    return float((head.logits(data.vx).argmax(axis=1) == data.vy).mean())
 
 
 if __name__ == "__main__":

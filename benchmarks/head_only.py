@@ -140,7 +140,7 @@ def timed_fit(fit: Fit, x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.nda
     started, cpu = time.perf_counter(), time.process_time()
     head = fit(x, y, classes, 0)
     seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu
-    accuracy = float(((vx @ head.weight.T + head.bias).argmax(axis=1) == vy).mean())
+    accuracy = float((head.logits(vx).argmax(axis=1) == vy).mean())
     return {"s": seconds, "cpu_s": cpu_s, "accuracy": accuracy, "c": head.c}
 
 

@@ -145,7 +145,7 @@ def true_val(copy: Path, home: Path, truth: Injected) -> tuple[TrueVal, dict]:
     (train_rows, train_labels), (val_rows, val_labels) = kept(split.train), kept(split.val)
     number = {c: i for i, c in enumerate(split.classes)}
     head = fit_head(x[train_rows], np.array([number[c] for c in train_labels]), len(split.classes))
-    predicted = (vx[val_rows] @ head.weight.T + head.bias).argmax(axis=1)
+    predicted = head.logits(vx[val_rows]).argmax(axis=1)
     clean = float(np.mean([split.classes[p] == t for p, t in zip(predicted, val_labels)]))
     return TrueVal(vx[val_rows], val_labels), {"val_true_clean": clean, "c_clean": head.c}
 

@@ -45,6 +45,15 @@ class FittedHead:
     bias: np.ndarray
     c: float
 
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x @ self.weight.T + self.bias)
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """The softmax of each row's logits (what head-only training validates and the Review queues order by)."""
+        z = self.logits(x)
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return np.asarray(z / z.sum(axis=1, keepdims=True))
+
 
 @dataclass(frozen=True)
 class CrossValidation:

@@ -140,8 +140,6 @@ def _head_probabilities(
     classes = sorted({str(label) for label in labels})
     if len(classes) < 2:
         raise SimimgError(f"a head needs labelled images of 2 classes or more; this index has {len(classes)}")
-    y = np.array([classes.index(str(label)) for label in labels])
-    head = fit_head(vectors[labelled], y, len(classes))
-    z = rows @ head.weight.T.astype(np.float32) + head.bias.astype(np.float32)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return classes, z / z.sum(axis=1, keepdims=True)
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index[str(label)] for label in labels])
+    return classes, fit_head(vectors[labelled], y, len(classes)).probabilities(rows)

@@ -69,7 +69,7 @@ def train_head(config: TrainConfig, split: Split, folder: IndexFolder, compute: 
     x = np.stack([vectors[i] for i in train_rows + val_rows])
     head = fit_head(x[: len(train_rows)], labels[train_rows], len(split.classes), config.seed)
     hooks.on_phase("validating")
-    probs = _softmax(x[len(train_rows) :] @ head.weight.T + head.bias)
+    probs = head.probabilities(x[len(train_rows) :])
     metrics = classification_metrics(labels[val_rows], probs, split.classes)
     hooks.on_phase("saving")
     bundle = _keep_head(folder, base, head, split, metrics, config, found.counts)
@@ -279,9 +279,3 @@ def _keep_head(
     }
     publish_model(folder, model.net, bundle, extras)
     return bundle
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probabilities: np.ndarray = z / z.sum(axis=1, keepdims=True)
-    return probabilities
