@@ -97,11 +97,10 @@ def _audit_queue(
 
 
 def _unlabeled_queue(snapshot: Snapshot, vectors: np.ndarray) -> list[ReviewItem]:
-    labelled = np.array([label is not None for label in snapshot.labels])
-    pool = np.flatnonzero(~labelled)
+    pool = np.flatnonzero([label is None for label in snapshot.labels])
     if not len(pool):
         return []
-    classes, probabilities = _head_probabilities(snapshot, vectors, labelled, vectors[pool])
+    classes, probabilities = _head_probabilities(snapshot, vectors, vectors[pool])
     order = least_certain_first(probabilities)
     margin = margins(probabilities)
     best = probabilities.argmax(axis=1)
@@ -116,8 +115,7 @@ def _class_queue(snapshot: Snapshot, vectors: np.ndarray, label: str | None) -> 
     if label is None or not len(members):
         known = sorted({lab for lab in snapshot.labels if lab is not None})
         raise SimimgError(f"the class queue needs one of the index's classes ({', '.join(known)}), not {label!r}")
-    labelled = np.array([lab is not None for lab in snapshot.labels])
-    classes, probabilities = _head_probabilities(snapshot, vectors, labelled, vectors[members])
+    classes, probabilities = _head_probabilities(snapshot, vectors, vectors[members])
     best = probabilities.argmax(axis=1)
     score = typicality(vectors[members])
     return [
@@ -132,10 +130,9 @@ def _class_queue(snapshot: Snapshot, vectors: np.ndarray, label: str | None) -> 
     ]
 
 
-def _head_probabilities(
-    snapshot: Snapshot, vectors: np.ndarray, labelled: np.ndarray, rows: np.ndarray
-) -> tuple[list[str], np.ndarray]:
+def _head_probabilities(snapshot: Snapshot, vectors: np.ndarray, rows: np.ndarray) -> tuple[list[str], np.ndarray]:
     """(classes, probabilities of `rows`) from a head fitted on every labelled vector, as a head-only refit fits."""
+    labelled = np.array([label is not None for label in snapshot.labels])
     labels = [snapshot.labels[i] for i in np.flatnonzero(labelled)]
     classes = sorted({str(label) for label in labels})
     if len(classes) < 2:
