@@ -84,6 +84,17 @@ def offline() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def passive_openmp() -> Iterator[None]:
+    """The processes the tests start (the CLI, the app, the server, Ray workers, benchmarks) run torch on two
+    OpenMP threads beside the other xdist worker's: idle threads sleep instead of spinning for the cores. Measured
+    at load average 7: test_cli's stdout test and two benchmark runs took 152 s (93 s of CPU) spinning, 113 s
+    (64 s) sleeping. Results do not depend on it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def converted_models_cache(tmp_path_factory) -> Iterator[Path]:
     """Converted trunks (openvino_trunk.py) go to a folder of this test run, not the user's ~/.cache; the CLI,
     app and server processes the tests start inherit it."""
