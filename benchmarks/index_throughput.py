@@ -8,6 +8,8 @@ end_to_end: the real `run_index` (scan, read + hash + decode, forward, catalog a
 into a fresh home, building and keeping its model (random init, `--weights none`) as a first `simimg index` does;
 on OpenVINO it reads the converted trunk from the machine's cache, as every run after a model's first use on a
 machine does (`convert_s`: that first conversion, a one-off per model and machine, timed apart).
+first_index_s: a first-time user's `simimg index` of 64 JPEGs in a fresh process, with an empty model cache (cold)
+and again with the cache the first run filled (warm); --no-first-index skips it.
 model_only: `infer` alone on pre-made uint8 batches already on the device: same model, batch size and precision.
 baseline: the seed's loop: torchvision ImageFolder (PIL decode, no draft), fp32 NCHW, batch 32, no workers.
 Each is measured at the precision and runtime `--precision` and $SIMIMG_RUNTIME resolve to (auto: bf16 where it
@@ -18,7 +20,11 @@ Every repeat runs every variant, interleaved.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -34,9 +40,10 @@ from simimg.memory import reuse_freed_memory
 from simimg.models.device import Compute, loader_workers, resolve_compute
 from simimg.models.encoder import infer, prepare_net
 from simimg.models.net import LoadedModel, build_model
-from simimg.models.openvino import convert
+from simimg.models.openvino import CACHE_ENV, convert
 
 NAME = "bench"
+FIRST_INDEX_IMAGES = 64
 
 
 def main() -> None:
@@ -49,6 +56,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, help="decode workers (default: simimg's: none on the CPU, all cores on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile in both model-only and end-to-end")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="the default precision to measure")
+    p.add_argument(
+        "--no-first-index", dest="first_index", action="store_false", help="skip the fresh-process first_index_s runs"
+    )
     args = p.parse_args()
     reuse_freed_memory()
     default = resolve_compute(args.device, args.precision, compile=args.compile)
@@ -64,12 +74,14 @@ def main() -> None:
             for prefix, compute in computes.items()
         }
         rows = [_repeat(args, r, folder, images, Path(tmp), computes, model_only) for r in range(args.repeats)]
+        first_index = _first_index_seconds(args, Path(tmp)) if args.first_index else None
     summary = {
         "benchmark": "index_throughput",
         "device": str(default.device),
         "precision": default.precision,
         "runtime": default.runtime,
         "convert_s": _convert_seconds(args, default),
+        "first_index_s": first_index,
         "images": images,
         "arch": args.arch,
         "image_size": args.image_size,
@@ -142,6 +154,25 @@ def _convert_seconds(args, compute: Compute) -> float | None:
         return None
     model = build_model(args.arch, "none", args.image_size)
     return seconds(lambda: convert(model.net.trunk, model.bundle.preprocess))
+
+
+def _first_index_seconds(args, tmp: Path) -> dict[str, float]:
+    """A first-time user's first index: `simimg index` of 64 JPEGs in a fresh process (imports included), cold (an
+    empty model cache: the trunk is converted and compiled) and warm (the same model again, a new index: the
+    converted trunk and its compiled blobs are read back)."""
+    folder = make_jpegs(tmp / "first", FIRST_INDEX_IMAGES, seed=1)
+    model = ["--arch", args.arch, "--weights", "none", "--image-size", str(args.image_size), "--device", args.device]
+    env = {**os.environ, CACHE_ENV: str(tmp / "first-cache")}
+    timings = {}
+    for run in ("cold", "warm"):
+        home = ["--name", "first", "--home", str(tmp / f"first-{run}")]
+        command = [sys.executable, "-m", "simimg.cli", "index", str(folder), *home, *model, "--json"]
+        started = time.perf_counter()
+        proc = subprocess.run(command, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"simimg index failed: {proc.stderr[-2000:]}")
+        timings[run] = round(time.perf_counter() - started, 2)
+    return timings
 
 
 def _baseline_seconds(folder: Path, model: LoadedModel, device: torch.device, image_size: int) -> float:

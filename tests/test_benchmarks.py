@@ -97,6 +97,7 @@ REQUIRED = {
         "ratio_model_only",
         "ratio_fp32_model_only",
         "ratio_baseline",
+        "first_index_s",
     },
     "head_only.py": {"images", "head_only_s", "index_after_embedded", "sets", "min_ratio_grid"},
     "label_repair.py": {"images", "flips_injected", "copies_injected", "label_issues_flagged", "runs", "seconds"},
@@ -155,6 +156,8 @@ def check_result(script: str, result: dict) -> None:
     if script == "audit_recall.py":  # every byte-identical group, injected or not, is reported
         assert result["exact_recall"] == 1.0 and result["identical_groups_reported"] == result["identical_groups"]
         assert 0 <= result["near_recall"] <= 1 and 0 <= result["flip_recall"] <= 1
+    if script == "index_throughput.py":  # two fresh `simimg index` processes: an empty model cache, then a filled one
+        assert set(result["first_index_s"]) == {"cold", "warm"} and min(result["first_index_s"].values()) > 0
     if script == "active_labeling.py":
         check_active_labeling(result)
     if script == "label_repair.py":

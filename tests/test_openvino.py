@@ -15,7 +15,7 @@ from simimg.models import openvino
 from simimg.models.device import native_bf16, resolve_compute
 from simimg.models.encoder import infer
 from simimg.models.net import build_model
-from simimg.models.openvino import CACHE_ENV, MODEL_XML, compile_trunk, trunk_key
+from simimg.models.openvino import CACHE_ENV, COMPILED, MODEL_XML, compile_trunk, trunk_key
 
 pytestmark = pytest.mark.skipif(not openvino.available(), reason="openvino is not installed")
 
@@ -155,6 +155,23 @@ def test_the_converted_model_is_kept_and_read_back(tmp_path, monkeypatch):
     monkeypatch.setattr(openvino, "convert", no_conversion)
     again = compile_trunk(net.trunk, preprocess, "fp32")
     torch.testing.assert_close(again(pixels(3)), first(pixels(3)))
+
+
+def test_compiled_blobs_are_kept_beside_the_model_and_a_damaged_one_is_compiled_again(tmp_path, monkeypatch):
+    """Issue 21, item 3: a warm machine pays no compilation either; only the hint a call needs is compiled."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    model = build_model("densenet121", "none", SIZE)
+    net, preprocess = model.net.eval(), model.bundle.preprocess
+    want = compile_trunk(net.trunk, preprocess, "fp32")(pixels(3))  # one stream: LATENCY alone
+    blobs = list((tmp_path / "cache").glob(f"openvino-*/{trunk_key(net.trunk, preprocess)}/{COMPILED}/*.blob"))
+    assert len(blobs) == 1
+    again = compile_trunk(net.trunk, preprocess, "fp32")
+    torch.testing.assert_close(again(pixels(3)), want)
+    assert again._compiled["LATENCY"].get_property("LOADED_FROM_CACHE") and "THROUGHPUT" not in again._compiled
+    blobs[0].write_bytes(b"not a blob")
+    damaged = compile_trunk(net.trunk, preprocess, "fp32")
+    torch.testing.assert_close(damaged(pixels(3)), want)
+    assert not damaged._compiled["LATENCY"].get_property("LOADED_FROM_CACHE")
 
 
 def test_the_key_names_the_weights_and_the_preprocessing():

@@ -10,8 +10,9 @@ The converted model takes the uint8 NCHW batches `Preprocess.to_uint8` makes and
 converted from a copy of the trunk traced with `torch.jit.trace`, whose tracing state is per thread: unlike
 torch.fx it changes nothing that a training step in another thread uses. Converting densenet121 takes 1.4 s, so
 the result is kept in a per-user cache (`cache_root()`) under a hash of the trunk's tensors and preprocessing, like
-torchvision's downloaded weights: the second process to use a model reads and compiles it in ~0.2 s, and every
-index of the same model shares it; nothing is written into an index folder, which a reader may have read-only.
+torchvision's downloaded weights, with OpenVINO's blobs of it compiled for this CPU (`COMPILED`): a later process
+reads both back instead of converting (1.4 s) and compiling (0.6 s per hint; 0.2-0.3 s read back), and every index
+of the same model shares them; nothing is written into an index folder, which a reader may have read-only.
 Training stays on torch: OpenVINO here only runs inference.
 """
 
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MODEL_XML = "trunk.xml"
+COMPILED = "compiled"  # OpenVINO's blobs of the trunk compiled for this CPU, one per hint and precision
 PRECISION_HINTS = {"bf16": "bf16", "fp32": "f32"}
 CACHE_ENV = "SIMIMG_CACHE"
 KEEP_CONVERTED = 8  # the most recently used converted trunks kept per OpenVINO version (28 MB for densenet121)
@@ -63,17 +65,16 @@ class OpenVinoTrunk:
 
     Two compilations of one model, because one shape of work does not fit both: a single image (a query) runs as
     one stream across every thread (LATENCY), while a batch (indexing, evaluation, the server's micro-batches) is cut
-    into near-equal sub-batches of about `SUB_BATCH` run side by side, one stream per thread (THROUGHPUT, compiled
-    on the first batch): densenet121 at 224 px on 2 cores gave 143 img/s that way against 118 as one stream (benchmarks/
-    README.md). An OpenVINO infer request (or queue of them) serves one call at a time, so each calling thread gets
-    its own.
+    into near-equal sub-batches of about `SUB_BATCH` run side by side, one stream per thread (THROUGHPUT):
+    densenet121 at 224 px on 2 cores gave 143 img/s that way against 118 as one stream (benchmarks/README.md).
+    Each is compiled on its first use. An OpenVINO infer request (or queue of them) serves one call at a time, so
+    each calling thread gets its own.
     """
 
     def __init__(self, model: ov.Model, config: dict[str, Any]) -> None:
         self._model, self._config = model, config
-        self._latency = _core().compile_model(model, "CPU", {**config, "PERFORMANCE_HINT": "LATENCY"})
-        self._throughput: ov.CompiledModel | None = None
-        self.dim = self._latency.output(0).get_partial_shape()[1].get_length()
+        self._compiled: dict[str, ov.CompiledModel] = {}
+        self.dim = _feature_dim(model)
         self._local = threading.local()
         self._compiling = threading.Lock()
 
@@ -88,7 +89,7 @@ class OpenVinoTrunk:
     def _one_stream(self, pixels: np.ndarray) -> np.ndarray:
         request = getattr(self._local, "request", None)
         if request is None:
-            request = self._local.request = self._latency.create_infer_request()
+            request = self._local.request = self._compiled_for("LATENCY").create_infer_request()
         request.infer({0: pixels})
         features: np.ndarray = request.get_output_tensor(0).data.copy()
         return features
@@ -120,13 +121,18 @@ class OpenVinoTrunk:
     def _streams_queue(self) -> ov.AsyncInferQueue:
         import openvino as ov
 
+        compiled = self._compiled_for("THROUGHPUT")
+        return ov.AsyncInferQueue(compiled, compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+
+    def _compiled_for(self, hint: str) -> ov.CompiledModel:
+        """The model compiled for `hint`, on first use: a batch job never compiles for single queries, nor a
+        query service for batches it does not get (each compilation of densenet121 took 0.6 s, 0.2-0.3 s when
+        read back from the blob cache)."""
         with self._compiling:
-            if self._throughput is None:
-                self._throughput = _core().compile_model(
-                    self._model, "CPU", {**self._config, "PERFORMANCE_HINT": "THROUGHPUT"}
-                )
-                log.debug("trunk compiled for batches: %d streams", self._throughput.get_property("NUM_STREAMS"))
-        return ov.AsyncInferQueue(self._throughput, self._throughput.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+            if hint not in self._compiled:
+                self._compiled[hint] = _compile(self._model, {**self._config, "PERFORMANCE_HINT": hint})
+                log.debug("trunk compiled for %s: %d streams", hint, self._compiled[hint].get_property("NUM_STREAMS"))
+            return self._compiled[hint]
 
 
 def cache_root() -> Path:
@@ -143,14 +149,38 @@ def compile_trunk(
     (default: torch's setting, which the entry points choose); converted once per machine (see the module's text)."""
     import openvino as ov
 
-    model = _cached_or_converted(trunk, preprocess, cache_root() / _version_folder() / trunk_key(trunk, preprocess))
+    target = cache_root() / _version_folder() / trunk_key(trunk, preprocess)
+    model = _cached_or_converted(trunk, preprocess, target)
     config = {
         "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
         "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
+        "CACHE_DIR": str(target / COMPILED),
     }
     compiled = OpenVinoTrunk(model, config)
     log.debug("trunk compiled by OpenVINO %s for the CPU in %s", ov.get_version(), precision)
     return compiled
+
+
+def _feature_dim(model: ov.Model) -> int:
+    """The width of the model's output, which its dynamic batch leaves unknown until a batch size is set (on a
+    copy: 0.03 s, where compiling would take 0.6)."""
+    one = model.clone()
+    shape = one.input(0).get_partial_shape()
+    shape[0] = 1
+    one.reshape({0: shape})
+    dim: int = one.output(0).get_partial_shape()[1].get_length()
+    return dim
+
+
+def _compile(model: ov.Model, config: dict[str, Any]) -> ov.CompiledModel:
+    """`model` compiled for the CPU, its blob kept in (and read back from) config's CACHE_DIR; a cache that cannot
+    be used (read-only, full) costs a compilation, nothing else. OpenVINO compiles afresh over a blob that does not
+    import (damaged, or from another CPU)."""
+    try:
+        return _core().compile_model(model, "CPU", config)
+    except RuntimeError as err:
+        log.warning("compiling without the blob cache in %s: %s", config["CACHE_DIR"], err)
+        return _core().compile_model(model, "CPU", {k: v for k, v in config.items() if k != "CACHE_DIR"})
 
 
 def convert(trunk: nn.Module, preprocess: Preprocess) -> ov.Model:
@@ -209,6 +239,9 @@ def _cached_or_converted(trunk: nn.Module, preprocess: Preprocess, target: Path)
     model = convert(trunk, preprocess)
     if _publish(model, target):
         _prune(target.parent, KEEP_CONVERTED)
+        # as every later process reads it: OpenVINO keys compiled blobs by the model's serialised form, and the
+        # converted model in memory differs from the one read back (no later process would find this one's blobs)
+        return _core().read_model(target / MODEL_XML)
     return model
 
 
