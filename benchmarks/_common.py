@@ -86,6 +86,14 @@ def runtime(name: str) -> Iterator[None]:
             os.environ[RUNTIME_ENV] = before
 
 
+def status_mib(field: str, pid: int | str = "self") -> float:
+    """A memory figure of a process from /proc/PID/status, in MiB: VmRSS (resident now) or VmHWM (its peak)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 

@@ -27,7 +27,7 @@ from urllib.parse import urlparse
 import httpx
 import torch
 
-from _common import finish, hardware, make_jpegs, median, parser, percentile
+from _common import finish, hardware, make_jpegs, median, parser, percentile, status_mib
 from simimg.dataset.scan import is_image_name
 from simimg.http.server import TOKEN_ENV, is_loopback, wait_until_ready
 
@@ -55,10 +55,13 @@ def main() -> None:
     args = _arguments()
     headers = _auth_headers()
     with ExitStack() as stack:
+        pids: dict[str, int] = {}
         if args.url:
             urls = {"batched": _loopback(args.url), "unbatched": args.unbatched_url and _loopback(args.unbatched_url)}
         else:
-            urls = _start_servers(stack, args)
+            servers = _start_servers(stack, args)
+            urls = {kind: url for kind, (url, _) in servers.items()}
+            pids = {kind: proc.pid for kind, (_, proc) in servers.items()}
         payloads = _payloads(urls["batched"], args, headers)
         runs: dict[str, list[Load]] = {kind: [] for kind, url in urls.items() if url}
         for url in filter(None, urls.values()):
@@ -68,7 +71,8 @@ def main() -> None:
                 runs[kind].append(
                     asyncio.run(_load(urls[kind], args.name, payloads, args.requests, args.concurrency, headers, args))
                 )
-    _report(runs, args)
+        peaks = {kind: status_mib("VmHWM", pid) for kind, pid in pids.items()}  # servers this run started
+    _report(runs, peaks, args)
 
 
 def _arguments():
@@ -97,8 +101,9 @@ def _loopback(url: str) -> str:
     return url.rstrip("/")
 
 
-def _start_servers(stack: ExitStack, args) -> dict[str, str]:
-    """Index --data (or generated JPEGs) into a temporary home; start a batched and a one-at-a-time server on it."""
+def _start_servers(stack: ExitStack, args) -> dict[str, tuple[str, subprocess.Popen]]:
+    """Index --data (or generated JPEGs) into a temporary home; start a batched and a one-at-a-time server on it:
+    each one's URL and process."""
     import simimg
 
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -112,7 +117,7 @@ def _start_servers(stack: ExitStack, args) -> dict[str, str]:
     }
     for url, proc in servers.values():
         wait_until_ready(url, os.environ.get(TOKEN_ENV), START_TIMEOUT_S, proc)
-    return {kind: url for kind, (url, _) in servers.items()}
+    return servers
 
 
 def _serve(stack: ExitStack, home: Path, args, max_batch: int) -> tuple[str, subprocess.Popen]:
@@ -214,7 +219,7 @@ def _stats(url: str, headers: dict) -> dict | None:
         return None
 
 
-def _report(runs: dict[str, list[Load]], args) -> None:
+def _report(runs: dict[str, list[Load]], peaks: dict[str, float], args) -> None:
     rows = []
     for kind, loads in runs.items():
         latencies = [ms for load in loads for ms in load.latencies_ms] or [float("nan")]
@@ -244,6 +249,8 @@ def _report(runs: dict[str, list[Load]], args) -> None:
         "errors_unbatched": unbatched and unbatched["errors"],
         "p99_ms_unbatched": unbatched and unbatched["p99_ms"],
         "ratio": unbatched and batched["rps"] / unbatched["rps"],
+        "server_peak_rss_mib": peaks.get("batched"),
+        "server_peak_rss_mib_unbatched": peaks.get("unbatched"),
         "image_size": args.image_size,
         "arch": args.arch,
         "server_threads": args.threads,

@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from _common import finish, hardware, make_jpegs, parser, percentile
+from _common import finish, hardware, make_jpegs, parser, percentile, status_mib
 from serve_load import _auth_headers, _payloads, _serve
 from simimg.http.server import TOKEN_ENV, wait_until_ready
 
@@ -105,9 +105,9 @@ async def _soak(url: str, pid: int, uploads: list, gallery: list[str], headers: 
 
     async def sampler() -> None:
         while time.monotonic() < deadline:
-            samples.append((round(time.monotonic() - tally.started, 1), _rss_mib(pid)))
+            samples.append((round(time.monotonic() - tally.started, 1), status_mib("VmRSS", pid)))
             await asyncio.sleep(args.sample_s)
-        samples.append((round(time.monotonic() - tally.started, 1), _rss_mib(pid)))
+        samples.append((round(time.monotonic() - tally.started, 1), status_mib("VmRSS", pid)))
 
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
     async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as http:
@@ -125,14 +125,6 @@ def _request(http: httpx.AsyncClient, url: str, kind: str, uploads: list, galler
         junk = ("junk.jpg", rng.randbytes(rng.randint(1, 4096)))
         return http.post(f"{base}/query", files={"file": junk}, headers=headers)
     return http.post(f"{base}/embed", json=[gallery[0]] * 100, headers=headers)  # over --max-files
-
-
-def _rss_mib(pid: int) -> float:
-    """The process's resident set (VmRSS), in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _report(samples: list[tuple[float, float]], tally: Tally, args) -> None:
