@@ -43,6 +43,7 @@ from simimg.store.ann import (
 )
 from simimg.store.ann_ivfpq import PartEncoder, encode_here
 from simimg.store.catalog import Catalog, NewImage, Published, Row, reading
+from simimg.store.checksums import version_checksums
 from simimg.store.edits import forget_paths, read_corrections
 from simimg.store.layout import IndexFolder
 from simimg.store.lock import writer_lock
@@ -375,7 +376,7 @@ def _publish(
             index = build_from_stored(stored.ids, stored, model.bundle.dim, kind, encode)
         save_index(index, folder.faiss(pending))
     with catalog.transaction():
-        catalog.publish(pending, model.bundle.fingerprint, emb, kind)
+        catalog.publish(pending, model.bundle.fingerprint, emb, kind, version_checksums(folder, pending))
     log.info(
         "published version %d of '%s': %d vectors (+%d, -%d), model %s",
         pending,

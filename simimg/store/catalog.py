@@ -10,6 +10,7 @@ from the catalog.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -22,7 +23,10 @@ from typing import overload
 import numpy as np
 
 from simimg.errors import SimimgError
+from simimg.store.checksums import row_checksums
 from simimg.store.vectors import ShardReader, StoredVectors, append_rows, remove_stray_files, rows_per_shard, shard_path
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 # label edits (store/edits.py): a batch is one user action; undone batches stay, marked, for the record. Created on
@@ -34,6 +38,14 @@ CREATE TABLE IF NOT EXISTS edits(
     id INTEGER PRIMARY KEY AUTOINCREMENT, batch INTEGER NOT NULL, path TEXT NOT NULL, action TEXT NOT NULL,
     old_label TEXT, new_label TEXT, source TEXT NOT NULL, created REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS edits_path ON edits(path);
+"""
+# checksums (store/checksums.py): of each vector row, by where it lies (shard rows are written once), and of each
+# published version's FAISS files. Created on the first write to a catalog that lacks them; rows and versions
+# written before have none, and `simimg verify` says so.
+CHECKSUM_SCHEMA = """
+CREATE TABLE IF NOT EXISTS row_checksums(
+    shard INTEGER NOT NULL, row INTEGER NOT NULL, crc INTEGER NOT NULL, PRIMARY KEY(shard, row)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS version_checksums(version INTEGER PRIMARY KEY, faiss INTEGER, lists INTEGER);
 """
 SCHEMA = (
     """
@@ -57,6 +69,7 @@ CREATE TABLE IF NOT EXISTS vectors(
 CREATE INDEX IF NOT EXISTS vectors_image ON vectors(image);
 """
     + EDITS_SCHEMA
+    + CHECKSUM_SCHEMA
 )
 VISIBLE = "added <= :v AND (removed IS NULL OR removed > :v)"
 COMPACT_BELOW = 0.5  # rewrite a shard once fewer than half its rows are still pointed to
@@ -143,8 +156,8 @@ class Catalog:
                         f"BEGIN IMMEDIATE; {SCHEMA} INSERT OR REPLACE INTO meta VALUES "
                         f"('schema', '{SCHEMA_VERSION}'); COMMIT;"
                     )
-                elif not _has_table(self.db, "edits"):
-                    self.db.executescript(f"BEGIN IMMEDIATE; {EDITS_SCHEMA} COMMIT;")
+                elif not (_has_table(self.db, "edits") and _has_table(self.db, "version_checksums")):
+                    self.db.executescript(f"BEGIN IMMEDIATE; {EDITS_SCHEMA} {CHECKSUM_SCHEMA} COMMIT;")
             self._check_schema()
         except sqlite3.DatabaseError as err:
             raise SimimgError(
@@ -243,6 +256,10 @@ class Catalog:
         self.db.executemany(
             "INSERT OR REPLACE INTO vectors(embedding, image, shard, row) VALUES (?,?,?,?)",
             [(emb, int(i), shard, committed + n) for n, i in enumerate(ids)],
+        )
+        self.db.executemany(
+            "INSERT OR REPLACE INTO row_checksums(shard, row, crc) VALUES (?,?,?)",
+            [(shard, committed + n, crc) for n, crc in enumerate(row_checksums(vectors))],
         )
         self.db.execute("UPDATE shards SET rows = rows + ?, live = live + ? WHERE id=?", (len(ids), len(ids), shard))
 
@@ -348,12 +365,22 @@ class Catalog:
         dim = self.db.execute("SELECT dim FROM embeddings WHERE fingerprint=?", (embedding,)).fetchone()[0]
         return ids, self.shard_reader.gather(embedding, dim, locations[:, 0], locations[:, 1])
 
-    def publish(self, version: int, model: str, embedding: str, index_kind: str) -> None:
-        """Make `version` the one readers see; forget rows and versions no kept version can see any more."""
+    def publish(
+        self,
+        version: int,
+        model: str,
+        embedding: str,
+        index_kind: str,
+        checksums: tuple[int | None, int | None] = (None, None),
+    ) -> None:
+        """Make `version` the one readers see, with the checksums of its FAISS file and list file (None: it has
+        none); forget rows and versions no kept version can see any more."""
         self.db.execute(
             "INSERT OR REPLACE INTO versions VALUES (?,?,?,?,?,?)",
             (version, model, embedding, self.count(version), index_kind, time.time()),
         )
+        self.db.execute("INSERT OR REPLACE INTO version_checksums VALUES (?,?,?)", (version, *checksums))
+        self.db.execute("DELETE FROM version_checksums WHERE version < ?", (version - 1,))
         gone = [
             r[0] for r in self.db.execute("SELECT id FROM images WHERE removed IS NOT NULL AND removed < ?", (version,))
         ]
@@ -380,6 +407,8 @@ class Catalog:
         for fp in gone:
             (emb,) = self.db.execute("SELECT id FROM embeddings WHERE fingerprint=?", (fp,)).fetchone()
             self.db.execute("DELETE FROM vectors WHERE embedding=?", (emb,))
+            its_shards = "SELECT id FROM shards WHERE embedding=?"
+            self.db.execute(f"DELETE FROM row_checksums WHERE shard IN ({its_shards})", (emb,))
             self.db.execute("DELETE FROM shards WHERE embedding=?", (emb,))
             self.db.execute("DELETE FROM embeddings WHERE id=?", (emb,))
         return gone
@@ -396,10 +425,48 @@ class Catalog:
                 "SELECT image, shard, row FROM vectors WHERE shard=? ORDER BY image", (shard,)
             ).fetchall()
             ids, vectors = self._gather(fp, rows)
+            if self.bad_rows(shard, [r[2] for r in rows], vectors.reshape(len(ids), dim)):
+                log.warning("shard %d holds damaged rows: left as it is for `simimg verify --repair`", shard)
+                continue
             self.db.execute("DELETE FROM vectors WHERE shard=?", (shard,))
+            self.db.execute("DELETE FROM row_checksums WHERE shard=?", (shard,))
             self.db.execute("DELETE FROM shards WHERE id=?", (shard,))
             self.add_vectors(fp, ids.tolist(), vectors.reshape(len(ids), dim))
         return len(sparse)
+
+    def bad_rows(self, shard: int, rows: Sequence[int], vectors: np.ndarray) -> list[int]:
+        """Those of `rows` of `shard` whose bytes (`vectors`, in that order) differ from their recorded checksum;
+        rows without one (written before checksums) pass."""
+        recorded = dict(self.db.execute("SELECT row, crc FROM row_checksums WHERE shard=?", (shard,)).fetchall())
+        return [row for row, crc in zip(rows, row_checksums(vectors)) if recorded.get(row, crc) != crc]
+
+    def vector_locations(self) -> list[tuple[str, int, int, int, int | None, str]]:
+        """Every stored vector row, shard by shard: (embedding, dim, shard, row, recorded checksum or None, path of
+        an image it belongs to); a row shared by relabelled image rows comes once per path."""
+        checksums = "c.crc" if _has_table(self.db, "row_checksums") else "NULL"
+        join = "LEFT JOIN row_checksums c ON c.shard = v.shard AND c.row = v.row" if checksums == "c.crc" else ""
+        return self.db.execute(
+            f"SELECT DISTINCT e.fingerprint, e.dim, v.shard, v.row, {checksums}, i.path FROM vectors v "
+            f"JOIN embeddings e ON e.id = v.embedding JOIN images i ON i.id = v.image {join} ORDER BY v.shard, v.row"
+        ).fetchall()
+
+    def version_checksums(self, version: int) -> tuple[int | None, int | None] | None:
+        """The recorded checksums of a version's FAISS file and list file; None: none were recorded."""
+        if not _has_table(self.db, "version_checksums"):
+            return None
+        row = self.db.execute("SELECT faiss, lists FROM version_checksums WHERE version=?", (version,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def forget_vectors_at(self, locations: Iterable[tuple[int, int]]) -> int:
+        """Drop the vectors stored at these (shard, row) locations (damaged ones), so the next index run embeds
+        their images again; inside a transaction. Returns how many image rows lost a vector."""
+        lost = 0
+        for shard, row in locations:
+            gone = self.db.execute("DELETE FROM vectors WHERE shard=? AND row=?", (shard, row)).rowcount
+            self.db.execute("DELETE FROM row_checksums WHERE shard=? AND row=?", (shard, row))
+            self.db.execute("UPDATE shards SET live = MAX(live - ?, 0) WHERE id=?", (gone, shard))
+            lost += gone
+        return lost
 
     def clean_files(self) -> int:
         """Delete shard files no catalog row points to (call after a commit: committed rows are the truth)."""

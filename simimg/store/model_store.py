@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Literal, overload
 from simimg.errors import SimimgError
 from simimg.models.bundle import BUNDLE_JSON, ModelBundle, read_bundle
 from simimg.store.catalog import reading
+from simimg.store.checksums import write_manifest
 from simimg.store.layout import IndexFolder
 
 if TYPE_CHECKING:  # torch loads only to save or load weights: listings read model.json alone
@@ -57,6 +58,7 @@ def publish_model(folder: IndexFolder, net: Net, bundle: ModelBundle, extras: di
         save_bundle(staging, net, bundle)
         for name, data in (extras or {}).items():
             (staging / name).write_bytes(data)
+        write_manifest(staging)
         _fsync_dir(staging)
         os.rename(staging, target)
         _fsync_dir(folder.models)
