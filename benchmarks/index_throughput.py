@@ -16,10 +16,21 @@ Each is measured at the precision and runtime `--precision` and $SIMIMG_RUNTIME 
 is native, OpenVINO on the CPU) and, when that differs, again in float32 on torch (the `fp32_` figures: simimg's
 path before OpenVINO); `ratio_fp32_model_only` is end to end at the default over torch float32 model-only.
 Every repeat runs every variant, interleaved.
+
+int8 (on the CPU, with OpenVINO; `--no-int8` skips it): the trunk quantized by NNCF on the benchmark's own images
+(as `simimg index --precision int8` does: jobs/int8.py), its model-only rate against OpenVINO bf16 and float32 in
+the same repeats (`int8_model_only_img_s`, `bf16_`, `openvino_fp32_`; on a CPU without bf16 units OpenVINO runs
+the bf16 hint in float32: `cpu_bf16_units` says which), and the gate's figures on those images (`gate`).
+`--gate-data DIR` (repeatable) adds the gate's figures on other collections (`gates`), with `--gate-weights`
+(default: random init) at `--image-size`:
+
+    python benchmarks/index_throughput.py --images 256 --repeats 3 --gate-data ../shared/datasets/hymenoptera \
+        --gate-data ../shared/datasets/cats_dogs --json
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -36,8 +47,9 @@ from simimg.choices import PRECISIONS
 from simimg.dataset.scan import scan_folder
 from simimg.jobs.index import run_index
 from simimg.jobs.index_config import IndexJob
+from simimg.jobs.int8 import measure
 from simimg.memory import reuse_freed_memory
-from simimg.models.device import Compute, loader_workers, resolve_compute
+from simimg.models.device import Compute, cpu_has_int8_units, int8_compute, loader_workers, native_bf16, resolve_compute
 from simimg.models.encoder import infer, prepare_net
 from simimg.models.net import LoadedModel, build_model
 from simimg.models.openvino import CACHE_ENV, convert
@@ -59,22 +71,31 @@ def main() -> None:
     p.add_argument(
         "--no-first-index", dest="first_index", action="store_false", help="skip the fresh-process first_index_s runs"
     )
+    p.add_argument("--no-int8", action="store_true", help="skip the int8 quantization, its rates and its gate")
+    p.add_argument("--gate-data", action="append", default=[], help="also gate int8 on this collection")
+    p.add_argument("--gate-weights", default="none", help="the model whose int8 --gate-data judges (default none)")
     args = p.parse_args()
     reuse_freed_memory()
     default = resolve_compute(args.device, args.precision, compile=args.compile)
     reference = resolve_compute(args.device, "fp32", runtime="torch")
-    computes = {"": default} if default == reference else {"": default, "fp32_": reference}
+    int8_here = not args.no_int8 and default.runtime == "openvino"
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.folder) if args.folder else make_jpegs(Path(tmp) / "photos", args.images)
-        images = len(scan_folder(folder).records)
+        records = scan_folder(folder).records
+        images = len(records)
+        model = build_model(args.arch, "none", args.image_size)
+        gate = measure(model, folder, [r.path for r in records]) if int8_here else None
+        if gate is not None and gate["passed"] and (default.int8 == "asked" or default.int8 == "auto"):
+            default = int8_compute(default, gate["sample"])  # what `simimg index` serves with: ratio_model_only's
+        computes = {"": default} if default == reference else {"": default, "fp32_": reference}
+        extra = _precisions(default, gate) if gate is not None else {}
         model_only = {
-            prefix: _model_only_timer(
-                build_model(args.arch, "none", args.image_size), compute, images, args.batch_size, args.compile
-            )
-            for prefix, compute in computes.items()
+            prefix: _model_only_timer(model, compute, images, args.batch_size, args.compile)
+            for prefix, compute in {**computes, **extra}.items()
         }
         rows = [_repeat(args, r, folder, images, Path(tmp), computes, model_only) for r in range(args.repeats)]
         first_index = _first_index_seconds(args, Path(tmp)) if args.first_index else None
+        gates = {Path(d).name: _gate(args, Path(d)) for d in args.gate_data}
     summary = {
         "benchmark": "index_throughput",
         "device": str(default.device),
@@ -90,6 +111,11 @@ def main() -> None:
         "compile": args.compile,
         "repeats": args.repeats,
         **{key: median([row[key] for row in rows]) for key in rows[0] if key != "repeat"},
+        **({} if gate is not None else dict.fromkeys(INT8_FIGURES)),
+        "gate": _figures(gate),
+        "gates": gates,
+        "cpu_bf16_units": native_bf16(torch.device("cpu")),
+        "cpu_int8_units": cpu_has_int8_units(),
         "hardware": hardware(default.device),
     }
     finish("simimg index throughput (img/s; ratios are medians of per-repeat ratios)", rows, summary, args.json)
@@ -122,7 +148,40 @@ def _repeat(args, r: int, folder: Path, images: int, tmp: Path, computes: dict[s
     row["ratio_model_only"] = row["end_to_end_img_s"] / row["model_only_img_s"]
     row["ratio_fp32_model_only"] = row["end_to_end_img_s"] / row.get("fp32_model_only_img_s", row["model_only_img_s"])
     row["ratio_baseline"] = row["end_to_end_img_s"] / row["baseline_img_s"]
+    if "int8_" in model_only:
+        for prefix in ("int8_", "bf16_", "openvino_fp32_"):
+            row[f"{prefix}model_only_img_s"] = images / model_only[prefix]()
+        row["ratio_int8_over_bf16_model_only"] = row["int8_model_only_img_s"] / row["bf16_model_only_img_s"]
+        row["ratio_int8_over_fp32_model_only"] = row["int8_model_only_img_s"] / row["openvino_fp32_model_only_img_s"]
     return row
+
+
+INT8_FIGURES = (
+    "int8_model_only_img_s",
+    "bf16_model_only_img_s",
+    "openvino_fp32_model_only_img_s",
+    "ratio_int8_over_bf16_model_only",
+    "ratio_int8_over_fp32_model_only",
+)
+GATE_FIGURES = ("top10_agreement", "min_cosine", "classifier_agreement", "passed", "queries", "calibration")
+
+
+def _precisions(default: Compute, gate: dict) -> dict[str, Compute]:
+    """OpenVINO on the CPU in int8 (the quantization the gate judged, passed or not), bf16 (run in float32 by a CPU
+    without bf16 units) and float32: the model-only rates compared in each repeat."""
+    fp32 = dataclasses.replace(resolve_compute("cpu", "fp32"), runtime="openvino")
+    bf16 = dataclasses.replace(fp32, precision="bf16")
+    return {"int8_": int8_compute(fp32, gate["sample"]), "bf16_": bf16, "openvino_fp32_": fp32}
+
+
+def _gate(args, data: Path) -> dict | None:
+    """The int8 gate's figures on another collection, for the model `--gate-weights` names."""
+    model = build_model(args.arch, args.gate_weights, args.image_size)
+    return _figures(measure(model, data, [r.path for r in scan_folder(data).records]))
+
+
+def _figures(gate: dict | None) -> dict | None:
+    return None if gate is None else {key: gate.get(key) for key in GATE_FIGURES}
 
 
 def _index(job: IndexJob, images: int) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 # backbones torchvision builds with ImageNet weights (models/net.py maps each to its builder and weights)
 ARCHITECTURES = ("densenet121", "densenet169", "densenet201", "densenet161", "resnet50", "vgg16")
 DEFAULT_ARCH = "densenet121"
-PRECISIONS = ("auto", "bf16", "fp32")  # auto: bf16 where the device has native bf16 units (models/device.py)
+# auto: bf16 where the device has native bf16 units, int8 only where a passed int8 gate is kept and the CPU has
+# VNNI/AMX (models/device.py, models/int8.py); int8: quantized on the collection, used only if its gate passes
+PRECISIONS = ("auto", "bf16", "fp32", "int8")
 RUNTIMES = ("auto", "torch", "openvino")  # CPU inference runtime; auto: OpenVINO when installed
 INDEX_KINDS = ("flat", "ivf", "ivfpq")  # FAISS structures (store/ann.py); "auto" picks one by size
 ENGINES = ("local", "ray")  # where `simimg index` embeds: this process, or Ray Data

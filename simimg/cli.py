@@ -878,6 +878,12 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=ServeConfig.device)
     p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=ServeConfig.precision,
+        help="as for `simimg query`: int8 serves only where the index's int8 gate passed (default %(default)s)",
+    )
+    p.add_argument(
         "--max-batch",
         type=positive_int,
         default=ServeConfig.max_batch,
@@ -922,7 +928,17 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     options = {
         key: getattr(args, key)
-        for key in ("device", "max_batch", "max_wait_ms", "max_queue", "timeout_s", "max_mb", "max_files", "threads")
+        for key in (
+            "device",
+            "precision",
+            "max_batch",
+            "max_wait_ms",
+            "max_queue",
+            "timeout_s",
+            "max_mb",
+            "max_files",
+            "threads",
+        )
     }
     simimg.serve(args.home, args.host, args.port, args.workers, access_log=args.verbose, **options)
     return 0

@@ -98,6 +98,9 @@ REQUIRED = {
         "ratio_fp32_model_only",
         "ratio_baseline",
         "first_index_s",
+        "int8_model_only_img_s",  # None where int8 does not run (CUDA, torch): the keys are always there
+        "ratio_int8_over_bf16_model_only",
+        "gate",
     },
     "head_only.py": {"images", "head_only_s", "index_after_embedded", "sets", "min_ratio_grid"},
     "label_repair.py": {"images", "flips_injected", "copies_injected", "label_issues_flagged", "runs", "seconds"},

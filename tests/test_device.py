@@ -12,7 +12,7 @@ import torch
 from simimg.choices import PRECISIONS, RUNTIMES
 from simimg.errors import SimimgError
 from simimg.models import openvino
-from simimg.models.device import RUNTIME_ENV, native_bf16, resolve_compute
+from simimg.models.device import RUNTIME_ENV, cpu_has_int8_units, int8_compute, native_bf16, resolve_compute
 
 needs_openvino = pytest.mark.skipif(not openvino.available(), reason="openvino is not installed")
 
@@ -51,11 +51,27 @@ def test_fp32_and_bf16_can_be_forced_and_bring_their_autocast():
 
 
 def test_unknown_precisions_and_devices_are_user_errors():
-    assert PRECISIONS == ("auto", "bf16", "fp32")
-    with pytest.raises(SimimgError, match="unknown precision 'fp16': use auto, bf16, fp32"):
+    assert PRECISIONS == ("auto", "bf16", "fp32", "int8")
+    with pytest.raises(SimimgError, match="unknown precision 'fp16': use auto, bf16, fp32, int8"):
         resolve_compute("cpu", "fp16")
     with pytest.raises(SimimgError, match="unknown device"):
         resolve_compute("tpu")
+
+
+@needs_openvino
+def test_int8_is_asked_on_openvino_only_and_auto_considers_it_only_with_int8_units(monkeypatch):
+    """int8 starts as the float precision with int8 "asked": the index job's gate decides (jobs/int8.py)."""
+    monkeypatch.delenv(RUNTIME_ENV, raising=False)
+    asked = resolve_compute("cpu", "int8")
+    assert (asked.int8, asked.runtime, asked.int8_sample) == ("asked", "openvino", None)
+    assert asked.precision == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
+    assert resolve_compute("cpu", "auto").int8 == ("auto" if cpu_has_int8_units() else "no")
+    assert resolve_compute("cpu", "fp32").int8 == "no"
+    for kwargs in ({"training": True}, {"runtime": "torch"}, {"compile": True}):
+        with pytest.raises(SimimgError, match="int8 runs on the CPU through OpenVINO only"):
+            resolve_compute("cpu", "int8", **kwargs)
+    chosen = int8_compute(asked, "abc")
+    assert (str(chosen), chosen.int8_sample) == ("cpu (int8, openvino)", "abc")
 
 
 @needs_openvino

@@ -43,6 +43,7 @@ class ServeConfig:
     port: int = 8000
     workers: int = 1
     device: str = "auto"
+    precision: str = "auto"  # as `simimg query --precision`: int8 only where the index's int8 gate passed
     max_batch: int = 16
     max_wait_ms: float = 5.0
     max_queue: int = 64

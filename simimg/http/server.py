@@ -152,8 +152,8 @@ def wait_until_ready(
 class Indexes:
     """One warm SearchService per index name, opened on first use and kept for the life of the process."""
 
-    def __init__(self, home: str | Path, device: str) -> None:
-        self.home, self.device = Path(home), device
+    def __init__(self, home: str | Path, device: str, precision: str = "auto") -> None:
+        self.home, self.device, self.precision = Path(home), device, precision
         self._services: dict[str, SearchService] = {}
         self._opening = threading.Lock()  # one index opens at a time; warm ones answer meanwhile
 
@@ -174,7 +174,7 @@ class Indexes:
         if name not in list_indexes(self.home):
             raise ApiError(404, f"no index named {name!r} under {self.home}: GET /v1/indexes lists them")
         try:
-            service = open_index(name, self.home, self.device)
+            service = open_index(name, self.home, self.device, self.precision)
         except SimimgError as err:
             raise ApiError(503, str(err)) from None
         self._services[name] = service
@@ -190,7 +190,7 @@ class State:
 
     def __init__(self, config: ServeConfig, run_batch: Callable[[list[Work]], Sequence]) -> None:
         self.config = config
-        self.indexes = Indexes(config.home, config.device)
+        self.indexes = Indexes(config.home, config.device, config.precision)
         self.batcher = MicroBatcher(run_batch, config.max_batch, config.max_wait_ms / 1000, config.max_queue)
         self.ready = threading.Event()
         self.in_flight = 0

@@ -69,6 +69,8 @@ def open_engine(job: IndexJob, folder: IndexFolder) -> AbstractContextManager[En
     if job.engine == "ray":
         from simimg.jobs.engine_ray import RayEngine
 
+        if job.precision == "int8":
+            raise SimimgError("--precision int8 runs with the local engine only: drop --engine ray, or use bf16/fp32")
         return RayEngine.connect(job, folder)
     if job.engine != "local":
         raise SimimgError(f"unknown engine {job.engine!r}: use local or ray")

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -26,8 +27,9 @@ import numpy as np
 from simimg.dataset.scan import IMAGE_EXTENSIONS, Record, Skipped, scan_folder
 from simimg.errors import SimimgError
 from simimg.fsutil import atomic_copy, atomic_write_bytes
-from simimg.jobs.engines import open_engine
+from simimg.jobs.engines import Engine, LocalEngine, open_engine
 from simimg.jobs.index_config import IndexJob, IndexReport, ToEmbed, read_index_job
+from simimg.jobs.int8 import gated_compute
 from simimg.jobs.upgrade import needs_upgrade, upgrade
 from simimg.models.encoder import EmbeddedBatch
 from simimg.models.net import LoadedModel, build_model
@@ -56,6 +58,7 @@ from simimg.store.model_store import (
     resolve_fingerprint,
     resolve_weights,
 )
+from simimg.store.precision import record_precision
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,7 @@ def run_index(job: IndexJob, progress: Progress | None = None, on_phase: Phase |
         try:
             pending = catalog.version + 1
             rebuilt = _prepare_pending(catalog, model, scan.root)
+            engine, gate = _with_precision(engine, model, catalog, scan.root, scan.records)
             records, excluded = _corrected(catalog, scan.records)
             plan = _plan(catalog.head(), records, scan.root, excluded)
             _record_plan(catalog, plan, pending)
@@ -130,7 +134,21 @@ def run_index(job: IndexJob, progress: Progress | None = None, on_phase: Phase |
         model.bundle.fingerprint,
         len(plan.to_relabel),
         len(excluded),
+        gate,
     )
+
+
+def _with_precision(
+    engine: Engine, model: LoadedModel, catalog: Catalog, root: Path, records: Sequence[Record]
+) -> tuple[Engine, dict[str, Any] | None]:
+    """The engine embedding in the precision this run uses (int8 only behind its gate: jobs/int8.py), recorded
+    with the index; and the gate's record when int8 was tried. The ray engine resolves its own (never int8)."""
+    if not isinstance(engine, LocalEngine):
+        return engine, None
+    compute, gate = gated_compute(engine.settings.compute, model, catalog, root, [r.path for r in records])
+    with catalog.transaction():
+        record_precision(catalog, compute)
+    return replace(engine, settings=replace(engine.settings, compute=compute)), gate
 
 
 def _model_for(job: IndexJob, folder: IndexFolder) -> LoadedModel:

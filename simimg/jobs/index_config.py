@@ -25,7 +25,7 @@ class IndexJob:
     weights: str | None = None
     image_size: int | None = None
     device: str = "auto"
-    precision: str = "auto"  # bf16 where it is native (device.resolve_compute), else fp32; or either, forced
+    precision: str = "auto"  # bf16 where native, int8 where a kept gate passed on VNNI/AMX; or one asked (jobs/int8.py)
     batch_size: int = 64
     workers: int | None = None
     chunk_size: int = 512
@@ -54,6 +54,7 @@ class IndexReport:
     model: str = ""
     relabelled: int = 0  # rows whose label changed (label edits), their vectors kept
     excluded: int = 0  # images on disk that label edits keep out of the index
+    int8_gate: dict[str, Any] | None = None  # the int8 gate's figures when int8 was tried (jobs/int8.py)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

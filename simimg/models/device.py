@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -29,6 +31,7 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 
 RUNTIME_ENV = "SIMIMG_RUNTIME"
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # /proc/cpuinfo flags of int8 dot-product units
 
 
 @dataclass(frozen=True)
@@ -41,11 +44,13 @@ class Compute:
     """
 
     device: torch.device
-    precision: str  # "bf16" or "fp32"
+    precision: str  # "bf16" or "fp32"; "int8" once a gate passed (int8_sample names the quantization)
     autocast: Callable[[], contextlib.AbstractContextManager[object]] = field(
         compare=False, repr=False, default=contextlib.nullcontext
     )
     runtime: str = "torch"
+    int8: str = "no"  # "asked" (--precision int8), "auto" (may use a passed gate already kept), or "no"
+    int8_sample: str | None = None  # the int8 cache entry's key (models/int8.py) when precision is "int8"
 
     def __str__(self) -> str:
         return f"{self.device} ({self.precision}{', openvino' if self.runtime == 'openvino' else ''})"
@@ -65,11 +70,33 @@ def resolve_compute(
         raise SimimgError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
     dev = resolve_device(device)
     native = native_bf16(dev) and not (training and dev.type == "cpu")
-    chosen = precision if precision != "auto" else "bf16" if native else "fp32"
+    chosen = precision if precision not in ("auto", "int8") else "bf16" if native else "fp32"
     runtime = "torch" if compile else resolve_runtime(dev, chosen, training, runtime)
+    int8 = _int8_mode(precision, dev, runtime, training)
     if chosen == "fp32":
-        return Compute(dev, "fp32", runtime=runtime)
-    return Compute(dev, "bf16", functools.partial(torch.autocast, device_type=dev.type, dtype=torch.bfloat16), runtime)
+        return Compute(dev, "fp32", runtime=runtime, int8=int8)
+    autocast = functools.partial(torch.autocast, device_type=dev.type, dtype=torch.bfloat16)
+    return Compute(dev, "bf16", autocast, runtime, int8)
+
+
+def _int8_mode(precision: str, device: torch.device, runtime: str, training: bool) -> str:
+    """int8 runs quantized trunks on OpenVINO, for inference on the CPU; `auto` considers it only on a CPU with
+    int8 units (VNNI, AMX), and only where a passed gate is already kept (models/int8.py, jobs/int8.py)."""
+    if precision == "int8" and (training or runtime != "openvino"):
+        raise SimimgError(
+            "--precision int8 runs on the CPU through OpenVINO only (not on CUDA, not for training, not with "
+            "SIMIMG_RUNTIME=torch or --compile): use --device cpu, or bf16/fp32"
+        )
+    if precision == "int8":
+        return "asked"
+    if precision != "auto" or runtime != "openvino":
+        return "no"
+    return "auto" if cpu_has_int8_units() else "no"
+
+
+def int8_compute(compute: Compute, sample: str) -> Compute:
+    """`compute` running the int8 trunk quantized on `sample` (after its gate passed)."""
+    return dataclasses.replace(compute, precision="int8", autocast=contextlib.nullcontext, int8_sample=sample)
 
 
 def resolve_runtime(device: torch.device, precision: str, training: bool, runtime: str = "auto") -> str:
@@ -104,6 +131,27 @@ def native_bf16(device: torch.device) -> bool:
         supported: bool = torch.cuda.is_bf16_supported()
         return supported
     return device.type == "cpu" and _cpu_has_bf16_units()
+
+
+def cpu_has_int8_units() -> bool:
+    """Whether this CPU has int8 dot-product units (VNNI or AMX), where `auto` may pick int8.
+
+    OpenVINO's OPTIMIZATION_CAPABILITIES lists "INT8" on an AVX2-only CPU too (it runs int8 there: ~2x float32 on
+    an AVX2 EPYC, benchmarks/README.md), so the kernel's CPU flags decide.
+    """
+    return bool(_cpu_flags() & set(VNNI_FLAGS))
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
 @functools.cache

@@ -167,6 +167,10 @@ def prepare_net(net: Net, compute: Compute, preprocess: Preprocess, compile: boo
     if compute.runtime == "openvino":
         if compile:
             raise ValueError("torch.compile needs the torch runtime")
+        if compute.precision == "int8" and compute.int8_sample is not None:
+            from simimg.models.int8 import compile_int8, entry
+
+            return compile_int8(entry(net.trunk, preprocess, compute.int8_sample))
         from simimg.models.openvino import compile_trunk
 
         return compile_trunk(net.trunk, preprocess, compute.precision)

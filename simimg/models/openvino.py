@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 
 MODEL_XML = "trunk.xml"
 COMPILED = "compiled"  # OpenVINO's blobs of the trunk compiled for this CPU, one per hint and precision
-PRECISION_HINTS = {"bf16": "bf16", "fp32": "f32"}
+# int8: the quantized ops run in int8 and the rest in float32 (a bf16 hint over an int8 model is not measured here)
+PRECISION_HINTS = {"bf16": "bf16", "fp32": "f32", "int8": "f32"}
 CACHE_ENV = "SIMIMG_CACHE"
 KEEP_CONVERTED = 8  # the most recently used converted trunks kept per OpenVINO version (28 MB for densenet121)
 SUB_BATCH = (
@@ -147,14 +148,21 @@ def compile_trunk(
 ) -> OpenVinoTrunk:
     """`trunk` (left as it is) compiled for this CPU at `precision` ("bf16" or "fp32") with `threads` threads
     (default: torch's setting, which the entry points choose); converted once per machine (see the module's text)."""
+    folder = trunk_folder(trunk, preprocess)
+    return compile_model(_cached_or_converted(trunk, preprocess, folder), precision, threads, folder / COMPILED)
+
+
+def compile_model(
+    model: ov.Model, precision: str, threads: int | None = None, blobs: Path | None = None
+) -> OpenVinoTrunk:
+    """A converted (or quantized: int8.py) trunk compiled for this CPU; `precision` picks the inference hint, and
+    `blobs` is where OpenVINO keeps (and reads back) its compiled forms, when they are worth keeping."""
     import openvino as ov
 
-    target = cache_root() / _version_folder() / trunk_key(trunk, preprocess)
-    model = _cached_or_converted(trunk, preprocess, target)
     config = {
         "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
         "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
-        "CACHE_DIR": str(target / COMPILED),
+        **({"CACHE_DIR": str(blobs)} if blobs else {}),
     }
     compiled = OpenVinoTrunk(model, config)
     log.debug("trunk compiled by OpenVINO %s for the CPU in %s", ov.get_version(), precision)
@@ -177,10 +185,22 @@ def _compile(model: ov.Model, config: dict[str, Any]) -> ov.CompiledModel:
     be used (read-only, full) costs a compilation, nothing else. OpenVINO compiles afresh over a blob that does not
     import (damaged, or from another CPU)."""
     try:
-        return _core().compile_model(model, "CPU", config)
+        return core().compile_model(model, "CPU", config)
     except RuntimeError as err:
+        if "CACHE_DIR" not in config:
+            raise
         log.warning("compiling without the blob cache in %s: %s", config["CACHE_DIR"], err)
-        return _core().compile_model(model, "CPU", {k: v for k, v in config.items() if k != "CACHE_DIR"})
+        return core().compile_model(model, "CPU", {k: v for k, v in config.items() if k != "CACHE_DIR"})
+
+
+def converted(trunk: nn.Module, preprocess: Preprocess) -> ov.Model:
+    """The trunk as an OpenVINO model, from the per-user cache when it holds it, else converted now and kept."""
+    return _cached_or_converted(trunk, preprocess, trunk_folder(trunk, preprocess))
+
+
+def trunk_folder(trunk: nn.Module, preprocess: Preprocess) -> Path:
+    """Where this trunk's converted model (and its int8 forms, int8.py) is kept for this OpenVINO version."""
+    return cache_root() / _version_folder() / trunk_key(trunk, preprocess)
 
 
 def convert(trunk: nn.Module, preprocess: Preprocess) -> ov.Model:
@@ -223,7 +243,7 @@ def _cached_or_converted(trunk: nn.Module, preprocess: Preprocess, target: Path)
     """The converted model from `target` when it holds a readable one, else converted now (and kept there)."""
     if (target / MODEL_XML).is_file():
         try:
-            model = _core().read_model(target / MODEL_XML)
+            model = core().read_model(target / MODEL_XML)
         except RuntimeError as err:
             log.warning("the converted model in %s does not read (%s): converting it again", target, err)
             _remove(target)
@@ -237,23 +257,26 @@ def _cached_or_converted(trunk: nn.Module, preprocess: Preprocess, target: Path)
         target.parent,
     )
     model = convert(trunk, preprocess)
-    if _publish(model, target):
+    if publish(model, target):
         _prune(target.parent, KEEP_CONVERTED)
         # as every later process reads it: OpenVINO keys compiled blobs by the model's serialised form, and the
         # converted model in memory differs from the one read back (no later process would find this one's blobs)
-        return _core().read_model(target / MODEL_XML)
+        return core().read_model(target / MODEL_XML)
     return model
 
 
-def _publish(model: ov.Model, target: Path) -> bool:
-    """Write the model beside `target` and rename it into place: readers see a whole model or none. True if this
-    call wrote it; a cache that cannot be written (read-only, full) costs a conversion per process, nothing else."""
+def publish(model: ov.Model, target: Path, extra: dict[str, bytes] | None = None) -> bool:
+    """Write the model (and `extra` files) beside `target` and rename it into place: readers see a whole model or
+    none. True if this call wrote it; a cache that cannot be written (read-only, full) costs a conversion (or a
+    quantization) per process, nothing else."""
     import openvino as ov
 
     staging = target.with_name(f".staging-{target.name}-{os.getpid()}-{threading.get_ident()}")
     try:
         staging.mkdir(parents=True, exist_ok=True)
         ov.save_model(model, staging / MODEL_XML, compress_to_fp16=False)  # fp16 weights would change the vectors
+        for name, data in (extra or {}).items():
+            (staging / name).write_bytes(data)
         os.rename(staging, target)
         return True
     except (OSError, RuntimeError) as err:  # another process published it first, or the cache is not writable
@@ -292,7 +315,7 @@ def _version_folder() -> str:
 
 
 @functools.cache
-def _core() -> ov.Core:
+def core() -> ov.Core:
     import openvino as ov
 
     return ov.Core()

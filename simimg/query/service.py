@@ -11,7 +11,7 @@ import logging
 import math
 import threading
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,13 +23,14 @@ from simimg.analysis.neighbours import near_duplicates, project_2d, sample_posit
 from simimg.dataset.images import ImageInput, load_image, read_inputs, to_rgb
 from simimg.errors import BadImageError, SimimgError
 from simimg.models.bundle import ModelBundle
-from simimg.models.device import resolve_compute
+from simimg.models.device import Compute, resolve_compute
 from simimg.models.encoder import Trunk, infer, prepare_net, ranked_classes
 from simimg.models.net import LoadedModel
 from simimg.store.ann import VectorSearcher
 from simimg.store.catalog import Catalog, Snapshot, reading
 from simimg.store.layout import IndexFolder
 from simimg.store.model_store import load_model, no_classifier
+from simimg.store.precision import kept_int8, precision_info
 from simimg.store.served import open_searcher, positions_of
 from simimg.store.summary import summarize
 
@@ -121,6 +122,8 @@ class ServedVersion:
     searcher: VectorSearcher
     label_ids: dict[str | None, np.ndarray]
     data_root: Path  # the folder the version's catalog paths are relative to
+    compute: Compute | None = None  # where and in what precision `trunk` runs (int8 when the index's gate passed)
+    precision: dict[str, Any] = field(default_factory=dict)  # `precision` and `int8_gate` as recorded (precision.py)
 
 
 class SearchService:
@@ -182,10 +185,7 @@ class SearchService:
             if snapshot is None:
                 raise SimimgError(f"index '{self.folder.name}' has no finished version yet: run `simimg index`")
             try:
-                if current is not None and current.model.bundle.fingerprint == snapshot.model:
-                    model, trunk = current.model, current.trunk
-                else:
-                    model, trunk = self._load_model(snapshot.model)
+                model, trunk, compute = self._model_for(snapshot.model, current)
                 searcher = open_searcher(self.folder, self.catalog, snapshot, self.device)
             except SimimgError:
                 if self.catalog.version == snapshot.version:
@@ -195,12 +195,27 @@ class SearchService:
             label_ids = {lab: snapshot.ids[labels == lab] for lab in set(snapshot.labels)}
             log.info("serving version %d of '%s' with model %s", snapshot.version, self.folder.name, snapshot.model)
             data_root = Path(self.catalog.get_meta("data_root", "."))
-            return ServedVersion(snapshot, model, trunk, searcher, label_ids, data_root)
+            recorded = precision_info(self.catalog, snapshot.model)
+            return ServedVersion(snapshot, model, trunk, searcher, label_ids, data_root, compute, recorded)
         raise SimimgError(f"index '{self.folder.name}' kept changing while loading; try again")
 
-    def _load_model(self, fingerprint: str) -> tuple[LoadedModel, Trunk]:
-        model = load_model(self.folder, fingerprint)
-        return model, prepare_net(model.net, self.compute, model.bundle.preprocess)
+    def _model_for(self, fingerprint: str, current: ServedVersion | None) -> tuple[LoadedModel, Trunk, Compute]:
+        """The model, its embedding function and the compute it runs on; the current ones when neither the model
+        nor its precision changed (a `simimg index --precision int8` since may have passed its gate)."""
+        same = current is not None and current.model.bundle.fingerprint == fingerprint
+        model = current.model if current is not None and same else load_model(self.folder, fingerprint)
+        compute, record = kept_int8(self.compute, self.catalog, model)
+        if current is not None and same and current.compute == compute:
+            return current.model, current.trunk, compute
+        if self.compute.int8 == "asked" and compute.precision != "int8":
+            log.warning(
+                "int8 asked for, but index '%s' has %s for model %s: serving in %s",
+                self.folder.name,
+                "no passed int8 gate" if record is None or not record.get("passed") else "no kept int8 trunk",
+                fingerprint,
+                compute.precision,
+            )
+        return model, prepare_net(model.net, compute, model.bundle.preprocess), compute
 
     # --- the public API: images (paths or PIL) in ---------------------------------------------------
     def search(
@@ -412,7 +427,7 @@ class SearchService:
         model runs."""
         served = self.served
         summary = summarize(self.folder.name, served.snapshot, served.model.bundle, served.data_root)
-        return {**summary, "device": str(self.compute)}
+        return {**summary, **served.precision, "device": str(served.compute or self.compute)}
 
     def close(self) -> None:
         with self._refreshing:

@@ -14,6 +14,7 @@ from simimg.models.bundle import ModelBundle
 from simimg.store.catalog import Snapshot, reading
 from simimg.store.layout import IndexFolder
 from simimg.store.model_store import read_model
+from simimg.store.precision import precision_info
 
 
 def summarize(name: str, snapshot: Snapshot, bundle: ModelBundle, data_root: Path) -> dict[str, Any]:
@@ -50,6 +51,7 @@ def read_summary(folder: IndexFolder) -> dict[str, Any]:
     with reading(folder.catalog) as catalog:
         snapshot = catalog.snapshot()
         data_root = Path(catalog.get_meta("data_root", "."))
+        recorded = precision_info(catalog, snapshot.model) if snapshot is not None else {}
     if snapshot is None:
         raise SimimgError(f"index '{folder.name}' has no finished version yet: run `simimg index` on it")
-    return summarize(folder.name, snapshot, read_model(folder, snapshot.model), data_root)
+    return {**summarize(folder.name, snapshot, read_model(folder, snapshot.model), data_root), **recorded}
