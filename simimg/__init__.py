@@ -37,6 +37,7 @@ PUBLIC: dict[str, str] = {
         "predict",
         "use_model",
         "upgrade_index",
+        "verify_index",
         # label edits
         "set_labels",
         "apply_labels",
@@ -100,6 +101,7 @@ PUBLIC: dict[str, str] = {
     **_names("simimg.jobs.audit_config", "AuditJob", "AuditReport"),
     **_names("simimg.jobs.labels_config", "LabelsReport"),
     **_names("simimg.jobs.review", "ReviewItem"),
+    **_names("simimg.jobs.verify", "VerifyReport", "DamagedFile"),
     **_names("simimg.jobs.predict_config", "PredictJob", "PredictReport"),
     **_names("simimg.progress", "Hooks", "EpochStats", "Progress", "Phase"),
     **_names("simimg.store.model_store", "ModelEntry"),

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from simimg.jobs.predict_config import PredictReport
     from simimg.jobs.review import ReviewItem
     from simimg.jobs.train_config import TrainReport
+    from simimg.jobs.verify import VerifyReport
     from simimg.models.heatmaps import Explanation
     from simimg.progress import Hooks, Phase, Progress
     from simimg.query.service import SearchService
@@ -317,6 +318,15 @@ def upgrade_index(name: str, home: str | Path | None = None) -> bool:
     if not folder.catalog.exists() and not folder.root.is_dir():
         raise SimimgError(f"no index named '{name}' in {folder.root.parent}")
     return upgrade(folder)
+
+
+def verify_index(name: str, home: str | Path | None = None, repair: bool = False) -> VerifyReport:
+    """Check every file of index `name` against the checksums taken when it was written: the damaged ones, with the
+    images each affects. `repair` embeds damaged vector rows again from the original images, rebuilds a damaged
+    FAISS file and removes what killed runs left, then checks again."""
+    from simimg.jobs.verify import verify
+
+    return verify(IndexFolder.of(home, name), repair)
 
 
 # --- queries ------------------------------------------------------------------------------------------

@@ -861,6 +861,37 @@ def _run_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_arguments(p: argparse.ArgumentParser) -> None:
+    add_home(p)
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="embed damaged vectors again from the original images, rebuild a damaged FAISS file, remove what "
+        "killed runs left; then check again",
+    )
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    """Exit 1 when a damaged file is left (after --repair: one it could not mend)."""
+    report = simimg.verify_index(args.name, args.home, args.repair)
+
+    def human() -> None:
+        for line in report.repaired:
+            print(f"repaired: {line}")
+        for damaged in report.problems:
+            shown = ", ".join(damaged.images[:5]) + (" ..." if len(damaged.images) > 5 else "")
+            print(f"DAMAGED {damaged.kind} {damaged.file}: {damaged.reason}; {len(damaged.images)} images: {shown}")
+        for leftover in report.leftovers:
+            print(f"left by a killed run: {leftover} (--repair removes it)")
+        checked = ", ".join(f"{n} {what.replace('_', ' ')}" for what, n in report.checked.items())
+        unrecorded = sum(report.unrecorded.values())
+        note = f"; {unrecorded} written before checksums, not checked" if unrecorded else ""
+        print(f"{args.name}: checked {checked}{note}: " + ("damaged" if report.problems else "all whole"))
+
+    emit(args, dataclasses.asdict(report), human)
+    return 1 if report.problems else 0
+
+
 # --- serve ---------------------------------------------------------------------------------------------
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--home", help="where indexes live (default: $SIMIMG_HOME, else ./indexes)")
@@ -1009,6 +1040,13 @@ COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callab
         "convert an index made by simimg 0.1 to this version's layout, keeping every vector",
         _upgrade_arguments,
         _run_upgrade,
+    ),
+    (
+        "verify",
+        "check every file of an index against its checksums, naming damaged ones and the images they affect; "
+        "--repair mends what can be made again",
+        _verify_arguments,
+        _run_verify,
     ),
     (
         "serve",

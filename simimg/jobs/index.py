@@ -45,7 +45,7 @@ from simimg.store.ann import (
 )
 from simimg.store.ann_ivfpq import PartEncoder, encode_here
 from simimg.store.catalog import Catalog, NewImage, Published, Row, reading
-from simimg.store.checksums import version_checksums
+from simimg.store.checksums import file_checksum, version_checksums
 from simimg.store.edits import forget_paths, read_corrections
 from simimg.store.layout import IndexFolder
 from simimg.store.lock import writer_lock
@@ -378,7 +378,7 @@ def _publish(
     published = catalog.published()
     emb = model.bundle.embedding
     added, removed = catalog.pending_changes(pending)
-    previous = _reusable_index(folder, published, emb)
+    previous = _reusable_index(catalog, folder, published, emb)
     unchanged = previous is not None and not added and not removed
     total = catalog.count(pending)
     kind = index_kind_for(total, asked_kind)
@@ -445,9 +445,13 @@ def _tidy(catalog: Catalog, folder: IndexFolder) -> None:
     catalog.clean_files()
 
 
-def _reusable_index(folder: IndexFolder, published: Published | None, embedding: str) -> faiss.Index | None:
+def _reusable_index(
+    catalog: Catalog, folder: IndexFolder, published: Published | None, embedding: str
+) -> faiss.Index | None:
     """The published FAISS index when it is intact and of this embedding; None means: build it from the catalog."""
     if published is None or published.embedding != embedding:
+        return None
+    if not _whole(catalog, folder, published.version):
         return None
     try:
         index = load_index(folder.faiss(published.version))
@@ -463,6 +467,16 @@ def _reusable_index(folder: IndexFolder, published: Published | None, embedding:
         )
         return None
     return index
+
+
+def _whole(catalog: Catalog, folder: IndexFolder, version: int) -> bool:
+    """Whether a version's FAISS file matches the checksum recorded when it was published (or none was recorded);
+    a damaged one is built again from the vectors, which is how `simimg verify --repair` mends it."""
+    recorded = catalog.version_checksums(version)
+    if recorded is None or recorded[0] is None or file_checksum(folder.faiss(version)) == recorded[0]:
+        return True
+    log.warning("the FAISS file of version %d does not match its checksum: rebuilding it from the vectors", version)
+    return False
 
 
 def _sha256_file(path: Path) -> str | None:
