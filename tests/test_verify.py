@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -108,3 +110,18 @@ def test_an_index_written_before_checksums_is_not_called_damaged(built):
 def test_a_missing_index_is_one_line(tmp_path):
     code, out, err = run_main("verify", "--name", "nothing", "--home", str(tmp_path))
     assert code == 2 and "no index named 'nothing'" in err and out == ""
+
+
+def test_readers_serve_the_previous_version_while_the_latest_faiss_file_is_damaged(built, caplog):
+    folder = IndexFolder.of(built.home, built.name)
+    shutil.copy(built.data / "circles" / "circles_000.png", built.data / "circles" / "again.png")
+    code, out, err = run_main("index", str(built.data), "--name", built.name, "--home", str(built.home), "--json")
+    assert code == 0 and json.loads(out)["version"] == 2, err
+    flip_byte(folder.faiss(2), folder.faiss(2).stat().st_size - 64)
+    with caplog.at_level(logging.WARNING, logger="simimg.store.served"):
+        service = simimg.open_index(built.name, built.home)
+        assert service.snapshot.version == 1 and len(service.snapshot.ids) == 18
+    assert "version 2 of 'shapes' does not match its checksum: serving version 1" in caplog.text
+    assert not service.refresh()  # the damaged version is not read again on every query
+    assert verify(built, "--repair")[0] == 0
+    assert service.refresh() and service.snapshot.version == 3 and len(service.snapshot.ids) == 19

@@ -44,7 +44,7 @@ from simimg.store.catalog import Catalog, Snapshot, reading
 from simimg.store.layout import IndexFolder
 from simimg.store.lock import writer_lock
 from simimg.store.model_store import load_model, no_classifier, serving_model
-from simimg.store.served import open_searcher, positions_of
+from simimg.store.served import open_searcher, positions_of, whole_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,7 @@ class Version:
         snapshot = catalog.snapshot()
         if snapshot is None:
             raise SimimgError(f"index '{folder.name}' has no finished version yet: run `simimg index`")
+        snapshot = whole_snapshot(folder, catalog, snapshot)
         model = load_model(folder, snapshot.model)
         if not model.bundle.has_classifier:
             raise no_classifier(folder)

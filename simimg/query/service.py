@@ -31,7 +31,7 @@ from simimg.store.catalog import Catalog, Snapshot, reading
 from simimg.store.layout import IndexFolder
 from simimg.store.model_store import load_model, no_classifier
 from simimg.store.precision import kept_int8, precision_info
-from simimg.store.served import open_searcher, positions_of
+from simimg.store.served import open_searcher, positions_of, whole_snapshot
 from simimg.store.summary import summarize
 
 if TYPE_CHECKING:
@@ -141,6 +141,7 @@ class SearchService:
         self.catalog = Catalog(self.folder.catalog, readonly=True)
         self._refreshing = threading.Lock()  # one loader at a time; it also guards the catalog connection
         self._served: ServedVersion | None = None
+        self._passed_over: int | None = None  # a newer version not served: its FAISS file fails its checksum
         self.refresh()
 
     @property
@@ -172,7 +173,7 @@ class SearchService:
         if not self._refreshing.acquire(blocking=wait or self._served is None):
             return False
         try:
-            if self._served is not None and self._served.snapshot.version == self.catalog.version:
+            if self._served is not None and self.catalog.version in (self._served.snapshot.version, self._passed_over):
                 return False
             self._served = self._load_latest(self._served)
             return True
@@ -181,14 +182,16 @@ class SearchService:
 
     def _load_latest(self, current: ServedVersion | None) -> ServedVersion:
         for _ in range(LOAD_ATTEMPTS):  # a writer may publish, and prune old files, while we read
-            snapshot = self.catalog.snapshot()
-            if snapshot is None:
+            latest = self.catalog.snapshot()
+            if latest is None:
                 raise SimimgError(f"index '{self.folder.name}' has no finished version yet: run `simimg index`")
             try:
+                snapshot = whole_snapshot(self.folder, self.catalog, latest)
+                self._passed_over = latest.version if snapshot is not latest else None
                 model, trunk, compute = self._model_for(snapshot.model, current)
                 searcher = open_searcher(self.folder, self.catalog, snapshot, self.device)
             except SimimgError:
-                if self.catalog.version == snapshot.version:
+                if self.catalog.version == latest.version:
                     raise
                 continue
             labels = np.array(snapshot.labels, dtype=object)

@@ -496,10 +496,10 @@ class Catalog:
         return shard, rows
 
     # --- the readers' view: one published version ---------------------------------------------
-    def snapshot(self) -> Snapshot | None:
-        """The latest published version and its rows, read in one transaction so they agree."""
+    def snapshot(self, version: int | None = None) -> Snapshot | None:
+        """The latest published version (or a kept `version`) and its rows, read in one transaction so they agree."""
         with _Transaction(self.db, "BEGIN"):
-            return self._snapshot()
+            return self._snapshot(version)
 
     def snapshot_with_vectors(self) -> tuple[Snapshot, np.ndarray] | None:
         """The latest published version and the vectors of its rows (same order), as one consistent read.
@@ -525,8 +525,8 @@ class Catalog:
             return snapshot, vectors
         raise SimimgError(f"index catalog {self.path} kept changing while reading; try again")
 
-    def _snapshot(self) -> Snapshot | None:
-        published = self.published()
+    def _snapshot(self, version: int | None = None) -> Snapshot | None:
+        published = self.published(version)
         if published is None:
             return None
         rows = self.db.execute(

@@ -5,13 +5,18 @@ The warm query service and `simimg predict` read a version the same way, through
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
 from simimg.errors import SimimgError
 from simimg.store.ann import VectorSearcher, is_compressed, load_index, make_searcher
 from simimg.store.catalog import Catalog, Snapshot
+from simimg.store.checksums import file_checksum
 from simimg.store.layout import IndexFolder
+
+log = logging.getLogger(__name__)
 
 
 def open_searcher(folder: IndexFolder, catalog: Catalog, snapshot: Snapshot, device: torch.device) -> VectorSearcher:
@@ -26,6 +31,30 @@ def open_searcher(folder: IndexFolder, catalog: Catalog, snapshot: Snapshot, dev
         )
     stored = catalog.stored_vectors(snapshot.version, snapshot.embedding) if is_compressed(index) else None
     return make_searcher(index, device, stored)
+
+
+def whole_snapshot(folder: IndexFolder, catalog: Catalog, snapshot: Snapshot) -> Snapshot:
+    """`snapshot` when its FAISS file matches the checksum recorded when it was published (or none was), else the
+    previous kept version when its file does: a damaged file is never served. SimimgError when neither is whole."""
+    for candidate in (snapshot, catalog.snapshot(snapshot.version - 1)):
+        if candidate is None:
+            break
+        recorded = catalog.version_checksums(candidate.version)
+        if recorded is None or recorded[0] is None or file_checksum(folder.faiss(candidate.version)) == recorded[0]:
+            if candidate is not snapshot:
+                log.warning(
+                    "the FAISS file of version %d of '%s' does not match its checksum: serving version %d; "
+                    "`simimg verify --name %s --repair` mends it",
+                    snapshot.version,
+                    folder.name,
+                    candidate.version,
+                    folder.name,
+                )
+            return candidate
+    raise SimimgError(
+        f"the FAISS file of version {snapshot.version} of index '{folder.name}' is damaged and no earlier version is "
+        f"whole: re-run `simimg index` (or `simimg verify --name {folder.name} --repair`) to rebuild it"
+    )
 
 
 def positions_of(snapshot: Snapshot, ids: np.ndarray) -> np.ndarray:
