@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import sys
@@ -51,6 +52,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("simimg: interrupted; re-run the same command to finish the job", file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.errno not in STORAGE_ERRORS:
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(
+            f"simimg: error: {err.strerror or err}{where}: the disk is full, read-only or over a size limit; nothing "
+            "half-written was published (the last version still serves): make room, then re-run the same command",
+            file=sys.stderr,
+        )
+        return 2
+
+
+# a full disk, a quota, a file-size limit, a read-only file system: the user's to fix, not a bug's traceback
+STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 class _Parser(argparse.ArgumentParser):

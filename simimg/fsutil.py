@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from simimg.faults import publish_step
+
 
 @contextmanager
 def atomic_target(path: str | Path) -> Iterator[Path]:
@@ -21,7 +23,9 @@ def atomic_target(path: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        publish_step(f"{path.name} written")
         os.replace(tmp, path)
+        publish_step(f"{path.name} in place")
     finally:
         tmp.unlink(missing_ok=True)
 

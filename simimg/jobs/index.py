@@ -26,6 +26,7 @@ import numpy as np
 
 from simimg.dataset.scan import IMAGE_EXTENSIONS, Record, Skipped, scan_folder
 from simimg.errors import SimimgError
+from simimg.faults import publish_step
 from simimg.fsutil import atomic_copy, atomic_write_bytes
 from simimg.jobs.engines import Engine, LocalEngine, open_engine
 from simimg.jobs.index_config import IndexJob, IndexReport, ToEmbed, read_index_job
@@ -393,8 +394,11 @@ def _publish(
             stored = catalog.stored_vectors(pending, emb)
             index = build_from_stored(stored.ids, stored, model.bundle.dim, kind, encode)
         save_index(index, folder.faiss(pending))
+    checksums = version_checksums(folder, pending)
+    publish_step(f"version {pending} ready to commit")
     with catalog.transaction():
-        catalog.publish(pending, model.bundle.fingerprint, emb, kind, version_checksums(folder, pending))
+        catalog.publish(pending, model.bundle.fingerprint, emb, kind, checksums)
+    publish_step(f"version {pending} committed")
     log.info(
         "published version %d of '%s': %d vectors (+%d, -%d), model %s",
         pending,
@@ -436,6 +440,7 @@ def _tidy(catalog: Catalog, folder: IndexFolder) -> None:
     for old in folder.faiss_files():
         if old < folder.faiss(oldest):
             old.unlink(missing_ok=True)
+    publish_step("old FAISS files removed")
     prune_models(folder, {v.model for v in kept})
     with catalog.transaction():
         dropped = catalog.drop_embeddings(kept_embeddings(folder) | {v.embedding for v in kept})

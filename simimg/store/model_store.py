@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, overload
 
 from simimg.errors import SimimgError
+from simimg.faults import publish_step
 from simimg.models.bundle import BUNDLE_JSON, ModelBundle, read_bundle
 from simimg.store.catalog import reading
 from simimg.store.checksums import write_manifest
@@ -60,8 +61,10 @@ def publish_model(folder: IndexFolder, net: Net, bundle: ModelBundle, extras: di
             (staging / name).write_bytes(data)
         write_manifest(staging)
         _fsync_dir(staging)
+        publish_step(f"model {bundle.fingerprint} staged")
         os.rename(staging, target)
         _fsync_dir(folder.models)
+        publish_step(f"model {bundle.fingerprint} in place")
     except OSError:
         if not target.is_dir():
             raise

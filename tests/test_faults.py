@@ -1,0 +1,90 @@
+"""Issue 22, item 4: a crash at any publish step leaves an index that opens at its old or its new version, passes
+`simimg verify`, and lets the next run finish (tests/crash_runs.py runs each path once per step); a full disk is
+one clear error that loses nothing."""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import simimg
+from conftest import ROOT, Built, copy_built, run_cli
+
+pytestmark = pytest.mark.slow  # a fresh Python forks a run per publish step
+
+
+def crash_at_every_step(scenario: str, built: Built) -> tuple[list[dict], dict]:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "crash_runs.py"), scenario, str(built.home), built.name, str(built.data)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    *steps, summary = [json.loads(line) for line in proc.stdout.splitlines()]
+    return steps, summary
+
+
+def check(steps: list[dict], summary: dict, at_least: int) -> None:
+    """Every step was reached and killed; after each, the old or new version opens whole and a rerun finishes
+    (publishing once more when the killed run had published already and the job is not a no-op the second time,
+    as a second head-only fit is not)."""
+    before, after = summary["before"], summary["version"]
+    assert summary["steps"] == len(steps) >= at_least and summary["problems"] == [] and after == before + 1
+    for step in steps:
+        crashed, rerun = step["after_crash"], step["after_rerun"]
+        assert step["exit"] == -signal.SIGKILL, step
+        assert crashed["version"] in (before, after) and crashed["problems"] == [], step
+        assert step["rerun_exit"] == 0 and rerun["problems"] == [], step
+        assert rerun["version"] in (after, after + 1) and rerun["version"] >= crashed["version"] + 0, step
+
+
+@pytest.fixture
+def built(shapes_index: Built, tmp_path: Path) -> Built:
+    return copy_built(shapes_index, tmp_path)
+
+
+def test_index_survives_a_crash_at_every_publish_step(built):
+    shutil.copy(built.data / "squares" / "squares_000.png", built.data / "squares" / "new.png")
+    check(*crash_at_every_step("index", built), at_least=5)
+
+
+def test_a_head_only_fit_and_use_survive_a_crash_at_every_publish_step(built):
+    check(*crash_at_every_step("head_only", built), at_least=5)
+    simimg.train(built.data, built.name, built.home, head_only=True)  # a second kept model, serving
+    check(*crash_at_every_step("use", built), at_least=3)
+
+
+def test_a_full_disk_is_one_clear_error_and_the_index_keeps_serving(built):
+    """RLIMIT_FSIZE stands in for a full disk: no file may grow past 64 KB (the FAISS file of 19 vectors does)."""
+    shutil.copy(built.data / "squares" / "squares_000.png", built.data / "squares" / "new.png")
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "simimg.cli", "index", str(built.data), "--name", built.name, "--home", str(built.home)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        preexec_fn=small_files,
+    )
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]  # beside the progress bar
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert errors[0].startswith("simimg: error: File too large") and "the last version still serves" in errors[0]
+    info = json.loads(run_cli("info", "--name", built.name, "--home", str(built.home), "--json").stdout)
+    assert info["version"] == 1 and info["total"] == 18
+    assert (
+        json.loads(run_cli("verify", "--name", built.name, "--home", str(built.home), "--json").stdout)["problems"]
+        == []
+    )
