@@ -63,6 +63,11 @@ def test_a_head_only_fit_and_use_survive_a_crash_at_every_publish_step(built):
     check(*crash_at_every_step("use", built), at_least=3)
 
 
+def test_training_survives_a_crash_at_every_step_of_its_save_and_serve(built):
+    """Checkpoints, the model folder, the index's new version: 1 epoch from scratch at 32 px, once per step."""
+    check(*crash_at_every_step("train", built), at_least=8)
+
+
 def test_a_full_disk_is_one_clear_error_and_the_index_keeps_serving(built):
     """RLIMIT_FSIZE stands in for a full disk: no file may grow past 64 KB (the FAISS file of 19 vectors does)."""
     shutil.copy(built.data / "squares" / "squares_000.png", built.data / "squares" / "new.png")
