@@ -375,7 +375,8 @@ def _publish(
     same = previous if published is not None and published.index_kind == kind else None
     if same is not None and lists_on_disk(same) and lists is None:
         same = None  # lists on disk are read-only: back in RAM means building afresh
-    if published is not None and same is not None and not (added or removed or lists_on_disk(same) != bool(lists)):
+    to_disk = same is not None and lists is not None and not lists_on_disk(same)
+    if published is not None and same is not None and not (added or removed or to_disk):
         if published.model == model.bundle.fingerprint:
             return published.version, published.count
         if lists is not None:  # a new head on the same vectors: links to the same files
