@@ -7,17 +7,20 @@
 1. Writes N embedding-like vectors (_common.EmbeddingLike) shard by shard in simimg's own shard format
    (vectors.py), and held-out queries; kept in --work and reused by a later run with the same shape.
 2. Exact top-10 of every query, streamed shard by shard (faiss.knn + ResultHeap): the ground truth.
-3. In a fresh child process (so its peak RSS is the build's own): the build simimg runs for `--index-kind ivfpq`
+3. In a fresh child process (so its peaks are the build's own): the build simimg runs for `--index-kind ivfpq`
    (ann_ivfpq.build: train on a sample drawn across all shards, encode part by part, merge_from; or with
-   --on-disk, merge_ondisk into one list file), the index written and read back as a reader would, then single
-   queries through the searcher a SearchService serves on --device (RefinedSearcher: IVF-PQ candidates, on faiss'
-   GPU index where there is one, re-ranked from the memory-mapped shards). The build runs on the CPU either way.
+   --on-disk, merge_on_disk into the list file beside the index, as `simimg index --on-disk` publishes it).
+4. In another fresh child process: the index read back as a reader reads it (ann.load_index: the lists
+   memory-mapped when on disk), then single queries through the searcher a SearchService serves on --device
+   (RefinedSearcher: IVF-PQ candidates, on faiss' GPU index where there is one, re-ranked from the memory-mapped
+   shards). The build runs on the CPU either way.
 
-index_bytes is the serialized index (what a reader holds in RAM); flat_bytes is N x dim float32, what a flat or
+index_bytes is the index's files (FAISS file and list file); flat_bytes is N x dim float32, what a flat or
 IVF-Flat index holds. peak_rss_mib is the build process's high-water RSS, which counts the shard pages it read
-through memory maps (page cache); peak_anon_mib is its anonymous memory alone. serving_rss_anon_mib is the child's
-anonymous resident memory while it answers queries: the index plus the interpreter and libraries; the shards it
-re-ranks from are page cache, shared and evictable.
+through memory maps (page cache); peak_anon_mib is its anonymous memory alone. search_peak_rss_mib is the search
+process's high-water RSS (the index, the list and shard pages it touched, the interpreter and libraries);
+serving_rss_anon_mib its anonymous resident memory while it answers queries: the shards it re-ranks from, and
+lists on disk, are page cache, shared and evictable.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import resource
+import shutil
 import tempfile
 import threading
 import time
@@ -38,6 +42,7 @@ from _common import EmbeddingLike, finish, hardware, median, parser
 from simimg.models.device import resolve_device
 from simimg.store import ann_ivfpq
 from simimg.store.ann import VectorSearcher, load_index, make_searcher, save_index
+from simimg.store.layout import lists_file
 from simimg.store.vectors import StoredVectors, append_rows, rows_per_shard, shard_path
 
 EMBEDDING = "synthetic"
@@ -61,13 +66,12 @@ def main() -> None:
     work = Path(args.work or Path(tempfile.gettempdir()) / f"simimg-scale-{args.n}x{args.dim}")
     gen_s = _write_vectors(work, args.n, args.dim, args.queries)
     truth_s, truth = _ground_truth(work, args.n, args.dim)
-    context = multiprocessing.get_context("spawn")  # a fresh process: peak RSS is the build's, not the generator's
-    with context.Pool(1) as pool:
-        built = pool.apply(
-            _build_and_query,
-            (str(work), args.n, args.dim, truth, _sweep(args.nprobe), args.on_disk, str(resolve_device(args.device))),
-        )
-    rows = built.pop("rows")
+    context = multiprocessing.get_context("spawn")  # fresh processes: each peak is the build's, or the search's
+    with context.Pool(1, maxtasksperchild=1) as pool:
+        built = pool.apply(_build, (str(work), args.n, args.dim, args.on_disk))
+        device = str(resolve_device(args.device))
+        served = pool.apply(_query, (str(work), args.n, args.dim, truth, _sweep(args.nprobe), args.on_disk, device))
+    rows = served["rows"]
     chosen = next(r for r in rows if r["simimg"])
     summary = {
         "benchmark": "scale",
@@ -86,7 +90,9 @@ def main() -> None:
         "p95_ms": chosen["p95_ms"],
         "nprobe": chosen["nprobe"],
         "refine_candidates": built["refine_candidates"],
-        "serving_rss_anon_mib": built["serving_rss_anon_mib"],
+        "on_disk": args.on_disk,
+        "search_peak_rss_mib": served["search_peak_rss_mib"],
+        "serving_rss_anon_mib": served["serving_rss_anon_mib"],
         "queries": args.queries,
         "generate_s": gen_s,
         "truth_s": truth_s,
@@ -147,41 +153,45 @@ def _ground_truth(work: Path, n: int, dim: int) -> tuple[float, np.ndarray]:
     return round(time.perf_counter() - started, 1), heap.I
 
 
-def _build_and_query(
-    work: str, n: int, dim: int, truth: np.ndarray, nprobes: list[int], on_disk: bool, device: str
-) -> dict:
+def _build(work: str, n: int, dim: int, on_disk: bool) -> dict:
+    """The build simimg runs, its file written as `simimg index` writes it; in a fresh process, for its peaks."""
     stored = _stored(Path(work), n, dim)
     folder = Path(work) / ("ivfpq-on-disk" if on_disk else "ivfpq")
-    folder.mkdir(exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
     started = time.perf_counter()
     with _PeakAnon() as peak_anon:
-        index = ann_ivfpq.build(dim, stored.ids, stored, on_disk=folder if on_disk else None)
+        lists = lists_file(folder / "index.faiss") if on_disk else None
+        index = ann_ivfpq.build(dim, stored.ids, stored, on_disk=lists)
         save_index(index, folder / "index.faiss")
-    build_s = round(time.perf_counter() - started, 1)
-    chosen, nlist, m = index.nprobe, index.nlist, index.pq.M
-    del index
-    # what a reader holds: the whole index, or (on disk) all but its lists, which it maps
-    index = (
-        faiss.read_index(str(folder / "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR)
-        if on_disk
-        else load_index(folder / "index.faiss")
-    )
-    searcher = make_searcher(index, torch.device(device), stored)  # what a SearchService on `device` serves
+    where = " (lists on disk)" if on_disk else ""
+    return {
+        "index": f"IVF{index.nlist},PQ{index.pq.M} + re-rank of {ann_ivfpq.candidates_for(K)}{where}",
+        "build_s": round(time.perf_counter() - started, 1),
+        "index_bytes": sum(f.stat().st_size for f in folder.iterdir()),
+        "refine_candidates": ann_ivfpq.candidates_for(K),
+        "nprobe": index.nprobe,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_anon_mib": peak_anon.mib,
+    }
+
+
+def _query(work: str, n: int, dim: int, truth: np.ndarray, nprobes: list[int], on_disk: bool, device: str) -> dict:
+    """What a reader does, in another fresh process: load the index (the lists memory-mapped when on disk), then
+    single queries through the searcher a SearchService serves on `device`."""
+    stored = _stored(Path(work), n, dim)
+    index = load_index(Path(work) / ("ivfpq-on-disk" if on_disk else "ivfpq") / "index.faiss")
+    chosen = index.nprobe
+    searcher = make_searcher(index, torch.device(device), stored)
     queries = np.load(Path(work) / "queries.npy")
     rows = []
     for nprobe in sorted({chosen, *nprobes}):
-        faiss.extract_index_ivf(searcher.inner.index).nprobe = nprobe
+        faiss.extract_index_ivf(index).nprobe = nprobe
         rows.append({"nprobe": nprobe, "simimg": nprobe == chosen, **_measure(searcher, queries, truth)})
-    where = " (lists on disk)" if on_disk else ""
     return {
-        "index": f"IVF{nlist},PQ{m} + re-rank of {ann_ivfpq.candidates_for(K)}{where}",
-        "build_s": build_s,
-        "index_bytes": sum(f.stat().st_size for f in folder.iterdir()),
-        "refine_candidates": ann_ivfpq.candidates_for(K),
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "peak_anon_mib": peak_anon.mib,
-        "serving_rss_anon_mib": _rss_anon_mib(),
         "rows": rows,
+        "search_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "serving_rss_anon_mib": _rss_anon_mib(),
     }
 
 

@@ -52,7 +52,8 @@ def build_index(
 
     `options` are `IndexJob` fields: arch, weights ("imagenet", "none" or a path), image_size, device, precision
     ("auto", "bf16", "fp32"), batch_size, workers, chunk_size, compile, index_kind ("auto", "flat", "ivf",
-    "ivfpq"); engine="ray" embeds on Ray Data (address, ray_actors, ray_shards). Only new or changed files are
+    "ivfpq"), on_disk (an ivfpq index's lists in a file per version; None: as last built, else auto);
+    engine="ray" embeds on Ray Data (address, ray_actors, ray_shards). Only new or changed files are
     embedded.
     """
     from simimg.jobs.index import run_index

@@ -198,6 +198,12 @@ def _index_arguments(p: argparse.ArgumentParser) -> None:
         "from the stored vectors); auto picks by size (default: as last built, else auto)",
     )
     p.add_argument(
+        "--on-disk",
+        action=argparse.BooleanOptionalAction,
+        help="keep an ivfpq index's lists in a file per version, memory-mapped, for collections larger than RAM "
+        "(--no-on-disk: in RAM); default: as last built, else on disk once they would take 1/8 of this machine's RAM",
+    )
+    p.add_argument(
         "--unlabeled",
         metavar="DIR",
         help="a folder of unlabeled images to index too: searchable, predicted, never trained on (an unlabeled/ "
@@ -255,6 +261,7 @@ def _run_index(args: argparse.Namespace) -> int:
             ray_actors=args.ray_actors,
             ray_shards=args.ray_shards,
             index_kind=args.index_kind,
+            on_disk=args.on_disk,
             unlabeled=args.unlabeled,
         )
     finally:

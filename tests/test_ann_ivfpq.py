@@ -3,6 +3,7 @@ stored vectors; and `simimg index --index-kind ivfpq` end to end through a Searc
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_class_images, point_index_at
+from conftest import make_class_images, point_index_at, run_cli
 from simimg import api
 from simimg.jobs.index import run_index
 from simimg.jobs.index_config import IndexJob, read_index_job
@@ -24,9 +25,11 @@ from simimg.store.ann import (
     is_compressed,
     load_index,
     make_searcher,
+    save_index,
+    update_index,
 )
 from simimg.store.catalog import reading
-from simimg.store.layout import IndexFolder
+from simimg.store.layout import IndexFolder, lists_file
 from simimg.store.vectors import StoredVectors, append_rows, shard_path
 from test_ann import clustered, recall
 
@@ -49,7 +52,7 @@ def test_one_sub_quantizer_per_4_dims_that_divides_the_dimension(dim, m):
 def test_the_training_sample_is_drawn_across_the_whole_collection():
     ids = np.arange(1_000_000, dtype=np.int64)
     sample = ann_ivfpq.sample_ids(ids, nlist=1000)
-    assert len(sample) == 30_000 and len(np.unique(sample)) == len(sample)
+    assert len(sample) == 40_000 and len(np.unique(sample)) == len(sample)  # faiss warns below 39 a list
     assert sample.max() > 900_000 and sample.min() < 100_000  # not the first rows: those are one folder
 
 
@@ -90,10 +93,47 @@ def test_parts_merged_in_ram_or_on_disk_answer_like_one_index(tmp_path):
     assert merged.ntotal == whole.ntotal == 3000
     assert np.array_equal(whole.search(queries, 10)[1], merged.search(queries, 10)[1])
     parts = (ann_ivfpq.encode_part(trained, ids[s], vectors[s]) for s in ann_ivfpq.part_ranges(3000, 700))
-    faiss.write_index(ann_ivfpq.merge_on_disk(trained, parts, tmp_path), str(tmp_path / "index.faiss"))
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["index.faiss", ann_ivfpq.LISTS_FILE]  # parts gone
-    on_disk = faiss.read_index(str(tmp_path / "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR)
-    assert np.array_equal(whole.search(queries, 10)[1], on_disk.search(queries, 10)[1])
+    save_index(ann_ivfpq.merge_on_disk(trained, parts, tmp_path / "index.ivfdata"), tmp_path / "index.faiss")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["index.faiss", "index.ivfdata"]  # the parts are gone
+    assert np.array_equal(whole.search(queries, 10)[1], load_index(tmp_path / "index.faiss").search(queries, 10)[1])
+
+
+def test_lists_on_disk_update_into_a_new_file_print_nothing_and_move_with_their_folder(tmp_path, capfd):
+    """An update merges the previous lists (less the removed ids) and the new part into a new file, as adding to
+    and removing from an index in RAM does, and never writes to the previous file (the next version may link it).
+    faiss' own on-disk merge and IO_FLAG_ONDISK_SAME_DIR printf to stdout; simimg's do not (`--json`)."""
+    vectors, queries = clustered(2400, dim=16), clustered(20, dim=16, seed=4)
+    ids = np.arange(2400, dtype=np.int64) * 3
+    fetch = lambda want: vectors[want // 3]  # noqa: E731
+    first, second = tmp_path / "a" / "index-000001.faiss", tmp_path / "a" / "index-000002.faiss"
+    first.parent.mkdir()
+    trained = ann_ivfpq.train(16, ids[:2000], fetch)
+    in_ram = ann_ivfpq.merge(trained, [ann_ivfpq.encode_part(trained, ids[:2000], fetch(ids[:2000]))])
+    part = ann_ivfpq.encode_part(trained, ids[:2000], fetch(ids[:2000]))
+    save_index(ann_ivfpq.merge_on_disk(trained, [part], lists_file(first)), first)
+    before = lists_file(first).read_bytes()
+    removed = ids[::7][:200]
+    update_index(in_ram, ids[2000:], fetch(ids[2000:]), removed)
+    updated = ann_ivfpq.update_on_disk(load_index(first), ids[2000:], fetch, removed, lists_file(second))
+    save_index(updated, second)
+    assert lists_file(first).read_bytes() == before and updated.ntotal == in_ram.ntotal == 2400 - 200
+    assert np.array_equal(in_ram.search(queries, 10)[1], load_index(second).search(queries, 10)[1])
+    shutil.move(tmp_path / "a", tmp_path / "moved")
+    moved = load_index(tmp_path / "moved" / second.name)
+    assert ann_ivfpq.lists_on_disk(moved)
+    assert np.array_equal(in_ram.search(queries, 10)[1], moved.search(queries, 10)[1])
+    assert capfd.readouterr().out == ""
+
+
+def test_an_index_in_ram_ignores_and_drops_a_stray_list_file(tmp_path):
+    """A run that stopped after writing a version's list file, then published that version with its lists in RAM."""
+    vectors = clustered(300, dim=DIM)
+    index = ann_ivfpq.build(DIM, np.arange(300), lambda want: vectors[want])
+    lists_file(tmp_path / "index-000001.faiss").write_bytes(b"left by a killed run")
+    save_index(index, tmp_path / "index-000001.faiss")
+    assert not lists_file(tmp_path / "index-000001.faiss").exists()
+    lists_file(tmp_path / "index-000001.faiss").write_bytes(b"and again")
+    assert load_index(tmp_path / "index-000001.faiss").ntotal == 300
 
 
 def test_refined_search_honours_the_allowed_ids(tmp_path):
@@ -193,3 +233,55 @@ def test_on_real_photos_a_compressed_index_finds_what_exact_search_finds(shared_
         for a, b in zip(exact.search(queries, k=10), compressed.search(queries, k=10))
     ]
     assert np.mean([len(a & b) / 10 for a, b in found]) >= 0.95
+
+
+@pytest.mark.slow
+def test_lists_on_disk_publish_versions_that_search_as_in_ram_and_leave_with_them(tmp_path):
+    """`simimg index --on-disk` over an index with lists in RAM (a copy: the photos are embedded once) moves them
+    to disk and searches the same; each update writes a new list file (an image in, an image out), and the oldest
+    version's files go once it is no longer kept; the folder opens elsewhere."""
+    photos = make_class_images(tmp_path / "photos", {"circles": 150, "squares": 150}, size=40)
+    home = tmp_path / "home"
+    options = dict(home=home, weights="none", image_size=32, batch_size=64, index_kind="ivfpq")
+    api.build_index(photos, "ram", on_disk=False, **options)
+    shutil.copytree(home / "ram", home / "disk")
+    point_index_at(home, "disk", photos)
+    assert api.build_index(photos, "disk", on_disk=True, **options).indexed == 0
+    folder = IndexFolder.of(home, "disk")
+    queries = [photos / "circles" / "circles_003.png", photos / "squares" / "squares_100.png"]
+
+    def neighbours(name: str, root: Path = home) -> list[list[str]]:
+        return [[n.path for n in r.neighbors] for r in api.open_index(name, root).search(queries, k=10)]
+
+    assert neighbours("disk") == neighbours("ram") and folder.list_files() == [folder.lists(2)]
+    (photos / "circles" / "circles_010.png").unlink()
+    (photos / "squares" / "squares_011.png").rename(photos / "circles" / "was_a_square.png")
+    report = api.build_index(photos, "disk", **options)  # on disk as last asked
+    assert (report.version, report.indexed, report.total) == (3, 1, 299) and read_index_job(folder).on_disk
+    assert folder.list_files() == [folder.lists(2), folder.lists(3)]
+    api.build_index(photos, "ram", **options)
+    assert neighbours("disk") == neighbours("ram")
+    (photos / "circles" / "circles_020.png").unlink()
+    assert api.build_index(photos, "disk", **options).version == 4
+    assert folder.list_files() == [folder.lists(3), folder.lists(4)] and folder.faiss_files()[0] == folder.faiss(3)
+    shutil.move(home, tmp_path / "moved")
+    assert len(neighbours("disk", tmp_path / "moved")[0]) == 10
+
+
+@pytest.mark.e2e
+def test_index_and_query_with_lists_on_disk_print_only_their_json(tmp_path):
+    """faiss printf's to stdout (fd 1) when it resizes or finds an on-disk list file; `--json` must stay clean."""
+    photos = make_class_images(tmp_path / "photos", {"circles": 140, "squares": 140}, size=40)
+    home = str(tmp_path / "home")
+    index = ("index", str(photos), "--home", home, "--index-kind", "ivfpq", "--on-disk", "--weights", "none")
+    for run in range(2):
+        if run:  # the second run updates
+            (photos / "circles" / "circles_000.png").rename(photos / "squares" / "moved.png")
+        proc = run_cli(*index, "--image-size", "32", "--workers", "0", "--json")
+        assert json.loads(proc.stdout)["total"] == 280 and len(proc.stdout.splitlines()) == 1, proc.stdout[-2000:]
+    assert [p.name for p in IndexFolder.of(home, "photos").list_files()] == [
+        "index-000001.ivfdata",
+        "index-000002.ivfdata",
+    ]
+    proc = run_cli("query", str(photos / "squares" / "moved.png"), "--name", "photos", "--home", home, "--json")
+    assert json.loads(proc.stdout)[0]["neighbors"][0]["path"] == "squares/moved.png"

@@ -114,6 +114,9 @@ REQUIRED = {
         "flat_bytes",
         "recall_at_10",
         "ms_per_query",
+        "peak_anon_mib",
+        "on_disk",
+        "search_peak_rss_mib",
     },
     "search.py": {"N", "dim", "ivf_ms_per_query", "ivf_recall_at_k", "flat_ms_per_query", "rows"},
     "query_latency.py": {

@@ -350,3 +350,10 @@ def test_index_kind_is_chosen_kept_and_refused_when_unknown(cli, photos, tmp_pat
     assert json.loads(job.read_text())["index_kind"] == "auto"
     code, _out, err = cli("index", str(photos), "--name", "p", *TINY, "--index-kind", "hnsw")
     assert code == 2 and "invalid choice: 'hnsw'" in err
+    caplog.set_level("INFO", logger="simimg.jobs.index")
+    json_of(cli, "index", str(photos), "--name", "p", *TINY, "--on-disk")
+    assert json.loads(job.read_text())["on_disk"] is True and "lists stay in RAM" in caplog.text  # 6 images: flat
+    json_of(cli, "index", str(photos), "--name", "p", *TINY)
+    assert json.loads(job.read_text())["on_disk"] is True  # as last asked
+    json_of(cli, "index", str(photos), "--name", "p", *TINY, "--no-on-disk")
+    assert json.loads(job.read_text())["on_disk"] is False and not list((tmp_path / "home" / "p").glob("*.ivfdata"))

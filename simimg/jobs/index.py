@@ -32,6 +32,7 @@ from simimg.jobs.engines import Engine, LocalEngine, open_engine
 from simimg.jobs.index_config import IndexJob, IndexReport, ToEmbed, read_index_job
 from simimg.jobs.int8 import gated_compute
 from simimg.jobs.upgrade import needs_upgrade, upgrade
+from simimg.memory import physical_memory
 from simimg.models.encoder import EmbeddedBatch
 from simimg.models.net import LoadedModel, build_model
 from simimg.progress import Phase, Progress
@@ -44,7 +45,7 @@ from simimg.store.ann import (
     save_index,
     update_index,
 )
-from simimg.store.ann_ivfpq import PartEncoder, encode_here
+from simimg.store.ann_ivfpq import PartEncoder, encode_here, lists_on_disk, update_on_disk, wants_disk
 from simimg.store.catalog import Catalog, NewImage, Published, Row, reading
 from simimg.store.checksums import file_checksum, version_checksums
 from simimg.store.edits import forget_paths, read_corrections
@@ -95,7 +96,7 @@ def run_index(job: IndexJob, progress: Progress | None = None, on_phase: Phase |
     if needs_upgrade(folder):
         upgrade(folder)
     kind = _asked_kind(job, folder)
-    job = replace(job, index_kind=kind)
+    job = replace(job, index_kind=kind, on_disk=_asked_on_disk(job, folder))
     phase("loading the model")
     with open_engine(job, folder) as engine, writer_lock(folder.lock, f"index '{job.name}'", wait=job.wait):
         model = _model_for(job, folder)  # before the catalog exists: a first run that cannot get a model leaves none
@@ -113,7 +114,7 @@ def run_index(job: IndexJob, progress: Progress | None = None, on_phase: Phase |
             phase("embedding")
             embedded, failures = _apply(catalog, pending, model, scan.root, work, batches, job.chunk_size, progress)
             phase("publishing")
-            version, total = _publish(catalog, folder, pending, model, kind, engine.encode_parts)
+            version, total = _publish(catalog, folder, pending, model, kind, engine.encode_parts, job.on_disk)
             engine.finish(run)
             _tidy(catalog, folder)
         finally:
@@ -361,6 +362,12 @@ def _asked_pool(job: IndexJob, folder: IndexFolder) -> str | None:
     return recorded.unlabeled if recorded else None
 
 
+def _asked_on_disk(job: IndexJob, folder: IndexFolder) -> bool | None:
+    """The job's choice of on-disk lists, else the last run's; None: auto (ann_ivfpq.wants_disk)."""
+    recorded = read_index_job(folder) if job.on_disk is None else None
+    return job.on_disk if recorded is None else recorded.on_disk
+
+
 def _asked_kind(job: IndexJob, folder: IndexFolder) -> str:
     """The job's index kind, else the one the last run was given, else auto; an unknown one fails before work."""
     recorded = read_index_job(folder) if job.index_kind is None else None
@@ -374,25 +381,32 @@ def _publish(
     model: LoadedModel,
     asked_kind: str = "auto",
     encode: PartEncoder = encode_here,
+    on_disk: bool | None = None,
 ) -> tuple[int, int]:
-    """Write the FAISS file for the pending version, then make it the published one; (version, total)."""
+    """Write the FAISS file (and list file) of the pending version, then make it the published one; (version,
+    total). Published files are never written to: a new version gets new files, or links to unchanged ones."""
     published = catalog.published()
     emb = model.bundle.embedding
     added, removed = catalog.pending_changes(pending)
     previous = _reusable_index(catalog, folder, published, emb)
-    unchanged = previous is not None and not added and not removed
     total = catalog.count(pending)
     kind = index_kind_for(total, asked_kind)
-    if published is not None and unchanged and published.index_kind == kind:  # (no `previous` without `published`)
+    lists = _lists_of(folder, pending, kind, total, model.bundle.dim, on_disk)
+    same = previous if published is not None and published.index_kind == kind else None
+    if same is not None and lists_on_disk(same) and lists is None:
+        same = None  # lists on disk are read-only: back in RAM means building afresh
+    to_disk = same is not None and lists is not None and not lists_on_disk(same)
+    if published is not None and same is not None and not (added or removed or to_disk):
         if published.model == model.bundle.fingerprint:
             return published.version, published.count
-        atomic_copy(folder.faiss(published.version), folder.faiss(pending))  # a new head on the same vectors
+        if lists is not None:  # a new head on the same vectors: links to the same files
+            atomic_copy(folder.lists(published.version), lists)
+        atomic_copy(folder.faiss(published.version), folder.faiss(pending))
     else:
-        same_kind = previous if published is not None and published.index_kind == kind else None
-        index = _updated(catalog, same_kind, pending, emb, total)
+        index = _updated(catalog, same, pending, emb, total, lists, encode)
         if index is None:
             stored = catalog.stored_vectors(pending, emb)
-            index = build_from_stored(stored.ids, stored, model.bundle.dim, kind, encode)
+            index = build_from_stored(stored.ids, stored, model.bundle.dim, kind, encode, lists)
         save_index(index, folder.faiss(pending))
     checksums = version_checksums(folder, pending)
     publish_step(f"version {pending} ready to commit")
@@ -400,22 +414,39 @@ def _publish(
         catalog.publish(pending, model.bundle.fingerprint, emb, kind, checksums)
     publish_step(f"version {pending} committed")
     log.info(
-        "published version %d of '%s': %d vectors (+%d, -%d), model %s",
+        "published version %d of '%s': %d vectors (+%d, -%d), model %s%s",
         pending,
         folder.name,
         total,
         added,
         removed,
         model.bundle.fingerprint,
+        ", lists on disk" if lists is not None else "",
     )
     return pending, total
 
 
+def _lists_of(folder: IndexFolder, pending: int, kind: str, total: int, dim: int, asked: bool | None) -> Path | None:
+    """The list file of the pending version when its lists go on disk, else None (they stay in the FAISS file)."""
+    if kind != "ivfpq":
+        if asked:
+            log.info("lists stay in RAM: only compressed (ivfpq) indexes keep them on disk, this one is %s", kind)
+        return None
+    return folder.lists(pending) if wants_disk(total, dim, asked, physical_memory()) else None
+
+
 def _updated(
-    catalog: Catalog, previous: faiss.Index | None, pending: int, embedding: str, total: int
+    catalog: Catalog,
+    previous: faiss.Index | None,
+    pending: int,
+    embedding: str,
+    total: int,
+    lists: Path | None = None,
+    encode: PartEncoder = encode_here,
 ) -> faiss.Index | None:
-    """The published index of the same kind with the pending version's changes applied; None: build it afresh
-    (there is none, it was trained for far fewer vectors, or it disagrees with the catalog)."""
+    """The published index of the same kind with the pending version's changes applied, in RAM or merged into a
+    new list file `lists`; None: build it afresh (there is none, it was trained for far fewer vectors, or it
+    disagrees with the catalog)."""
     if previous is None:
         return None
     if outgrown(previous, total):
@@ -425,8 +456,12 @@ def _updated(
             total,
         )
         return None
-    new_ids, new_vectors = catalog.vectors(pending, embedding, where="added = :v")
-    index = update_index(previous, new_ids, new_vectors, catalog.removed_ids(pending))
+    if lists is None:
+        new_ids, new_vectors = catalog.vectors(pending, embedding, where="added = :v")
+        index = update_index(previous, new_ids, new_vectors, catalog.removed_ids(pending))
+    else:
+        added = catalog.stored_vectors(pending, embedding, where="added = :v")
+        index = update_on_disk(previous, added.ids, added, catalog.removed_ids(pending), lists, encode)
     if index.ntotal != total:
         log.warning("the published FAISS file disagreed with the catalog; rebuilding it")
         return None
@@ -434,12 +469,13 @@ def _updated(
 
 
 def _tidy(catalog: Catalog, folder: IndexFolder) -> None:
-    """After a publish: drop FAISS files, models and vectors that no kept version needs, and sparse shards."""
+    """After a publish: drop FAISS and list files, models and vectors that no kept version needs, and sparse shards."""
     kept = catalog.kept_versions()
     oldest = min((v.version for v in kept), default=0)
-    for old in folder.faiss_files():
-        if old < folder.faiss(oldest):
-            old.unlink(missing_ok=True)
+    for files, first in ((folder.faiss_files(), folder.faiss(oldest)), (folder.list_files(), folder.lists(oldest))):
+        for old in files:
+            if old < first:  # a reader still serving it keeps its memory maps: unlinking never pulls pages away
+                old.unlink(missing_ok=True)
     publish_step("old FAISS files removed")
     prune_models(folder, {v.model for v in kept})
     with catalog.transaction():

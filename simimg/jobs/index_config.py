@@ -37,6 +37,7 @@ class IndexJob:
     ray_actors: int | None = None  # ray: embedding actors; None: one per GPU, else one per 4 CPUs of the cluster
     ray_shards: str | None = None  # ray: where the Parquet shards go (a folder or a URI); None: HOME/NAME/runs
     index_kind: str | None = None  # auto, flat, ivf or ivfpq (faiss_index.index_kind_for); None: as last built
+    on_disk: bool | None = None  # ivfpq lists in a file per version (ann_ivfpq.wants_disk); None: as last, else auto
     unlabeled: str | None = None  # a folder of unlabeled images elsewhere (an unlabeled/ folder inside is found anyway)
 
 

@@ -115,21 +115,24 @@ def _bad_rows(path: Path, dim: int, located: Located) -> tuple[list[int], str]:
 
 
 def _check_faiss(catalog: Catalog, folder: IndexFolder) -> tuple[list[DamagedFile], int, int]:
-    """The published version's FAISS file against the checksum recorded when it was published (older kept versions
-    are only read by a reader that opened one before the switch)."""
+    """The published version's FAISS file and list file against the checksums recorded when it was published
+    (older kept versions are only read by a reader that opened one before the switch)."""
     published = catalog.published()
     recorded = catalog.version_checksums(published.version) if published else None
     if published is None or recorded is None:
         return [], 0, int(published is not None)
-    path = folder.faiss(published.version)
-    got = file_checksum(path)
-    if got == recorded[0]:
-        return [], 1, 0
-    reason = f"version {published.version}: " + (
-        "missing or unreadable" if got is None else "does not match its checksum"
-    )
-    images = [row.path for row in catalog.iter_rows(published.version)]
-    return [DamagedFile(str(path), "faiss", reason, images)], 1, 0
+    files = [
+        (folder.faiss(published.version), recorded[0], "faiss"),
+        (folder.lists(published.version), recorded[1], "lists"),
+    ]
+    damaged = []
+    for path, crc, kind in files:
+        got = None if crc is None else file_checksum(path)
+        if got != crc:
+            damage = "missing or unreadable" if got is None else "does not match its checksum"
+            images = [row.path for row in catalog.iter_rows(published.version)]
+            damaged.append(DamagedFile(str(path), kind, f"version {published.version}: {damage}", images))
+    return damaged, 1, 0
 
 
 def _check_models(catalog: Catalog, folder: IndexFolder) -> tuple[list[DamagedFile], int]:
@@ -164,7 +167,10 @@ def _repair(folder: IndexFolder, report: VerifyReport) -> list[str]:
             done.append(f"removed {leftover}")
         if any(p.kind == "vectors" for p in report.problems):
             done.append(f"dropped {_forget_damaged(folder)} damaged vectors")
-    if any(p.kind in ("vectors", "faiss") for p in report.problems):
+        for damaged in (p for p in report.problems if p.kind == "lists"):  # the index run then builds them again
+            Path(damaged.file).unlink(missing_ok=True)
+            done.append(f"removed {damaged.file}")
+    if any(p.kind in ("vectors", "faiss", "lists") for p in report.problems):
         from simimg.jobs.index import run_index  # torch loads only to embed: a check needs none
 
         job = read_index_job(folder)

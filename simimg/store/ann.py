@@ -21,6 +21,7 @@ from simimg.errors import SimimgError
 from simimg.fsutil import atomic_target
 from simimg.store import ann_ivfpq
 from simimg.store.ann_ivfpq import PartEncoder, VectorFetch, encode_here
+from simimg.store.layout import lists_file
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,17 @@ def index_kind_for(n: int, asked: str = "auto") -> str:
 
 
 def build_from_stored(
-    ids: np.ndarray, fetch: VectorFetch, dim: int, kind: str, encode: PartEncoder = encode_here
+    ids: np.ndarray,
+    fetch: VectorFetch,
+    dim: int,
+    kind: str,
+    encode: PartEncoder = encode_here,
+    lists: Path | None = None,
 ) -> faiss.Index:
-    """A fresh index over the stored vectors of `ids`; IVF-PQ never loads them all at once, and `encode`s its parts
-    where the indexing engine runs them."""
+    """A fresh index over the stored vectors of `ids`; IVF-PQ never loads them all at once, `encode`s its parts
+    where the indexing engine runs them, and keeps its lists in the file `lists` when one is given."""
     if kind == "ivfpq":
-        return ann_ivfpq.build(dim, ids, fetch, encode=encode)
+        return ann_ivfpq.build(dim, ids, fetch, on_disk=lists, encode=encode)
     return build_ann(ids, fetch(ids) if len(ids) else np.empty((0, dim), np.float32), dim, kind)
 
 
@@ -130,15 +136,22 @@ def update_index(
 
 
 def save_index(index: faiss.Index, path: str | Path) -> None:
-    """Write beside the target, then rename: readers never see a partial file."""
+    """Write beside the target, then rename: readers never see a partial file. An index whose lists are on disk
+    must have them in `lists_file(path)` already (ann_ivfpq.merge_on_disk); one that holds them drops a stray list
+    file of that name (left by a run that stopped before publishing)."""
+    if not ann_ivfpq.lists_on_disk(index):
+        lists_file(Path(path)).unlink(missing_ok=True)
     with atomic_target(path) as tmp:
         faiss.write_index(index, str(tmp))
 
 
 def load_index(path: str | Path) -> faiss.Index:
+    """The index saved at `path`, its lists memory-mapped from the list file beside it when it has one."""
+    lists = lists_file(Path(path))
     try:
-        return faiss.read_index(str(path))
-    except RuntimeError as err:
+        on_disk = ann_ivfpq.read_with_lists(Path(path), lists) if lists.exists() else None
+        return on_disk if on_disk is not None else faiss.read_index(str(path))
+    except (RuntimeError, OSError) as err:
         raise SimimgError(
             f"FAISS index {path} is unreadable ({str(err).splitlines()[0]}); re-run `simimg index` to rebuild it"
         ) from None

@@ -338,15 +338,16 @@ class Catalog:
             raise SimimgError(f"the catalog has no {embedding} vector for some of ids {list(ids)[:5]}")
         return vectors[[where[int(i)] for i in ids]]
 
-    def stored_vectors(self, version: int, embedding: str) -> StoredVectors:
-        """The vectors of `embedding` visible at `version`, by id, memory-mapped (nothing read until asked for).
+    def stored_vectors(self, version: int, embedding: str, where: str = VISIBLE) -> StoredVectors:
+        """The vectors of `embedding` of the rows matching `where` (visible) at `version`, by id, memory-mapped
+        (nothing read until asked for).
 
         SimimgError when a shard has gone meanwhile (a writer compacted after a newer version): read again.
         """
         rows = np.array(
             self.db.execute(
                 f"SELECT i.id, v.shard, v.row FROM images i JOIN vectors v ON v.image = i.id AND "
-                f"v.embedding = (SELECT id FROM embeddings WHERE fingerprint=:e) WHERE {VISIBLE}",
+                f"v.embedding = (SELECT id FROM embeddings WHERE fingerprint=:e) WHERE {where}",
                 {"v": version, "e": embedding},
             ).fetchall(),
             dtype=np.int64,

@@ -60,5 +60,7 @@ def manifest_problems(folder: Path) -> list[str] | None:
 
 
 def version_checksums(folder: IndexFolder, version: int) -> tuple[int | None, int | None]:
-    """The checksums of a version's FAISS file and of its list file (None: it keeps its lists inside)."""
-    return file_checksum(folder.faiss(version)), None
+    """The checksums of a version's FAISS file and of its list file (None: it keeps its lists inside). Readers
+    check the FAISS file as they open a version; the list file, which may be larger than RAM, `simimg verify`."""
+    lists = folder.lists(version)
+    return file_checksum(folder.faiss(version)), file_checksum(lists) if lists.exists() else None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from simimg.errors import SimimgError
 
+LISTS_SUFFIX = ".ivfdata"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -89,6 +90,18 @@ class IndexFolder:
 
     def faiss_files(self) -> list[Path]:
         return sorted(self.root.glob("index-*.faiss"))
+
+    def lists(self, version: int) -> Path:
+        """The inverted lists of a version whose compressed index keeps them on disk (`--on-disk`)."""
+        return lists_file(self.faiss(version))
+
+    def list_files(self) -> list[Path]:
+        return sorted(self.root.glob(f"index-*{LISTS_SUFFIX}"))
+
+
+def lists_file(faiss_file: Path) -> Path:
+    """Where a FAISS file's on-disk lists live: beside it, same name, so a folder moves as a whole."""
+    return faiss_file.with_suffix(LISTS_SUFFIX)
 
 
 def list_indexes(home: str | Path | None = None) -> list[IndexFolder]:
