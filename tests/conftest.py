@@ -19,13 +19,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-# Before torch and faiss load their OpenMP runtimes, which read it once: their idle threads sleep instead of spinning
-# for cores the other xdist worker and the processes the tests start need (inherited by the workers and by every
-# CLI, app, server, Ray and benchmark process). Results do not depend on it. Measured at load average 7: test_cli's
-# stdout test and two benchmark runs took 152 s (93 s of CPU) spinning, 113 s (64 s) sleeping; in the full suite
-# the browser's train-while-searching test went from 83 s to 39 s.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import numpy as np
 import pytest
 import torch
@@ -87,6 +80,17 @@ def offline() -> Iterator[None]:
     message, here and in the CLI, app and server processes the tests start."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SIMIMG_OFFLINE", "1")
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def passive_openmp() -> Iterator[None]:
+    """The processes the tests start (the CLI, the app, the server, Ray workers, benchmarks) run torch on two
+    OpenMP threads beside the other xdist worker's: idle threads sleep instead of spinning for the cores. Measured
+    at load average 7: test_cli's stdout test and two benchmark runs took 152 s (93 s of CPU) spinning, 113 s
+    (64 s) sleeping. Results do not depend on it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_WAIT_POLICY", "PASSIVE")
         yield
 
 
