@@ -47,7 +47,7 @@ from simimg.store.ann import (
 )
 from simimg.store.ann_ivfpq import PartEncoder, encode_here, lists_on_disk, update_on_disk, wants_disk
 from simimg.store.catalog import Catalog, NewImage, Published, Row, reading
-from simimg.store.checksums import file_checksum, version_checksums
+from simimg.store.checksums import version_checksums
 from simimg.store.edits import forget_paths, read_corrections
 from simimg.store.layout import IndexFolder
 from simimg.store.lock import writer_lock
@@ -61,6 +61,7 @@ from simimg.store.model_store import (
     resolve_weights,
 )
 from simimg.store.precision import record_precision
+from simimg.store.served import faiss_whole
 
 log = logging.getLogger(__name__)
 
@@ -492,7 +493,11 @@ def _reusable_index(
     """The published FAISS index when it is intact and of this embedding; None means: build it from the catalog."""
     if published is None or published.embedding != embedding:
         return None
-    if not _whole(catalog, folder, published.version):
+    if not faiss_whole(folder, catalog, published.version):
+        log.warning(
+            "the FAISS file of version %d does not match its checksum: rebuilding it from the vectors",
+            published.version,
+        )
         return None
     try:
         index = load_index(folder.faiss(published.version))
@@ -508,16 +513,6 @@ def _reusable_index(
         )
         return None
     return index
-
-
-def _whole(catalog: Catalog, folder: IndexFolder, version: int) -> bool:
-    """Whether a version's FAISS file matches the checksum recorded when it was published (or none was recorded);
-    a damaged one is built again from the vectors, which is how `simimg verify --repair` mends it."""
-    recorded = catalog.version_checksums(version)
-    if recorded is None or recorded[0] is None or file_checksum(folder.faiss(version)) == recorded[0]:
-        return True
-    log.warning("the FAISS file of version %d does not match its checksum: rebuilding it from the vectors", version)
-    return False
 
 
 def _sha256_file(path: Path) -> str | None:

@@ -11,6 +11,7 @@ made again: it names the model, for `simimg use` or a new training run.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -193,8 +194,6 @@ def _forget_damaged(folder: IndexFolder) -> int:
 
 
 def _remove(path: Path) -> None:
-    import shutil
-
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
     else:

@@ -33,24 +33,28 @@ def open_searcher(folder: IndexFolder, catalog: Catalog, snapshot: Snapshot, dev
     return make_searcher(index, device, stored)
 
 
+def faiss_whole(folder: IndexFolder, catalog: Catalog, version: int) -> bool:
+    """Whether a version's FAISS file matches the checksum recorded when it was published (or none was recorded)."""
+    recorded = catalog.version_checksums(version)
+    return recorded is None or recorded[0] is None or file_checksum(folder.faiss(version)) == recorded[0]
+
+
 def whole_snapshot(folder: IndexFolder, catalog: Catalog, snapshot: Snapshot) -> Snapshot:
-    """`snapshot` when its FAISS file matches the checksum recorded when it was published (or none was), else the
-    previous kept version when its file does: a damaged file is never served. SimimgError when neither is whole."""
-    for candidate in (snapshot, catalog.snapshot(snapshot.version - 1)):
-        if candidate is None:
-            break
-        recorded = catalog.version_checksums(candidate.version)
-        if recorded is None or recorded[0] is None or file_checksum(folder.faiss(candidate.version)) == recorded[0]:
-            if candidate is not snapshot:
-                log.warning(
-                    "the FAISS file of version %d of '%s' does not match its checksum: serving version %d; "
-                    "`simimg verify --name %s --repair` mends it",
-                    snapshot.version,
-                    folder.name,
-                    candidate.version,
-                    folder.name,
-                )
-            return candidate
+    """`snapshot` when its FAISS file is whole (`faiss_whole`), else the previous kept version when its file is: a
+    damaged file is never served. SimimgError when neither is whole."""
+    if faiss_whole(folder, catalog, snapshot.version):
+        return snapshot
+    previous = catalog.snapshot(snapshot.version - 1)
+    if previous is not None and faiss_whole(folder, catalog, previous.version):
+        log.warning(
+            "the FAISS file of version %d of '%s' does not match its checksum: serving version %d; "
+            "`simimg verify --name %s --repair` mends it",
+            snapshot.version,
+            folder.name,
+            previous.version,
+            folder.name,
+        )
+        return previous
     raise SimimgError(
         f"the FAISS file of version {snapshot.version} of index '{folder.name}' is damaged and no earlier version is "
         f"whole: re-run `simimg index` (or `simimg verify --name {folder.name} --repair`) to rebuild it"
