@@ -42,3 +42,10 @@ def steps(names: list[str], progress: Callable[[int, int], None], on_phase: Call
             progress(i, 2)
             time.sleep(0.05)
     return names
+
+
+def heavy_modules() -> list[str]:
+    """Which of the modules a page run loads (the Search page: its index, its model) this child has imported."""
+    import sys
+
+    return [name for name in ("altair", "simimg.query.service", "torch") if name in sys.modules]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
 
 import job_tasks
+from conftest import ROOT
 from simimg.app.background import JobBoard, Task
 from simimg.errors import SimimgError
 
@@ -26,6 +29,17 @@ def test_a_job_runs_in_its_own_process_and_reports_progress_and_result():
     job = finished(JobBoard().start("pets", "build", "Indexing pets", Task(job_tasks.count, {"n": 3}), owner="tab"))
     assert job.error is None and job.result != os.getpid() and isinstance(job.result, int)
     assert (job.done, job.total, job.fraction(), job.owner) == (3, 3, 1.0, "tab")
+
+
+@pytest.mark.slow
+def test_a_job_started_from_a_page_does_not_run_the_app_again(monkeypatch: pytest.MonkeyPatch):
+    """Streamlit runs app.py as the `__main__` module, and a spawned child runs its parent's `__main__` again (as
+    `__mp_main__`) before its task: each job started from a page ran the whole app and its Search page first."""
+    main = types.ModuleType("__main__")
+    main.__file__ = str(ROOT / "app.py")  # what Streamlit's script runner puts there while a page runs
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    job = finished(JobBoard().start("pets", "build", "Indexing pets", Task(job_tasks.heavy_modules, callbacks="")))
+    assert job.error is None and job.result == [], job.result
 
 
 @pytest.mark.slow
