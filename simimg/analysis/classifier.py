@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 
 C_GRID = tuple(float(c) for c in np.logspace(-1, 3, 5))
 MAX_FOLDS = 5
@@ -88,6 +87,8 @@ def _selection_splits(y: np.ndarray, num_classes: int, seed: int) -> Splits:
     """5 stratified folds (fewer when a class has fewer images, none when one has a single image); above
     HOLDOUT_ABOVE images, one stratified 80/20 split of at most SELECTION_ROWS of them: 2,000 held-out images rank
     the C values as well, for a fraction of the work."""
+    from sklearn.model_selection import StratifiedShuffleSplit  # scikit-learn takes 1.5 s to import: only when used
+
     smallest = int(np.bincount(y, minlength=num_classes).min())
     rows = min(len(y), SELECTION_ROWS)
     if len(y) > HOLDOUT_ABOVE and smallest >= MAX_FOLDS and rows // 5 >= num_classes:  # every class held out
@@ -97,6 +98,8 @@ def _selection_splits(y: np.ndarray, num_classes: int, seed: int) -> Splits:
 
 
 def _folds(y: np.ndarray, folds: int, seed: int) -> Splits:
+    from sklearn.model_selection import StratifiedKFold
+
     return list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(y, y))
 
 

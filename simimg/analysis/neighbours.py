@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 import faiss
 import numpy as np
-from sklearn.decomposition import PCA
-from sklearn.manifold import TSNE
 
 from simimg.choices import PROJECTIONS
 
@@ -39,7 +37,12 @@ def sample_positions(n: int, limit: int, seed: int = 0) -> np.ndarray:
 
 
 def project_2d(vectors: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
-    """N x 2 coordinates that keep similar images close: PCA (fast, linear) or t-SNE (slower, local structure)."""
+    """N x 2 coordinates that keep similar images close: PCA (fast, linear) or t-SNE (slower, local structure).
+    scikit-learn is imported here, not with the module: the query service imports this module, and a serving
+    process would pay 1.5 s for it."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
     vectors = np.asarray(vectors, np.float32)
     n = len(vectors)
     if method not in PROJECTIONS:
