@@ -5,6 +5,7 @@ one clear error that loses nothing."""
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import signal
@@ -16,17 +17,21 @@ import pytest
 
 import simimg
 from conftest import ROOT, Built, copy_built, run_cli
+from simimg.models.device import RUNTIME_ENV
 
 pytestmark = pytest.mark.slow  # a fresh Python forks a run per publish step
 
 
 def crash_at_every_step(scenario: str, built: Built) -> tuple[list[dict], dict]:
+    """Run the sweep on torch's runtime: the publish steps are the same on either (simimg/models/openvino.py
+    publishes nothing), and each retrained trunk would cost an OpenVINO conversion per run (2.5 s of 6)."""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "crash_runs.py"), scenario, str(built.home), built.name, str(built.data)],
         capture_output=True,
         text=True,
         timeout=900,
         cwd=ROOT,
+        env={**os.environ, RUNTIME_ENV: "torch"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     *steps, summary = [json.loads(line) for line in proc.stdout.splitlines()]
