@@ -12,6 +12,7 @@ This process itself never embeds anything, so its forks start with no thread poo
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -22,6 +23,15 @@ from pathlib import Path
 
 import simimg
 from simimg.faults import CRASH_ENV
+
+PRELOAD = (
+    "sklearn.metrics",
+    "sklearn.model_selection",
+    "simimg.jobs.index",
+    "simimg.jobs.train",
+    "simimg.jobs.train_head",
+    "simimg.models.openvino",
+)
 
 
 def scenario(which: str, home: Path, name: str, data: Path) -> Callable[[], object]:
@@ -63,11 +73,10 @@ def state(home: Path, name: str) -> dict:
 
 def main() -> None:
     which, home, name, data = sys.argv[1], Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
-    # imported once here, not in every child (~4 s each): importing starts no thread pool, running a model does
-    import simimg.jobs.index
-    import simimg.jobs.train
-    import simimg.jobs.train_head
-    import simimg.models.openvino
+    # imported once here, not in every child (~4 s each): importing starts no thread pool, running a model does;
+    # scikit-learn too (2.7 s), which simimg imports only when a head is fitted or scored
+    for module in PRELOAD:
+        importlib.import_module(module)
 
     run = scenario(which, home, name, data)
     pristine = home.with_name(home.name + "-pristine")

@@ -217,10 +217,10 @@ def test_an_index_that_doubled_is_trained_afresh_and_one_that_grew_a_little_is_u
 
 @pytest.mark.datasets
 def test_on_real_photos_a_compressed_index_finds_what_exact_search_finds(shared_dataset, tmp_path):
-    """cats_dogs (2,100 photos), random-init densenet121 at 64 px: every 7th photo queried against both kinds.
+    """cats_dogs/val (700 photos), random-init densenet121 at 64 px: every 7th photo queried against both kinds.
     At this size the re-rank sees every vector the 8 probed lists hold, so this checks the path on real
     embeddings, not the compression (benchmarks/scale.py measures that at 2M)."""
-    data = shared_dataset("cats_dogs")
+    data = shared_dataset("cats_dogs") / "val"
     api.build_index(data, "flat", tmp_path, index_kind="flat", weights="none", image_size=64)
     shutil.copytree(tmp_path / "flat", tmp_path / "ivfpq")  # the same stored vectors: the photos are embedded once
     point_index_at(tmp_path, "ivfpq", data)

@@ -328,16 +328,17 @@ def test_the_ray_engine_builds_a_compressed_index_that_is_served(ray_address, tm
 # --- real photos ----------------------------------------------------------------------------------------------
 @pytest.mark.datasets
 @pytest.mark.ray
-def test_cats_dogs_train_at_64_px_matches_the_local_engine(ray_address, shared_dataset, tmp_path):
-    train = shared_dataset("cats_dogs") / "train"
-    job = IndexJob(str(train), "train", str(tmp_path / "local"), weights="none", image_size=64, workers=0)
+def test_cats_dogs_val_at_64_px_matches_the_local_engine(ray_address, shared_dataset, tmp_path):
+    """Real JPEGs of many sizes (cats_dogs/val, 700: the 1,400 of train/ added nothing but 25 s to the suite)."""
+    val = shared_dataset("cats_dogs") / "val"
+    job = IndexJob(str(val), "val", str(tmp_path / "local"), weights="none", image_size=64, workers=0)
     local = run_index(job)
     ray = run_index(replace(job, home=str(tmp_path / "ray"), engine="ray"))
-    cosine = min_cosine(consistent_state(tmp_path / "ray", "train"), consistent_state(tmp_path / "local", "train"))
+    cosine = min_cosine(consistent_state(tmp_path / "ray", "val"), consistent_state(tmp_path / "local", "val"))
     print(
-        f"cats_dogs/train 64 px: total {ray.total} (local {local.total}), skipped {len(ray.skipped)} "
+        f"cats_dogs/val 64 px: total {ray.total} (local {local.total}), skipped {len(ray.skipped)} "
         f"(local {len(local.skipped)}), min cosine {cosine:.6f}; {ray.seconds:.1f} s on {ray.device}, "
         f"local {local.seconds:.1f} s"
     )
-    assert (ray.total, skips(ray)) == (local.total, skips(local)) and ray.total == 1400
+    assert (ray.total, skips(ray)) == (local.total, skips(local)) and ray.total == 700
     assert cosine >= 0.999
