@@ -58,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" writing {err.filename}" if err.filename else ""
         print(
             f"simimg: error: {err.strerror or err}{where}: the disk is full, read-only or over a size limit; nothing "
-            "half-written was published (the last version still serves): make room, then re-run the same command",
+            "half-written was published (the last version still serves): make room (or the folder writable), then "
+            "re-run the same command",
             file=sys.stderr,
         )
         return 2

@@ -98,3 +98,32 @@ def test_a_full_disk_is_one_clear_error_and_the_index_keeps_serving(built):
         json.loads(run_cli("verify", "--name", built.name, "--home", str(built.home), "--json").stdout)["problems"]
         == []
     )
+
+
+def read_only_mount(folder: Path) -> list[str]:
+    """A command prefix that runs its command with `folder` bind-mounted read-only, in a mount namespace of its own
+    (the tests run as root, who writes through any chmod); a skip where mounts cannot be made."""
+    prefix = ["unshare", "-m", "sh", "-c", 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" && exec "$@"']
+    probe = subprocess.run([*prefix, str(folder), "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a read-only mount here: {probe.stderr.strip()[-200:]}")
+    return [*prefix, str(folder)]
+
+
+def test_a_read_only_home_serves_reads_and_refuses_writes_in_one_line(built):
+    shutil.copy(built.data / "squares" / "squares_000.png", built.data / "squares" / "new.png")
+    where = ["--name", built.name, "--home", str(built.home), "--json"]
+
+    def simimg_on_read_only_home(*args: str) -> subprocess.CompletedProcess:
+        command = [*read_only_mount(built.home), sys.executable, "-m", "simimg.cli", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+    info = simimg_on_read_only_home("info", *where)
+    assert info.returncode == 0 and json.loads(info.stdout)["total"] == 18, info.stderr[-2000:]
+    query = simimg_on_read_only_home("query", str(built.data / "circles" / "circles_000.png"), *where)
+    assert query.returncode == 0, query.stderr[-2000:]
+    assert json.loads(query.stdout)[0]["neighbors"][0]["path"] == "circles/circles_000.png"
+    index = simimg_on_read_only_home("index", str(built.data), *where)
+    errors = [line for line in index.stderr.splitlines() if "error" in line.lower()]
+    assert index.returncode == 2 and len(errors) == 1 and "Traceback" not in index.stderr, index.stderr[-3000:]
+    assert "Read-only file system" in errors[0] and "the last version still serves" in errors[0]

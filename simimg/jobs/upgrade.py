@@ -18,7 +18,7 @@ from simimg.dataset.preprocess import Preprocess
 from simimg.errors import SimimgError
 from simimg.models.bundle import BUNDLE_JSON, BUNDLE_WEIGHTS, ModelBundle
 from simimg.models.net import describe, embedding_fingerprint, net_from_state
-from simimg.store.catalog import SCHEMA, SCHEMA_VERSION, Catalog
+from simimg.store.catalog import SCHEMA, SCHEMA_VERSION, Catalog, read_only_uri
 from simimg.store.layout import IndexFolder
 from simimg.store.lock import writer_lock
 from simimg.store.model_store import publish_model
@@ -35,7 +35,7 @@ def needs_upgrade(folder: IndexFolder) -> bool:
         return True
     if not folder.catalog.is_file():
         return False
-    db = sqlite3.connect(f"file:{folder.catalog}?mode=ro", uri=True)
+    db = sqlite3.connect(read_only_uri(folder.catalog), uri=True)
     try:
         columns = [row[1] for row in db.execute("PRAGMA table_info(images)")]
     finally:

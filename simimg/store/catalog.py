@@ -11,6 +11,7 @@ from the catalog.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -123,6 +124,14 @@ def _has_table(db: sqlite3.Connection, name: str) -> bool:
     return db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
 
 
+def read_only_uri(path: Path) -> str:
+    """A read-only connection's URI. In a folder nobody can write (a read-only file system, a mount of a colleague's
+    home), SQLite cannot make the WAL index file (-shm) that even a reader needs, so the file is opened as
+    immutable: no writer can be there to change it."""
+    writable = os.access(path.parent, os.W_OK)
+    return f"file:{path}?mode=ro" if writable else f"file:{path}?mode=ro&immutable=1"
+
+
 class Catalog:
     """One SQLite file per index (WAL: readers never block the writer, nor it them) and its vector shards."""
 
@@ -140,7 +149,7 @@ class Catalog:
                 return
             if readonly:
                 self.db = sqlite3.connect(
-                    f"file:{self.path}?mode=ro", uri=True, timeout=30, isolation_level=None, check_same_thread=False
+                    read_only_uri(self.path), uri=True, timeout=30, isolation_level=None, check_same_thread=False
                 )
                 if not _has_table(self.db, "meta"):  # a first run killed before it made its tables left the file
                     self.db.close()
@@ -169,7 +178,7 @@ class Catalog:
         """Whether `path` holds a catalog's tables: a first run killed right after creating the file leaves none."""
         if not path.is_file():
             return False
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        db = sqlite3.connect(read_only_uri(path), uri=True, timeout=30)
         try:
             return _has_table(db, "meta")
         finally:
