@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,4 @@ def steps(names: list[str], progress: Callable[[int, int], None], on_phase: Call
 
 def heavy_modules() -> list[str]:
     """Which of the modules a page run loads (the Search page: its index, its model) this child has imported."""
-    import sys
-
     return [name for name in ("altair", "simimg.query.service", "torch") if name in sys.modules]

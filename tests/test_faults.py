@@ -113,9 +113,10 @@ def read_only_mount(folder: Path) -> list[str]:
 def test_a_read_only_home_serves_reads_and_refuses_writes_in_one_line(built):
     shutil.copy(built.data / "squares" / "squares_000.png", built.data / "squares" / "new.png")
     where = ["--name", built.name, "--home", str(built.home), "--json"]
+    read_only = read_only_mount(built.home)
 
     def simimg_on_read_only_home(*args: str) -> subprocess.CompletedProcess:
-        command = [*read_only_mount(built.home), sys.executable, "-m", "simimg.cli", *args]
+        command = [*read_only, sys.executable, "-m", "simimg.cli", *args]
         return subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
 
     info = simimg_on_read_only_home("info", *where)
