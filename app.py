@@ -30,7 +30,7 @@ def main() -> None:
     navigation.run()
 
 
-# Streamlit runs this file as `__main__`; a background job's child (app/background.py, spawned) runs its parent's
+# Streamlit runs this file as `__main__`; a background job's child (app/background.py) runs its parent's
 # `__main__` again as `__mp_main__` before its task, and must not run the app and its Search page there.
 if __name__ == "__main__":
     main()

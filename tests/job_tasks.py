@@ -46,5 +46,11 @@ def steps(names: list[str], progress: Callable[[int, int], None], on_phase: Call
 
 
 def heavy_modules() -> list[str]:
-    """Which of the modules a page run loads (the Search page: its index, its model) this child has imported."""
-    return [name for name in ("altair", "simimg.query.service", "torch") if name in sys.modules]
+    """Which of the modules a page run loads (streamlit, the Search page's index and charts) this child has imported
+    (torch is in every job's child: the fork server preloads it)."""
+    return [name for name in ("altair", "streamlit", "simimg.query.service") if name in sys.modules]
+
+
+def environment(name: str) -> tuple[str | None, bool]:
+    """The child's value of `name`, and whether torch was imported before the task ran."""
+    return os.environ.get(name), "torch" in sys.modules

@@ -43,6 +43,17 @@ def test_a_job_started_from_a_page_does_not_run_the_app_again(monkeypatch: pytes
 
 
 @pytest.mark.slow
+def test_a_job_sees_the_environment_of_its_start_with_torch_already_imported(monkeypatch: pytest.MonkeyPatch):
+    """Children fork from a fork server that imported torch once; its environment is that of the first job, so each
+    child takes the server's environment of the moment its job starts, as a spawned child would."""
+    board, task = JobBoard(), Task(job_tasks.environment, {"name": "SIMIMG_JOB_PROBE"}, callbacks="")
+    monkeypatch.setenv("SIMIMG_JOB_PROBE", "first")
+    assert finished(board.start("pets", "build", "A", task)).result == ("first", True)
+    monkeypatch.setenv("SIMIMG_JOB_PROBE", "second")
+    assert finished(board.start("pets", "build", "B", task)).result == ("second", True)
+
+
+@pytest.mark.slow
 def test_a_second_writer_on_the_same_index_is_refused_naming_the_first(tmp_path: Path):
     board, release = JobBoard(), tmp_path / "release"
     first = board.start("pets", "train", "Training of 'pets'", Task(job_tasks.wait_for, {"path": str(release)}))
