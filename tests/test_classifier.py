@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict
 
 from simimg.analysis import classifier
 from simimg.analysis.classifier import C_GRID, cross_validate, fit_head
+
+if TYPE_CHECKING:  # scikit-learn (1.5 s to import) loads in the tests that compare with it, not at collection
+    from sklearn.linear_model import LogisticRegression
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -22,6 +24,8 @@ def softmax(z: np.ndarray) -> np.ndarray:
 
 
 def reference(c: float) -> LogisticRegression:
+    from sklearn.linear_model import LogisticRegression
+
     return LogisticRegression(C=c, class_weight="balanced", max_iter=5000, tol=1e-8)
 
 
@@ -35,6 +39,8 @@ def overlapping(n: int, classes: int, dim: int = 32, seed: int = 0) -> tuple[np.
 
 def grid_search(x: np.ndarray, y: np.ndarray) -> LogisticRegression:
     """The fit this replaced, as it was."""
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
     cv = StratifiedKFold(5, shuffle=True, random_state=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -44,6 +50,8 @@ def grid_search(x: np.ndarray, y: np.ndarray) -> LogisticRegression:
 
 @pytest.mark.parametrize("classes", [2, 3])
 def test_fit_head_minimises_scikit_learns_class_weighted_logistic_regression(classes, monkeypatch):
+    from sklearn.linear_model import LogisticRegression
+
     monkeypatch.setattr(classifier, "TOLERANCE", 1e-6)  # the objective, not the stopping rule
     x, y = overlapping(240, classes)
     head = fit_head(x, y, classes)
@@ -88,6 +96,8 @@ def test_out_of_fold_probabilities_come_from_the_chosen_c_on_held_out_folds(monk
     x, y = overlapping(150, 3, seed=3)
     cv = cross_validate(x, y, 3, folds=3, seed=0)
     assert cv.c in C_GRID and cv.probabilities.shape == (150, 3)
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
     folds = StratifiedKFold(3, shuffle=True, random_state=0)
     expected = cross_val_predict(reference(cv.c), x, y, cv=folds, method="predict_proba")
     np.testing.assert_allclose(cv.probabilities, expected, atol=2e-3)

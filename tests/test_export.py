@@ -7,8 +7,6 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime
 import pytest
 import torch
 
@@ -28,6 +26,9 @@ def trained(pair_head) -> tuple[Path, Path, str]:
 
 @pytest.mark.slow
 def test_onnx_gives_the_models_embeddings_and_logits(trained, tmp_path):
+    import onnx  # with onnxruntime, 0.7 s to import: here, not at every collection
+    import onnxruntime
+
     data, home, model = trained
     written = simimg.export_model("shapes", tmp_path / "m.onnx", home=home)
     assert written["model"] == model and written["outputs"] == ["embedding", "logits"]
