@@ -40,14 +40,21 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def make_jpegs(folder: Path, count: int, size: tuple[int, int] = PHOTO_SIZE, classes: int = 2, seed: int = 0) -> Path:
-    """`count` photo-like JPEGs (smooth shapes, mild noise, quality 90) in `classes` class folders."""
+    """`count` photo-like JPEGs (smooth shapes, mild noise, quality 90) in `classes` class folders. Larger than
+    PHOTO_SIZE (phone photos), the shapes are drawn at PHOTO_SIZE and upscaled, then get noise of their own."""
     rng = np.random.default_rng(seed)
     w, h = size
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    draw_w, draw_h = min(w, PHOTO_SIZE[0]), min(h, round(h * min(w, PHOTO_SIZE[0]) / w))
+    yy, xx = np.mgrid[0:draw_h, 0:draw_w].astype(np.float32) * (w / draw_w)
     for i in range(count):
         fx, fy, phase = [*rng.uniform(0.005, 0.04, 2).tolist(), rng.uniform(0, 6.3)]
         base = 127 + 90 * np.sin(xx * fx + phase)[..., None] * np.cos(yy * fy)[..., None] * rng.uniform(0.3, 1, 3)
-        pixels = np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+        if (draw_w, draw_h) == (w, h):
+            pixels = np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+        else:
+            smooth = np.asarray(Image.fromarray(base.astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC))
+            noise = rng.integers(-6, 7, (h, w, 3), dtype=np.int16)  # a phone photo's mild sensor noise
+            pixels = np.clip(smooth + noise, 0, 255).astype(np.uint8)
         target = folder / f"class{i % classes}"
         target.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels).save(target / f"img{i:06d}.jpg", quality=90)

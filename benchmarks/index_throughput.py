@@ -12,6 +12,11 @@ first_index_s: a first-time user's `simimg index` of 64 JPEGs in a fresh process
 and again with the cache the first run filled (warm); --no-first-index skips it.
 model_only: `infer` alone on pre-made uint8 batches already on the device: same model, batch size and precision.
 baseline: the seed's loop: torchvision ImageFolder (PIL decode, no draft), fp32 NCHW, batch 32, no workers.
+stage_ms: where an image's CPU time goes before the forward, one thread, median over up to 32 files: reading and
+hashing its bytes, decoding (at JPEG draft scale, as simimg does), resizing and cropping (`Preprocess.to_uint8`).
+--large generates 4000x3000 phone-sized JPEGs (~12 MP) instead of 500x375:
+
+    python benchmarks/index_throughput.py --device cpu --images 128 --large --no-int8 --no-first-index --json
 Each is measured at the precision and runtime `--precision` and $SIMIMG_RUNTIME resolve to (auto: bf16 where it
 is native, OpenVINO on the CPU) and, when that differs, again in float32 on torch (the `fp32_` figures: simimg's
 path before OpenVINO); `ratio_fp32_model_only` is end to end at the default over torch float32 model-only.
@@ -31,6 +36,7 @@ the bf16 hint in float32: `cpu_bf16_units` says which), and the gate's figures o
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import subprocess
 import sys
@@ -42,8 +48,10 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from _common import finish, hardware, make_jpegs, median, parser, runtime, seconds
+from _common import PHOTO_SIZE, finish, hardware, make_jpegs, median, parser, runtime, seconds
 from simimg.choices import PRECISIONS
+from simimg.dataset.images import decode_image, read_bytes
+from simimg.dataset.preprocess import Preprocess
 from simimg.dataset.scan import scan_folder
 from simimg.jobs.index import run_index
 from simimg.jobs.index_config import IndexJob
@@ -56,12 +64,15 @@ from simimg.models.openvino import CACHE_ENV, convert
 
 NAME = "bench"
 FIRST_INDEX_IMAGES = 64
+LARGE_SIZE = (4000, 3000)  # a 12 MP phone photo
+STAGE_FILES = 32
 
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=256, help="JPEGs to generate (500x375) when no --folder is given")
     p.add_argument("--folder", help="index this folder instead (all of it)")
+    p.add_argument("--large", action="store_true", help="generate 4000x3000 phone-sized JPEGs instead of 500x375")
     p.add_argument("--arch", default="densenet121")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=64, help="as `simimg index --batch-size` (default 64)")
@@ -80,10 +91,12 @@ def main() -> None:
     reference = resolve_compute(args.device, "fp32", runtime="torch")
     int8_here = not args.no_int8 and default.runtime == "openvino"
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(args.folder) if args.folder else make_jpegs(Path(tmp) / "photos", args.images)
+        generated = LARGE_SIZE if args.large else PHOTO_SIZE
+        folder = Path(args.folder) if args.folder else make_jpegs(Path(tmp) / "photos", args.images, generated)
         records = scan_folder(folder).records
         images = len(records)
         model = build_model(args.arch, "none", args.image_size)
+        stages = _stage_ms([folder / r.path for r in records[:STAGE_FILES]], model.bundle.preprocess)
         gate = measure(model, folder, [r.path for r in records]) if int8_here else None
         if gate is not None and gate["passed"] and (default.int8 == "asked" or default.int8 == "auto"):
             default = int8_compute(default, gate["sample"])  # what `simimg index` serves with: ratio_model_only's
@@ -104,6 +117,8 @@ def main() -> None:
         "convert_s": _convert_seconds(args, default),
         "first_index_s": first_index,
         "images": images,
+        "image_px": None if args.folder else list(generated),
+        "stage_ms": stages,
         "arch": args.arch,
         "image_size": args.image_size,
         "batch_size": args.batch_size,
@@ -182,6 +197,23 @@ def _gate(args, data: Path) -> dict | None:
 
 def _figures(gate: dict | None) -> dict | None:
     return None if gate is None else {key: gate.get(key) for key in GATE_FIGURES}
+
+
+def _stage_ms(files: list[Path], preprocess: Preprocess) -> dict[str, float]:
+    """Median CPU milliseconds per file of each step before the forward, as the indexer's reader runs them."""
+    costs: dict[str, list[float]] = {"read_hash": [], "decode": [], "resize": []}
+    for file in files:
+        started = time.process_time()
+        data = read_bytes(file)
+        hashlib.sha256(data).hexdigest()
+        read = time.process_time()
+        image = decode_image(data, draft_size=preprocess.resize_size)
+        decoded = time.process_time()
+        preprocess.to_uint8(image)
+        done = time.process_time()
+        for key, value in zip(costs, (read - started, decoded - read, done - decoded)):
+            costs[key].append(1000 * value)
+    return {key: round(median(values), 2) for key, values in costs.items()} if files else {}
 
 
 def _index(job: IndexJob, images: int) -> None:

@@ -98,6 +98,7 @@ REQUIRED = {
         "ratio_fp32_model_only",
         "ratio_baseline",
         "first_index_s",
+        "stage_ms",
         "int8_model_only_img_s",  # None where int8 does not run (CUDA, torch): the keys are always there
         "ratio_int8_over_bf16_model_only",
         "gate",
@@ -176,6 +177,7 @@ def check_result(script: str, result: dict) -> None:
         assert 0 <= result["near_recall"] <= 1 and 0 <= result["flip_recall"] <= 1
     if script == "index_throughput.py":  # two fresh `simimg index` processes: an empty model cache, then a filled one
         assert set(result["first_index_s"]) == {"cold", "warm"} and min(result["first_index_s"].values()) > 0
+        assert set(result["stage_ms"]) == {"read_hash", "decode", "resize"} and min(result["stage_ms"].values()) >= 0
     if script == "active_labeling.py":
         check_active_labeling(result)
     if script == "label_repair.py":
