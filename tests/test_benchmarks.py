@@ -60,9 +60,9 @@ ARGS = {
     ],
     "serve_soak.py": [
         "--minutes",
-        "0.15",
+        "0.1",
         "--warmup-s",
-        "3",
+        "2",
         "--sample-s",
         "1",
         "--gallery",
