@@ -102,6 +102,28 @@ def test_a_read_only_catalog_cannot_write(catalog, tmp_path):
     reader.close()
 
 
+def test_a_read_only_folder_reads_a_merged_catalog_and_refuses_unmerged_changes(catalog, tmp_path, monkeypatch):
+    """Where the folder cannot be written, readers open the catalog immutable, which would miss a -wal file's pages:
+    a catalog whose writer died before merging them is refused in one line instead of read as an older state."""
+    import simimg.store.catalog as catalog_module
+
+    catalog.close()  # merged: its -wal is gone
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    writer = sqlite3.connect(tmp_path / "catalog.sqlite", isolation_level=None)
+    writer.execute("PRAGMA wal_autocheckpoint=0")
+    writer.execute("CREATE TABLE later (x)")  # committed to the -wal, never merged: the writer is "killed" here
+    for name in ("catalog.sqlite", "catalog.sqlite-wal"):
+        (crashed / name).write_bytes((tmp_path / name).read_bytes())
+    writer.close()
+    monkeypatch.setattr(catalog_module, "writable", lambda folder: False)
+    reader = Catalog(tmp_path / "catalog.sqlite", readonly=True)
+    assert "x.png" in reader.head()
+    reader.close()
+    with pytest.raises(SimimgError, match=r"did not merge \(catalog.sqlite-wal, \d+ bytes\).*simimg index"):
+        Catalog(crashed / "catalog.sqlite", readonly=True)
+
+
 def test_publishing_forgets_rows_no_kept_version_can_see_and_their_vectors(catalog):
     x_id = catalog.head()["x.png"].id
     with catalog.transaction():

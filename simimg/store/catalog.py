@@ -127,9 +127,22 @@ def _has_table(db: sqlite3.Connection, name: str) -> bool:
 def read_only_uri(path: Path) -> str:
     """A read-only connection's URI. In a folder nobody can write (a read-only file system, a mount of a colleague's
     home), SQLite cannot make the WAL index file (-shm) that even a reader needs, so the file is opened as
-    immutable: no writer can be there to change it."""
-    writable = os.access(path.parent, os.W_OK)
-    return f"file:{path}?mode=ro" if writable else f"file:{path}?mode=ro&immutable=1"
+    immutable: no writer can be there to change it. An immutable reader does not see a -wal file's pages, so one
+    left with pages by a writer that never closed (a crash) is refused rather than read as an older state."""
+    if writable(path.parent):
+        return f"file:{path}?mode=ro"
+    wal = path.with_name(path.name + "-wal")
+    if wal.is_file() and wal.stat().st_size > 0:
+        raise SimimgError(
+            f"index catalog {path} holds changes its last writer did not merge ({wal.name}, {wal.stat().st_size} "
+            "bytes), which cannot be read while its folder cannot be written: run `simimg index` on it once where "
+            "the folder is writable, or copy the index folder somewhere writable and read it there"
+        )
+    return f"file:{path}?mode=ro&immutable=1"
+
+
+def writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK)
 
 
 class Catalog:
