@@ -27,7 +27,8 @@ int8 (on the CPU, with OpenVINO; `--no-int8` skips it): the trunk quantized by N
 the same repeats (`int8_model_only_img_s`, `bf16_`, `openvino_fp32_`; on a CPU without bf16 units OpenVINO runs
 the bf16 hint in float32: `cpu_bf16_units` says which), and the gate's figures on those images (`gate`).
 `--gate-data DIR` (repeatable) adds the gate's figures on other collections (`gates`), with `--gate-weights`
-(default: random init) at `--image-size`:
+(default: random init) at `--image-size`; a simimg model folder there is judged whole, its classifier included,
+at its own image size:
 
     python benchmarks/index_throughput.py --images 256 --repeats 3 --gate-data ../shared/datasets/hymenoptera \
         --gate-data ../shared/datasets/cats_dogs --json
@@ -57,9 +58,10 @@ from simimg.jobs.index import run_index
 from simimg.jobs.index_config import IndexJob
 from simimg.jobs.int8 import measure
 from simimg.memory import reuse_freed_memory
+from simimg.models.bundle import BUNDLE_JSON
 from simimg.models.device import Compute, cpu_has_int8_units, int8_compute, loader_workers, native_bf16, resolve_compute
 from simimg.models.encoder import infer, prepare_net
-from simimg.models.net import LoadedModel, build_model
+from simimg.models.net import LoadedModel, build_model, load_bundle
 from simimg.models.openvino import CACHE_ENV, convert
 
 NAME = "bench"
@@ -190,8 +192,14 @@ def _precisions(default: Compute, gate: dict) -> dict[str, Compute]:
 
 
 def _gate(args, data: Path) -> dict | None:
-    """The int8 gate's figures on another collection, for the model `--gate-weights` names."""
-    model = build_model(args.arch, args.gate_weights, args.image_size)
+    """The int8 gate's figures on another collection, for the model `--gate-weights` names (a model folder with its
+    head, which building from it as weights would drop)."""
+    bundle = Path(args.gate_weights)
+    model = (
+        load_bundle(bundle)
+        if (bundle / BUNDLE_JSON).is_file()
+        else build_model(args.arch, args.gate_weights, args.image_size)
+    )
     return _figures(measure(model, data, [r.path for r in scan_folder(data).records]))
 
 

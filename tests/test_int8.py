@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +152,7 @@ def test_a_refused_gate_falls_back_with_its_figures(collection, tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_a_passed_gate_indexes_and_serves_in_int8(collection, tmp_path, own_cache):
+def test_a_passed_gate_indexes_and_serves_in_int8(collection, tmp_path, own_cache, monkeypatch):
     job = IndexJob(str(collection), "good", str(tmp_path), weights="none", image_size=SIZE, precision="int8")
     report = run_index(job)
     assert report.device == "cpu (int8, openvino)", report.int8_gate
@@ -170,6 +171,13 @@ def test_a_passed_gate_indexes_and_serves_in_int8(collection, tmp_path, own_cach
         assert {n.path.split("/")[0] for n in result.neighbors} == {"c2"}
     again = run_index(job)  # the kept quantization: no second one
     assert again.int8_gate == report.int8_gate and again.device == "cpu (int8, openvino)"
+    # a head-only fit keeps the trunk, so its quantization, but the gate is judged again for the new classifier (it
+    # kept the first model's figures, classifier agreement None, and served the new head in int8 unchecked)
+    monkeypatch.setattr(simimg.jobs.int8, "quantize", lambda *_: pytest.fail("quantized a second time"))
+    simimg.train(collection, "good", tmp_path, head_only=True)
+    headed = run_index(replace(job, weights=None))  # the model it serves now
+    assert headed.int8_gate["sample"] == report.int8_gate["sample"] and headed.int8_gate["model"] == headed.model
+    assert report.int8_gate["classifier_agreement"] is None and headed.int8_gate["classifier_agreement"] is not None
 
 
 def _trunk_of(home: Path, name: str):

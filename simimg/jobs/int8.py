@@ -31,6 +31,7 @@ from simimg.models.int8 import (
     keep,
     quantize,
     read_gate,
+    read_quantized,
     sample_key,
     split_sample,
 )
@@ -66,13 +67,17 @@ def gated_compute(
 
 
 def measure(model: LoadedModel, root: Path, paths: Sequence[str]) -> dict[str, Any]:
-    """Quantize `model`'s trunk on a sample of `paths` (relative to `root`), gate it, keep both; the record."""
+    """Quantize `model`'s trunk on a sample of `paths` (relative to `root`), gate it, keep both; the record.
+
+    A kept quantization is reused for any model with the same trunk, but its figures only for the model they were
+    measured for: classifier agreement depends on the head, which a head-only fit changes and the trunk does not.
+    """
     trunk, preprocess = model.net.trunk, model.bundle.preprocess
     calibration, held = split_sample(paths)
     key = sample_key(root, [*calibration, *held])
     folder = entry(trunk, preprocess, key)
     kept = read_gate(folder)
-    if kept is not None:
+    if kept is not None and kept.get("model") == model.bundle.fingerprint:
         return kept
     calibration_images, _ = decode_sample(root, calibration, preprocess)
     held_images, _ = decode_sample(root, held, preprocess)
@@ -81,17 +86,23 @@ def measure(model: LoadedModel, root: Path, paths: Sequence[str]) -> dict[str, A
             f"--precision int8 needs at least {MIN_SAMPLE} readable images to check the quantization on; "
             "use bf16 or fp32 for a collection this small"
         )
-    log.info(
-        "quantizing the trunk to int8 on %d images of the collection and checking it on %d others "
-        "(once per model and machine)",
-        len(calibration_images),
-        len(held_images),
-    )
     reference = converted(trunk, preprocess)
-    quantized = quantize(reference, calibration_images)
+    if kept is None:
+        log.info(
+            "quantizing the trunk to int8 on %d images of the collection and checking it on %d others "
+            "(once per model and machine)",
+            len(calibration_images),
+            len(held_images),
+        )
+        quantized = quantize(reference, calibration_images)
+    else:  # this trunk, quantized on this sample, judged for another model (a new head): only the figures are new
+        log.info("checking the kept int8 trunk for this model's classifier on %d images", len(held_images))
+        quantized = read_quantized(folder)
     figures = gate_quantization(model.net, reference, quantized, calibration_images, held_images)
-    record = {"sample": key, **figures.to_dict(), "calibration": len(calibration_images), "nncf": _nncf_version()}
-    keep(folder, quantized, record)
+    record = {"sample": key, "model": model.bundle.fingerprint, **figures.to_dict()}
+    record |= {"calibration": len(calibration_images), "nncf": _nncf_version()}
+    if kept is None:
+        keep(folder, quantized, record)
     log.info("int8 gate: %s: %s", "passed" if figures.passed else "refused", figures.describe())
     return record
 

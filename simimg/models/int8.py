@@ -116,13 +116,18 @@ def read_gate(folder: Path) -> dict[str, Any] | None:
     return gate if (folder / MODEL_XML).is_file() else None
 
 
-def compile_int8(folder: Path, threads: int | None = None) -> OpenVinoTrunk:
-    """The kept quantized trunk in `folder`, compiled for this CPU."""
+def read_quantized(folder: Path) -> ov.Model:
+    """The kept quantized trunk in `folder`."""
     try:
-        model = core().read_model(folder / MODEL_XML)
+        model: ov.Model = core().read_model(folder / MODEL_XML)
     except RuntimeError as err:
         raise SimimgError(f"the int8 trunk in {folder} does not read ({err}): index with --precision int8") from err
-    return compile_model(model, "int8", threads, folder / COMPILED)
+    return model
+
+
+def compile_int8(folder: Path, threads: int | None = None) -> OpenVinoTrunk:
+    """The kept quantized trunk in `folder`, compiled for this CPU."""
+    return compile_model(read_quantized(folder), "int8", threads, folder / COMPILED)
 
 
 @functools.cache
