@@ -44,7 +44,8 @@ def make_jpegs(folder: Path, count: int, size: tuple[int, int] = PHOTO_SIZE, cla
     PHOTO_SIZE (phone photos), the shapes are drawn at PHOTO_SIZE and upscaled, then get noise of their own."""
     rng = np.random.default_rng(seed)
     w, h = size
-    draw_w, draw_h = min(w, PHOTO_SIZE[0]), min(h, round(h * min(w, PHOTO_SIZE[0]) / w))
+    draw_w = min(w, PHOTO_SIZE[0])
+    draw_h = round(h * draw_w / w)
     yy, xx = np.mgrid[0:draw_h, 0:draw_w].astype(np.float32) * (w / draw_w)
     for i in range(count):
         fx, fy, phase = [*rng.uniform(0.005, 0.04, 2).tolist(), rng.uniform(0, 6.3)]

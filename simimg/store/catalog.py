@@ -132,9 +132,10 @@ def read_only_uri(path: Path) -> str:
     if writable(path.parent):
         return f"file:{path}?mode=ro"
     wal = path.with_name(path.name + "-wal")
-    if wal.is_file() and wal.stat().st_size > 0:
+    unmerged = wal.stat().st_size if wal.is_file() else 0
+    if unmerged:
         raise SimimgError(
-            f"index catalog {path} holds changes its last writer did not merge ({wal.name}, {wal.stat().st_size} "
+            f"index catalog {path} holds changes its last writer did not merge ({wal.name}, {unmerged} "
             "bytes), which cannot be read while its folder cannot be written: run `simimg index` on it once where "
             "the folder is writable, or copy the index folder somewhere writable and read it there"
         )
