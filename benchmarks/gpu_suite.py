@@ -15,20 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from _common import make_jpegs
-
-ROOT = Path(__file__).resolve().parents[1]
+from _suite import ROOT, Step, headline, last_json_line, machine, run_steps, suite_env, train_figures
 
 
 @dataclass(frozen=True)
@@ -52,14 +48,15 @@ GPU = Sizes("cuda", [], [], 8192, 256, 1_000_000, 200, 64, 50, 2, 1.0)
 SMOKE = Sizes("cpu", ["--image-size", "32"], ["--epochs", "1"], 16, 8, 3000, 10, 4, 2, 1, 10.0)
 
 
-@dataclass(frozen=True)
-class Step:
-    """One check: its command (made when it starts), the parser of what it printed, and its time limit in seconds
-    on the GPU machine (the suite as a whole stays within --budget-s)."""
-
-    command: Callable[[], list[str]]
-    parse: Callable[[str], dict]
-    limit: float
+# the figures worth a glance in the summary
+HEADLINE = {
+    "gpu_tests": ("passed", "failures", "errors", "skipped"),
+    "train_cats_dogs": ("val_accuracy", "best_epoch", "epochs", "seconds", "images_per_s_last_epoch"),
+    "evaluate_cats_dogs": ("accuracy", "p_at_10", "map"),
+    "index_throughput": ("end_to_end_img_s", "model_only_img_s", "ratio_model_only", "ratio_baseline", "precision"),
+    "search_1m": ("N", "gpu_ms_per_query", "gpu_recall_at_k", "ivf_ms_per_query", "ivf_recall_at_k"),
+    "query_latency": ("query_p50_ms", "query_p95_ms", "forward_p50_ms", "precision"),
+}
 
 
 def main() -> None:
@@ -85,18 +82,7 @@ def main() -> None:
         data = _smoke_data(Path(tmp)) if args.cpu_smoke else Path(args.data)
         steps = _steps(sizes, data, Path(tmp))
         wanted = set(args.only.split(",")) if args.only else set(steps)
-        env = {
-            **os.environ,
-            "SIMIMG_OFFLINE": "1",
-            "PYTHONUNBUFFERED": "1",
-            "SIMIMG_DATASETS": str(data),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        }
-        results = {}
-        for name, step in steps.items():
-            if name in wanted:
-                left = budget - (time.monotonic() - started)
-                results[name] = _run_step(name, step, min(step.limit * sizes.slack, left), env, log)
+        results = run_steps(steps, wanted, budget, sizes.slack, suite_env(data), log)
     summary = {
         "suite": "gpu",
         "cpu_smoke": args.cpu_smoke,
@@ -104,9 +90,9 @@ def main() -> None:
         "data": str(data),
         "seconds": round(time.monotonic() - started, 1),
         "ok": all(r["ok"] for r in results.values()),
-        "headline": _headline(results),
+        "headline": headline(results, HEADLINE),
         "steps": results,
-        "machine": _machine(),
+        "machine": machine(),
     }
     (out / "gpu_suite.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
@@ -153,7 +139,7 @@ def _steps(sizes: Sizes, data: Path, tmp: Path) -> dict[str, Step]:
                 *sizes.epochs,
                 "--json",
             ],
-            _train_figures,
+            train_figures,
             240,
         ),
         "evaluate_cats_dogs": Step(
@@ -175,7 +161,7 @@ def _steps(sizes: Sizes, data: Path, tmp: Path) -> dict[str, Step]:
                 str(sizes.repeats),
                 "--json",
             ],
-            _last_json_line,
+            last_json_line,
             180,
         ),
         "search_1m": Step(
@@ -189,7 +175,7 @@ def _steps(sizes: Sizes, data: Path, tmp: Path) -> dict[str, Step]:
                 str(sizes.search_queries),
                 "--json",
             ],
-            _last_json_line,
+            last_json_line,
             150,
         ),
         "query_latency": Step(
@@ -202,54 +188,12 @@ def _steps(sizes: Sizes, data: Path, tmp: Path) -> dict[str, Step]:
                 str(sizes.gallery),
                 "--queries",
                 str(sizes.queries),
+                "--no-int8",  # int8 runs on OpenVINO only: the CPU's figure comes from benchmarks/README.md's run
                 "--json",
             ],
-            _last_json_line,
+            last_json_line,
             60,
         ),
-    }
-
-
-def _run_step(name: str, step: Step, limit: float, env: dict, log) -> dict:
-    """Run one step in its own process within `limit` seconds; its output goes to the log, its figures back."""
-    if limit < 10:
-        return {"ok": False, "seconds": 0.0, "error": "not started: the suite's time budget was spent"}
-    command = step.command()
-    log.write(f"\n===== {name}: {' '.join(command)}\n")
-    log.flush()
-    started = time.monotonic()
-    try:
-        proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
-    except subprocess.TimeoutExpired as err:
-        log.write(_text(err.stdout) + _text(err.stderr))
-        return {"ok": False, "seconds": round(time.monotonic() - started, 1), "error": f"timed out after {limit:.0f} s"}
-    log.write(proc.stdout + proc.stderr)
-    seconds = round(time.monotonic() - started, 1)
-    try:
-        figures = step.parse(proc.stdout)
-    except (ValueError, KeyError, IndexError, OSError, ElementTree.ParseError) as err:
-        figures = {"error": f"no figures: {type(err).__name__}: {err}"}
-    ok = proc.returncode == 0 and "error" not in figures
-    error = {} if ok else {"error": figures.get("error") or f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}"}
-    return {"ok": ok, "seconds": seconds, **error, "result": {k: v for k, v in figures.items() if k != "error"}}
-
-
-def _text(output: bytes | str | None) -> str:
-    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
-
-
-def _last_json_line(stdout: str) -> dict:
-    return json.loads(stdout.strip().splitlines()[-1])
-
-
-def _train_figures(stdout: str) -> dict:
-    report = json.loads(stdout)
-    kept = ("val_accuracy", "best_epoch", "seconds", "device", "stopped_early", "model")
-    return {
-        **{key: report[key] for key in kept},
-        "epochs": len(report["history"]),
-        "images_per_s_last_epoch": report["history"][-1]["images_per_s"],
-        "indexed": (report["index"] or {}).get("total"),
     }
 
 
@@ -303,39 +247,6 @@ def _smoke_data(tmp: Path) -> Path:
     for split, count in (("train", 12), ("val", 6)):
         make_jpegs(tmp / "data" / "cats_dogs" / split, count, size=(64, 48), seed=len(split))
     return tmp / "data"
-
-
-def _headline(results: dict) -> dict:
-    """The figures worth a glance, from the steps that ran."""
-    pick = {
-        "gpu_tests": ("passed", "failures", "errors", "skipped"),
-        "train_cats_dogs": ("val_accuracy", "best_epoch", "epochs", "seconds", "images_per_s_last_epoch"),
-        "evaluate_cats_dogs": ("accuracy", "p_at_10", "map"),
-        "index_throughput": ("end_to_end_img_s", "model_only_img_s", "ratio_model_only", "ratio_baseline", "precision"),
-        "search_1m": ("N", "gpu_ms_per_query", "gpu_recall_at_k", "ivf_ms_per_query", "ivf_recall_at_k"),
-        "query_latency": ("query_p50_ms", "query_p95_ms", "forward_p50_ms", "precision"),
-    }
-    return {
-        f"{step}.{key}": results[step]["result"].get(key)
-        for step, keys in pick.items()
-        if step in results
-        for key in keys
-        if results[step].get("result")
-    }
-
-
-def _machine() -> dict:
-    import torch
-
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cores": os.cpu_count(),
-        "cuda": torch.cuda.is_available(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 if __name__ == "__main__":

@@ -8,10 +8,16 @@ handed over as PIL images, as the app does with an upload. Nothing is reloaded b
 the other unprefixed figures are at the precision and runtime `--precision` and $SIMIMG_RUNTIME resolve to (auto:
 bf16 where it is native, OpenVINO on the CPU); the `fp32_` ones in float32 on torch (simimg's path before
 OpenVINO), from a second service on the same index.
+
+On OpenVINO (the CPU), the `int8_` figures come from a third service on that index whose trunk is the int8
+quantization of the gallery (NNCF, as `simimg index --precision int8` makes it: jobs/int8.py), served whether or not
+its agreement gate passed, as index_throughput.py's int8 model-only rate is: a latency, not a claim that int8 serves
+this gallery (`gate` says whether it would); `--no-int8` skips it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -22,13 +28,29 @@ from simimg.choices import PRECISIONS
 from simimg.dataset.images import load_image
 from simimg.jobs.index import run_index
 from simimg.jobs.index_config import IndexJob
+from simimg.jobs.int8 import measure
 from simimg.memory import reuse_freed_memory
-from simimg.models.device import resolve_compute
-from simimg.models.encoder import infer
-from simimg.query.service import SearchService
+from simimg.models.device import Compute, int8_compute, resolve_compute
+from simimg.models.encoder import Trunk, infer, prepare_net
+from simimg.models.net import LoadedModel
+from simimg.query.service import SearchService, ServedVersion
 
 NAME = "bench"
 WARMUP = 3
+GATE_FIGURES = ("top10_agreement", "min_cosine", "classifier_agreement", "passed")
+
+
+class Int8Service(SearchService):
+    """A service whose trunk runs the int8 quantization kept for `sample`, gate or not (see the module docstring)."""
+
+    def __init__(self, home: Path, name: str, sample: str) -> None:
+        self.sample = sample
+        super().__init__(home, name, "cpu", "fp32")
+
+    def _model_for(self, fingerprint: str, current: ServedVersion | None) -> tuple[LoadedModel, Trunk, Compute]:
+        model, _, compute = super()._model_for(fingerprint, current)
+        int8 = int8_compute(dataclasses.replace(compute, runtime="openvino"), self.sample)
+        return model, prepare_net(model.net, int8, model.bundle.preprocess), int8
 
 
 def main() -> None:
@@ -38,6 +60,7 @@ def main() -> None:
     p.add_argument("--arch", default="densenet121")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="the default precision to measure")
+    p.add_argument("--no-int8", action="store_true", help="skip the int8 service (its quantization takes ~10 s)")
     args = p.parse_args()
     reuse_freed_memory()
     with tempfile.TemporaryDirectory() as tmp:
@@ -54,17 +77,22 @@ def main() -> None:
                 precision=args.precision,
             )
         )
-        services = {"": SearchService(Path(tmp) / "home", NAME, args.device, args.precision)}
+        home = Path(tmp) / "home"
+        services = {"": SearchService(home, NAME, args.device, args.precision)}
         if services[""].compute != resolve_compute(args.device, "fp32", runtime="torch"):
             with runtime("torch"):
-                services["fp32_"] = SearchService(Path(tmp) / "home", NAME, args.device, "fp32")
+                services["fp32_"] = SearchService(home, NAME, args.device, "fp32")
+        gate = None
+        if not args.no_int8 and services[""].compute.runtime == "openvino" and services[""].compute.precision != "int8":
+            gate = measure(services[""].model, folder, [str(p.relative_to(folder)) for p in folder.rglob("*.jpg")])
+            services["int8_"] = Int8Service(home, NAME, gate["sample"])
         photos = [load_image(path) for path in sorted(folder.rglob("*.jpg"))[:8]]
         times = _interleaved(services, photos, args.queries)
         second_copy_mib = _second_copy_mib(services[""], photos)
     default = services[""].compute
     rows = [
         {
-            "what": f"{what} ({services[prefix].compute})",
+            "what": f"{what} ({services[prefix].served.compute or services[prefix].compute})",
             "p50_ms": median(ms),
             "p95_ms": percentile(ms, 95),
             "min_ms": min(ms),
@@ -82,6 +110,7 @@ def main() -> None:
         "image_size": args.image_size,
         "peak_rss_mib": status_mib("VmHWM"),
         "second_copy_mib": second_copy_mib,
+        "int8_gate": None if gate is None else {key: gate.get(key) for key in GATE_FIGURES},
     }
     for prefix in services:
         query, forward = times[prefix, "query"], times[prefix, "forward"]
@@ -96,6 +125,10 @@ def main() -> None:
         )
     summary["ratio_fp32_query_p50"] = (
         summary.get("fp32_query_p50_ms", summary["query_p50_ms"]) / summary["query_p50_ms"]
+    )
+    summary.setdefault("int8_query_p50_ms", None)  # where int8 does not run (CUDA, torch): the keys are always there
+    summary["ratio_int8_query_p50"] = (
+        summary["query_p50_ms"] / summary["int8_query_p50_ms"] if summary["int8_query_p50_ms"] else None
     )
     summary["hardware"] = hardware(default.device)
     finish("warm single-image query latency (ms)", rows, summary, args.json)

@@ -239,7 +239,8 @@ def test_on_real_photos_a_compressed_index_finds_what_exact_search_finds(shared_
 def test_lists_on_disk_publish_versions_that_search_as_in_ram_and_leave_with_them(tmp_path):
     """`simimg index --on-disk` over an index with lists in RAM (a copy: the photos are embedded once) moves them
     to disk and searches the same; each update writes a new list file (an image in, an image out), and the oldest
-    version's files go once it is no longer kept; the folder opens elsewhere."""
+    version's files go once it is no longer kept; a damaged list file is found and built again; the folder opens
+    elsewhere."""
     photos = make_class_images(tmp_path / "photos", {"circles": 150, "squares": 150}, size=40)
     home = tmp_path / "home"
     options = dict(home=home, weights="none", image_size=32, batch_size=64, index_kind="ivfpq")
@@ -264,6 +265,16 @@ def test_lists_on_disk_publish_versions_that_search_as_in_ram_and_leave_with_the
     (photos / "circles" / "circles_020.png").unlink()
     assert api.build_index(photos, "disk", **options).version == 4
     assert folder.list_files() == [folder.lists(3), folder.lists(4)] and folder.faiss_files()[0] == folder.faiss(3)
+    # a bit flipped in the served list file: `verify` names it and every image it holds; `--repair` builds it again
+    damaged = folder.lists(4)
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(data)
+    found = api.verify_index("disk", home)
+    assert [(p.kind, p.file, len(p.images)) for p in found.problems] == [("lists", str(damaged), 298)]
+    repaired = api.verify_index("disk", home, repair=True)
+    assert repaired.problems == [] and any(str(damaged) in line for line in repaired.repaired), repaired
+    assert api.verify_index("disk", home).problems == [] and neighbours("disk") == neighbours("ram")
     shutil.move(home, tmp_path / "moved")
     assert len(neighbours("disk", tmp_path / "moved")[0]) == 10
 

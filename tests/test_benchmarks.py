@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -131,6 +132,9 @@ REQUIRED = {
         "ratio_fp32_query_p50",
         "peak_rss_mib",
         "second_copy_mib",
+        "int8_query_p50_ms",  # None where int8 does not run (CUDA, torch)
+        "ratio_int8_query_p50",
+        "int8_gate",
     },
     "index_engines.py": {"images", "local_s", "ray_s", "ratio_ray_over_local", "min_cosine", "same_result"},
     "serve_load.py": {
@@ -279,8 +283,35 @@ def test_the_gpu_suite_runs_every_step_on_the_cpu(tmp_path):
     assert "===== query_latency" in (tmp_path / "gpu_suite.log").read_text()
 
 
+def test_the_cpu_suite_plans_each_figure_with_options_its_scripts_take(tmp_path):
+    """benchmarks/cpu_suite.py --dry-run: its steps, in order, each a benchmark script (or `simimg train`) given only
+    options that script defines (the real run takes an hour: benchmarks/README.md has its figures)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "cpu_suite.py"), "--dry-run", "--data", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env=BENCH_ENV,
+    )
+    assert proc.returncode == 0, proc.stderr
+    plan = dict(line.split(": ", 1) for line in proc.stdout.splitlines())
+    assert list(plan) == ["train_gate_model", "index_512", "index_64", "gate_fine_tuned", "query_latency", "scale"]
+    for name, command in plan.items():
+        words = command.split()
+        source = (ROOT / "simimg" / "cli.py") if words[1:3] == ["-m", "simimg.cli"] else Path(words[1])
+        assert source.is_file(), (name, source)
+        defined = source.read_text() + (ROOT / "benchmarks" / "_common.py").read_text()  # the shared parser
+        for option in (w for w in words if w.startswith("--")):
+            assert f'"{option}"' in defined, (name, option)
+    assert f"--gate-data {tmp_path / 'cats_dogs'}" in plan["gate_fine_tuned"]
+    assert "<the trained model's fingerprint>" in plan["gate_fine_tuned"]
+
+
 def test_every_benchmark_script_is_checked_here():
     scripts = {
-        p.name for p in (ROOT / "benchmarks").glob("*.py") if not p.name.startswith(("_", "gpu_suite", "prepare"))
+        p.name
+        for p in (ROOT / "benchmarks").glob("*.py")
+        if not p.name.startswith(("_", "gpu_suite", "cpu_suite", "prepare"))
     }
     assert scripts == set(REQUIRED) == set(ARGS) | set(IN_GPU_SUITE.values())

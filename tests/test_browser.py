@@ -363,7 +363,7 @@ def test_the_url_keeps_the_index_and_an_audit_follows_the_switch(server, browser
     page.get_by_role("tab", name="Audit").click(timeout=180_000)
     expect(page.get_by_role("textbox", name="Folder to audit")).to_have_value(str(data.resolve()), timeout=60_000)
     choose_index(page, "pets")
-    page.wait_for_url("**index=pets**", timeout=90_000)  # the switch opens the other index: slow on a busy box
+    page.wait_for_url("**index=pets**", timeout=FIRST_RUN_MS)  # the switch loads the other model: slow when busy
     page.get_by_role("tab", name="Audit").click(timeout=60_000)
     expect(page.get_by_role("textbox", name="Folder to audit")).to_have_value(str(pets.resolve()), timeout=60_000)
     page.get_by_role("button", name="Audit this folder").click()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, make_class_images, run_cli, synthetic_image
+from conftest import ROOT, make_class_images, run_main, synthetic_image
 from simimg.errors import SimimgError
 from simimg.jobs.index import run_index
 from simimg.jobs.index_config import IndexJob, read_index_job
@@ -206,7 +205,7 @@ def test_an_interrupted_run_ingests_its_finished_shards_and_embeds_only_the_rest
 
 @pytest.mark.ray
 @pytest.mark.e2e
-def test_kill_9_mid_run_then_the_same_command_finishes_with_nothing_doubled(ray_address, world, tmp_path):
+def test_kill_9_mid_run_then_the_same_command_finishes_with_nothing_doubled(ray_address, world, tmp_path, caplog):
     args = [
         "index",
         str(world["data"]),
@@ -238,13 +237,15 @@ def test_kill_9_mid_run_then_the_same_command_finishes_with_nothing_doubled(ray_
     with reading(folder.catalog) as catalog:
         ingested = set(catalog.head())
     waiting = embedded_in(shard_paths(tmp_path)) - ingested
-    again = run_cli("-v", *args, "--json")
-    report = json.loads(again.stdout)
+    with caplog.at_level(logging.INFO, logger="simimg.jobs.engine_ray"):
+        code, out, err = run_main(*args, "--json")  # the same command, in this process (joined to that Ray)
+    assert code == 0 and len(out.splitlines()) == 1, err[-3000:]
+    report = json.loads(out)
     to_embed = world["local"].total - committed
     assert (report["indexed"], report["total"], report["version"]) == (to_embed, world["local"].total, 1)
     assert sorted((s["path"], s["reason"]) for s in report["skipped"]) == skips(world["local"])
     # the killed driver's tasks may still write a shard or two before Ray reaps them: those are reused as well
-    reused, work = map(int, re.search(r"(\d+) of (\d+) embeddings come from the shards", again.stderr).groups())
+    ((reused, work, _),) = [r.args for r in caplog.records if "come from the shards" in r.getMessage()]
     assert work == world["work"] - committed and reused >= len(waiting)
     assert min_cosine(consistent_state(tmp_path, "photos"), world["local_rows"]) >= 0.999  # no path twice
 

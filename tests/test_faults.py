@@ -13,11 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 import simimg
 from conftest import ROOT, Built, copy_built, run_cli
 from simimg.models.device import RUNTIME_ENV
+from test_serve import start_cli_server, stop
 
 pytestmark = pytest.mark.slow  # a fresh Python forks a run per publish step
 
@@ -121,9 +123,14 @@ def test_a_read_only_home_serves_reads_and_refuses_writes_in_one_line(built):
 
     info = simimg_on_read_only_home("info", *where)
     assert info.returncode == 0 and json.loads(info.stdout)["total"] == 18, info.stderr[-2000:]
-    query = simimg_on_read_only_home("query", str(built.data / "circles" / "circles_000.png"), *where)
-    assert query.returncode == 0, query.stderr[-2000:]
-    assert json.loads(query.stdout)[0]["neighbors"][0]["path"] == "circles/circles_000.png"
+    # queries through `simimg serve` (the CLI's `query` and the app open the index through the same SearchService)
+    url, server = start_cli_server(built.home, prefix=read_only)
+    try:
+        answer = httpx.post(f"{url}/v1/indexes/{built.name}/query", json=["circles/circles_000.png"], timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()[0]["neighbors"][0]["path"] == "circles/circles_000.png"
+    finally:
+        stop(server)
     index = simimg_on_read_only_home("index", str(built.data), *where)
     errors = [line for line in index.stderr.splitlines() if "error" in line.lower()]
     assert index.returncode == 2 and len(errors) == 1 and "Traceback" not in index.stderr, index.stderr[-3000:]

@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,13 +40,17 @@ CLASSES = {"circles": 6, "squares": 6, "triangles": 6}  # conftest.SHAPES
 TOKEN = "s3cret-token"
 
 
-def start_cli_server(home: Path, *flags: str, token: str | None = None) -> tuple[str, subprocess.Popen]:
-    """The real `simimg serve` in a subprocess on a free port, its output in a file (a pipe nobody reads fills)."""
+def start_cli_server(
+    home: Path, *flags: str, token: str | None = None, prefix: Sequence[str] = ()
+) -> tuple[str, subprocess.Popen]:
+    """The real `simimg serve` in a subprocess on a free port, its output in a file (a pipe nobody reads fills);
+    `prefix` runs it under another command (a read-only mount: tests/test_faults.py)."""
     port, log = free_tcp_port(), tempfile.TemporaryFile("w+")  # noqa: SIM115 - the server writes it after we return
     env = {k: v for k, v in os.environ.items() if k != "SIMIMG_API_TOKEN"}
     env.update({"SIMIMG_OFFLINE": "1", **({"SIMIMG_API_TOKEN": token} if token else {})})
     proc = subprocess.Popen(
         [
+            *prefix,
             sys.executable,
             "-m",
             "simimg.cli",
