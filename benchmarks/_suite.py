@@ -39,9 +39,12 @@ def suite_env(data: Path) -> dict[str, str]:
     }
 
 
-def run_steps(steps: dict[str, Step], wanted: set[str], budget: float, slack: float, env: dict, log: IO[str]) -> dict:
-    """Each wanted step in order, each within its limit (times `slack`) and what is left of `budget` seconds."""
-    started, results = time.monotonic(), {}
+def run_steps(
+    steps: dict[str, Step], wanted: set[str], budget: float, slack: float, env: dict, log: IO[str], results: dict
+) -> dict:
+    """Each wanted step in order, each within its limit (times `slack`) and what is left of `budget` seconds; each
+    result goes into `results` as the step ends, where a later step's command may read it. Returns `results`."""
+    started = time.monotonic()
     for name, step in steps.items():
         if name in wanted:
             left = budget - (time.monotonic() - started)

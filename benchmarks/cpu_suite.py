@@ -68,7 +68,7 @@ def main() -> None:
             return
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "cpu_suite.log", "w") as log:
-            results.update(run_steps(steps, wanted, float("inf"), 1.0, suite_env(Path(args.data)), log))
+            run_steps(steps, wanted, float("inf"), 1.0, suite_env(Path(args.data)), log, results)
     summary = {
         "suite": "cpu",
         "data": args.data,

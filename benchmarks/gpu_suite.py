@@ -82,7 +82,7 @@ def main() -> None:
         data = _smoke_data(Path(tmp)) if args.cpu_smoke else Path(args.data)
         steps = _steps(sizes, data, Path(tmp))
         wanted = set(args.only.split(",")) if args.only else set(steps)
-        results = run_steps(steps, wanted, budget, sizes.slack, suite_env(data), log)
+        results = run_steps(steps, wanted, budget, sizes.slack, suite_env(data), log, {})
     summary = {
         "suite": "gpu",
         "cpu_smoke": args.cpu_smoke,

@@ -308,6 +308,30 @@ def test_the_cpu_suite_plans_each_figure_with_options_its_scripts_take(tmp_path)
     assert "<the trained model's fingerprint>" in plan["gate_fine_tuned"]
 
 
+def test_a_suite_step_reads_the_figures_of_the_steps_before_it(tmp_path, monkeypatch):
+    """benchmarks/_suite.py: each result is there when the next step's command is made (the CPU suite's fine-tuned
+    gate reads the trained model's fingerprint); a step whose input is missing is recorded as not started."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from _suite import Step, last_json_line, run_steps
+
+    results: dict = {}
+
+    def twice() -> list[str]:
+        return [sys.executable, "-c", f"print('{{\"n\": {results['first']['result']['n'] * 2}}}')"]
+
+    steps = {
+        "first": Step(lambda: [sys.executable, "-c", "print('{\"n\": 21}')"], last_json_line, 60),
+        "second": Step(twice, last_json_line, 60),
+        "third": Step(lambda: [sys.executable, "-c", str(results["missing"])], last_json_line, 60),
+        "unwanted": Step(lambda: pytest.fail("ran a step not asked for"), last_json_line, 60),
+    }
+    with open(tmp_path / "suite.log", "w") as log:
+        got = run_steps(steps, {"first", "second", "third"}, float("inf"), 1.0, dict(os.environ), log, results)
+    assert got is results and list(results) == ["first", "second", "third"]
+    assert results["second"]["ok"] and results["second"]["result"] == {"n": 42}
+    assert not results["third"]["ok"] and results["third"]["error"].startswith("not started: KeyError")
+
+
 def test_every_benchmark_script_is_checked_here():
     scripts = {
         p.name
