@@ -113,17 +113,18 @@ def test_the_gate_refuses_a_forced_bad_scale(sample, sane):
     assert figures.min_cosine < 0.99, figures.describe()
 
 
+@pytest.fixture(scope="module")
+def one_constant_image(sample) -> ov.Model:
+    """NNCF's real quantization of the trunk, calibrated on one constant image (once for the module)."""
+    _, reference, calibration, _ = sample
+    return quantize(reference, np.full_like(calibration[:1], 128))
+
+
 @pytest.mark.slow
-def test_the_gate_refuses_a_quantization_calibrated_on_one_constant_image(sample):
+def test_the_gate_refuses_a_quantization_calibrated_on_one_constant_image(sample, one_constant_image):
     model, reference, calibration, held = sample
-    constant = np.full_like(calibration[:1], 128)
-    figures = gate_quantization(model.net, reference, quantize(reference, constant), calibration, held)
+    figures = gate_quantization(model.net, reference, one_constant_image, calibration, held)
     assert not figures.passed, figures.describe()
-
-
-def bad_quantize(model: ov.Model, images: np.ndarray) -> ov.Model:
-    """NNCF's real quantization, calibrated on one constant image and then with ranges forced too narrow."""
-    return narrowed(quantize(model, np.full_like(images[:1], 128)), 0.02)
 
 
 @pytest.fixture
@@ -134,7 +135,15 @@ def own_cache(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.mark.slow
-def test_a_refused_gate_falls_back_with_its_figures(collection, tmp_path, monkeypatch, caplog, own_cache):
+def test_a_refused_gate_falls_back_with_its_figures(
+    collection, tmp_path, monkeypatch, caplog, own_cache, one_constant_image
+):
+    """The index's own quantization replaced by a bad one of the same trunk (the module's, calibrated on one
+    constant image, with its ranges then forced too narrow)."""
+
+    def bad_quantize(model: ov.Model, images: np.ndarray) -> ov.Model:
+        return narrowed(one_constant_image, 0.02)
+
     monkeypatch.setattr(simimg.models.int8, "quantize", bad_quantize)
     monkeypatch.setattr(simimg.jobs.int8, "quantize", bad_quantize)
     job = IndexJob(str(collection), "bad", str(tmp_path), weights="none", image_size=SIZE, precision="int8")
