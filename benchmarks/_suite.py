@@ -99,6 +99,20 @@ def train_figures(stdout: str) -> dict:
     }
 
 
+def summarize(suite: str, results: dict, started: float, pick: dict[str, tuple[str, ...]], **about: object) -> dict:
+    """The suite's one summary: what it ran on (`about`), how long it took, whether every step passed, the headline
+    figures (`pick`), each step's result and the machine."""
+    return {
+        "suite": suite,
+        **about,
+        "seconds": round(time.monotonic() - started, 1),
+        "ok": all(r["ok"] for r in results.values()),
+        "headline": headline(results, pick),
+        "steps": results,
+        "machine": machine(),
+    }
+
+
 def headline(results: dict, pick: dict[str, tuple[str, ...]]) -> dict:
     """The figures worth a glance, `step.key`, from the steps that ran."""
     return {

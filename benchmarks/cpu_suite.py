@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _suite import ROOT, Step, headline, last_json_line, machine, run_steps, suite_env, train_figures
+from _suite import ROOT, Step, last_json_line, run_steps, suite_env, summarize, train_figures
 
 GATE_SIZE = "112"  # the fine-tuned model's image size: cats_dogs from scratch learns something at 112 px in minutes
 HEADLINE = {
@@ -69,15 +69,7 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "cpu_suite.log", "w") as log:
             run_steps(steps, wanted, float("inf"), 1.0, suite_env(Path(args.data)), log, results)
-    summary = {
-        "suite": "cpu",
-        "data": args.data,
-        "seconds": round(time.monotonic() - started, 1),
-        "ok": all(r["ok"] for r in results.values()),
-        "headline": headline(results, HEADLINE),
-        "steps": results,
-        "machine": machine(),
-    }
+    summary = summarize("cpu", results, started, HEADLINE, data=args.data)
     (out / "cpu_suite.json").write_text(json.dumps(summary, indent=2))
     for key, value in summary["headline"].items():
         print(f"{key}: {json.dumps(value)}")

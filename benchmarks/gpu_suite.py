@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from _common import make_jpegs
-from _suite import ROOT, Step, headline, last_json_line, machine, run_steps, suite_env, train_figures
+from _suite import ROOT, Step, last_json_line, run_steps, suite_env, summarize, train_figures
 
 
 @dataclass(frozen=True)
@@ -83,17 +83,8 @@ def main() -> None:
         steps = _steps(sizes, data, Path(tmp))
         wanted = set(args.only.split(",")) if args.only else set(steps)
         results = run_steps(steps, wanted, budget, sizes.slack, suite_env(data), log, {})
-    summary = {
-        "suite": "gpu",
-        "cpu_smoke": args.cpu_smoke,
-        "device": sizes.device,
-        "data": str(data),
-        "seconds": round(time.monotonic() - started, 1),
-        "ok": all(r["ok"] for r in results.values()),
-        "headline": headline(results, HEADLINE),
-        "steps": results,
-        "machine": machine(),
-    }
+    about = {"cpu_smoke": args.cpu_smoke, "device": sizes.device, "data": str(data)}
+    summary = summarize("gpu", results, started, HEADLINE, **about)
     (out / "gpu_suite.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
     sys.exit(0 if summary["ok"] else 1)
