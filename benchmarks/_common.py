@@ -102,6 +102,14 @@ def status_mib(field: str, pid: int | str = "self") -> float:
     return float("nan")
 
 
+GATE_FIGURES = ("top10_agreement", "min_cosine", "classifier_agreement", "passed", "queries", "calibration")
+
+
+def gate_figures(gate: dict | None) -> dict | None:
+    """The int8 gate's figures a benchmark reports, from `jobs.int8.measure`'s record (None: not measured)."""
+    return None if gate is None else {key: gate.get(key) for key in GATE_FIGURES}
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 

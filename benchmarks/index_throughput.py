@@ -49,7 +49,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from _common import PHOTO_SIZE, finish, hardware, make_jpegs, median, parser, runtime, seconds
+from _common import PHOTO_SIZE, finish, gate_figures, hardware, make_jpegs, median, parser, runtime, seconds
 from simimg.choices import PRECISIONS
 from simimg.dataset.images import decode_image, read_bytes
 from simimg.dataset.preprocess import Preprocess
@@ -129,7 +129,7 @@ def main() -> None:
         "repeats": args.repeats,
         **{key: median([row[key] for row in rows]) for key in rows[0] if key != "repeat"},
         **({} if gate is not None else dict.fromkeys(INT8_FIGURES)),
-        "gate": _figures(gate),
+        "gate": gate_figures(gate),
         "gates": gates,
         "cpu_bf16_units": native_bf16(torch.device("cpu")),
         "cpu_int8_units": cpu_has_int8_units(),
@@ -180,7 +180,6 @@ INT8_FIGURES = (
     "ratio_int8_over_bf16_model_only",
     "ratio_int8_over_fp32_model_only",
 )
-GATE_FIGURES = ("top10_agreement", "min_cosine", "classifier_agreement", "passed", "queries", "calibration")
 
 
 def _precisions(default: Compute, gate: dict) -> dict[str, Compute]:
@@ -200,11 +199,7 @@ def _gate(args, data: Path) -> dict | None:
         if (bundle / BUNDLE_JSON).is_file()
         else build_model(args.arch, args.gate_weights, args.image_size)
     )
-    return _figures(measure(model, data, [r.path for r in scan_folder(data).records]))
-
-
-def _figures(gate: dict | None) -> dict | None:
-    return None if gate is None else {key: gate.get(key) for key in GATE_FIGURES}
+    return gate_figures(measure(model, data, [r.path for r in scan_folder(data).records]))
 
 
 def _stage_ms(files: list[Path], preprocess: Preprocess) -> dict[str, float]:

@@ -12,20 +12,31 @@ OpenVINO), from a second service on the same index.
 On OpenVINO (the CPU), the `int8_` figures come from a third service on that index whose trunk is the int8
 quantization of the gallery (NNCF, as `simimg index --precision int8` makes it: jobs/int8.py), served whether or not
 its agreement gate passed, as index_throughput.py's int8 model-only rate is: a latency, not a claim that int8 serves
-this gallery (`gate` says whether it would); `--no-int8` skips it.
+this gallery (`int8_gate` says whether it would); `--no-int8` skips it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import tempfile
 from pathlib import Path
 
 import torch
 
-from _common import finish, hardware, make_jpegs, median, parser, percentile, runtime, seconds, status_mib
+from _common import (
+    finish,
+    gate_figures,
+    hardware,
+    make_jpegs,
+    median,
+    parser,
+    percentile,
+    runtime,
+    seconds,
+    status_mib,
+)
 from simimg.choices import PRECISIONS
 from simimg.dataset.images import load_image
+from simimg.dataset.scan import scan_folder
 from simimg.jobs.index import run_index
 from simimg.jobs.index_config import IndexJob
 from simimg.jobs.int8 import measure
@@ -34,10 +45,10 @@ from simimg.models.device import Compute, int8_compute, resolve_compute
 from simimg.models.encoder import Trunk, infer, prepare_net
 from simimg.models.net import LoadedModel
 from simimg.query.service import SearchService, ServedVersion
+from simimg.store.model_store import load_model
 
 NAME = "bench"
 WARMUP = 3
-GATE_FIGURES = ("top10_agreement", "min_cosine", "classifier_agreement", "passed")
 
 
 class Int8Service(SearchService):
@@ -48,8 +59,9 @@ class Int8Service(SearchService):
         super().__init__(home, name, "cpu", "fp32")
 
     def _model_for(self, fingerprint: str, current: ServedVersion | None) -> tuple[LoadedModel, Trunk, Compute]:
-        model, _, compute = super()._model_for(fingerprint, current)
-        int8 = int8_compute(dataclasses.replace(compute, runtime="openvino"), self.sample)
+        """The model and its int8 trunk only: no float32 trunk is compiled to be thrown away."""
+        model = load_model(self.folder, fingerprint)
+        int8 = int8_compute(self.compute, self.sample)
         return model, prepare_net(model.net, int8, model.bundle.preprocess), int8
 
 
@@ -84,7 +96,7 @@ def main() -> None:
                 services["fp32_"] = SearchService(home, NAME, args.device, "fp32")
         gate = None
         if not args.no_int8 and services[""].compute.runtime == "openvino" and services[""].compute.precision != "int8":
-            gate = measure(services[""].model, folder, [str(p.relative_to(folder)) for p in folder.rglob("*.jpg")])
+            gate = measure(services[""].model, folder, [r.path for r in scan_folder(folder).records])
             services["int8_"] = Int8Service(home, NAME, gate["sample"])
         photos = [load_image(path) for path in sorted(folder.rglob("*.jpg"))[:8]]
         times = _interleaved(services, photos, args.queries)
@@ -110,7 +122,7 @@ def main() -> None:
         "image_size": args.image_size,
         "peak_rss_mib": status_mib("VmHWM"),
         "second_copy_mib": second_copy_mib,
-        "int8_gate": None if gate is None else {key: gate.get(key) for key in GATE_FIGURES},
+        "int8_gate": gate_figures(gate),
     }
     for prefix in services:
         query, forward = times[prefix, "query"], times[prefix, "forward"]
