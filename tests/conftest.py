@@ -78,6 +78,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort: the rest keep their order
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Two xdist workers on two cores: every process of the run (the workers, and the CLI, app, server, Ray and
+    benchmark processes they start) runs torch, numpy, faiss and OpenVINO on one OpenMP thread. Set here, in the
+    controller before it starts the workers, so their own thread pools are made with one thread too; a value the
+    caller exported wins. Measured from one fresh clone, the full suite: 11 min 45 s and 1,077 CPU-s on two
+    threads, 10 min 44 s and 962 CPU-s on one (training's crash sweep 76 -> 60 s). Results do not depend on it:
+    what needs threads sets them (the server's --threads, a Ray actor's CPUS_PER_ACTOR)."""
+    if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def offline() -> Iterator[None]:
     """No weights are ever downloaded by a test: `--weights imagenet` reads TORCH_HOME or fails with the offline
@@ -89,10 +100,10 @@ def offline() -> Iterator[None]:
 
 @pytest.fixture(scope="session", autouse=True)
 def passive_openmp() -> Iterator[None]:
-    """The processes the tests start (the CLI, the app, the server, Ray workers, benchmarks) run torch on two
-    OpenMP threads beside the other xdist worker's: idle threads sleep instead of spinning for the cores. Measured
-    at load average 7: test_cli's stdout test and two benchmark runs took 152 s (93 s of CPU) spinning, 113 s
-    (64 s) sleeping. Results do not depend on it."""
+    """The processes the tests start (the CLI, the app, the server, Ray workers, benchmarks) share the cores with the
+    other xdist worker: idle OpenMP threads sleep instead of spinning for the cores. Measured at load average 7:
+    test_cli's stdout test and two benchmark runs took 152 s (93 s of CPU) spinning, 113 s (64 s) sleeping. Results
+    do not depend on it. (Set for the workers themselves, it made nearly every test 1.8x slower: 19 min 26 s.)"""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_WAIT_POLICY", "PASSIVE")
         yield

@@ -99,8 +99,9 @@ def reading_server(tmp_path_factory, shapes_index, free_port):
         yield url, built.data
 
 
-@pytest.fixture
-def browser():
+@pytest.fixture(scope="module")
+def chromium():
+    """One headless Chromium for the module (a launch costs ~2 s of CPU); each page opens in a context of its own."""
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
@@ -108,6 +109,14 @@ def browser():
             yield chromium
         finally:
             chromium.close()
+
+
+@pytest.fixture
+def browser(chromium):
+    """The module's Chromium; the tabs a test opened are closed after it, before its server stops."""
+    yield chromium
+    for context in chromium.contexts:
+        context.close()
 
 
 def wait_for_run_end(page, timeout_ms: int) -> None:

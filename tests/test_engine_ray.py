@@ -1,4 +1,5 @@
-"""ray_engine.py: `simimg index --engine ray` on a real local Ray instance gives the local engine's index.
+"""jobs/engine_ray.py: `simimg index --engine ray` on a real local Ray instance gives the local engine's index, and
+`simimg predict --engine ray` its rows.
 
 One Ray session serves the whole module (4 logical CPUs even on 2 cores: fewer can leave a stage waiting for a
 slot); the CLI runs in subprocesses join it with --address. Images are tiny (32 px crops, random-init weights) and
@@ -33,6 +34,7 @@ from simimg.store.model_store import publish_model
 from test_ann import clustered
 from test_cli import assert_one_line_error
 from test_images import write_awkward, write_broken
+from test_predict import assert_same_rows, build_world, predict, read_rows
 from test_reliability import Rows, catalog_progress, consistent_state, second_model
 
 CLASSES = {"circles": 8, "squares": 8, "triangles": 8}
@@ -343,3 +345,22 @@ def test_cats_dogs_val_at_64_px_matches_the_local_engine(ray_address, shared_dat
     )
     assert (ray.total, skips(ray)) == (local.total, skips(local)) and ray.total == 700
     assert cosine >= 0.999
+
+
+# --- simimg predict on the ray engine ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def predict_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """test_predict.py's collection with its head and a folder to classify, here to share this module's Ray."""
+    return build_world(tmp_path_factory.mktemp("predict"))
+
+
+@pytest.mark.ray
+def test_predict_on_the_ray_engine_gives_the_local_engines_rows(predict_world, tmp_path, ray_address):
+    local = predict(predict_world, tmp_path / "local.jsonl")
+    report = predict(
+        predict_world, tmp_path / "ray.jsonl", engine="ray", address=ray_address, batch_size=2, chunk_size=4
+    )
+    assert report.device.startswith("ray") and report.rows == local.rows
+    assert sorted(s.path for s in report.skipped) == sorted(s.path for s in local.skipped)
+    assert_same_rows(read_rows(tmp_path / "ray.jsonl"), read_rows(tmp_path / "local.jsonl"), atol=1e-3)
+    assert not (tmp_path / "ray.jsonl.parts").exists()

@@ -1,5 +1,6 @@
 """jobs/predict.py: `simimg predict` classifies a folder into a file, a row per readable image, bad files reported
-by path; a killed run resumes; the ray engine gives the local engine's rows.
+by path; a killed run resumes. (That the ray engine gives the local engine's rows is in test_engine_ray.py, beside
+the other Ray tests, on the one Ray instance they share.)
 
 One index serves the module: three classes of tiny generated shapes (random-init weights, 32 px crops) and two
 unlabelled images beside the class folders, with a head-only classifier.
@@ -47,8 +48,11 @@ PREDICT = {"workers": 0, "device": "cpu"}
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return build_world(tmp_path_factory.mktemp("predict"))
+
+
+def build_world(base: Path) -> dict:
     """The indexed collection (with a plain copy of its index before the head), and a new folder to classify."""
-    base = tmp_path_factory.mktemp("predict")
     data = make_class_images(base / "shapes", CLASSES, size=40)
     new = make_class_images(base / "new", NEW, size=40, seed=1)
     shutil.copy(new / "circles" / "circles_000.png", data / "loose_copy.png")  # unlabelled in the index
@@ -379,22 +383,3 @@ def test_unknown_options_are_named(world, tmp_path):
     with pytest.raises(SimimgError, match="unknown option"):
         simimg.predict(world["new"], "shapes", tmp_path / "p.csv", world["home"], topk=3)
     assert PredictJob.top_k == 3  # the CLI's default comes from the job config
-
-
-# --- the ray engine ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_address():
-    ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'simimg[ray]'")
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.mark.ray
-def test_the_ray_engine_gives_the_local_engines_rows(world, tmp_path, ray_address):
-    local = predict(world, tmp_path / "local.jsonl")
-    report = predict(world, tmp_path / "ray.jsonl", engine="ray", address=ray_address, batch_size=2, chunk_size=4)
-    assert report.device.startswith("ray") and report.rows == local.rows
-    assert sorted(s.path for s in report.skipped) == sorted(s.path for s in local.skipped)
-    assert_same_rows(read_rows(tmp_path / "ray.jsonl"), read_rows(tmp_path / "local.jsonl"), atol=1e-3)
-    assert not (tmp_path / "ray.jsonl.parts").exists()
