@@ -296,7 +296,7 @@ def test_an_unreachable_address_is_one_line_and_the_local_engine_never_imports_r
 
 def test_a_shard_this_process_cannot_see_names_the_ray_shards_option(tmp_path):
     pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'simimg[ray]'")
-    from simimg.jobs.engine_ray import RunFolder
+    from simimg.jobs.ray_tasks import RunFolder
 
     with pytest.raises(SimimgError, match="pass --ray-shards a location every node reaches"):
         RunFolder(str(tmp_path)).read("shard-0.parquet")

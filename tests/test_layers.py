@@ -145,6 +145,24 @@ def test_small_commands_import_neither_torch_nor_openvino(built_index: Path):
     assert done.stdout.strip().endswith("[]"), done.stdout[-500:]
 
 
+def test_the_ray_engines_cpu_tasks_import_neither_torch_nor_faiss():
+    """Ray imports jobs/ray_tasks.py in every worker that decodes or writes a shard: those processes never run a
+    model, so they skip torch's import (~3.5 s each) and its memory."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, simimg.jobs.ray_tasks\n"
+            "print(sorted(m for m in ('torch', 'torchvision', 'faiss', 'openvino') if m in sys.modules))",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "[]", (done.stdout, done.stderr[-2000:])
+
+
 def test_the_layers_are_documented():
     """docs/ARCHITECTURE.md draws the layers the contracts enforce: every subpackage and module has its line."""
     text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()

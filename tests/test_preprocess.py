@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
 import torch
 from PIL import Image
 from torchvision import transforms
+from torchvision.transforms import InterpolationMode, functional as F
 
 from simimg.dataset.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
@@ -45,6 +48,28 @@ def test_uint8_then_normalize_equals_the_whole_torchvision_transform():
         ]
     )(image)
     torch.testing.assert_close(pre.normalize(pre.to_uint8(image).unsqueeze(0))[0], reference, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("size", "pre"),
+    [
+        ((90, 70), Preprocess.for_image_size(48)),  # landscape, an odd margin to centre
+        ((71, 203), Preprocess.for_image_size(32)),  # portrait, the long side truncated
+        ((37, 37), Preprocess.for_image_size(32)),  # already the resize size: no resize
+        ((500, 333), Preprocess()),
+        ((30, 20), Preprocess(crop_size=40, resize_size=24)),  # a crop beyond the image: zeros around it
+        ((31, 64), Preprocess(crop_size=33, resize_size=24)),  # beyond it on one side only
+    ],
+)
+def test_to_array_is_torchvisions_resize_crop_and_pil_to_tensor_pixel_for_pixel(size, pre):
+    """The ray engine's decode tasks (no torch) and the local engine (to_uint8) make torchvision's pixels."""
+    rng = np.random.default_rng(sum(size))
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    resized = F.resize(image, pre.resize_size, interpolation=InterpolationMode.BILINEAR)
+    reference = F.pil_to_tensor(F.center_crop(resized, pre.crop_size))
+    assert pre.to_array(image).shape == (3, pre.crop_size, pre.crop_size)
+    assert torch.equal(torch.from_numpy(pre.to_array(image)), reference)
+    assert torch.equal(pre.to_uint8(image), reference)
 
 
 def test_dict_round_trip_through_json():

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -15,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from simimg.errors import BadImageError, ImageTooLargeError, NotAnImageError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ImageInput = str | Path | Image.Image  # what every image-taking call accepts: a file path or a PIL image
 
@@ -59,6 +62,20 @@ def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise BadImageError(f"truncated or corrupt image data: {err}") from None
     return to_rgb(image)
+
+
+def read_and_decode(path: Path, transform: Callable[[Image.Image], T], draft_size: int) -> tuple[T | None, str]:
+    """Read a file once; its bytes give both the content hash and the image: (transform(image), sha256 hex), or
+    (None, the reason it is skipped). One odd file never stops a batch: anything unexpected is a reason too."""
+    try:
+        data = read_bytes(path)
+        image = decode_image(data, draft_size=draft_size)
+        return transform(image), hashlib.sha256(data).hexdigest()
+    except BadImageError as err:
+        return None, err.reason
+    except Exception as err:
+        log.exception("unexpected failure reading %s", path)
+        return None, f"unexpected error: {type(err).__name__}: {err}"
 
 
 def load_image(path: str | Path, draft_size: int | None = None) -> Image.Image:

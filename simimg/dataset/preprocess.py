@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+from PIL import Image
+
 if TYPE_CHECKING:  # torch loads on first use: a bundle's metadata is read by commands that never run a model
     import torch
-    from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -36,12 +38,25 @@ class Preprocess:
 
     def to_uint8(self, image: Image.Image) -> torch.Tensor:
         """An RGB PIL image to a CHW uint8 tensor of crop_size; normalisation happens later, on the device."""
-        from torchvision.transforms import InterpolationMode, functional as F
+        import torch
 
-        image = F.resize(image, self.resize_size, interpolation=InterpolationMode.BILINEAR)
-        image = F.center_crop(image, self.crop_size)
-        tensor: torch.Tensor = F.pil_to_tensor(image)
-        return tensor
+        return torch.from_numpy(self.to_array(image))
+
+    def to_array(self, image: Image.Image) -> np.ndarray:
+        """`to_uint8` without torch (the ray engine's decode tasks never load it): the calls torchvision's
+        resize, center_crop and pil_to_tensor make on a PIL image, pixel for pixel (tests/test_preprocess.py)."""
+        width, height = image.size
+        short, long = min(width, height), max(width, height)
+        size = self.resize_size, int(self.resize_size * long / short)  # (short side, long side), as torchvision
+        width, height = size if width <= height else size[::-1]
+        if (width, height) != image.size:
+            image = image.resize((width, height), Image.Resampling.BILINEAR)
+        crop = self.crop_size  # beyond the image, torchvision pads with zeros first; PIL's crop fills them in
+        left = -((crop - width) // 2) if crop > width else round((width - crop) / 2.0)
+        top = -((crop - height) // 2) if crop > height else round((height - crop) / 2.0)
+        pixels = np.array(image.crop((left, top, left + crop, top + crop)))
+        chw: np.ndarray = (pixels[:, :, None] if pixels.ndim == 2 else pixels).transpose(2, 0, 1)
+        return chw
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """A uint8 NCHW batch to normalised float32, on whatever device the batch is on."""

@@ -4,7 +4,7 @@
 turns the work list into rows of (path, label, size, mtime_ns, sha256, vector, or the reason a file was skipped):
 
     manifest.jsonl, written first (Ray lists no files and reads no metadata: ray#40686)
-      -> read_json -> hash + decode on CPU tasks (embed.FileDataset, the local engine's reader)
+      -> read_json -> hash + decode on CPU tasks (jobs/ray_tasks.py: the local engine's reader, without torch)
       -> embed on a fixed pool of actors (a GPU each, or CPUS_PER_ACTOR threads), `batch_size` rows per call
       -> Parquet shards written by tasks, each file appearing whole (written aside, then moved)
       -> the driver ingests each shard as it is reported, in the catalog's chunked transactions.
@@ -21,14 +21,12 @@ the vectors is encoded by a Ray task (`RayEngine.encode_parts`) and the driver m
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
 import socket
-import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,20 +36,18 @@ import faiss
 import numpy as np
 import torch
 
-from simimg.dataset.preprocess import Preprocess
 from simimg.errors import SimimgError
 from simimg.fsutil import size_and_mtime
+from simimg.jobs.ray_tasks import RunFolder, ShardStore, decode_files, write_shard
 from simimg.models.device import resolve_compute
-from simimg.models.encoder import EmbeddedBatch, FileDataset, infer, prepare_net
+from simimg.models.encoder import EmbeddedBatch, infer, prepare_net
 from simimg.models.net import LoadedModel
 from simimg.store.ann_ivfpq import Part, encode_part
 from simimg.store.layout import IndexFolder
 
 try:
     import pyarrow as pa
-    import pyarrow.parquet as pq
     import ray
-    from pyarrow import fs as pafs
 except ImportError:
     raise SimimgError("the ray engine needs Ray Data: pip install 'simimg[ray]'") from None
 
@@ -66,7 +62,6 @@ LOCAL_CPUS = 4  # logical CPUs of a local instance, at least: fewer can leave a 
 WRITER_CPUS = 0.25  # a shard writer mostly waits on the disk
 CONNECT_TIMEOUT_S = 5
 PARTS_IN_FLIGHT = 4  # compressed-index parts queued on the cluster at once: 4 GiB of vectors at 1024 dims
-SHARD_PREFIX, SHARD_SUFFIX = "shard-", ".parquet"
 
 
 @dataclass(frozen=True)
@@ -189,31 +184,6 @@ def _encode_part(trained: np.ndarray, ids: np.ndarray, vectors: np.ndarray) -> n
     return faiss.serialize_index(encode_part(faiss.deserialize_index(trained), ids, vectors))
 
 
-def decode_files(batch: dict[str, np.ndarray], root: str, preprocess: Preprocess) -> dict[str, np.ndarray]:
-    """Stat, read once, hash and decode each file with the local engine's reader; a bad file keeps its reason."""
-    reader = FileDataset([Path(root, path) for path in batch["path"]], preprocess)
-    n, crop = len(reader), preprocess.crop_size
-    pixels = np.zeros((n, 3, crop, crop), np.uint8)
-    stats = np.full((n, 2), -1, np.int64)
-    hashes, reasons = np.full(n, "", object), np.full(n, "", object)
-    for i, file in enumerate(reader.paths):
-        stats[i] = size_and_mtime(file) or (-1, -1)  # before the bytes are read: a later change shows as a new mtime
-        _, tensor, text = reader[i]
-        if tensor is None:
-            reasons[i] = text
-        else:
-            pixels[i], hashes[i] = tensor.numpy(), text
-    return {
-        "path": batch["path"],
-        "label": batch["label"],
-        "size": stats[:, 0],
-        "mtime_ns": stats[:, 1],
-        "sha256": hashes,
-        "reason": reasons,
-        "pixels": pixels,
-    }
-
-
 class EmbedActor:
     """One model replica per actor: decoded pixels in, unit-length float32 vectors out (zeros for bad files), and
     the head's logits when asked."""
@@ -242,28 +212,6 @@ class EmbedActor:
                 logits[good] = scores.cpu().numpy()
         out = {**{key: value for key, value in batch.items() if key != "pixels"}, "vector": vectors}
         return {**out, "logits": logits} if self.with_logits else out
-
-
-def write_shard(batch: dict[str, np.ndarray], run: str) -> dict[str, np.ndarray]:
-    """One Parquet shard of results; sha256 and vector (and logits) are null for a skipped file, reason for an
-    embedded one."""
-    good = batch["reason"] == ""
-    columns = {
-        "path": pa.array(list(batch["path"]), pa.string()),
-        "label": pa.array(list(batch["label"]), pa.string()),
-        "size": pa.array(batch["size"], pa.int64()),
-        "mtime_ns": pa.array(batch["mtime_ns"], pa.int64()),
-        "sha256": pa.array([h if ok else None for h, ok in zip(batch["sha256"], good)], pa.string()),
-        "reason": pa.array([None if ok else r for r, ok in zip(batch["reason"], good)], pa.string()),
-    }
-    for name in ("vector", "logits"):
-        if name in batch:
-            rows = batch[name]
-            columns[name] = pa.FixedSizeListArray.from_arrays(
-                pa.array(rows.reshape(-1)), rows.shape[1], mask=pa.array(~good)
-            )
-    table = pa.table(columns)
-    return {"shard": np.array([RunFolder(run).write(table)]), "rows": np.array([table.num_rows])}
 
 
 # --- the driver's side: shards in, batches for the indexer out --------------------------------------------------
@@ -317,84 +265,6 @@ def _reusable(run: RunFolder, root: Path, waiting: dict[str, int]) -> dict[str, 
                 chosen.setdefault(shard, set()).add(path)
                 seen.add(path)
     return chosen
-
-
-# --- where runs keep their files -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ShardStore:
-    """The runs of one index under a location: a local folder, or any URI pyarrow reaches (s3://, gs://)."""
-
-    location: str
-    key: str
-
-    @classmethod
-    def at(cls, location: str | Path, key: str) -> ShardStore:
-        location = str(location)
-        return cls(location if "://" in location else str(Path(location).expanduser().resolve()), key)
-
-    def run(self, run: str) -> RunFolder:
-        return RunFolder(f"{self.location.rstrip('/')}/{self.key}-{run}")
-
-    def clear(self) -> None:
-        """Delete every run of this index: called once a version is published, which makes them all stale."""
-        fs, base = _filesystem(self.location)
-        for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
-            if info.type == pafs.FileType.Directory and info.base_name.startswith(f"{self.key}-"):
-                fs.delete_dir(info.path)
-
-
-@dataclass(frozen=True)
-class RunFolder:
-    """One run's manifest and shards, at `uri`."""
-
-    uri: str
-
-    def write_manifest(self, work: ToEmbed) -> str:
-        """The work as JSON lines (path, label); returns its URI for `ray.data.read_json`."""
-        lines = "".join(json.dumps({"path": item.path, "label": item.label}) + "\n" for item in work)
-        return self._put("manifest.jsonl", lambda out: out.write(lines.encode()))
-
-    def write(self, table: pa.Table) -> str:
-        """A new shard, written aside then moved into place, so a listed shard is always whole; returns its name."""
-        name = f"{SHARD_PREFIX}{uuid.uuid4().hex}{SHARD_SUFFIX}"
-        self._put(f"shards/{name}", lambda out: pq.write_table(table, out))
-        return name
-
-    def shards(self) -> list[str]:
-        fs, path = _filesystem(self.uri)
-        found = fs.get_file_info(pafs.FileSelector(f"{path}/shards", allow_not_found=True))
-        return sorted(
-            f.base_name for f in found if f.base_name.startswith(SHARD_PREFIX) and f.base_name.endswith(SHARD_SUFFIX)
-        )
-
-    def read(self, shard: str, columns: list[str] | None = None) -> pa.Table:
-        fs, path = _filesystem(self.uri)
-        try:
-            return pq.read_table(f"{path}/shards/{shard}", columns=columns, filesystem=fs)
-        except FileNotFoundError:
-            raise SimimgError(
-                f"shard {shard} was written where this process cannot read it ({self.uri}): on a "
-                "cluster of several machines, pass --ray-shards a location every node reaches "
-                "(s3://..., gs://..., or a shared folder)"
-            ) from None
-
-    def _put(self, name: str, write: Callable[[pa.NativeFile], object]) -> str:
-        fs, path = _filesystem(self.uri)
-        final = f"{path}/{name}"
-        parent, base = final.rsplit("/", 1)
-        fs.create_dir(parent, recursive=True)
-        aside = f"{parent}/.{base}.{uuid.uuid4().hex}.tmp"
-        with fs.open_output_stream(aside) as out:
-            write(out)
-        fs.move(aside, final)
-        return f"{self.uri}/{name}"
-
-
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), uri
-    found: tuple[pafs.FileSystem, str] = pafs.FileSystem.from_uri(uri)
-    return found
 
 
 # --- joining the cluster ------------------------------------------------------------------------------------------

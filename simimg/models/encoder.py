@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,14 +14,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from simimg.dataset.images import ImageInput, decode_image, read_bytes, read_inputs
+from simimg.dataset.images import ImageInput, read_and_decode, read_inputs
 from simimg.dataset.preprocess import Preprocess
 from simimg.dataset.scan import Skipped
-from simimg.errors import BadImageError
 from simimg.models.device import Compute, memory_format_for, resolve_compute
 from simimg.models.net import LoadedModel, Net, build_model
-
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -90,15 +85,7 @@ class FileDataset(Dataset[FileItem]):
 
     def __getitem__(self, i: int) -> FileItem:
         """(position, CHW uint8 tensor or None, sha256 hex or the failure reason)."""
-        try:
-            data = read_bytes(self.paths[i])
-            image = decode_image(data, draft_size=self.preprocess.resize_size)
-            return i, self.preprocess.to_uint8(image), hashlib.sha256(data).hexdigest()
-        except BadImageError as err:
-            return i, None, err.reason
-        except Exception as err:  # one odd file must never stop a batch
-            log.exception("unexpected failure reading %s", self.paths[i])
-            return i, None, f"unexpected error: {type(err).__name__}: {err}"
+        return i, *read_and_decode(self.paths[i], self.preprocess.to_uint8, self.preprocess.resize_size)
 
 
 def collate(
